@@ -1,0 +1,1 @@
+"""The ``cmae`` command line: one module per command, registered in ``main``."""

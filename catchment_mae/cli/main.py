@@ -1,0 +1,101 @@
+"""The ``cmae`` group: version, verbosity, command registry, errors at the boundary."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from catchment_mae import __version__
+from catchment_mae.cli.demo import demo
+from catchment_mae.cli.stats import stats
+from catchment_mae.cli.synth import synth
+from catchment_mae.cli.train import train
+from catchment_mae.errors import CmaeError
+
+log = logging.getLogger("catchment_mae")
+
+
+class CmaeGroup(click.Group):
+    """Library errors become one line on stderr and exit code 1; never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except CmaeError as e:
+            code = getattr(e, "exit_code", 1)
+            raise _Failure(str(e), code) from e
+        except KeyboardInterrupt:
+            raise _Failure("interrupted", 130) from None
+        except Exception as e:  # the last line of defence: one line, details with -v
+            if logging.getLogger("catchment_mae").isEnabledFor(logging.DEBUG):
+                traceback.print_exc()
+            raise _Failure(
+                f"internal error: {type(e).__name__}: {e} (run with -v for details; "
+                "please report it)",
+                2,
+            ) from e
+
+
+class _Failure(click.ClickException):
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"cmae: error: {self.format_message()}", err=True)
+
+
+def configure_logging(verbosity: int) -> None:
+    """-q/-v counts to levels (rasterio's configure_logging); messages on stderr."""
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        max(verbosity, -2), logging.DEBUG
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    pkg = logging.getLogger("catchment_mae")
+    pkg.handlers[:] = [handler]
+    pkg.setLevel(level)
+    pkg.propagate = False
+    # tifffile logs a warning for every odd tag (e.g. a GDAL_NODATA outside the
+    # dtype, which we handle); show its chatter only with -vv.
+    logging.getLogger("tifffile").setLevel(
+        logging.DEBUG if verbosity >= 2 else logging.ERROR
+    )
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"cmae: {record.levelname.lower()}: {msg}"
+        return msg
+
+
+@click.group(cls=CmaeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="cmae")
+@click.option("-v", "--verbose", count=True, help="More output (repeat for more).")
+@click.option("-q", "--quiet", count=True, help="Less output (repeat for less).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
+    """catchment-mae: scale-aware Masked Autoencoders for catchment rasters.
+
+    Train on a directory of TIFFs, export the encoder to ONNX, embed archives.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbosity"] = verbose - quiet
+    configure_logging(verbose - quiet)
+
+
+COMMANDS = (demo, stats, synth, train)
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
+def main() -> None:
+    cli(prog_name="cmae")

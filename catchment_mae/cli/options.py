@@ -1,0 +1,112 @@
+"""Options shared by several commands, so each is spelled the same everywhere."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+
+
+def _int_list(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as e:
+        raise click.BadParameter(
+            f"expected comma-separated band numbers like 3,2,1, got {value!r}"
+        ) from e
+    if not out or any(v < 1 for v in out):
+        raise click.BadParameter(f"band numbers start at 1, got {value!r}")
+    return out
+
+
+def _float_list(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError as e:
+        raise click.BadParameter(
+            f"expected comma-separated numbers like 2000,1000, got {value!r}"
+        ) from e
+    if not out or not all(math.isfinite(v) for v in out):
+        raise click.BadParameter(f"expected finite numbers, got {value!r}")
+    return out
+
+
+def _positive_floats(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> list[float] | None:
+    out = _float_list(ctx, param, value)
+    if out is not None and any(v <= 0 for v in out):
+        raise click.BadParameter(
+            f"must be > 0 (a std of 0 would divide by zero), got {value!r}"
+        )
+    return out
+
+
+json_opt = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a machine-readable JSON summary on stdout.",
+)
+overwrite_opt = click.option(
+    "--overwrite", is_flag=True, help="Replace existing outputs."
+)
+strict_opt = click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit 1 on the first bad file instead of skipping it.",
+)
+recursive_opt = click.option(
+    "--recursive/--no-recursive",
+    default=None,
+    help="Search sub-directories (default: yes).",
+)
+bands_opt = click.option(
+    "--bands",
+    callback=_int_list,
+    metavar="LIST",
+    help="1-based bands to use, in order, e.g. 3,2,1.",
+)
+nodata_opt = click.option(
+    "--nodata",
+    type=float,
+    help="Extra nodata value (besides the file's own, NaN, inf).",
+)
+max_pixels_opt = click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    help="Above this, read an overview or a decimated image (default 1e8).",
+)
+device_opt = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Where to run (default: auto).",
+)
+batch_size_opt = click.option(
+    "--batch-size", type=click.IntRange(min=1), help="Images per batch."
+)
+norm_mean_opt = click.option(
+    "--norm-mean",
+    callback=_float_list,
+    metavar="LIST",
+    help="Per-channel mean, e.g. 2000.",
+)
+norm_std_opt = click.option(
+    "--norm-std",
+    callback=_positive_floats,
+    metavar="LIST",
+    help="Per-channel std (> 0).",
+)
+
+
+def drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}

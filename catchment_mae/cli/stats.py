@@ -1,0 +1,80 @@
+"""``cmae stats``: per-channel mean/std of the valid pixels of a directory."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from catchment_mae.cli import options
+from catchment_mae.errors import CmaeError
+
+
+@click.command(short_help="Per-channel mean/std of valid pixels, streamed.")
+@click.argument("input_dir", type=click.Path(path_type=str))
+@options.bands_opt
+@options.nodata_opt
+@options.recursive_opt
+@options.max_pixels_opt
+@options.strict_opt
+@options.json_opt
+@click.pass_context
+def stats(
+    ctx: click.Context,
+    input_dir: str,
+    strict: bool,
+    as_json: bool,
+    recursive: bool | None,
+    **kw: Any,
+) -> None:
+    """Stream the TIFFs of INPUT_DIR and print per-channel mean/std of valid pixels.
+
+    One raster is in memory at a time. The figures are what `cmae train` computes
+    when --norm-mean/--norm-std are not given.
+
+    \b
+    Examples:
+      cmae stats dems/
+      cmae stats tiles/ --bands 4,3,2 --json
+    """
+    from tqdm.auto import tqdm
+
+    from catchment_mae.stats import scan_dir
+
+    verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
+    bar = tqdm(
+        desc="reading",
+        unit="file",
+        disable=None if verbosity >= 0 else True,
+        leave=False,
+    )
+
+    def on_file(path: Any, reason: str | None) -> None:
+        bar.update(1)
+        if strict and reason is not None:
+            raise CmaeError(f"{path}: {reason} (--strict)")
+
+    try:
+        result = scan_dir(
+            input_dir,
+            recursive=recursive is not False,
+            on_file=on_file,
+            **options.drop_none(kw),
+        )
+    finally:
+        bar.close()
+    out = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(out, sort_keys=True))
+        return
+    click.echo(
+        f"{out['files']} raster(s) read, {out['failed']} skipped, "
+        f"{out['bands']} band(s)"
+    )
+    rows = zip(out["mean"], out["std"], out["valid_pixels"], strict=True)
+    for i, (m, s, n) in enumerate(rows, start=1):
+        click.echo(f"band {i}: mean {m:.6g}  std {s:.6g}  ({n} valid pixels)")
+    mean = ",".join(f"{m:.6g}" for m in out["mean"])
+    std = ",".join(f"{s:.6g}" for s in out["std"])
+    click.echo(f"for cmae train: --norm-mean {mean} --norm-std {std}")

@@ -1,0 +1,157 @@
+"""``cmae train``: train a scale-aware MAE on a directory of TIFFs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from catchment_mae.cli import options
+from catchment_mae.config import TrainConfig
+
+
+@click.command(short_help="Train a scale-aware MAE on a directory of TIFFs.")
+@click.argument(
+    "input_dir", required=False, type=click.Path(file_okay=False, path_type=str)
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A config JSON (the original tool's keys or a NAME.json); flags override it.",
+)
+@click.option(
+    "--out", "model_output_path", help="Output NAME.pth (NAME.json goes beside it)."
+)
+@click.option(
+    "--model",
+    "vit_model_name",
+    help="timm ViT name, e.g. vit_small_patch16_224 (never downloaded).",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=8),
+    help="Model input size S (rasters are resized to S x S).",
+)
+@click.option(
+    "--patch-size", type=click.IntRange(min=1), help="Override the ViT's patch size."
+)
+@click.option(
+    "--embed-dim", type=click.IntRange(min=8), help="Override the ViT's width."
+)
+@click.option("--depth", type=click.IntRange(min=1), help="Override the ViT's depth.")
+@click.option(
+    "--num-heads", type=click.IntRange(min=1), help="Override the ViT's heads."
+)
+@click.option(
+    "--in-chans",
+    type=click.IntRange(min=1),
+    help="Channels (default: the data's band count).",
+)
+@options.bands_opt
+@options.nodata_opt
+@click.option(
+    "--norm",
+    type=click.Choice(["fixed", "per-raster"]),
+    help="fixed: --norm-mean/--norm-std (computed from the data if not given); "
+    "per-raster: each raster's own valid mean/std.",
+)
+@options.norm_mean_opt
+@options.norm_std_opt
+@click.option(
+    "--scale",
+    type=click.Choice(["pixels", "ground"]),
+    help="Scale input: raster size in pixels, or its extent in metres "
+    "(needs georeferencing).",
+)
+@click.option(
+    "--epochs", "max_epochs", type=click.IntRange(min=1), help="Epochs (max_epochs)."
+)
+@options.batch_size_opt
+@click.option(
+    "--mask-ratio",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Fraction of patches masked.",
+)
+@click.option(
+    "--num-workers", type=click.IntRange(min=0), help="Data-loading processes."
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Peak learning rate (default: 1.5e-4 * batch / 256).",
+)
+@click.option(
+    "--warmup-epochs",
+    type=click.FloatRange(min=0),
+    help="Linear warm-up before the cosine decay.",
+)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Files held out for the validation loss.",
+)
+@click.option("--seed", type=int, help="Random seed.")
+@options.device_opt
+@click.option(
+    "--precision", type=click.Choice(["fp32", "bf16"]), help="bf16 autocast or fp32."
+)
+@click.option(
+    "--norm-pix-loss/--no-norm-pix-loss",
+    default=None,
+    help="Normalise each target patch (MAE).",
+)
+@click.option("--flips/--no-flips", default=None, help="Random flips as augmentation.")
+@options.recursive_opt
+@options.max_pixels_opt
+@click.option(
+    "--resume",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Continue from an epoch checkpoint (NAME.ckpt.pth).",
+)
+@options.overwrite_opt
+@options.strict_opt
+@options.json_opt
+@click.pass_context
+def train(
+    ctx: click.Context,
+    input_dir: str | None,
+    config_file: Path | None,
+    resume: Path | None,
+    overwrite: bool,
+    strict: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Train a scale-aware MAE on INPUT_DIR and write NAME.pth + NAME.json.
+
+    Settings come from the defaults, then --config, then the flags. Bad files are
+    skipped with their reason; with --strict the first one stops the run.
+
+    \b
+    Examples:
+      cmae train dems/ --out models/catchments.pth --epochs 50
+      cmae train --config seed_config.json --epochs 5 --device cpu
+    """
+    from catchment_mae.trainer import train as run_training
+
+    cfg = TrainConfig.from_json(config_file) if config_file else TrainConfig()
+    overrides = options.drop_none(flags)
+    if input_dir is not None:
+        overrides["input_dir"] = input_dir
+    cfg = cfg.merged(overrides)
+    verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
+    result = run_training(
+        cfg, overwrite=overwrite, resume=resume, strict=strict, progress=verbosity >= 0
+    )
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    elif verbosity >= 0:
+        click.echo(
+            f"trained on {summary['files']} raster(s), {summary['skipped']} skipped; "
+            f"wrote {summary['weights']} and {summary['config']}",
+            err=True,
+        )

@@ -1,0 +1,276 @@
+"""The training config: one dataclass, saved as ``NAME.json`` next to the weights.
+
+The first eleven fields carry the original tool's keys and meaning, so its config
+dicts load unchanged. No torch here: the batch runner reads configs too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catchment_mae.errors import ConfigError
+
+NORM_MODES = ("fixed", "per-raster")
+SCALE_MODES = ("pixels", "ground")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+# The one resize rule (see preprocess.resize_weights); recorded so that a later
+# version can add another and still read old files.
+RESIZE_RULES = ("valid-weighted-antialias-triangle",)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``cmae train`` needs; ``NAME.json`` is ``asdict`` of it."""
+
+    # --- the original tool's keys -------------------------------------------------
+    input_dir: str = ""
+    model_output_path: str = "catchment_foundation_model.pth"
+    vit_model_name: str = "vit_small_patch16_224"
+    image_size: int = 224
+    in_chans: int | None = None  # None: the band count of the data
+    norm_mean: list[float] | None = None  # None: computed from the data
+    norm_std: list[float] | None = None
+    max_epochs: int = 50
+    batch_size: int = 32
+    mask_ratio: float = 0.75
+    num_workers: int = 4
+
+    # --- reading and preprocessing (shared with embedding) -----------------------
+    bands: list[int] | None = None  # 1-based band selection and order
+    nodata: float | None = None  # extra nodata value on top of the file's own
+    norm: str = "fixed"  # fixed: norm_mean/norm_std; per-raster: each raster's own
+    scale: str = "pixels"  # pixels: log(H, W + eps); ground: extent in metres
+    scale_eps: float = 1e-6
+    resize: str = RESIZE_RULES[0]
+    max_pixels: int = 100_000_000
+    recursive: bool = True
+
+    # --- model ------------------------------------------------------------------
+    # None keeps the timm model's own value; set them for small custom ViTs.
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    decoder_dim: int = 256
+    decoder_depth: int = 2
+    decoder_num_heads: int = 8
+    scale_hidden_dim: int = 64
+    norm_pix_loss: bool = False
+
+    # --- optimisation ------------------------------------------------------------
+    lr: float | None = None  # None: blr * batch_size / 256 (MAE's rule)
+    blr: float = 1.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    val_fraction: float = 0.1
+    flips: bool = True
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+
+    # --- bookkeeping -------------------------------------------------------------
+    format_version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raises ConfigError naming the first offending key."""
+        _check_types(self)
+        _choice("norm", self.norm, NORM_MODES)
+        _choice("scale", self.scale, SCALE_MODES)
+        _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("resize", self.resize, RESIZE_RULES)
+        for key in ("image_size", "max_epochs", "batch_size", "max_pixels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(
+                f"val_fraction must be in [0, 1), got {self.val_fraction}"
+            )
+        if self.in_chans is not None and self.in_chans < 1:
+            raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
+        if self.bands is not None:
+            if not self.bands or any(b < 1 for b in self.bands):
+                raise ConfigError(f"bands are 1-based band numbers, got {self.bands}")
+            if self.in_chans is not None and len(self.bands) != self.in_chans:
+                raise ConfigError(
+                    f"bands selects {len(self.bands)} bands but in_chans is "
+                    f"{self.in_chans}"
+                )
+        if (self.norm_mean is None) != (self.norm_std is None):
+            raise ConfigError("norm_mean and norm_std must be given together")
+        if self.norm_mean is not None and self.norm_std is not None:
+            if len(self.norm_mean) != len(self.norm_std):
+                raise ConfigError(
+                    f"norm_mean has {len(self.norm_mean)} values, norm_std "
+                    f"{len(self.norm_std)}"
+                )
+            if self.in_chans is not None and len(self.norm_mean) != self.in_chans:
+                raise ConfigError(
+                    f"norm_mean/norm_std have {len(self.norm_mean)} values but "
+                    f"in_chans is {self.in_chans}"
+                )
+            for i, s in enumerate(self.norm_std):
+                if not (math.isfinite(s) and s > 0):
+                    raise ConfigError(f"norm_std[{i}] must be > 0, got {s}")
+            for i, m in enumerate(self.norm_mean):
+                if not math.isfinite(m):
+                    raise ConfigError(f"norm_mean[{i}] must be finite, got {m}")
+        if self.nodata is not None and math.isinf(self.nodata):
+            raise ConfigError("nodata must be a number (NaN and inf are always nodata)")
+        if not self.scale_eps > 0:
+            raise ConfigError(f"scale_eps must be > 0, got {self.scale_eps}")
+        for key in ("blr", "weight_decay", "warmup_epochs", "min_lr"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.patch_size is not None and self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size} is not a multiple of patch_size "
+                f"{self.patch_size}"
+            )
+
+    # --------------------------------------------------------------- round trip
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Builds a config from a dict, rejecting unknown keys (nanoGPT's rule)."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"a config must be a JSON object, got {type(data).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"Unknown config key: {key}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        """Reads a ``NAME.json`` or an original-tool config file."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from e
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from e
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+    def merged(self, overrides: dict[str, Any]) -> TrainConfig:
+        """Returns a copy with the non-None overrides applied (CLI flags win)."""
+        data = asdict(self)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return TrainConfig.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def output_stem(self) -> Path:
+        """``NAME`` of ``NAME.pth``/``NAME.json`` (the original tool's rule)."""
+        p = Path(self.model_output_path)
+        return p.with_suffix("") if p.suffix == ".pth" else p
+
+    @property
+    def weights_path(self) -> Path:
+        return self.output_stem.with_name(self.output_stem.name + ".pth")
+
+    @property
+    def config_path(self) -> Path:
+        return self.output_stem.with_name(self.output_stem.name + ".json")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_stem.with_name(self.output_stem.name + ".ckpt.pth")
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_stem.with_name(self.output_stem.name + ".metrics.jsonl")
+
+    @property
+    def base_lr(self) -> float:
+        """The peak learning rate after warm-up."""
+        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _is_instance(value, hints[f.name]):
+            raise ConfigError(
+                f"config key {f.name} must be {_type_name(hints[f.name])}, got "
+                f"{type(value).__name__} {value!r}"
+            )
+        # JSON gives ints where floats are meant; store floats so NAME.json is stable.
+        setattr(cfg, f.name, _coerce(value, hints[f.name]))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Turns ints into floats where the hint allows a float but no int."""
+    args = typing.get_args(hint) if typing.get_origin(hint) else (hint,)
+    if isinstance(value, list):
+        lists = [a for a in args if typing.get_origin(a) is list]
+        return [_coerce(v, typing.get_args(lists[0])[0]) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        if float in args and int not in args:
+            return float(value)
+    return value
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")

@@ -1,0 +1,75 @@
+"""Atomic writes: a temp file in the target directory, then ``os.replace``.
+
+A crash or Ctrl-C mid-write leaves the previous file (or none), never half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from catchment_mae.errors import OutputError, OutputExistsError
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Yields a temp file beside ``path``; renames it into place on success."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+        )
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_output(path, "w") as f:
+        f.write(text)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    import torch
+
+    with atomic_output(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def check_writable(
+    paths: Iterable[str | os.PathLike[str]], overwrite: bool = False
+) -> None:
+    """Fails early, before hours of work, if an output cannot be written.
+
+    Raises:
+        OutputExistsError: an output exists and ``overwrite`` is False.
+        OutputError: its directory cannot be created or written.
+    """
+    for p in map(Path, paths):
+        if p.exists() and not overwrite:
+            raise OutputExistsError(
+                f"{p}: already exists (use --overwrite to replace it)"
+            )
+        if p.is_dir():
+            raise OutputError(f"{p}: is a directory")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=p.parent):
+                pass
+        except OSError as e:
+            raise OutputError(f"{p}: cannot write there: {e.strerror or e}") from e

@@ -1,0 +1,278 @@
+"""The scale-aware MAE: a timm ViT wrapped by lightly, a scale MLP, lightly's decoder.
+
+Encoder: ``timm.create_model(vit_model_name, pretrained=False, ...)`` wrapped by
+lightly's ``MaskedVisionTransformerTIMM``. ``scale_embed`` maps the 2-vector
+``log(H + eps), log(W + eps)`` of the original raster to the embedding width and is
+added to every patch token after the positional embedding, so the encoder knows
+the raster's scale.
+
+Decoder: the MAE decoder built from lightly's ``MaskedVisionTransformerDecoderTIMM``
+with ``decoder_embed`` and the prediction head kept outside, as lightly's
+``examples/pytorch/mae.py`` does. ``MAEDecoderTIMM`` (the name on the design card)
+warns that it goes away in lightly 1.7.0; this is its replacement and builds the
+same network, so no deprecation warning reaches users.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightly.models import utils
+from lightly.models.modules import (
+    MaskedVisionTransformerDecoderTIMM,
+    MaskedVisionTransformerTIMM,
+)
+from torch import Tensor, nn
+
+from catchment_mae.config import TrainConfig
+from catchment_mae.errors import ConfigError
+
+
+def build_vit(cfg: TrainConfig, in_chans: int) -> nn.Module:
+    """Creates the timm ViT named by ``cfg.vit_model_name`` (never downloads)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs: dict[str, Any] = dict(
+        pretrained=False, img_size=cfg.image_size, in_chans=in_chans, num_classes=0
+    )
+    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        if getattr(cfg, key) is not None:
+            kwargs[key] = getattr(cfg, key)
+    if not timm.is_model(cfg.vit_model_name):
+        raise ConfigError(
+            f"vit_model_name: unknown timm model {cfg.vit_model_name!r} "
+            "(see timm.list_models('vit_*'))"
+        )
+    try:
+        vit = timm.create_model(cfg.vit_model_name, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise ConfigError(
+            f"cannot build {cfg.vit_model_name} with {kwargs}: {e}"
+        ) from e
+    if not isinstance(vit, VisionTransformer):
+        raise ConfigError(
+            f"vit_model_name: {cfg.vit_model_name} is a {type(vit).__name__}, "
+            "not a timm VisionTransformer"
+        )
+    if vit.cls_token is None or vit.num_prefix_tokens != 1:
+        raise ConfigError(
+            f"vit_model_name: {cfg.vit_model_name} must have exactly one class token "
+            f"and no register tokens (has {vit.num_prefix_tokens} prefix tokens)"
+        )
+    if getattr(vit, "dynamic_img_size", False):
+        raise ConfigError(f"vit_model_name: {cfg.vit_model_name} uses dynamic_img_size")
+    return vit
+
+
+class ScaleEmbed(nn.Module):
+    """MLP from the scale 2-vector to the embedding width.
+
+    Args:
+        embed_dim: width of the patch tokens.
+        hidden_dim: width of the hidden layer.
+    """
+
+    def __init__(self, embed_dim: int, hidden_dim: int = 64) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(2, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, embed_dim)
+        )
+
+    def forward(self, scale: Tensor) -> Tensor:
+        """(batch_size, 2) -> (batch_size, embed_dim)."""
+        out: Tensor = self.mlp(scale)
+        return out
+
+
+def patch_index(idx: Tensor, num_prefix_tokens: int = 1) -> Tensor:
+    """Token indices -> patch indices.
+
+    lightly's token indices count the class token at 0; patchified targets have no
+    class token, so token ``i`` is patch ``i - 1`` (lightly's MAE example).
+    """
+    return idx - num_prefix_tokens
+
+
+class ScaleAwareMAE(nn.Module):
+    """Masked autoencoder whose encoder sees the raster's original scale.
+
+    Args:
+        vit: a timm VisionTransformer (one class token, fixed image size).
+        in_chans: input channels; the prediction head predicts all of them.
+        decoder_dim, decoder_depth, decoder_num_heads: the MAE decoder.
+        mask_ratio: fraction of patch tokens hidden from the encoder.
+        norm_pix_loss: normalise each target patch by its valid mean and std.
+        scale_hidden_dim: hidden width of ``scale_embed``.
+    """
+
+    def __init__(
+        self,
+        vit: nn.Module,
+        in_chans: int,
+        decoder_dim: int = 256,
+        decoder_depth: int = 2,
+        decoder_num_heads: int = 8,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = False,
+        scale_hidden_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if decoder_dim % decoder_num_heads:
+            raise ValueError(
+                f"decoder_dim {decoder_dim} must be a multiple of decoder_num_heads "
+                f"{decoder_num_heads}"
+            )
+        self.in_chans = in_chans
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.patch_size = int(vit.patch_embed.patch_size[0])
+        self.embed_dim = int(vit.embed_dim)
+        self.backbone = MaskedVisionTransformerTIMM(vit=vit)
+        # MAE drops masked tokens before the encoder, so the encoder's own mask
+        # token is never used; freezing it keeps "every trainable parameter gets a
+        # gradient" true (the decoder has its own mask token).
+        self.backbone.mask_token.requires_grad_(False)
+        self.sequence_length = self.backbone.sequence_length
+        self.scale_embed = ScaleEmbed(self.embed_dim, scale_hidden_dim)
+        self.decoder_embed = nn.Linear(self.embed_dim, decoder_dim)
+        self.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=vit.patch_embed.num_patches,
+            embed_dim=decoder_dim,
+            depth=decoder_depth,
+            num_heads=decoder_num_heads,
+            num_prefix_tokens=vit.num_prefix_tokens,
+        )
+        # Predicts every channel of a patch: never a hard-coded 3.
+        self.prediction_head = nn.Linear(decoder_dim, self.patch_size**2 * in_chans)
+
+    @property
+    def vit(self) -> nn.Module:
+        return self.backbone.vit
+
+    # ------------------------------------------------------------------ encoder
+    def forward_encoder(
+        self, images: Tensor, scale: Tensor, idx_keep: Tensor | None = None
+    ) -> Tensor:
+        """Encodes images with their scale.
+
+        Args:
+            images: (batch_size, in_chans, image_size, image_size).
+            scale: (batch_size, 2), ``log(H + eps), log(W + eps)``.
+            idx_keep: (batch_size, num_keep) token indices to encode (0 = class);
+                None encodes every token.
+
+        Returns:
+            (batch_size, num_tokens, embed_dim) after the final norm.
+        """
+        backbone, vit = self.backbone, self.backbone.vit
+        tokens = backbone.images_to_tokens(images)  # [B, L, D]
+        tokens = backbone.prepend_prefix_tokens(tokens)  # [B, 1 + L, D]
+        tokens = backbone.add_pos_embed(tokens)
+        tokens = self.add_scale_embed(tokens, scale)
+        if idx_keep is not None:
+            tokens = utils.get_at_index(tokens, idx_keep)  # [B, K, D]
+        tokens = vit.norm_pre(tokens)
+        tokens = vit.blocks(tokens)
+        out: Tensor = vit.norm(tokens)
+        return out
+
+    def add_scale_embed(self, tokens: Tensor, scale: Tensor) -> Tensor:
+        """Adds ``scale_embed(scale)`` to the patch tokens (not the class token)."""
+        n = self.backbone.vit.num_prefix_tokens
+        s = self.scale_embed(scale.to(tokens.dtype))[:, None, :]  # [B, 1, D]
+        return torch.cat([tokens[:, :n], tokens[:, n:] + s], dim=1)
+
+    def embed(self, images: Tensor, scale: Tensor) -> Tensor:
+        """The embedding: class token after the final norm, (batch_size, embed_dim)."""
+        return self.forward_encoder(images, scale)[:, 0]
+
+    # ------------------------------------------------------------------ decoder
+    def forward_decoder(
+        self, x_encoded: Tensor, idx_keep: Tensor, idx_mask: Tensor
+    ) -> Tensor:
+        """Predicts the pixels of the masked patches.
+
+        Returns:
+            (batch_size, num_masked, patch_size**2 * in_chans).
+        """
+        batch_size = x_encoded.shape[0]
+        x_decode = self.decoder_embed(x_encoded)
+        x_masked = utils.repeat_token(
+            self.decoder.mask_token, (batch_size, self.sequence_length)
+        )
+        x_masked = utils.set_at_index(x_masked, idx_keep, x_decode.type_as(x_masked))
+        x_decoded = self.decoder(x_masked)  # adds the sin-cos pos embed, decodes
+        x_pred = utils.get_at_index(x_decoded, idx_mask)
+        out: Tensor = self.prediction_head(x_pred)
+        return out
+
+    # --------------------------------------------------------------------- loss
+    def forward_loss(
+        self, images: Tensor, valid: Tensor, pred: Tensor, idx_mask: Tensor
+    ) -> Tensor:
+        """MSE on the masked patches, weighted by each pixel's valid fraction.
+
+        Nodata pixels count for nothing; a patch that is all nodata adds nothing.
+
+        Args:
+            images: (batch_size, in_chans, S, S) normalised input.
+            valid: (batch_size, 1, S, S) valid fraction per pixel in [0, 1].
+            pred: (batch_size, num_masked, patch_size**2 * in_chans).
+            idx_mask: (batch_size, num_masked) masked token indices.
+        """
+        p = self.patch_size
+        patches = utils.patchify(images, p)  # [B, L, p*p*C], channel last
+        weights = utils.patchify(valid, p)  # [B, L, p*p]
+        idx = patch_index(idx_mask, self.backbone.vit.num_prefix_tokens)
+        target = utils.get_at_index(patches, idx)  # [B, M, p*p*C]
+        w = utils.get_at_index(weights, idx)  # [B, M, p*p]
+        w = w.repeat_interleave(self.in_chans, dim=-1)  # [B, M, p*p*C]
+        if self.norm_pix_loss:
+            n = w.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+            mean = (w * target).sum(dim=-1, keepdim=True) / n
+            var = (w * (target - mean) ** 2).sum(dim=-1, keepdim=True) / n
+            target = (target - mean) / (var + 1e-6).sqrt()
+        err = (pred.float() - target.float()) ** 2
+        return (err * w).sum() / w.sum().clamp_min(1e-6)
+
+    def random_masking(
+        self, batch_size: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """(idx_keep, idx_mask); the class token is always kept."""
+        return utils.random_token_mask(
+            size=(batch_size, self.sequence_length),
+            mask_ratio=self.mask_ratio,
+            device=device,
+        )
+
+    def forward(
+        self, images: Tensor, valid: Tensor, scale: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One MAE step: returns (loss, pred, idx_mask)."""
+        idx_keep, idx_mask = self.random_masking(images.shape[0], images.device)
+        x_encoded = self.forward_encoder(images, scale, idx_keep)
+        pred = self.forward_decoder(x_encoded, idx_keep, idx_mask)
+        loss = self.forward_loss(images, valid, pred, idx_mask)
+        return loss, pred, idx_mask
+
+
+def build_model(cfg: TrainConfig, in_chans: int | None = None) -> ScaleAwareMAE:
+    """The one place a model is built from a config."""
+    chans = in_chans if in_chans is not None else cfg.in_chans
+    if chans is None:
+        raise ConfigError("in_chans is not set (and was not taken from the data)")
+    vit = build_vit(cfg, chans)
+    return ScaleAwareMAE(
+        vit,
+        in_chans=chans,
+        decoder_dim=cfg.decoder_dim,
+        decoder_depth=cfg.decoder_depth,
+        decoder_num_heads=cfg.decoder_num_heads,
+        mask_ratio=cfg.mask_ratio,
+        norm_pix_loss=cfg.norm_pix_loss,
+        scale_hidden_dim=cfg.scale_hidden_dim,
+    )

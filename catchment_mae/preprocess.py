@@ -1,0 +1,259 @@
+"""The one path from a raster to model input; training and embedding both call it.
+
+Steps (every choice is a field of :class:`PreprocessSpec`, recorded in ``NAME.json``
+and, later, in the ONNX metadata):
+
+1. read the TIFF (:func:`catchment_mae.raster.read_raster`): bands, validity mask;
+2. resize to ``image_size x image_size`` by a valid-weighted, anti-aliased triangle
+   filter: ``resize(x * valid) / resize(valid)``, so nodata never smears into valid
+   pixels, and the resized validity is the fraction of valid input under each pixel;
+3. normalise per channel with ``norm_mean``/``norm_std`` (or the raster's own valid
+   mean/std with ``norm="per-raster"``); pixels with no valid input get 0, the
+   channel mean after normalising;
+4. the scale vector ``log(H + eps), log(W + eps)`` of the original raster, in pixels
+   or, with ``scale="ground"``, in metres on the ground.
+
+numpy only (no torch): ``cmae embed-dir`` and downstream apps use it as it is.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from catchment_mae.errors import BadRasterError
+from catchment_mae.raster import (
+    DEFAULT_MAX_PIXELS,
+    MIN_PIXELS,
+    Raster,
+    RasterInfo,
+    ground_extent_m,
+    read_raster,
+)
+
+RESIZE_RULE = "valid-weighted-antialias-triangle"
+NODATA_POLICY = (
+    "nodata: GDAL_NODATA tag, user nodata, NaN/inf, alpha=0, internal mask=0; "
+    "a pixel is invalid when any selected band is; invalid pixels are excluded "
+    "from resizing and filled with 0 (the channel mean) after normalising"
+)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a raster becomes model input. Built from a TrainConfig or ONNX metadata."""
+
+    image_size: int
+    in_chans: int
+    norm: str = "fixed"  # "fixed" | "per-raster"
+    norm_mean: tuple[float, ...] | None = None
+    norm_std: tuple[float, ...] | None = None
+    scale: str = "pixels"  # "pixels" | "ground"
+    scale_eps: float = 1e-6
+    bands: tuple[int, ...] | None = None
+    nodata: float | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    resize: str = RESIZE_RULE
+
+    def __post_init__(self) -> None:
+        if self.resize != RESIZE_RULE:
+            raise ValueError(f"resize must be {RESIZE_RULE!r}, got {self.resize!r}")
+        if self.norm not in ("fixed", "per-raster"):
+            raise ValueError(f"norm must be fixed or per-raster, got {self.norm!r}")
+        if self.scale not in ("pixels", "ground"):
+            raise ValueError(f"scale must be pixels or ground, got {self.scale!r}")
+        if self.norm == "fixed":
+            if self.norm_mean is None or self.norm_std is None:
+                raise ValueError("norm='fixed' needs norm_mean and norm_std")
+            if not len(self.norm_mean) == len(self.norm_std) == self.in_chans:
+                raise ValueError(
+                    f"norm_mean/norm_std need {self.in_chans} values, got "
+                    f"{len(self.norm_mean)}/{len(self.norm_std)}"
+                )
+            if any(not s > 0 for s in self.norm_std):
+                raise ValueError(f"norm_std values must be > 0, got {self.norm_std}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PreprocessSpec:
+        """Takes the matching keys of a TrainConfig dict (or ONNX metadata)."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in names}
+        for key in ("norm_mean", "norm_std", "bands"):
+            if kw.get(key) is not None:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("norm_mean", "norm_std", "bands"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+
+@dataclass
+class Sample:
+    """Model input for one raster.
+
+    Attributes:
+        image: float32 (in_chans, image_size, image_size), normalised.
+        valid: float32 (1, image_size, image_size), valid fraction in [0, 1].
+        scale: float32 (2,), ``log(H + eps), log(W + eps)``.
+        info: metadata of the source raster.
+    """
+
+    image: np.ndarray
+    valid: np.ndarray
+    scale: np.ndarray
+    info: RasterInfo
+
+
+def load_sample(
+    path: str | os.PathLike[str], spec: PreprocessSpec, maxworkers: int | None = 1
+) -> Sample:
+    """Reads and preprocesses one TIFF. Raises BadRasterError naming file and reason."""
+    raster = read_raster(
+        path,
+        bands=spec.bands,
+        nodata=spec.nodata,
+        min_size=spec.image_size,
+        max_pixels=spec.max_pixels,
+        maxworkers=maxworkers,
+    )
+    return preprocess(raster, spec)
+
+
+def preprocess(raster: Raster, spec: PreprocessSpec) -> Sample:
+    """Turns a read raster into model input (see the module docstring)."""
+    info = raster.info
+    data, valid = raster.data, raster.valid
+    check_usable(raster, spec.in_chans)
+    scale = scale_vector(info, spec)
+
+    if spec.norm == "fixed":
+        mean = np.asarray(spec.norm_mean, dtype=np.float64)
+        std = np.asarray(spec.norm_std, dtype=np.float64)
+    else:
+        mean, std = valid_mean_std(data, valid)
+        std = np.where(std > 0, std, 1.0)  # a flat raster: keep it flat, at 0
+
+    # Centre before resizing: large offsets (altitudes, int32 counts) keep their
+    # precision in float32 and invalid pixels can be zeroed exactly.
+    v = valid.astype(np.float32)
+    x = ((data - mean[:, None, None].astype(np.float32)) * v).astype(np.float32)
+    num, den = resize_valid_weighted(x, v, spec.image_size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        image = np.where(den > 1e-6, num / den, 0.0)
+    image = image / std[:, None, None].astype(np.float32)
+    return Sample(
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        valid=np.clip(den, 0.0, 1.0).astype(np.float32)[None],
+        scale=scale,
+        info=info,
+    )
+
+
+def check_usable(raster: Raster, in_chans: int | None) -> None:
+    """Raises BadRasterError for a raster no model can use (bands, size, nodata)."""
+    info = raster.info
+    n = raster.data.shape[0]
+    if in_chans is not None and n != in_chans:
+        raise BadRasterError(
+            info.path,
+            f"has {n} band(s) but the model takes {in_chans} "
+            "(in_chans; choose bands with --bands)",
+        )
+    if info.height * info.width < MIN_PIXELS:
+        raise BadRasterError(
+            info.path,
+            f"is {info.width}x{info.height} pixels, too small to embed "
+            f"(at least {MIN_PIXELS} pixels)",
+        )
+    if not raster.valid.any():
+        raise BadRasterError(info.path, "has no valid pixels (all nodata)")
+
+
+def scale_vector(info: RasterInfo, spec: PreprocessSpec) -> np.ndarray:
+    """``log(H + eps), log(W + eps)`` of the original raster (pixels or metres)."""
+    if spec.scale == "ground":
+        h, w = ground_extent_m(info)
+    else:
+        h, w = float(info.height), float(info.width)
+    return np.array(
+        [math.log(h + spec.scale_eps), math.log(w + spec.scale_eps)], dtype=np.float32
+    )
+
+
+def valid_mean_std(
+    data: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) std of the valid pixels, float64."""
+    vals = data[:, valid].astype(np.float64)  # [C, N]
+    mean = vals.mean(axis=1)
+    std = vals.std(axis=1)
+    return mean, std
+
+
+# ------------------------------------------------------------------------ resize
+def resize_valid_weighted(
+    x: np.ndarray, valid: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resizes ``x * valid`` and ``valid`` to ``size x size`` with the same filter.
+
+    Args:
+        x: (C, H, W) float32, already zero where invalid.
+        valid: (H, W) float32 weights in [0, 1].
+
+    Returns:
+        ``num`` (C, size, size) and ``den`` (size, size): the valid-weighted sums,
+        so ``num / den`` is the mean of the valid input under each output pixel.
+    """
+    # Large rasters: integer box means first (O(HW)), so the dense filter matrices
+    # below stay small; the result is the same filter to within its support.
+    ky = max(1, x.shape[1] // (2 * size))
+    kx = max(1, x.shape[2] // (2 * size))
+    if ky > 1 or kx > 1:
+        x = _block_mean(x, ky, kx)
+        valid = _block_mean(valid[None], ky, kx)[0]
+    wy = resize_weights(x.shape[1], size)  # [S, H]
+    wx = resize_weights(x.shape[2], size)  # [S, W]
+    num = np.einsum("sh,chw,tw->cst", wy, x, wx, optimize=True)
+    den = wy @ valid @ wx.T
+    return num.astype(np.float32), den.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def resize_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix of an anti-aliased triangle (bilinear) filter.
+
+    Like PIL's and torch's ``antialias=True`` bilinear: pixel centres aligned, the
+    triangle widened by the downscale factor, rows summing to 1, edges renormalised.
+    """
+    factor = n_in / n_out
+    support = max(factor, 1.0)
+    centres = (np.arange(n_out) + 0.5) * factor  # in input pixel units
+    pos = np.arange(n_in) + 0.5
+    w = np.clip(1.0 - np.abs(pos[None, :] - centres[:, None]) / support, 0.0, None)
+    w /= w.sum(axis=1, keepdims=True)
+    w.setflags(write=False)
+    return w.astype(np.float32)
+
+
+def _block_mean(a: np.ndarray, ky: int, kx: int) -> np.ndarray:
+    """Means over ky x kx blocks of a (C, H, W) array; edge blocks may be partial."""
+    c, h, w = a.shape
+    ph, pw = -h % ky, -w % kx
+    if ph or pw:  # pad with zeros and divide by the true count of each block
+        a = np.pad(a, ((0, 0), (0, ph), (0, pw)))
+    sums = a.reshape(c, (h + ph) // ky, ky, (w + pw) // kx, kx).sum(axis=(2, 4))
+    counts = np.outer(
+        np.minimum(ky, h - np.arange(0, h + ph, ky)),
+        np.minimum(kx, w - np.arange(0, w + pw, kx)),
+    )
+    return (sums / counts).astype(np.float32)

@@ -1,0 +1,137 @@
+"""Shared fixtures: generated TIFFs, the real files in shared/, tiny models, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from catchment_mae.synth import DemSpec, generate_dems, write_dem
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CMAE_SHARED_DIR", REPO.parent / "shared"))
+REAL_DIR = SHARED / "data" / "real"
+
+# A ViT small enough that a training step takes milliseconds on the CPU.
+TINY = dict(
+    vit_model_name="vit_tiny_patch16_224",
+    image_size=32,
+    patch_size=8,
+    embed_dim=32,
+    depth=1,
+    num_heads=2,
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+    scale_hidden_dim=16,
+    batch_size=4,
+    num_workers=0,
+    lr=1e-3,
+    warmup_epochs=1.0,
+    device="cpu",
+)
+
+
+def real_manifest() -> list[dict[str, str]]:
+    """Rows of shared/data/real/MANIFEST.tsv (the tests need it: CI has it)."""
+    path = REAL_DIR / "MANIFEST.tsv"
+    assert path.exists(), f"{path} is missing; set CMAE_SHARED_DIR"
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+@pytest.fixture(scope="session")
+def real_dir() -> Path:
+    assert REAL_DIR.is_dir(), f"{REAL_DIR} is missing; set CMAE_SHARED_DIR"
+    return REAL_DIR
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """rasterio's runner fixture; Click >= 8.2 keeps stderr apart."""
+    return CliRunner()
+
+
+def write_tiff(path: Path, data: np.ndarray, **kwargs: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, data, **kwargs)
+    return path
+
+
+@pytest.fixture
+def make_tiff(tmp_path: Path):
+    """Writes a TIFF under tmp_path with tifffile: ``make_tiff(name, data, **kw)``."""
+
+    def make(name: str, data: np.ndarray, **kwargs: Any) -> Path:
+        return write_tiff(tmp_path / name, data, **kwargs)
+
+    return make
+
+
+def dem_spec(
+    height: int = 40, width: int = 56, pixel: float = 30.0, seed: int = 0, **kw: Any
+) -> DemSpec:
+    base = dict(
+        height=height,
+        width=width,
+        pixel_size=pixel,
+        epsg=32633,
+        origin=(500_000.0, 5_000_000.0),
+        dtype="float32",
+        nodata=-9999.0,
+        seed=seed,
+    )
+    base.update(kw)
+    return DemSpec(**base)
+
+
+@pytest.fixture
+def make_dem(tmp_path: Path):
+    """Writes one georeferenced synthetic DEM: ``make_dem(name, **DemSpec fields)``."""
+
+    def make(name: str = "dem.tif", data: np.ndarray | None = None, **kw: Any) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_dem(path, dem_spec(**kw), data)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def dem_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twelve synthetic DEMs (read-only for tests: copy before changing)."""
+    out = tmp_path_factory.mktemp("dems")
+    generate_dems(out, 12, min_size=24, max_size=96, seed=7)
+    return out
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, dem_dir: Path) -> dict[str, Any]:
+    return dict(
+        TINY,
+        input_dir=str(dem_dir),
+        model_output_path=str(tmp_path / "out" / "m.pth"),
+        max_epochs=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, dem_dir: Path):
+    """A tiny model trained for 2 epochs on ``dem_dir`` (its TrainResult)."""
+    from catchment_mae.trainer import train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = dict(
+        TINY,
+        input_dir=str(dem_dir),
+        model_output_path=str(out / "tiny.pth"),
+        max_epochs=2,
+    )
+    return train(cfg, progress=False)
