@@ -49,12 +49,13 @@ def build_vit(cfg: TrainConfig, in_chans: int) -> nn.Module:
         vit = timm.create_model(cfg.vit_model_name, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise ConfigError(
-            f"cannot build {cfg.vit_model_name} with {kwargs}: {e}"
+            f"vit_model_name: cannot build {cfg.vit_model_name} ({e}); cmae needs a "
+            "timm VisionTransformer"
         ) from e
     if not isinstance(vit, VisionTransformer):
         raise ConfigError(
-            f"vit_model_name: {cfg.vit_model_name} is a {type(vit).__name__}, "
-            "not a timm VisionTransformer"
+            f"vit_model_name: {cfg.vit_model_name} is a {type(vit).__name__}; cmae "
+            "needs a timm VisionTransformer"
         )
     if vit.cls_token is None or vit.num_prefix_tokens != 1:
         raise ConfigError(

@@ -214,10 +214,11 @@ def resize_valid_weighted(
         ``num`` (C, size, size) and ``den`` (size, size): the valid-weighted sums,
         so ``num / den`` is the mean of the valid input under each output pixel.
     """
-    # Large rasters: integer box means first (O(HW)), so the dense filter matrices
-    # below stay small; the result is the same filter to within its support.
-    ky = max(1, x.shape[1] // (2 * size))
-    kx = max(1, x.shape[2] // (2 * size))
+    # Large rasters: integer box means first (O(HW)) down to at least 4x the output,
+    # so the dense filter matrices below stay small; the box is a quarter of the
+    # triangle's support, so the result stays close to the direct filter.
+    ky = max(1, x.shape[1] // (4 * size))
+    kx = max(1, x.shape[2] // (4 * size))
     if ky > 1 or kx > 1:
         x = _block_mean(x, ky, kx)
         valid = _block_mean(valid[None], ky, kx)[0]

@@ -245,46 +245,45 @@ def train(
     val_loader = _loader(val_files, spec, cfg, shuffle=False) if val_files else None
     skipped = list(scan.failed)
     bar = _ProgressBar(progress, cfg, len(train_files))
-    metrics_mode = "a" if ckpt is not None else "w"
-    with _sigterm_as_interrupt(), open(cfg.metrics_path, metrics_mode) as metrics:
-        for epoch in range(start_epoch, cfg.max_epochs):
-            with _seeded(_epoch_seed(cfg.seed, epoch)):
-                loader = _loader(train_files, spec, cfg, shuffle=True, epoch=epoch)
-                bar.start_epoch(epoch)
-                try:
+    try:
+        with _sigterm_as_interrupt(), open(cfg.metrics_path, "w") as metrics:
+            for stats in history:  # a resumed run rewrites the finished epochs first
+                metrics.write(json.dumps(stats) + "\n")
+            for epoch in range(start_epoch, cfg.max_epochs):
+                with _seeded(_epoch_seed(cfg.seed, epoch)):
+                    loader = _loader(train_files, spec, cfg, shuffle=True, epoch=epoch)
+                    bar.start_epoch(epoch)
                     stats = train_one_epoch(
                         model, loader, optimizer, device, epoch, cfg,
                         on_batch_end=_chain(bar.update, on_batch_end),
                     )  # fmt: skip
-                except KeyboardInterrupt as e:
-                    bar.close()
-                    raise TrainingInterrupted(
-                        f"interrupted in epoch {epoch + 1}; "
-                        + (
-                            f"resume with --resume {cfg.checkpoint_path}"
-                            if epoch > 0
-                            else "no epoch had finished"
-                        )
-                    ) from e
-            for path, reason in stats.pop("failed"):
-                if path not in {p for p, _ in skipped}:
-                    log.warning("skipped %s: %s", path, reason)
-                    skipped.append((path, reason))
-            if stats["images"] == 0:
-                raise NoInputError(
-                    f"{cfg.input_dir}: no raster could be read this epoch"
+                _record_failures(stats.pop("failed"), skipped)
+                if stats["images"] == 0:
+                    raise NoInputError(
+                        f"{cfg.input_dir}: no raster could be read this epoch"
+                    )
+                stats["epoch"] = epoch + 1
+                stats["val_loss"] = (
+                    evaluate(model, val_loader, device, cfg) if val_loader else None
                 )
-            stats["epoch"] = epoch + 1
-            stats["val_loss"] = (
-                evaluate(model, val_loader, device, cfg) if val_loader else None
-            )
-            history.append(stats)
-            metrics.write(json.dumps(stats) + "\n")
-            metrics.flush()
-            _save_checkpoint(cfg, model, optimizer, epoch, history)
-            bar.end_epoch(stats)
-            if on_epoch_end is not None:
-                on_epoch_end(stats)
+                history.append(stats)
+                _save_checkpoint(cfg, model, optimizer, epoch, history)
+                metrics.write(json.dumps(stats) + "\n")
+                metrics.flush()
+                bar.end_epoch(stats)
+                if on_epoch_end is not None:
+                    on_epoch_end(stats)
+    except KeyboardInterrupt as e:
+        bar.close()
+        done = len(history)
+        hint = (
+            f"resume with --resume {cfg.checkpoint_path}"
+            if done
+            else "no epoch had finished, so there is nothing to resume"
+        )
+        raise TrainingInterrupted(
+            f"interrupted after {done} of {cfg.max_epochs} epoch(s); {hint}"
+        ) from e
     bar.close()
     _save_model(cfg, model, len(history))
     _save_plots(cfg, model, history, val_files or train_files, spec, device)
@@ -299,6 +298,18 @@ def train(
         files=len(scan.files),
         skipped=skipped,
     )
+
+
+def _record_failures(
+    failed: list[tuple[str, str]], skipped: list[tuple[str, str]]
+) -> None:
+    """Warns once per file that failed while loading (e.g. decoding errors)."""
+    known = {p for p, _ in skipped}
+    for path, reason in failed:
+        if path not in known:
+            log.warning("skipped %s: %s", path, reason)
+            skipped.append((path, reason))
+            known.add(path)
 
 
 def split_files(

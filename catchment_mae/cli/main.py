@@ -99,3 +99,7 @@ for _command in COMMANDS:
 
 def main() -> None:
     cli(prog_name="cmae")
+
+
+if __name__ == "__main__":
+    main()

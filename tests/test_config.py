@@ -1,0 +1,87 @@
+"""The config dataclass: original keys, JSON round trip, validation, precedence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from catchment_mae.config import TrainConfig
+from catchment_mae.errors import ConfigError
+from tests.conftest import SHARED
+
+SEED_CONFIG = SHARED / "examples" / "seed_config.json"
+
+
+def test_config__seed_config_loads_as_it_is():
+    cfg = TrainConfig.from_json(SEED_CONFIG)
+    seed = json.loads(SEED_CONFIG.read_text())
+    for key, value in seed.items():
+        assert getattr(cfg, key) == value
+    assert str(cfg.weights_path) == "catchment_foundation_model.pth"
+    assert str(cfg.config_path) == "catchment_foundation_model.json"
+
+
+def test_config__json_round_trip(tmp_path):
+    cfg = TrainConfig(
+        input_dir="x",
+        bands=[3, 2, 1],
+        in_chans=3,
+        norm_mean=[1, 2, 3],
+        norm_std=[1, 1, 1],
+    )
+    path = tmp_path / "c.json"
+    path.write_text(cfg.to_json())
+    back = TrainConfig.from_json(path)
+    assert back == cfg
+    assert back.norm_mean == [1.0, 2.0, 3.0] and isinstance(back.norm_mean[0], float)
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"learning_rate": 1}, "Unknown config key: learning_rate"),
+        ({"image_size": "224"}, "config key image_size must be int"),
+        ({"batch_size": True}, "config key batch_size must be int"),
+        ({"norm_mean": [1.0], "norm_std": [0.0]}, r"norm_std\[0\] must be > 0"),
+        ({"norm_mean": [1.0]}, "must be given together"),
+        ({"mask_ratio": 1.0}, r"mask_ratio must be in \(0, 1\)"),
+        ({"norm": "global"}, "norm must be one of fixed, per-raster"),
+        (
+            {"in_chans": 2, "bands": [1, 2, 3]},
+            "bands selects 3 bands but in_chans is 2",
+        ),
+        ({"bands": [0]}, "1-based"),
+        ({"image_size": 30, "patch_size": 8}, "not a multiple of patch_size"),
+        ({"max_epochs": 0}, "max_epochs must be >= 1"),
+    ],
+)
+def test_config__rejects_bad_values_naming_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(data)
+
+
+def test_config__bad_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"bad\.json: not valid JSON"):
+        TrainConfig.from_json(bad)
+    with pytest.raises(ConfigError, match=r"missing\.json: cannot read config"):
+        TrainConfig.from_json(tmp_path / "missing.json")
+    arr = tmp_path / "arr.json"
+    arr.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        TrainConfig.from_json(arr)
+
+
+def test_config__precedence_defaults_then_file_then_flags():
+    cfg = TrainConfig.from_json(SEED_CONFIG)
+    merged = cfg.merged({"max_epochs": 3, "batch_size": None, "image_size": 64})
+    assert merged.max_epochs == 3  # flag wins
+    assert merged.batch_size == 32  # None flag keeps the file's value
+    assert merged.image_size == 64 and merged.vit_model_name == "vit_small_patch16_224"
+
+
+def test_config__lr_rule():
+    assert TrainConfig(batch_size=256).base_lr == pytest.approx(1.5e-4)
+    assert TrainConfig(batch_size=64, lr=0.01).base_lr == 0.01

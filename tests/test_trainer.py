@@ -1,0 +1,139 @@
+"""Training: schedule, loss falls, saved files, checkpoints, resume, interrupts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import catchment_mae
+from catchment_mae.config import TrainConfig
+from catchment_mae.errors import OutputExistsError, TrainingError
+from catchment_mae.trainer import TrainingInterrupted, lr_at, split_files, train
+from tests.conftest import SHARED, TINY
+
+
+def test_lr_at__warmup_then_cosine():
+    cfg = TrainConfig(lr=1.0, warmup_epochs=2.0, max_epochs=10, min_lr=0.1)
+    assert lr_at(0.0, cfg) == 0.0
+    assert lr_at(1.0, cfg) == pytest.approx(0.5)
+    assert lr_at(2.0, cfg) == pytest.approx(1.0)
+    assert lr_at(6.0, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down
+    assert lr_at(10.0, cfg) == pytest.approx(0.1)
+    values = [lr_at(e / 4, cfg) for e in range(8, 41)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_split_files__seeded_disjoint_and_keeps_training_data(tmp_path):
+    files = [tmp_path / f"{i}.tif" for i in range(20)]
+    train_a, val_a = split_files(files, 0.1, seed=0)
+    train_b, val_b = split_files(files, 0.1, seed=0)
+    assert (train_a, val_a) == (train_b, val_b) and len(val_a) == 2
+    assert not set(train_a) & set(val_a) and len(train_a) + len(val_a) == 20
+    assert split_files(files[:1], 0.5, 0) == (files[:1], [])
+
+
+def test_train__loss_falls_and_files_are_plain_data(trained):
+    history = trained.history
+    assert len(history) == 2 and all(math.isfinite(h["train_loss"]) for h in history)
+    state = torch.load(trained.weights_path, weights_only=True)
+    assert set(state) >= {"model", "config", "epoch", "cmae_version"}
+    assert any(k.startswith("scale_embed.") for k in state["model"])
+    saved = TrainConfig.from_json(trained.config_path)
+    assert saved.in_chans == 1 and len(saved.norm_mean) == 1  # filled from the data
+    assert saved == TrainConfig.from_dict(state["config"])
+    ckpt = torch.load(trained.checkpoint_path, weights_only=True)
+    assert ckpt["epoch"] == 1 and "optimizer" in ckpt
+    lines = trained.metrics_path.read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    for png in (".loss.png", ".preview.png"):
+        p = trained.weights_path.with_suffix(png)
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train__loss_falls_over_a_few_epochs(tiny_config):
+    result = train({**tiny_config, "max_epochs": 6, "lr": 3e-3}, progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_train__resume_gives_the_same_weights(tiny_config, tmp_path):
+    cfg = {**tiny_config, "max_epochs": 3}
+    full = train(
+        {**cfg, "model_output_path": str(tmp_path / "a" / "m.pth")}, progress=False
+    )
+
+    def stop_after_two(stats):
+        if stats["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    b = {**cfg, "model_output_path": str(tmp_path / "b" / "m.pth")}
+    with pytest.raises(TrainingInterrupted, match="resume with --resume"):
+        train(b, progress=False, on_epoch_end=stop_after_two)
+    ckpt = tmp_path / "b" / "m.ckpt.pth"
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1  # epoch 2 is saved
+    assert not (tmp_path / "b" / "m.pth").exists()
+    resumed = train(b, progress=False, resume=ckpt)
+    wa = torch.load(full.weights_path, weights_only=True)["model"]
+    wb = torch.load(resumed.weights_path, weights_only=True)["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+
+def test_train__resume_refuses_another_config(trained, tiny_config):
+    with pytest.raises(TrainingError, match="other settings.*mask_ratio"):
+        train(
+            {**tiny_config, "mask_ratio": 0.5},
+            resume=trained.checkpoint_path,
+            progress=False,
+        )
+
+
+def test_train__refuses_to_overwrite(trained, tiny_config):
+    cfg = {**tiny_config, "model_output_path": str(trained.weights_path)}
+    with pytest.raises(OutputExistsError, match="already exists"):
+        train(cfg, progress=False)
+
+
+def test_train__original_config_dict_through_the_python_api(tmp_path, dem_dir):
+    seed = json.loads((SHARED / "examples" / "seed_config.json").read_text())
+    seed.update(input_dir=str(dem_dir), model_output_path=str(tmp_path / "orig.pth"))
+    # The original keys as they are, plus the tiny-model overrides for speed.
+    seed.update(
+        {
+            k: TINY[k]
+            for k in ("image_size", "patch_size", "embed_dim", "depth", "num_heads")
+        }
+    )
+    seed.update(
+        max_epochs=1, batch_size=4, num_workers=0, decoder_dim=32, decoder_num_heads=2
+    )
+    result = catchment_mae.train(seed, progress=False)
+    saved = json.loads(result.config_path.read_text())
+    assert saved["norm_mean"] == [2000.0] and saved["norm_std"] == [1000.0]
+    assert saved["mask_ratio"] == 0.75 and saved["in_chans"] == 1
+    assert list(saved)[:11] == list(
+        json.loads((SHARED / "examples" / "seed_config.json").read_text())
+    )
+
+
+def test_train__data_loader_workers(tiny_config):
+    result = train({**tiny_config, "num_workers": 2, "max_epochs": 1}, progress=False)
+    assert result.history[0]["images"] == 11  # 12 files, 1 held out
+
+
+def test_train__bf16(tiny_config):
+    result = train(
+        {**tiny_config, "precision": "bf16", "max_epochs": 1}, progress=False
+    )
+    assert math.isfinite(result.history[0]["train_loss"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train__cuda(tiny_config):
+    result = train({**tiny_config, "device": "cuda", "max_epochs": 1}, progress=False)
+    assert math.isfinite(result.history[0]["train_loss"])
