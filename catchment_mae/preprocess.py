@@ -145,9 +145,9 @@ def preprocess(raster: Raster, spec: PreprocessSpec) -> Sample:
 
     # Centre before resizing: large offsets (altitudes, int32 counts) keep their
     # precision in float32 and invalid pixels can be zeroed exactly.
-    v = valid.astype(np.float32)
-    x = ((data - mean[:, None, None].astype(np.float32)) * v).astype(np.float32)
-    num, den = resize_valid_weighted(x, v, spec.image_size)
+    centred = data - mean[:, None, None].astype(np.float32)
+    x = np.where(valid, centred, np.float32(0.0)).astype(np.float32)  # NaN * 0 is NaN
+    num, den = resize_valid_weighted(x, valid.astype(np.float32), spec.image_size)
     with np.errstate(invalid="ignore", divide="ignore"):
         image = np.where(den > 1e-6, num / den, 0.0)
     image = image / std[:, None, None].astype(np.float32)

@@ -32,12 +32,19 @@ class CmaeGroup(click.Group):
             raise _Failure(str(e), code) from e
         except KeyboardInterrupt:
             raise _Failure("interrupted", 130) from None
-        except Exception as e:  # the last line of defence: one line, details with -v
-            if logging.getLogger("catchment_mae").isEnabledFor(logging.DEBUG):
-                traceback.print_exc()
+        except ImportError as e:  # a base install running a torch command
             raise _Failure(
-                f"internal error: {type(e).__name__}: {e} (run with -v for details; "
-                "please report it)",
+                f"this command needs {e.name or 'a missing package'}: install torch, "
+                "then pip install 'catchment-mae[train]'",
+                1,
+            ) from e
+        except Exception as e:  # the last line of defence: one line, details with -v
+            if log.isEnabledFor(logging.DEBUG):
+                traceback.print_exc()
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            raise _Failure(
+                f"internal error: {type(e).__name__}: {first_line} (run with -v for "
+                "details; please report it)",
                 2,
             ) from e
 

@@ -76,5 +76,6 @@ def stats(
     for i, (m, s, n) in enumerate(rows, start=1):
         click.echo(f"band {i}: mean {m:.6g}  std {s:.6g}  ({n} valid pixels)")
     mean = ",".join(f"{m:.6g}" for m in out["mean"])
-    std = ",".join(f"{s:.6g}" for s in out["std"])
+    # A flat band has std 0, which would divide by zero: use 1, as cmae train does.
+    std = ",".join(f"{s if s > 0 else 1.0:.6g}" for s in out["std"])
     click.echo(f"for cmae train: --norm-mean {mean} --norm-std {std}")

@@ -1,0 +1,102 @@
+"""The ``cmae`` group: version, help, registry, torch-free commands, error handling."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import click
+import pytest
+
+import catchment_mae
+import catchment_mae.cli
+from catchment_mae.cli.main import cli
+
+# Makes `import torch` (and timm, lightly) fail, as in a base install without torch.
+NO_TORCH = (
+    "import sys; sys.modules.update(torch=None, timm=None, lightly=None); "
+    "from catchment_mae.cli.main import main; "
+    "sys.argv = ['cmae'] + sys.argv[1:]; main()"
+)
+
+
+def test_version(runner):
+    result = runner.invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"cmae, version {catchment_mae.__version__}"
+
+
+def test_all_registered():
+    """Every command module in catchment_mae/cli is wired into the group."""
+    modules = {
+        m.name
+        for m in pkgutil.iter_modules(catchment_mae.cli.__path__)
+        if m.name not in ("main", "options")
+    }
+    registered = set(cli.commands)
+    assert {m.replace("_", "-") for m in modules} == registered
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_help_on_every_command(runner, command):
+    result = runner.invoke(cli, [command, "--help"], prog_name="cmae")
+    assert result.exit_code == 0
+    assert "Usage: cmae" in result.stdout and "Example" in result.stdout
+
+
+def test_commands_work_without_torch(tmp_path):
+    """`cmae --help`, `stats` and `synth` must run where importing torch fails."""
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True
+    )
+    assert run("--help").returncode == 0
+    for command in ("stats", "synth", "train", "demo"):
+        r = run(command, "--help")
+        assert r.returncode == 0, r.stderr
+    r = run(
+        "synth",
+        str(tmp_path / "d"),
+        "--count",
+        "3",
+        "--min-size",
+        "16",
+        "--max-size",
+        "40",
+    )
+    assert r.returncode == 0, r.stderr
+    r = run("stats", str(tmp_path / "d"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert '"files": 3' in r.stdout
+    # The torch-only command fails with one clear line, not a traceback.
+    r = run("train", str(tmp_path / "d"), "--out", str(tmp_path / "m.pth"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "cmae: error:" in r.stderr and "torch" in r.stderr
+
+
+def test_torch_free_modules_do_not_import_torch():
+    code = (
+        "import sys; import catchment_mae, catchment_mae.raster, "
+        "catchment_mae.preprocess, "
+        "catchment_mae.stats, catchment_mae.synth, catchment_mae.config, "
+        "catchment_mae.cli.main; "
+        "bad = [m for m in ('torch', 'timm', 'lightly') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_unexpected_errors_are_one_line(runner, monkeypatch):
+    @click.command("boom")
+    def boom() -> None:
+        raise RuntimeError("something odd\nwith a second line")
+
+    cli.add_command(boom)
+    try:
+        result = runner.invoke(cli, ["boom"])
+    finally:
+        cli.commands.pop("boom")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("cmae: error: internal error: RuntimeError")
+    assert "Traceback" not in result.output

@@ -1,0 +1,245 @@
+"""``cmae train`` through the CLI: the happy path and every bad input, one line each."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from catchment_mae.cli.main import cli
+from tests.conftest import SHARED, TINY
+
+TINY_FLAGS = [
+    "--model", TINY["vit_model_name"], "--image-size", "32", "--patch-size", "8",
+    "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--batch-size", "4",
+    "--num-workers", "0", "--epochs", "1", "--device", "cpu",
+]  # fmt: skip
+
+
+def _decoder_cfg(tmp_path: Path) -> Path:
+    """A --config with a small decoder (the CLI has no decoder flags)."""
+    p = tmp_path / "small_decoder.json"
+    p.write_text(
+        json.dumps({"decoder_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2})
+    )
+    return p
+
+
+def _train(runner, tmp_path, input_dir, *extra, out="m.pth"):
+    args = ["train", str(input_dir), "--out", str(tmp_path / out), *TINY_FLAGS]
+    args += ["--config", str(_decoder_cfg(tmp_path)), *extra]
+    return runner.invoke(cli, args)
+
+
+def _assert_clean_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert all(x.startswith("cmae: ") for x in lines), result.stderr  # one line each
+    assert lines[-1].startswith("cmae: error:"), result.stderr
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[-1], result.stderr
+
+
+@pytest.fixture
+def mixed_dir(tmp_path, dem_dir):
+    """Good DEMs plus one file of each kind of bad input."""
+    d = tmp_path / "mixed"
+    shutil.copytree(dem_dir, d)
+    (d / "empty.tif").write_bytes(b"")
+    (d / "notes.tif").write_text("not a tiff")
+    good = (d / "catchment_0000.tif").read_bytes()
+    (d / "truncated.tif").write_bytes(good[: len(good) // 3])
+    tifffile.imwrite(
+        d / "allnodata.tif",
+        np.full((20, 20), -9999, np.float32),
+        extratags=[(42113, "s", 0, "-9999", True)],
+    )
+    tifffile.imwrite(d / "tiny.tif", np.ones((1, 1), np.float32))
+    tifffile.imwrite(
+        d / "threeband.tif",
+        np.ones((3, 20, 20), np.float32),
+        photometric="minisblack",
+        planarconfig="separate",
+    )
+    nan = np.random.default_rng(0).normal(size=(30, 30)).astype(np.float32)
+    nan[:5] = np.nan
+    nan[5, :5] = np.inf
+    tifffile.imwrite(d / "some_nan.tif", nan)
+    return d
+
+
+def test_train__writes_pth_and_json(runner, tmp_path, dem_dir):
+    result = _train(runner, tmp_path, dem_dir, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["files"] == 12 and summary["skipped"] == 0
+    state = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert "model" in state
+    cfg = json.loads((tmp_path / "m.json").read_text())
+    assert cfg["vit_model_name"] == "vit_tiny_patch16_224" and cfg["image_size"] == 32
+    assert cfg["decoder_dim"] == 32  # from --config, flags on top
+
+
+def test_train__bad_files_are_skipped_with_their_reason(runner, tmp_path, mixed_dir):
+    result = _train(runner, tmp_path, mixed_dir, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["skipped"] == 6
+    for name, reason in [
+        ("empty.tif", "empty file (0 bytes)"),
+        ("notes.tif", "not a TIFF file"),
+        ("truncated.tif", "cannot decode TIFF"),
+        ("allnodata.tif", "no valid pixels"),
+        ("tiny.tif", "1x1 pixels, too small"),
+        ("threeband.tif", "has 3 band(s) but the model takes 1"),
+    ]:
+        lines = [x for x in result.stderr.splitlines() if name in x]
+        assert len(lines) == 1 and reason in lines[0], (name, result.stderr)
+        assert lines[0].startswith("cmae: warning: skipped ")
+    assert "some_nan.tif" not in result.stderr  # NaN/inf are nodata, not an error
+    assert (tmp_path / "m.pth").exists()
+
+
+def test_train__strict_stops_at_the_first_bad_file(runner, tmp_path, mixed_dir):
+    result = _train(runner, tmp_path, mixed_dir, "--strict")
+    _assert_clean_error(result, "(--strict)")
+    assert not (tmp_path / "m.pth").exists()
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "no_tiffs", "all_bad", "band_mismatch"]
+)
+def test_train__nothing_usable_exits_1_and_writes_no_model(
+    runner, tmp_path, dem_dir, case
+):
+    d = tmp_path / "in"
+    expected = {
+        "missing": "input directory does not exist",
+        "empty": "no .tif/.tiff files found",
+        "no_tiffs": "no .tif/.tiff files found",
+        "all_bad": "none of the 2 TIFF file(s) could be used",
+        "band_mismatch": "has 1 band(s) but the model takes 3",
+    }[case]
+    extra: list[str] = []
+    if case != "missing":
+        d.mkdir()
+    if case == "no_tiffs":
+        (d / "readme.txt").write_text("x")
+    if case == "all_bad":
+        (d / "a.tif").write_bytes(b"")
+        (d / "b.tif").write_text("nope")
+    if case == "band_mismatch":
+        shutil.copytree(dem_dir, d, dirs_exist_ok=True)
+        extra = ["--in-chans", "3"]
+    result = _train(runner, tmp_path, d, *extra)
+    _assert_clean_error(result, expected)
+    assert not (tmp_path / "m.pth").exists() and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--norm-mean", "2000", "--norm-std", "0"], "must be > 0"),
+        (["--norm-mean", "abc", "--norm-std", "1"], "expected comma-separated numbers"),
+        (["--bands", "0,1"], "band numbers start at 1"),
+        (["--mask-ratio", "1.5"], "--mask-ratio"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_train__bad_option_values_exit_2(runner, tmp_path, dem_dir, flags, message):
+    result = _train(runner, tmp_path, dem_dir, *flags)
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_train__config_errors_name_the_key(runner, tmp_path, dem_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"input_dir": str(dem_dir), "learning_rate": 0.1}))
+    result = runner.invoke(cli, ["train", "--config", str(bad)])
+    _assert_clean_error(result, "bad.json: Unknown config key: learning_rate")
+    result = _train(
+        runner, tmp_path, dem_dir, "--norm-mean", "1,2", "--norm-std", "1,1"
+    )
+    _assert_clean_error(result, "norm_mean/norm_std have 2 values but in_chans is 1")
+
+
+def test_train__existing_output_needs_overwrite(runner, tmp_path, dem_dir):
+    assert _train(runner, tmp_path, dem_dir).exit_code == 0
+    before = (tmp_path / "m.pth").read_bytes()
+    result = _train(runner, tmp_path, dem_dir)
+    _assert_clean_error(result, "m.pth: already exists (use --overwrite")
+    assert (tmp_path / "m.pth").read_bytes() == before
+    assert (
+        _train(runner, tmp_path, dem_dir, "--overwrite", "--seed", "3").exit_code == 0
+    )
+    assert (tmp_path / "m.pth").read_bytes() != before
+
+
+def test_train__output_under_a_regular_file(runner, tmp_path, dem_dir):
+    (tmp_path / "afile").write_text("x")
+    result = _train(runner, tmp_path, dem_dir, out="afile/m.pth")
+    _assert_clean_error(result, "afile/m.pth", "cannot write there")
+
+
+def test_train__seed_config_as_it_is(runner, tmp_path, dem_dir):
+    seed = json.loads((SHARED / "examples" / "seed_config.json").read_text())
+    seed["input_dir"] = str(dem_dir)
+    seed["model_output_path"] = str(tmp_path / "catchment_foundation_model.pth")
+    cfg = tmp_path / "seed.json"
+    cfg.write_text(json.dumps(seed))
+    small = [
+        "--image-size", "32", "--patch-size", "8", "--embed-dim", "32",
+        "--depth", "1", "--num-heads", "2", "--epochs", "1", "--batch-size", "4",
+        "--num-workers", "0",
+    ]  # fmt: skip
+    result = runner.invoke(cli, ["train", "--config", str(cfg), *small, "--json"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "catchment_foundation_model.json").read_text())
+    assert saved["norm_mean"] == [2000.0] and saved["mask_ratio"] == 0.75
+    assert saved["max_epochs"] == 1 and saved["batch_size"] == 4  # flags override
+
+
+# ------------------------------------------------------------ unprivileged user
+def _unprivileged(args: list[str]) -> subprocess.CompletedProcess:
+    """Runs cmae so that file permissions apply, even in CI, which runs as root.
+
+    As root, setpriv empties the capability bounding set before exec: the process
+    keeps uid 0 (so it can still run the Python under /root) but loses
+    CAP_DAC_OVERRIDE, so a mode-000 file or a mode-555 directory refuse it like
+    any other user. Not root: permissions apply already.
+    """
+    cmd = [sys.executable, "-m", "catchment_mae.cli.main", *args]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_stats__unreadable_file_is_skipped_with_its_reason(tmp_path, dem_dir):
+    d = tmp_path / "in"
+    shutil.copytree(dem_dir, d)
+    locked = d / "locked.tif"
+    shutil.copy(d / "catchment_0000.tif", locked)
+    os.chmod(locked, 0o000)
+    r = _unprivileged(["stats", str(d), "--json"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["failed"] == 1
+    assert f"skipped {locked}: cannot open: Permission denied" in r.stderr
+
+
+def test_train__unwritable_output_directory(tmp_path, dem_dir):
+    out = tmp_path / "models"
+    out.mkdir()
+    os.chmod(out, 0o555)
+    r = _unprivileged(["train", str(dem_dir), "--out", str(out / "m.pth"), *TINY_FLAGS])
+    assert r.returncode == 1
+    assert r.stderr.startswith("cmae: error:") and "Traceback" not in r.stderr
+    assert "cannot write there: Permission denied" in r.stderr
