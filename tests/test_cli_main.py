@@ -100,3 +100,17 @@ def test_unexpected_errors_are_one_line(runner, monkeypatch):
     assert result.exit_code == 2
     assert result.stderr.startswith("cmae: error: internal error: RuntimeError")
     assert "Traceback" not in result.output
+
+
+def test_package_layout__folders_live_in_the_package_namespace():
+    import importlib.util
+
+    import catchment_mae.batch
+    import catchment_mae.export
+
+    assert catchment_mae.export.__file__.endswith("export/__init__.py")
+    assert catchment_mae.batch.__file__.endswith("batch/__init__.py")
+    # No generic top-level modules were installed.
+    for name in ("export", "batch"):
+        spec = importlib.util.find_spec(name)
+        assert spec is None or "site-packages" not in (spec.origin or "")
