@@ -60,14 +60,22 @@ class PlainMAE(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b = images.shape[0]
         idx_keep, idx_mask = utils.random_token_mask(
-            size=(b, self.sequence_length), mask_ratio=self.mask_ratio, device=images.device
+            size=(b, self.sequence_length),
+            mask_ratio=self.mask_ratio,
+            device=images.device,
         )
         x = self.backbone.encode(images=images, idx_keep=idx_keep)
         x = self.decoder_embed(x)
-        x_masked = utils.repeat_token(self.decoder.mask_token, (b, self.sequence_length))
+        x_masked = utils.repeat_token(
+            self.decoder.mask_token, (b, self.sequence_length)
+        )
         x_masked = utils.set_at_index(x_masked, idx_keep, x.type_as(x_masked))
-        x_pred = self.prediction_head(utils.get_at_index(self.decoder(x_masked), idx_mask))
-        target = utils.get_at_index(utils.patchify(images, self.patch_size), idx_mask - 1)
+        x_pred = self.prediction_head(
+            utils.get_at_index(self.decoder(x_masked), idx_mask)
+        )
+        target = utils.get_at_index(
+            utils.patchify(images, self.patch_size), idx_mask - 1
+        )
         return nn.functional.mse_loss(x_pred.float(), target.float())
 
 
@@ -160,7 +168,8 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     args = ap.parse_args()
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {args.model} @ {args.image_size}, "
         f"batch {args.batch_size}, {args.in_chans} channel(s)"
     )

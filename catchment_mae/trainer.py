@@ -40,6 +40,8 @@ CHECKPOINT_FORMAT = 1
 class TrainingInterrupted(TrainingError):
     """Ctrl-C or SIGTERM; the last epoch checkpoint is intact."""
 
+    exit_code = 130  # the shell's code for a run stopped by a signal
+
 
 @dataclass
 class TrainResult:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +245,43 @@ def test_train__unwritable_output_directory(tmp_path, dem_dir):
     assert r.returncode == 1
     assert r.stderr.startswith("cmae: error:") and "Traceback" not in r.stderr
     assert "cannot write there: Permission denied" in r.stderr
+
+
+# ------------------------------------------------------------------ interrupts
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_train__signal_leaves_a_usable_checkpoint(tmp_path, dem_dir, sig):
+    out = tmp_path / "m.pth"
+    ckpt = tmp_path / "m.ckpt.pth"
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--epochs") + 1] = "500"
+    cmd = [sys.executable, "-m", "catchment_mae.cli.main", "train", str(dem_dir)]
+    cmd += ["--out", str(out), *flags, "--config", str(_decoder_cfg(tmp_path))]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert ckpt.exists(), (
+        proc.stderr.read() if proc.poll() is not None else "no checkpoint"
+    )
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("cmae: error: interrupted after ") and "Traceback" not in stderr
+    )
+    assert f"resume with --resume {ckpt}" in last
+    state = torch.load(ckpt, weights_only=True)  # intact, plain data
+    done = state["epoch"] + 1
+    assert not out.exists()  # the final model is only written at the end
+    # Resuming continues from the checkpoint (one more epoch here).
+    flags[flags.index("--epochs") + 1] = str(done + 1)
+    resumed = subprocess.run(
+        [*cmd[:5], "--out", str(out), *flags, "--config", str(_decoder_cfg(tmp_path)),
+         "--resume", str(ckpt), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(out, weights_only=True)["epoch"] == done + 1
