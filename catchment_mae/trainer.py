@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -387,11 +388,34 @@ def _loader(
         RasterDataset(files, spec),
         batch_size=cfg.batch_size,
         shuffle=shuffle,
-        num_workers=min(cfg.num_workers, len(files)),
+        num_workers=loader_workers(cfg.num_workers, len(files)),
         collate_fn=collate,
         generator=gen,
         drop_last=False,
     )
+
+
+def loader_workers(requested: int, n_files: int) -> int:
+    """Data-loading processes: at most one per available core (and per file).
+
+    More workers than cores only oversubscribe the CPU that the training step
+    needs too (and make torch warn).
+    """
+    cores = (
+        len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count()
+    )
+    workers = min(requested, n_files, cores or 1)
+    if workers < requested:
+        log.debug(
+            "num_workers %d -> %d (%s cores, %d files)",
+            requested,
+            workers,
+            cores,
+            n_files,
+        )
+    return workers
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -469,6 +493,7 @@ class _ProgressBar:
             self.bar.update(1)
 
     def end_epoch(self, stats: dict[str, Any]) -> None:
+        self.close()  # the summary line must not land on the bar's line
         val = stats["val_loss"]
         log.info(
             "epoch %d/%d  train_loss %.4f  val_loss %s  %.1f img/s",

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
 import catchment_mae
 from catchment_mae.config import TrainConfig
-from catchment_mae.errors import OutputExistsError, TrainingError
-from catchment_mae.trainer import TrainingInterrupted, lr_at, split_files, train
+from catchment_mae.errors import ConfigError, OutputExistsError, TrainingError
+from catchment_mae.trainer import (
+    TrainingInterrupted,
+    loader_workers,
+    lr_at,
+    split_files,
+    train,
+)
 from tests.conftest import SHARED, TINY
 
 
@@ -137,3 +144,18 @@ def test_train__bf16(tiny_config):
 def test_train__cuda(tiny_config):
     result = train({**tiny_config, "device": "cuda", "max_epochs": 1}, progress=False)
     assert math.isfinite(result.history[0]["train_loss"])
+
+
+def test_loader_workers__never_more_than_cores_or_files():
+    cores = len(os.sched_getaffinity(0))
+    assert loader_workers(64, 1000) == cores
+    assert loader_workers(4, 1) == 1
+    assert loader_workers(0, 10) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_train__cuda_requested_without_a_gpu(tiny_config):
+    with pytest.raises(
+        ConfigError, match="cuda was asked for but torch sees no CUDA GPU"
+    ):
+        train({**tiny_config, "device": "cuda"}, progress=False)
