@@ -35,7 +35,7 @@ from torch import nn
 
 from catchment_mae.config import TrainConfig
 from catchment_mae.model import build_model, build_vit
-from catchment_mae.preprocess import PreprocessSpec, load_sample
+from catchment_mae.preprocess import PreprocessSpec, limit_worker_threads, load_sample
 from catchment_mae.synth import generate_dems
 
 
@@ -144,7 +144,8 @@ def preprocess_rate(n_files: int, image_size: int) -> tuple[float, float, int]:
             _load((str(p), spec))
         single = n_files / (time.perf_counter() - t0)
         workers = os.cpu_count() or 1
-        with mp.get_context("fork").Pool(workers) as pool:
+        ctx = mp.get_context("fork")
+        with ctx.Pool(workers, initializer=limit_worker_threads) as pool:
             t0 = time.perf_counter()
             pool.map(_load, [(str(p), spec) for p in paths], chunksize=1)
             pooled = n_files / (time.perf_counter() - t0)
@@ -162,8 +163,8 @@ def main() -> None:
     ap.add_argument("--decoder-dim", type=int, default=256)
     ap.add_argument("--decoder-depth", type=int, default=2)
     ap.add_argument("--decoder-heads", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--files", type=int, default=60)
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     args = ap.parse_args()

@@ -31,7 +31,7 @@ from catchment_mae.data import RasterDataset, collate
 from catchment_mae.errors import ConfigError, NoInputError, TrainingError
 from catchment_mae.io import atomic_torch_save, atomic_write_text, check_writable
 from catchment_mae.model import ScaleAwareMAE, build_model
-from catchment_mae.preprocess import PreprocessSpec
+from catchment_mae.preprocess import PreprocessSpec, limit_worker_threads
 from catchment_mae.stats import ScanResult, scan_dir
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,26 @@ def lr_at(epoch: float, cfg: TrainConfig) -> float:
     span = max(cfg.max_epochs - warmup, 1e-8)
     progress = min(max((epoch - warmup) / span, 0.0), 1.0)
     return cfg.min_lr + (base - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    try:  # torch has no public API for this yet
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
+
+
+def warn_slow_bf16(device: torch.device, precision: str) -> None:
+    """bf16 autocast on a CPU without native bf16 is many times slower than fp32."""
+    if precision != "bf16" or device.type != "cpu":
+        return
+    if not native_cpu_bf16():
+        log.warning(
+            "this CPU (%s) has no native bf16: --precision bf16 runs many times "
+            "slower than fp32 here (benchmarks/README.md)",
+            torch.backends.cpu.get_cpu_capability(),
+        )
 
 
 def pick_device(name: str) -> torch.device:
@@ -234,6 +254,7 @@ def train(
         cfg = _check_resume_config(cfg, ckpt, resume)
     spec = PreprocessSpec.from_mapping(cfg.to_dict())
     device = pick_device(cfg.device)
+    warn_slow_bf16(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
     optimizer = _optimizer(model, cfg)
@@ -391,6 +412,7 @@ def _loader(
         num_workers=loader_workers(cfg.num_workers, len(files)),
         collate_fn=collate,
         generator=gen,
+        worker_init_fn=_init_worker,
         drop_last=False,
     )
 
@@ -416,6 +438,12 @@ def loader_workers(requested: int, n_files: int) -> int:
             n_files,
         )
     return workers
+
+
+def _init_worker(worker_id: int) -> None:
+    """One thread per data-loading process: the cores are shared with training."""
+    limit_worker_threads()
+    torch.set_num_threads(1)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, ...]:

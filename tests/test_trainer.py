@@ -16,6 +16,7 @@ from catchment_mae.trainer import (
     TrainingInterrupted,
     loader_workers,
     lr_at,
+    native_cpu_bf16,
     split_files,
     train,
 )
@@ -133,11 +134,13 @@ def test_train__data_loader_workers(tiny_config):
     assert result.history[0]["images"] == 11  # 12 files, 1 held out
 
 
-def test_train__bf16(tiny_config):
+def test_train__bf16(tiny_config, caplog):
     result = train(
         {**tiny_config, "precision": "bf16", "max_epochs": 1}, progress=False
     )
     assert math.isfinite(result.history[0]["train_loss"])
+    warned = "has no native bf16" in caplog.text
+    assert warned == (not native_cpu_bf16())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
