@@ -135,3 +135,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, dem_dir: Path):
         max_epochs=2,
     )
     return train(cfg, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _reset_cli_logging():
+    """CLI tests configure the package logger (stderr handler, no propagation);
+    undo that after each test so caplog sees library warnings again."""
+    import logging
+
+    yield
+    pkg = logging.getLogger("catchment_mae")
+    pkg.handlers.clear()
+    pkg.propagate = True
+    pkg.setLevel(logging.NOTSET)
