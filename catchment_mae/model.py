@@ -171,9 +171,9 @@ class ScaleAwareMAE(nn.Module):
         """
         backbone, vit = self.backbone, self.backbone.vit
         tokens = backbone.images_to_tokens(images)  # [B, L, D]
+        tokens = self.add_scale_embed(tokens, scale)
         tokens = backbone.prepend_prefix_tokens(tokens)  # [B, 1 + L, D]
         tokens = backbone.add_pos_embed(tokens)
-        tokens = self.add_scale_embed(tokens, scale)
         if idx_keep is not None:
             tokens = utils.get_at_index(tokens, idx_keep)  # [B, K, D]
         tokens = vit.norm_pre(tokens)
@@ -182,10 +182,16 @@ class ScaleAwareMAE(nn.Module):
         return out
 
     def add_scale_embed(self, tokens: Tensor, scale: Tensor) -> Tensor:
-        """Adds ``scale_embed(scale)`` to the patch tokens (not the class token)."""
-        n = self.backbone.vit.num_prefix_tokens
-        s = self.scale_embed(scale.to(tokens.dtype))[:, None, :]  # [B, 1, D]
-        return torch.cat([tokens[:, :n], tokens[:, n:] + s], dim=1)
+        """Adds ``scale_embed(scale)`` to every patch token.
+
+        Called before the class token is prepended, so the class token stays as it
+        is; adding before or after the positional embedding is the same sum.
+
+        Args:
+            tokens: (batch_size, num_patches, embed_dim) patch tokens.
+            scale: (batch_size, 2).
+        """
+        return tokens + self.scale_embed(scale.to(tokens.dtype))[:, None, :]
 
     def embed(self, images: Tensor, scale: Tensor) -> Tensor:
         """The embedding: class token after the final norm, (batch_size, embed_dim)."""
@@ -230,15 +236,17 @@ class ScaleAwareMAE(nn.Module):
         weights = utils.patchify(valid, p)  # [B, L, p*p]
         idx = patch_index(idx_mask, self.backbone.vit.num_prefix_tokens)
         target = utils.get_at_index(patches, idx)  # [B, M, p*p*C]
-        w = utils.get_at_index(weights, idx)  # [B, M, p*p]
-        w = w.repeat_interleave(self.in_chans, dim=-1)  # [B, M, p*p*C]
+        w = utils.get_at_index(weights, idx)[..., None]  # [B, M, p*p, 1]
+        b, m, _ = target.shape
+        c = self.in_chans
+        target = target.float().view(b, m, p * p, c)  # channel last (patchify)
         if self.norm_pix_loss:
-            n = w.sum(dim=-1, keepdim=True).clamp_min(1e-6)
-            mean = (w * target).sum(dim=-1, keepdim=True) / n
-            var = (w * (target - mean) ** 2).sum(dim=-1, keepdim=True) / n
+            n = w.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6) * c
+            mean = (w * target).sum(dim=(2, 3), keepdim=True) / n
+            var = (w * (target - mean) ** 2).sum(dim=(2, 3), keepdim=True) / n
             target = (target - mean) / (var + 1e-6).sqrt()
-        err = (pred.float() - target.float()) ** 2
-        return (err * w).sum() / w.sum().clamp_min(1e-6)
+        err = (pred.float().view(b, m, p * p, c) - target) ** 2
+        return (err * w).sum() / (w.sum() * c).clamp_min(1e-6)
 
     def random_masking(
         self, batch_size: int, device: torch.device

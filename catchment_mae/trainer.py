@@ -189,8 +189,11 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(
     model: ScaleAwareMAE, loader: DataLoader, device: torch.device, cfg: TrainConfig
-) -> float:
-    """Mean masked-reconstruction loss with fixed masks (comparable across epochs)."""
+) -> float | None:
+    """Mean masked-reconstruction loss with fixed masks (comparable across epochs).
+
+    None when no validation raster could be read.
+    """
     model.eval()
     total, count = 0.0, 0
     with _seeded(_epoch_seed(cfg.seed, 10**6)), autocast_context(device, cfg.precision):
@@ -201,7 +204,7 @@ def evaluate(
             loss, _, _ = model(images, valid, scale)
             total += loss.item() * images.shape[0]
             count += images.shape[0]
-    return total / count if count else float("nan")
+    return total / count if count else None
 
 
 def random_flips(
@@ -243,10 +246,10 @@ def train(
     if not cfg.input_dir:
         raise ConfigError("input_dir is not set")
     ckpt = _load_checkpoint(resume) if resume is not None else None
-    if ckpt is None:
-        check_writable([cfg.weights_path, cfg.config_path], overwrite=overwrite)
-    else:
-        check_writable([cfg.weights_path, cfg.config_path], overwrite=True)
+    # A resumed run finishes the outputs its first part was about to write.
+    check_writable(
+        [cfg.weights_path, cfg.config_path], overwrite=overwrite or ckpt is not None
+    )
 
     scan = _scan(cfg, strict, progress)
     cfg = _complete_config(cfg, scan)

@@ -393,3 +393,13 @@ def test_find_tiffs__missing_or_not_a_dir(tmp_path):
     f.write_bytes(b"")
     with pytest.raises(NoInputError, match="not a directory"):
         list(find_tiffs(f))
+
+
+def test_read_raster__multi_page_reads_the_first_full_resolution_image(tmp_path):
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(np.full((8, 8), 5, np.uint8), subfiletype=1)  # a thumbnail first
+        tw.write(np.full((32, 40), 1, np.uint8))
+        tw.write(np.full((32, 40), 2, np.uint8))
+    r = read_raster(path)
+    assert r.data.shape == (1, 32, 40) and (r.data == 1).all()
