@@ -34,5 +34,13 @@ class OutputError(CmaeError):
     """The output cannot be written (unwritable directory, path under a file, ...)."""
 
 
+class ModelLoadError(CmaeError):
+    """NAME.pth / NAME.json cannot be loaded as a cmae model."""
+
+
+class ExportError(CmaeError):
+    """Export or its validation failed."""
+
+
 class TrainingError(CmaeError):
     """Training cannot go on (non-finite loss, bad checkpoint, ...)."""

@@ -15,6 +15,8 @@ same network, so no deprecation warning reaches users.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ from lightly.models.modules import (
 from torch import Tensor, nn
 
 from catchment_mae.config import TrainConfig
-from catchment_mae.errors import ConfigError
+from catchment_mae.errors import ConfigError, ModelLoadError
 
 
 def build_vit(cfg: TrainConfig, in_chans: int) -> nn.Module:
@@ -96,40 +98,16 @@ def patch_index(idx: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     return idx - num_prefix_tokens
 
 
-class ScaleAwareMAE(nn.Module):
-    """Masked autoencoder whose encoder sees the raster's original scale.
+class ScaleAwareEncoder(nn.Module):
+    """The timm ViT (wrapped by lightly) plus ``scale_embed``: the part that embeds.
 
     Args:
         vit: a timm VisionTransformer (one class token, fixed image size).
-        in_chans: input channels; the prediction head predicts all of them.
-        decoder_dim, decoder_depth, decoder_num_heads: the MAE decoder.
-        mask_ratio: fraction of patch tokens hidden from the encoder.
-        norm_pix_loss: normalise each target patch by its valid mean and std.
         scale_hidden_dim: hidden width of ``scale_embed``.
     """
 
-    def __init__(
-        self,
-        vit: nn.Module,
-        in_chans: int,
-        decoder_dim: int = 256,
-        decoder_depth: int = 2,
-        decoder_num_heads: int = 8,
-        mask_ratio: float = 0.75,
-        norm_pix_loss: bool = False,
-        scale_hidden_dim: int = 64,
-    ) -> None:
+    def __init__(self, vit: nn.Module, scale_hidden_dim: int = 64) -> None:
         super().__init__()
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if decoder_dim % decoder_num_heads:
-            raise ValueError(
-                f"decoder_dim {decoder_dim} must be a multiple of decoder_num_heads "
-                f"{decoder_num_heads}"
-            )
-        self.in_chans = in_chans
-        self.mask_ratio = mask_ratio
-        self.norm_pix_loss = norm_pix_loss
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.embed_dim = int(vit.embed_dim)
         self.backbone = MaskedVisionTransformerTIMM(vit=vit)
@@ -137,25 +115,13 @@ class ScaleAwareMAE(nn.Module):
         # token is never used; freezing it keeps "every trainable parameter gets a
         # gradient" true (the decoder has its own mask token).
         self.backbone.mask_token.requires_grad_(False)
-        self.sequence_length = self.backbone.sequence_length
         self.scale_embed = ScaleEmbed(self.embed_dim, scale_hidden_dim)
-        self.decoder_embed = nn.Linear(self.embed_dim, decoder_dim)
-        self.decoder = MaskedVisionTransformerDecoderTIMM(
-            num_patches=vit.patch_embed.num_patches,
-            embed_dim=decoder_dim,
-            depth=decoder_depth,
-            num_heads=decoder_num_heads,
-            num_prefix_tokens=vit.num_prefix_tokens,
-        )
-        # Predicts every channel of a patch: never a hard-coded 3.
-        self.prediction_head = nn.Linear(decoder_dim, self.patch_size**2 * in_chans)
 
     @property
     def vit(self) -> nn.Module:
         return self.backbone.vit
 
-    # ------------------------------------------------------------------ encoder
-    def forward_encoder(
+    def forward(
         self, images: Tensor, scale: Tensor, idx_keep: Tensor | None = None
     ) -> Tensor:
         """Encodes images with their scale.
@@ -192,6 +158,67 @@ class ScaleAwareMAE(nn.Module):
             scale: (batch_size, 2).
         """
         return tokens + self.scale_embed(scale.to(tokens.dtype))[:, None, :]
+
+
+class ScaleAwareMAE(nn.Module):
+    """Masked autoencoder whose encoder sees the raster's original scale.
+
+    Args:
+        vit: a timm VisionTransformer (one class token, fixed image size).
+        in_chans: input channels; the prediction head predicts all of them.
+        decoder_dim, decoder_depth, decoder_num_heads: the MAE decoder.
+        mask_ratio: fraction of patch tokens hidden from the encoder.
+        norm_pix_loss: normalise each target patch by its valid mean and std.
+        scale_hidden_dim: hidden width of ``scale_embed``.
+    """
+
+    def __init__(
+        self,
+        vit: nn.Module,
+        in_chans: int,
+        decoder_dim: int = 256,
+        decoder_depth: int = 2,
+        decoder_num_heads: int = 8,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = False,
+        scale_hidden_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if decoder_dim % decoder_num_heads:
+            raise ValueError(
+                f"decoder_dim {decoder_dim} must be a multiple of decoder_num_heads "
+                f"{decoder_num_heads}"
+            )
+        self.in_chans = in_chans
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.encoder = ScaleAwareEncoder(vit, scale_hidden_dim)
+        self.patch_size = self.encoder.patch_size
+        self.embed_dim = self.encoder.embed_dim
+        self.sequence_length = self.encoder.backbone.sequence_length
+        self.decoder_embed = nn.Linear(self.embed_dim, decoder_dim)
+        self.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=vit.patch_embed.num_patches,
+            embed_dim=decoder_dim,
+            depth=decoder_depth,
+            num_heads=decoder_num_heads,
+            num_prefix_tokens=vit.num_prefix_tokens,
+        )
+        # Predicts every channel of a patch: never a hard-coded 3.
+        self.prediction_head = nn.Linear(decoder_dim, self.patch_size**2 * in_chans)
+
+    @property
+    def vit(self) -> nn.Module:
+        return self.encoder.vit
+
+    def forward_encoder(
+        self, images: Tensor, scale: Tensor, idx_keep: Tensor | None = None
+    ) -> Tensor:
+        """(batch_size, num_kept_tokens, embed_dim); see ScaleAwareEncoder."""
+        out: Tensor = self.encoder(images, scale, idx_keep)
+        return out
 
     def embed(self, images: Tensor, scale: Tensor) -> Tensor:
         """The embedding: class token after the final norm, (batch_size, embed_dim)."""
@@ -234,7 +261,7 @@ class ScaleAwareMAE(nn.Module):
         p = self.patch_size
         patches = utils.patchify(images, p)  # [B, L, p*p*C], channel last
         weights = utils.patchify(valid, p)  # [B, L, p*p]
-        idx = patch_index(idx_mask, self.backbone.vit.num_prefix_tokens)
+        idx = patch_index(idx_mask, self.vit.num_prefix_tokens)
         target = utils.get_at_index(patches, idx)  # [B, M, p*p*C]
         w = utils.get_at_index(weights, idx)[..., None]  # [B, M, p*p, 1]
         b, m, _ = target.shape
@@ -285,3 +312,89 @@ def build_model(cfg: TrainConfig, in_chans: int | None = None) -> ScaleAwareMAE:
         norm_pix_loss=cfg.norm_pix_loss,
         scale_hidden_dim=cfg.scale_hidden_dim,
     )
+
+
+POOLS = ("cls", "mean")
+
+
+class Embedder(nn.Module):
+    """The encoder alone, ``image, scale -> embedding``: what ``cmae export`` traces.
+
+    No masking and no decoder. ``pool="cls"``: the class token after the final
+    norm, as the original tool returned. ``pool="mean"``: the patch tokens averaged
+    with weights equal to each patch's valid fraction, from one extra input
+    ``valid`` (batch_size, 1, S, S), 1 = valid pixel.
+
+    Args:
+        encoder: the trained ScaleAwareEncoder.
+        pool: "cls" or "mean".
+    """
+
+    def __init__(self, encoder: ScaleAwareEncoder, pool: str = "cls") -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        self.encoder = encoder
+        self.pool = pool
+
+    def forward(
+        self, image: Tensor, scale: Tensor, valid: Tensor | None = None
+    ) -> Tensor:
+        """(batch_size, embed_dim) float32."""
+        tokens = self.encoder(image, scale)  # [B, 1 + L, D]
+        if self.pool == "cls":
+            return tokens[:, 0]
+        if valid is None:
+            raise ValueError("pool='mean' needs the valid input")
+        p = self.encoder.patch_size
+        weights = nn.functional.avg_pool2d(valid, p).flatten(1)  # [B, L]
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        return (tokens[:, 1:] * weights[:, :, None]).sum(dim=1)
+
+
+def load_model(
+    weights_path: str | os.PathLike[str],
+) -> tuple[ScaleAwareMAE, TrainConfig]:
+    """Loads ``NAME.pth`` with the ``NAME.json`` beside it (the original tool's pair).
+
+    Raises:
+        ModelLoadError: a missing or unreadable file, a config that does not
+            match, or weights that do not fit the config.
+    """
+    path = Path(weights_path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: weights file does not exist")
+    cfg_path = path.with_suffix(".json")
+    if not cfg_path.is_file():
+        raise ModelLoadError(
+            f"{cfg_path}: missing; cmae needs the NAME.json written beside NAME.pth"
+        )
+    cfg = TrainConfig.from_json(cfg_path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling raises many types; keep the reason
+        raise ModelLoadError(
+            f"{path}: not a cmae weights file ({type(e).__name__}: {e})"
+        ) from e
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise ModelLoadError(f"{path}: not a cmae weights file (no 'model' state dict)")
+    if cfg.in_chans is None:
+        raise ModelLoadError(f"{cfg_path}: in_chans is not set")
+    model = build_model(cfg)
+    missing, unexpected = [], []
+    try:
+        result = model.load_state_dict(weights, strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    except RuntimeError as e:  # size mismatches
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise ModelLoadError(
+            f"{path}: weights do not fit {cfg_path.name}: {first[0].strip()}"
+        ) from e
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path}: weights do not fit {cfg_path.name}: "
+            f"{len(missing)} missing key(s) (e.g. {missing[:1]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+        )
+    return model.eval(), cfg

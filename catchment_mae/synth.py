@@ -8,6 +8,7 @@ size of 5 to 90 m. numpy and tifffile only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -113,7 +114,10 @@ def random_spec(
 def write_dem(
     path: str | os.PathLike[str], spec: DemSpec, data: np.ndarray | None = None
 ) -> None:
-    """Writes a DEM GeoTIFF with GeoKeys, pixel scale, tie point and GDAL_NODATA."""
+    """Writes a DEM GeoTIFF with GeoKeys, pixel scale, tie point and GDAL_NODATA.
+
+    ``data`` may be (H, W) or (bands, H, W); None draws the DEM from ``spec``.
+    """
     if data is None:
         data = dem_array(spec)
     geokeys = [
@@ -130,11 +134,12 @@ def write_dem(
         (34735, "H", len(geokeys), tuple(geokeys), True),
         (42113, "s", 0, f"{spec.nodata:g}", True),
     ]
-    tiled = min(data.shape) >= 256
+    tiled = min(data.shape[-2:]) >= 256
     tifffile.imwrite(
         path,
         data,
         photometric="minisblack",
+        planarconfig="separate" if data.ndim == 3 else None,
         compression="deflate" if spec.seed % 2 else "lzw",
         predictor=True,
         tile=(256, 256) if tiled else None,
@@ -164,5 +169,33 @@ def generate_dems(
         spec = random_spec(rng, min_size, max_size, seed=seed * 100_003 + i)
         path = out / f"catchment_{i:04d}.tif"
         write_dem(path, spec)
+        paths.append(path)
+    return paths
+
+
+def generate_multiband(
+    out_dir: str | os.PathLike[str],
+    count: int,
+    bands: int,
+    *,
+    min_size: int = 48,
+    max_size: int = 160,
+    seed: int = 0,
+) -> list[Path]:
+    """Georeferenced rasters with ``bands`` fractal bands each (validation data)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        spec = random_spec(rng, min_size, max_size, seed=seed * 100_003 + i)
+        stack = [
+            dem_array(dataclasses.replace(spec, seed=spec.seed + 7919 * b))
+            for b in range(bands)
+        ]
+        inside = stack[0] != spec.nodata
+        data = np.stack([np.where(inside, s, spec.nodata) for s in stack])
+        path = out / f"raster_{i:04d}.tif"
+        write_dem(path, spec, data.astype(spec.dtype))
         paths.append(path)
     return paths

@@ -63,7 +63,7 @@ def test_model__every_parameter_gets_a_gradient():
             assert p.grad is not None, f"No gradient for {name}"
             assert torch.isfinite(p.grad).all(), f"Non-finite gradient for {name}"
     assert any(
-        n.startswith("scale_embed")
+        n.startswith("encoder.scale_embed")
         for n, p in model.named_parameters()
         if p.grad is not None
     )

@@ -48,7 +48,7 @@ def test_train__loss_falls_and_files_are_plain_data(trained):
     assert len(history) == 2 and all(math.isfinite(h["train_loss"]) for h in history)
     state = torch.load(trained.weights_path, weights_only=True)
     assert set(state) >= {"model", "config", "epoch", "cmae_version"}
-    assert any(k.startswith("scale_embed.") for k in state["model"])
+    assert any(k.startswith("encoder.scale_embed.") for k in state["model"])
     saved = TrainConfig.from_json(trained.config_path)
     assert saved.in_chans == 1 and len(saved.norm_mean) == 1  # filled from the data
     assert saved == TrainConfig.from_dict(state["config"])

@@ -11,6 +11,7 @@ import click
 
 from catchment_mae import __version__
 from catchment_mae.cli.demo import demo
+from catchment_mae.cli.export import export
 from catchment_mae.cli.stats import stats
 from catchment_mae.cli.synth import synth
 from catchment_mae.cli.train import train
@@ -99,7 +100,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     configure_logging(verbose - quiet)
 
 
-COMMANDS = (demo, stats, synth, train)
+COMMANDS = (demo, export, stats, synth, train)
 for _command in COMMANDS:
     cli.add_command(_command)
 

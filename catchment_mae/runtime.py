@@ -1,0 +1,120 @@
+"""onnxruntime sessions and the metadata of exported encoders (no torch).
+
+Used by ``cmae export`` to validate, by the batch runner, and by downstream apps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from catchment_mae.errors import CmaeError
+from catchment_mae.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+# Version of the metadata layout below. Readers accept this version and older
+# ones they know; a newer file is refused with a clear message.
+ONNX_FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+class ModelFileError(CmaeError):
+    """An .onnx file is missing, unreadable or not a cmae encoder."""
+
+
+def create_session(path: str | os.PathLike[str], device: str = "cpu") -> Any:
+    """An InferenceSession with explicit providers.
+
+    Args:
+        path: the .onnx file.
+        device: "cpu", "cuda" (fails unless the CUDA provider loads) or "auto"
+            (CUDA when it loads, else the CPU).
+
+    Returns:
+        The session; ``session.get_providers()[0]`` says which provider runs it.
+    """
+    import onnxruntime as ort
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
+    available = ort.get_available_providers()
+    want_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in available
+    if device == "cuda" and not want_cuda:
+        raise CmaeError(
+            "device cuda: this onnxruntime has no CUDAExecutionProvider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu"
+        )
+    if want_cuda and not cuda_driver_present():
+        # onnxruntime-gpu lists the CUDA provider on every machine, and trying it
+        # without a driver prints two error lines; with no driver, do not try.
+        if device == "cuda":
+            raise CmaeError("device cuda: no NVIDIA driver (libcuda) on this machine")
+        want_cuda = False
+    providers = ["CPUExecutionProvider"]
+    if want_cuda:
+        providers.insert(0, "CUDAExecutionProvider")
+    opts = ort.SessionOptions()
+    # A CUDA provider that cannot load (no GPU, no CUDA libraries) logs an error
+    # per session; we report the fallback ourselves, in one line.
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(
+            os.fspath(path), sess_options=opts, providers=providers
+        )
+    except Exception as e:  # onnxruntime raises its own exception types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{path}: onnxruntime cannot load it: {msg}") from e
+    used = sess.get_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in used:
+        raise CmaeError(
+            "device cuda: the CUDA provider did not load (no GPU, or CUDA/cuDNN "
+            "libraries missing)"
+        )
+    if want_cuda and "CUDAExecutionProvider" not in used:
+        log.debug("the CUDA provider did not load; running on the CPU")
+    return sess
+
+
+def cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver library loads (no GPU, no driver: False)."""
+    import ctypes
+    import sys
+
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
+def read_metadata(session: Any, where: Any = "model") -> dict[str, str]:
+    """The cmae metadata (``metadata_props``) of an exported encoder's session."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    check_format(meta, where)
+    return meta
+
+
+def check_format(meta: Mapping[str, str], where: Any = "model") -> None:
+    """Refuses files that are not cmae encoders, or from a newer cmae."""
+    if "cmae_format_version" not in meta:
+        raise ModelFileError(f"{where}: not a cmae encoder (no cmae_format_version)")
+    try:
+        version = int(meta["cmae_format_version"])
+    except ValueError as e:
+        raise ModelFileError(f"{where}: bad cmae_format_version") from e
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ModelFileError(
+            f"{where}: cmae_format_version {version} is newer than this cmae reads "
+            f"({', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); upgrade cmae"
+        )
+
+
+def spec_from_metadata(meta: Mapping[str, str]) -> PreprocessSpec:
+    """The preprocessing an exported encoder expects, from its metadata alone."""
+    check_format(meta)
+    return PreprocessSpec.from_mapping(json.loads(meta["preprocess"]))
