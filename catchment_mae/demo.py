@@ -43,16 +43,21 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Writes ``count`` DEMs to ``OUT/dems`` and trains ``OUT/demo_model.pth``."""
+    """DEMs to ``OUT/dems``, ``OUT/demo_model.pth`` trained on them, and its
+    validated export ``OUT/demo_model.onnx``."""
+    from catchment_mae.export.onnx import export_encoder
     from catchment_mae.trainer import train
 
     cfg = demo_config(out_dir, epochs)
-    if Path(cfg.weights_path).exists() and not overwrite:
+    onnx_path = Path(out_dir) / "demo_model.onnx"
+    if (Path(cfg.weights_path).exists() or onnx_path.exists()) and not overwrite:
         from catchment_mae.errors import OutputExistsError
 
         raise OutputExistsError(f"{cfg.weights_path}: already exists (use --overwrite)")
     generate_dems(cfg.input_dir, count, min_size=40, max_size=320, seed=0)
     result = train(cfg, overwrite=overwrite, progress=progress)
+    onnx_path = Path(out_dir) / "demo_model.onnx"
+    report = export_encoder(cfg.weights_path, onnx_path, overwrite=overwrite)
     summary = result.summary()
     first = result.history[0]
     summary.update(
@@ -60,5 +65,8 @@ def run_demo(
         first_train_loss=first["train_loss"],
         loss_png=str(cfg.output_stem) + ".loss.png",
         preview_png=str(cfg.output_stem) + ".preview.png",
+        onnx=str(onnx_path),
+        onnx_max_abs=max(p.max_abs for p in report.parity),
+        onnx_min_cos=min(p.min_cos for p in report.parity),
     )
     return summary

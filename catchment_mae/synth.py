@@ -120,6 +120,8 @@ def write_dem(
     """
     if data is None:
         data = dem_array(spec)
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]  # one band: a plain 2-D image
     geokeys = [
         1, 1, 0, 4,  # directory header: version, revision, minor, number of keys
         1024, 0, 1, 1,  # GTModelTypeGeoKey = projected

@@ -56,6 +56,7 @@ def test_demo__end_to_end(runner, tmp_path):
         == "per-raster"
     )
     assert (out / "demo_model.preview.png").stat().st_size > 1000
+    assert summary["onnx_min_cos"] >= 0.99999 and (out / "demo_model.onnx").exists()
     again = runner.invoke(
         cli, ["demo", "--out", str(out), "--count", "6", "--epochs", "1"]
     )

@@ -34,3 +34,13 @@ def test_generate_dems__same_seed_same_files(tmp_path):
     b = generate_dems(tmp_path / "b", 3, seed=5)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(read_raster(x).data, read_raster(y).data)
+
+
+def test_generate_multiband__any_band_count(tmp_path):
+    from catchment_mae.synth import generate_multiband
+
+    for bands in (1, 4):
+        paths = generate_multiband(tmp_path / str(bands), 2, bands, seed=2)
+        for p in paths:
+            r = read_raster(p)
+            assert r.data.shape[0] == bands and r.valid.any() and r.info.geo.epsg

@@ -11,7 +11,7 @@ from catchment_mae.cli import options
 
 
 @click.command(
-    short_help="Generate catchment DEMs and train a tiny model on them (CPU, ~1 min)."
+    short_help="Generate DEMs, train a tiny model on them, export it (CPU, ~1 min)."
 )
 @click.option(
     "--out",
@@ -46,8 +46,9 @@ def demo(
     overwrite: bool,
     as_json: bool,
 ) -> None:
-    """Write synthetic catchment DEMs to OUT/dems and train OUT/demo_model.pth
-    (+ .json, loss curve and reconstruction preview PNGs) on the CPU.
+    """Write synthetic catchment DEMs to OUT/dems, train OUT/demo_model.pth
+    (+ .json, loss curve and reconstruction preview PNGs) on the CPU, and export
+    it to OUT/demo_model.onnx.
 
     \b
     Example:
@@ -70,6 +71,8 @@ def demo(
         f"demo: {summary['files']} DEMs in {summary['dems']}; loss "
         f"{summary['first_train_loss']:.4f} -> {summary['train_loss']:.4f} over "
         f"{summary['epochs_run']} epochs\n"
-        f"model:   {summary['weights']} (+ {summary['config']})\n"
+        f"model:    {summary['weights']} (+ {summary['config']})\n"
+        f"onnx:     {summary['onnx']} (torch parity: max abs "
+        f"{summary['onnx_max_abs']:.1e}, min cosine {summary['onnx_min_cos']:.6f})\n"
         f"pictures: {summary['loss_png']}, {summary['preview_png']}"
     )
