@@ -6,6 +6,7 @@ A crash or Ctrl-C mid-write leaves the previous file (or none), never half a fil
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -73,3 +74,12 @@ def check_writable(
                 pass
         except OSError as e:
             raise OutputError(f"{p}: cannot write there: {e.strerror or e}") from e
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -106,12 +106,14 @@ class Sample:
         valid: float32 (1, image_size, image_size), valid fraction in [0, 1].
         scale: float32 (2,), ``log(H + eps), log(W + eps)``.
         info: metadata of the source raster.
+        valid_fraction: share of valid pixels in the raster as read.
     """
 
     image: np.ndarray
     valid: np.ndarray
     scale: np.ndarray
     info: RasterInfo
+    valid_fraction: float = 1.0
 
 
 def load_sample(
@@ -156,6 +158,7 @@ def preprocess(raster: Raster, spec: PreprocessSpec) -> Sample:
         valid=np.clip(den, 0.0, 1.0).astype(np.float32)[None],
         scale=scale,
         info=info,
+        valid_fraction=float(valid.mean()),
     )
 
 

@@ -26,13 +26,16 @@ class ModelFileError(CmaeError):
     """An .onnx file is missing, unreadable or not a cmae encoder."""
 
 
-def create_session(path: str | os.PathLike[str], device: str = "cpu") -> Any:
+def create_session(
+    path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None
+) -> Any:
     """An InferenceSession with explicit providers.
 
     Args:
         path: the .onnx file.
         device: "cpu", "cuda" (fails unless the CUDA provider loads) or "auto"
             (CUDA when it loads, else the CPU).
+        threads: onnxruntime's intra-op threads (default: its own choice).
 
     Returns:
         The session; ``session.get_providers()[0]`` says which provider runs it.
@@ -61,6 +64,8 @@ def create_session(path: str | os.PathLike[str], device: str = "cpu") -> Any:
     # A CUDA provider that cannot load (no GPU, no CUDA libraries) logs an error
     # per session; we report the fallback ourselves, in one line.
     opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
     try:
         sess = ort.InferenceSession(
             os.fspath(path), sess_options=opts, providers=providers

@@ -14,7 +14,6 @@ extra). ``external_data=False`` keeps the weights inside the one file.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -32,7 +31,7 @@ import torch
 from catchment_mae import __version__
 from catchment_mae.config import TrainConfig
 from catchment_mae.errors import BadRasterError, ExportError
-from catchment_mae.io import atomic_output, check_writable
+from catchment_mae.io import atomic_output, check_writable, sha256_file
 from catchment_mae.model import Embedder, ScaleAwareMAE, load_model
 from catchment_mae.preprocess import NODATA_POLICY, PreprocessSpec, load_sample
 from catchment_mae.raster import find_tiffs
@@ -182,14 +181,6 @@ def export_model(
 def variant_path(out: Path, name: str) -> Path:
     """``encoder.onnx`` -> ``encoder.fp16.onnx`` / ``encoder.int8.onnx``."""
     return out.with_name(f"{out.stem}.{name}{out.suffix or '.onnx'}")
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_metadata(

@@ -76,7 +76,7 @@ def test_export__metadata_round_trip(exported, trained):
     assert meta["pool"] == "cls" and int(meta["embedding_dim"]) == 32
     assert meta["scale"] == "pixels" and float(meta["scale_eps"]) == 1e-6
     assert meta["resize"] == cfg.resize and "GDAL_NODATA" in meta["nodata_policy"]
-    from catchment_mae.export.onnx import sha256_file
+    from catchment_mae.io import sha256_file
 
     assert meta["weights_sha256"] == sha256_file(trained.weights_path)
     spec = spec_from_metadata(meta)

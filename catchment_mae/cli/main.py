@@ -11,6 +11,8 @@ import click
 
 from catchment_mae import __version__
 from catchment_mae.cli.demo import demo
+from catchment_mae.cli.embed import embed
+from catchment_mae.cli.embed_dir import embed_dir
 from catchment_mae.cli.export import export
 from catchment_mae.cli.stats import stats
 from catchment_mae.cli.synth import synth
@@ -100,7 +102,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     configure_logging(verbose - quiet)
 
 
-COMMANDS = (demo, export, stats, synth, train)
+COMMANDS = (demo, embed, embed_dir, export, stats, synth, train)
 for _command in COMMANDS:
     cli.add_command(_command)
 

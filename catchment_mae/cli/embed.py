@@ -1,0 +1,59 @@
+"""``cmae embed``: the original tool's JSON answer for each file, for scripts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command(short_help="Print each file's embedding as the original tool's JSON.")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="An encoder written by cmae export.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="onnxruntime provider.",
+)
+def embed(files: tuple[Path, ...], model: Path, device: str) -> None:
+    """Print one JSON line per FILE: {"status": "success", "embedding": [...],
+    "shape": [D]}, or {"status": "error", "message": ...} for a file that fails.
+    Exits 1 when no file could be embedded.
+
+    \b
+    Example:
+      cmae embed dem1.tif dem2.tif --model catchments.onnx
+    """
+    from catchment_mae.errors import BadRasterError
+    from catchment_mae.preprocess import load_sample
+    from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
+
+    sess = create_session(model, device)
+    spec = spec_from_metadata(read_metadata(sess, model))
+    names = [i.name for i in sess.get_inputs()]
+    ok = 0
+    for path in files:
+        try:
+            s = load_sample(path, spec)
+        except BadRasterError as e:
+            click.echo(json.dumps({"status": "error", "message": str(e)}))
+            continue
+        feed = {"image": s.image[None], "scale": s.scale[None], "valid": s.valid[None]}
+        (emb,) = sess.run(["embedding"], {k: feed[k] for k in names})
+        vector = [float(v) for v in emb[0]]
+        click.echo(
+            json.dumps(
+                {"status": "success", "embedding": vector, "shape": [len(vector)]}
+            )
+        )
+        ok += 1
+    if ok == 0:
+        raise click.ClickException("no file could be embedded")

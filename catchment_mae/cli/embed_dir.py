@@ -1,0 +1,117 @@
+"""``cmae embed-dir``: stream a TIFF directory through onnxruntime into Parquet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from catchment_mae.cli import options
+
+
+def _shard(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError as e:
+        raise click.BadParameter(f"expected K/N like 2/8, got {value!r}") from e
+    if not 1 <= k <= n:
+        raise click.BadParameter(f"K must be between 1 and N, got {value!r}")
+    return k, n
+
+
+@click.command(
+    "embed-dir", short_help="Embed a TIFF directory into a Parquet table (no torch)."
+)
+@click.argument("input_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="An encoder written by cmae export.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The .parquet table to write.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Rasters per onnxruntime call.",
+)
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=0),
+    help="Reader processes (default: one per core; 0: read inline).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto: onnxruntime's CUDA provider when it loads, else the CPU.",
+)
+@click.option(
+    "--shard",
+    callback=_shard,
+    metavar="K/N",
+    help="Only this 1/N of the files (stable: sha1 of the relative path).",
+)
+@options.recursive_opt
+@options.overwrite_opt
+@options.json_opt
+@click.pass_context
+def embed_dir(
+    ctx: click.Context,
+    input_dir: Path,
+    model: Path,
+    out: Path,
+    batch_size: int,
+    num_workers: int | None,
+    device: str,
+    shard: tuple[int, int] | None,
+    recursive: bool | None,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Embed every TIFF under INPUT_DIR with MODEL and write one row per raster to
+    OUT: path, embedding, height, width, bands, dtype, nodata_fraction, file_size,
+    mtime, error. Files that fail get a row with a null embedding and the reason in
+    `error`; the run goes on.
+
+    \b
+    Examples:
+      cmae embed-dir dems/ --model catchments.onnx --out embeddings.parquet
+      cmae embed-dir /archive --model m.onnx --out part2.parquet --shard 2/8 --json
+    """
+    from tqdm.auto import tqdm
+
+    from catchment_mae.batch.runner import embed_dir as run
+
+    verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
+    bar = tqdm(
+        desc="embedding", unit="raster", disable=None if verbosity >= 0 else True
+    )
+    try:
+        summary = run(
+            input_dir, model, out, batch_size=batch_size, num_workers=num_workers,
+            device=device, shard=shard, recursive=recursive is not False,
+            overwrite=overwrite, on_item=lambda item: bar.update(1),
+        )  # fmt: skip
+    finally:
+        bar.close()
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), sort_keys=True))
+    else:
+        click.echo(
+            f"{summary.line()} in {summary.seconds:.1f} s; wrote {summary.out}",
+            err=True,
+        )

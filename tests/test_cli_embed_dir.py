@@ -1,0 +1,236 @@
+"""``cmae embed-dir`` and ``cmae embed``: rows, failures, shards, no torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from catchment_mae.cli.main import cli
+from catchment_mae.preprocess import load_sample
+from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
+from tests.conftest import SHARED
+
+
+@pytest.fixture(scope="module")
+def onnx_model(trained, tmp_path_factory):
+    from catchment_mae.export.onnx import export_encoder
+
+    out = tmp_path_factory.mktemp("embed") / "tiny.onnx"
+    export_encoder(trained.weights_path, out, validate=False)
+    return out
+
+
+@pytest.fixture
+def archive(tmp_path, dem_dir, real_dir):
+    """DEMs in nested folders plus files that must fail."""
+    d = tmp_path / "archive"
+    for i, p in enumerate(sorted(dem_dir.glob("*.tif"))):
+        target = d / ("a" if i % 2 else "b/c") / p.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, target)
+    (d / "empty.tif").write_bytes(b"")
+    (d / "b" / "text.TIF").write_text("not a tiff")
+    shutil.copy(real_dir / "rasterio_corrupt.tif", d / "corrupt.tif")
+    shutil.copy(real_dir / "rasterio_all-nodata.tif", d / "allnodata.tif")
+    shutil.copy(real_dir / "pysheds_dem.tif", d / "pysheds_dem.tif")  # real, 1 band
+    return d
+
+
+def _run(runner, *args):
+    return runner.invoke(cli, ["embed-dir", *map(str, args)])
+
+
+def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_path):
+    out = tmp_path / "emb.parquet"
+    result = _run(
+        runner,
+        archive,
+        "--model",
+        onnx_model,
+        "--out",
+        out,
+        "--json",
+        "--num-workers",
+        "2",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["embedded"] == 13 and summary["failed"] == 4
+    assert summary["provider"] == "CPUExecutionProvider"
+    table = pq.read_table(out)
+    assert table.num_rows == 17
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    assert table.schema.names == [
+        "path", "embedding", "height", "width", "bands", "dtype", "nodata_fraction",
+        "file_size", "mtime", "error",
+    ]  # fmt: skip
+    rows = table.to_pylist()
+    paths = [r["path"] for r in rows]
+    assert paths == sorted(paths, key=lambda p: p.split("/"))  # the walk's order
+    assert all("\\" not in p and not p.startswith("/") for p in paths)
+    failed = {r["path"]: r["error"] for r in rows if r["error"] is not None}
+    assert set(failed) == {"empty.tif", "b/text.TIF", "corrupt.tif", "allnodata.tif"}
+    assert "empty file" in failed["empty.tif"] and "not a TIFF" in failed["b/text.TIF"]
+    assert all(r["embedding"] is None for r in rows if r["error"] is not None)
+    # Values: the same as onnxruntime on the shared preprocessing, file by file.
+    sess = create_session(onnx_model)
+    spec = spec_from_metadata(read_metadata(sess))
+    for r in rows:
+        if r["error"] is not None:
+            continue
+        s = load_sample(archive / r["path"], spec)
+        (ref,) = sess.run(
+            ["embedding"], {"image": s.image[None], "scale": s.scale[None]}
+        )
+        np.testing.assert_allclose(r["embedding"], ref[0], atol=1e-5)
+        assert (r["height"], r["width"]) == (s.info.height, s.info.width)
+        assert (
+            r["bands"] == 1 and r["file_size"] == (archive / r["path"]).stat().st_size
+        )
+        assert 0.0 <= r["nodata_fraction"] < 1.0 and r["mtime"] is not None
+    meta = table.schema.metadata
+    assert json.loads(meta[b"model_metadata"])["embedding_dim"] == "32"
+    assert meta[b"model_sha256"].decode() == __import__(
+        "catchment_mae.io"
+    ).io.sha256_file(onnx_model)
+    # The summary reaches the user in one line.
+    human = _run(runner, archive, "--model", onnx_model, "--out", out, "--overwrite")
+    assert human.exit_code == 0
+    assert "13 embedded, 4 failed" in human.stderr.splitlines()[-1]
+
+
+def test_embed_dir__workers_do_not_change_the_result(
+    runner, archive, onnx_model, tmp_path
+):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    assert (
+        _run(
+            runner, archive, "--model", onnx_model, "--out", a, "--num-workers", "0"
+        ).exit_code
+        == 0
+    )
+    assert (
+        _run(
+            runner,
+            archive,
+            "--model",
+            onnx_model,
+            "--out",
+            b,
+            "--num-workers",
+            "2",
+            "--batch-size",
+            "3",
+        ).exit_code
+        == 0
+    )
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    assert ta.column("path").to_pylist() == tb.column("path").to_pylist()
+    ea = np.array([e for e in ta.column("embedding").to_pylist() if e is not None])
+    eb = np.array([e for e in tb.column("embedding").to_pylist() if e is not None])
+    np.testing.assert_allclose(ea, eb, atol=1e-5)
+
+
+def test_embed_dir__shards_split_the_archive(runner, archive, onnx_model, tmp_path):
+    seen = []
+    for k in (1, 2, 3):
+        out = tmp_path / f"s{k}.parquet"
+        r = _run(
+            runner, archive, "--model", onnx_model, "--out", out, "--shard", f"{k}/3"
+        )
+        if r.exit_code == 0:
+            seen += pq.read_table(out).column("path").to_pylist()
+    assert sorted(seen) == sorted(set(seen))  # no raster twice
+    assert len(seen) == 17  # every raster once
+    bad = _run(
+        runner,
+        archive,
+        "--model",
+        onnx_model,
+        "--out",
+        tmp_path / "x.parquet",
+        "--shard",
+        "4/3",
+    )
+    assert bad.exit_code == 2 and "between 1 and N" in bad.stderr
+
+
+def test_embed_dir__nothing_to_embed(runner, onnx_model, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "e.parquet"
+    r = _run(runner, empty, "--model", onnx_model, "--out", out)
+    assert r.exit_code == 1 and "no .tif/.tiff files found" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".e.parquet*"))  # no temp left
+    r = _run(runner, tmp_path / "missing", "--model", onnx_model, "--out", out)
+    assert r.exit_code == 1 and "does not exist" in r.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.tif").write_bytes(b"")
+    r = _run(runner, bad, "--model", onnx_model, "--out", out)
+    assert r.exit_code == 1 and "nothing embedded" in r.stderr
+    assert pq.read_table(out).column("error").to_pylist() == ["empty file (0 bytes)"]
+
+
+def test_embed_dir__refuses_to_overwrite_and_bad_models(
+    runner, archive, onnx_model, tmp_path
+):
+    out = tmp_path / "o.parquet"
+    out.write_bytes(b"keep me")
+    r = _run(runner, archive, "--model", onnx_model, "--out", out)
+    assert (
+        r.exit_code == 1
+        and "already exists" in r.stderr
+        and out.read_bytes() == b"keep me"
+    )
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"nope")
+    r = _run(runner, archive, "--model", fake, "--out", tmp_path / "p.parquet")
+    assert r.exit_code == 1 and "onnxruntime cannot load it" in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_embed_dir__runs_without_torch(archive, onnx_model, tmp_path):
+    code = (
+        "import sys; sys.modules.update(torch=None, timm=None, lightly=None); "
+        "from catchment_mae.cli.main import main; sys.argv = ['cmae'] + sys.argv[1:]; "
+        "main()"
+    )
+    out = tmp_path / "nt.parquet"
+    r = subprocess.run(
+        [sys.executable, "-c", code, "embed-dir", str(archive), "--model", str(onnx_model),
+         "--out", str(out), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["embedded"] == 13
+
+
+def test_embed__original_json_per_file(runner, archive, onnx_model):
+    expected_keys = set(
+        json.loads((SHARED / "examples" / "seed_embed_response.json").read_text())
+    )
+    good = sorted(archive.glob("a/*.tif"))[0]
+    r = runner.invoke(
+        cli,
+        ["embed", str(good), str(archive / "empty.tif"), "--model", str(onnx_model)],
+    )
+    assert r.exit_code == 0, r.output
+    first, second = (json.loads(line) for line in r.stdout.splitlines())
+    assert set(first) == expected_keys and first["status"] == "success"
+    assert first["shape"] == [32] and len(first["embedding"]) == 32
+    assert second == {
+        "status": "error",
+        "message": f"{archive / 'empty.tif'}: empty file (0 bytes)",
+    }
+    r = runner.invoke(
+        cli, ["embed", str(archive / "empty.tif"), "--model", str(onnx_model)]
+    )
+    assert r.exit_code == 1 and "no file could be embedded" in r.stderr
