@@ -204,11 +204,10 @@ def test_embed_dir__runs_without_torch(archive, onnx_model, tmp_path):
         "main()"
     )
     out = tmp_path / "nt.parquet"
+    args = ["embed-dir", archive, "--model", onnx_model, "--out", out, "--json"]
     r = subprocess.run(
-        [sys.executable, "-c", code, "embed-dir", str(archive), "--model", str(onnx_model),
-         "--out", str(out), "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["embedded"] == 13
 
