@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
-import os
 import stat
 import time
 from collections import deque
@@ -107,12 +106,13 @@ class Reader:
         self.max_in_flight = max(1, max_in_flight)
         self.pool: Any = None
         if workers > 0:
-            # Forked before any onnxruntime session exists in this process.
-            ctx = (
-                mp.get_context("fork")
-                if hasattr(os, "fork")
-                else mp.get_context("spawn")
-            )
+            # forkserver: workers fork from a clean single-threaded server, never
+            # from this process, whose threads (onnxruntime, tqdm, a host app's)
+            # could hold a lock at fork time and deadlock the child.
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+            if "forkserver" in methods:
+                ctx.set_forkserver_preload(["catchment_mae.batch.reader"])
             self.pool = ctx.Pool(workers, initializer=limit_worker_threads)
 
     def read(self, rel_paths: Iterable[str], spec: PreprocessSpec) -> Iterator[Item]:

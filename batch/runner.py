@@ -7,10 +7,11 @@ groups. The preprocessing comes from the model's own metadata.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,8 +21,17 @@ import numpy as np
 
 from catchment_mae import __version__
 from catchment_mae.batch.reader import Item, Reader, in_shard, relative
-from catchment_mae.batch.writer import ParquetSink
-from catchment_mae.errors import CmaeError, NoInputError
+from catchment_mae.batch.writer import (
+    ROWS_PER_PART,
+    PartSink,
+    clear_parts,
+    done_rows,
+    merge,
+    parts_dir,
+    read_previous,
+)
+from catchment_mae.errors import CmaeError, NoInputError, OutputError
+from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import check_writable, sha256_file
 from catchment_mae.raster import find_tiffs
 from catchment_mae.runtime import (
@@ -38,13 +48,22 @@ class NothingEmbeddedError(CmaeError):
     """Every file failed; the table with their reasons was still written."""
 
 
+class EmbedInterrupted(CmaeError):
+    """Ctrl-C or SIGTERM; what was embedded is saved for the next run."""
+
+    exit_code = 130
+
+
 @dataclass
 class RunSummary:
     """Counts and per-stage seconds of one run."""
 
     out: str
-    embedded: int = 0
-    failed: int = 0
+    embedded: int = 0  # this run
+    failed: int = 0  # this run
+    already_done: int = 0  # kept from an earlier run (same path, size, mtime, model)
+    rows: int = 0  # in the table now
+    nothing_new: bool = False
     provider: str = ""
     seconds: float = 0.0
     read_seconds: float = 0.0  # summed over workers
@@ -56,7 +75,10 @@ class RunSummary:
         return asdict(self)
 
     def line(self) -> str:
-        return f"{self.embedded} embedded, {self.failed} failed"
+        if self.nothing_new:
+            return f"nothing new: all {self.already_done} raster(s) already embedded"
+        done = f" ({self.already_done} already done)" if self.already_done else ""
+        return f"{self.embedded} embedded, {self.failed} failed{done}"
 
 
 def available_cores() -> int:
@@ -76,9 +98,14 @@ def embed_dir(
     shard: tuple[int, int] | None = None,
     recursive: bool = True,
     overwrite: bool = False,
+    rows_per_part: int = ROWS_PER_PART,
     on_item: Callable[[Item], None] | None = None,
 ) -> RunSummary:
     """Embeds every TIFF under ``input_dir`` with the ``.onnx`` ``model``.
+
+    Running it again continues: rows of the earlier table (and parts of an
+    interrupted run) whose path, size and mtime still match, with the same model,
+    are kept; failed files are tried again.
 
     Args:
         input_dir: the archive.
@@ -89,64 +116,90 @@ def embed_dir(
         device: "auto" (CUDA when it loads, else CPU), "cpu" or "cuda".
         shard: (K, N): only the files whose sha1(relative path) % N == K - 1.
         recursive: search sub-directories.
-        overwrite: replace an existing ``out``.
-        on_item: called for every raster (progress bars).
+        overwrite: start over instead of continuing.
+        rows_per_part: rows flushed to disk at a time (at most these are lost if
+            the machine dies).
+        on_item: called for every raster read (progress bars).
 
     Raises:
         NoInputError: no input directory or no TIFF in it (nothing is written).
         NothingEmbeddedError: every raster failed (the table is written).
+        EmbedInterrupted: Ctrl-C or SIGTERM (the rows so far are kept).
     """
-    root = Path(input_dir)
-    out = Path(out)
+    root, out = Path(input_dir), Path(out)
     start = time.perf_counter()
     files = find_tiffs(root, recursive=recursive)  # raises for a missing directory
-    check_writable([out], overwrite=overwrite)
+    check_writable([out], overwrite=True)  # an existing table is continued
     cores = available_cores()
     workers = cores if num_workers is None else num_workers
     summary = RunSummary(out=str(out))
-    # Fork the readers before onnxruntime starts its threads in this process.
-    with Reader(root, workers, max_in_flight=2 * batch_size + 2 * workers) as reader:
-        # The readers mostly wait on decoding while onnxruntime computes; give it
-        # the cores, less one where readers run beside it.
-        threads = max(1, cores - (1 if workers else 0))
-        sess = create_session(model, device, threads=threads)
-        summary.provider = sess.get_providers()[0]
-        meta = read_metadata(sess, model)
-        spec = spec_from_metadata(meta)
-        names = [i.name for i in sess.get_inputs()]
-        dim = int(meta["embedding_dim"])
-        log.info(
-            "embedding with %s on %s", Path(model).name, _device_name(summary.provider)
-        )
-        sink = ParquetSink(out, dim, _file_metadata(model, meta))
-        try:
-            rels = (r for r in (relative(p, root) for p in files) if in_shard(r, shard))
-            pending: list[Item] = []  # in file order, failures included
-            n_ok = 0
-            for item in reader.read(rels, spec):
-                summary.read_seconds += item.read_seconds
-                pending.append(item)
-                if item.error is None:
-                    n_ok += 1
-                if n_ok == batch_size:
-                    _run_batch(sess, names, pending, sink, summary)
-                    pending, n_ok = [], 0
-                if on_item is not None:
-                    on_item(item)
-            if pending:
-                _run_batch(sess, names, pending, sink, summary)
-            if summary.embedded + summary.failed == 0:
-                sink.abort()
+    try:
+        with _lock(out), sigterm_as_interrupt():
+            if overwrite:
+                clear_parts(out)
+            with Reader(
+                root, workers, max_in_flight=2 * batch_size + 2 * workers
+            ) as reader:
+                # The readers mostly wait on decoding while onnxruntime computes; give
+                # it the cores, less one where readers run beside it.
+                threads = max(1, cores - (1 if workers else 0))
+                sess = create_session(model, device, threads=threads)
+                summary.provider = sess.get_providers()[0]
+                meta = read_metadata(sess, model)
+                spec = spec_from_metadata(meta)
+                names = [i.name for i in sess.get_inputs()]
+                dim = int(meta["embedding_dim"])
+                metadata = _file_metadata(model, meta)
+                previous = (
+                    None if overwrite else read_previous(out, metadata["model_sha256"])
+                )
+                done = done_rows(previous)
+                device_name = _device_name(summary.provider)
+                log.info("embedding with %s on %s", Path(model).name, device_name)
+                order: dict[str, int] = {}  # the listing: path -> position
+
+                def todo() -> Iterator[str]:
+                    for p in files:
+                        rel = relative(p, root)
+                        if not in_shard(rel, shard):
+                            continue
+                        order[rel] = len(order)
+                        if rel in done and done[rel] == _stat_key(p):
+                            summary.already_done += 1
+                            continue
+                        yield rel
+
+                sink = PartSink(out, dim, metadata, rows_per_part)
+                try:
+                    _embed_all(reader.read(todo(), spec), sess, names, sink, summary,
+                               batch_size, on_item)  # fmt: skip
+                except KeyboardInterrupt as e:
+                    sink.flush()
+                    n = summary.embedded + summary.failed
+                    raise EmbedInterrupted(
+                        f"interrupted: {n} raster(s) of this run are saved in "
+                        f"{sink.dir}; run the same command to continue"
+                    ) from e
+                sink.flush()
+            if not order:
+                clear_parts(out)
                 where = f" in shard {shard[0]}/{shard[1]}" if shard else ""
                 raise NoInputError(f"{root}: no .tif/.tiff files found{where}")
             t0 = time.perf_counter()
-            sink.commit()
+            if _nothing_new(out, previous, order, sink, summary):
+                # Only failures that failed again, for the same reasons: keep the table.
+                clear_parts(out)
+                summary.nothing_new, summary.rows = True, len(order)
+            else:
+                summary.rows = merge(out, previous, order, dim, metadata)
             summary.write_seconds += time.perf_counter() - t0
-        except BaseException:
-            sink.abort()
-            raise
+    except KeyboardInterrupt as e:  # between batches, while merging, ...
+        raise EmbedInterrupted(
+            f"interrupted: the rows written so far are kept in {parts_dir(out)}; "
+            "run the same command to continue"
+        ) from e
     summary.seconds = time.perf_counter() - start
-    if summary.embedded == 0:
+    if summary.embedded + summary.already_done == 0:
         raise NothingEmbeddedError(
             f"nothing embedded: all {summary.failed} file(s) failed; their reasons "
             f"are in the error column of {out}"
@@ -154,11 +207,92 @@ def embed_dir(
     return summary
 
 
+def _embed_all(
+    items: Iterator[Item],
+    sess: Any,
+    names: list[str],
+    sink: PartSink,
+    summary: RunSummary,
+    batch_size: int,
+    on_item: Callable[[Item], None] | None,
+) -> None:
+    pending: list[Item] = []  # in file order, failures included
+    n_ok = 0
+    for item in items:
+        summary.read_seconds += item.read_seconds
+        pending.append(item)
+        n_ok += item.error is None
+        if n_ok == batch_size:
+            _run_batch(sess, names, pending, sink, summary)
+            pending, n_ok = [], 0
+        if on_item is not None:
+            on_item(item)
+    if pending:
+        _run_batch(sess, names, pending, sink, summary)
+
+
+def _nothing_new(
+    out: Path,
+    previous: Any,
+    order: dict[str, int],
+    sink: PartSink,
+    summary: RunSummary,
+) -> bool:
+    """Whether this run changed nothing in the finished table ``out``."""
+    if summary.embedded or sink.first_seq or previous is None or not out.exists():
+        return False
+    if previous.column("path").to_pylist() != list(order):
+        return False
+    errors = dict(
+        zip(
+            previous.column("path").to_pylist(),
+            previous.column("error").to_pylist(),
+            strict=True,
+        )
+    )
+    return all(errors.get(f["path"]) == f["error"] for f in summary.failures)
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, int(st.st_mtime * 1e6)
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """One writer per output: a second run on the same --out is refused."""
+    lock_path = out.with_name(f".{out.name}.lock")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "w")  # held for the whole block
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write there: {e.strerror or e}") from e
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except BlockingIOError as e:
+            raise CmaeError(
+                f"{out}: another cmae embed-dir is writing it (lock {lock_path})"
+            ) from e
+        yield
+    finally:
+        handle.close()
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+
+
 def _run_batch(
     sess: Any,
     names: list[str],
     items: list[Item],
-    sink: ParquetSink,
+    sink: PartSink,
     summary: RunSummary,
 ) -> None:
     """Embeds the good items in one call; writes every item's row in order."""
@@ -194,7 +328,7 @@ def _run_batch(
 
 
 def _timed_add(
-    sink: ParquetSink, summary: RunSummary, rows: list[tuple[Item, Any]]
+    sink: PartSink, summary: RunSummary, rows: list[tuple[Item, Any]]
 ) -> None:
     t0 = time.perf_counter()
     for item, emb in rows:

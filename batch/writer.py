@@ -1,9 +1,14 @@
-"""Writer stage: rows to Parquet in row groups, via a temp file renamed into place.
+"""Writer stage: rows to Parquet part files as they come, merged into one table.
+
+While a run goes on, rows are flushed as small Parquet files in ``OUT.parts/``,
+each written to a temp name and renamed, so a crash (even ``kill -9``) loses at
+most the rows not yet flushed and never leaves a half-written file. At the end,
+the rows of the previous table and all parts are merged into ``OUT`` (temp file,
+then rename) and the parts are removed. A re-run reads both to skip what is done.
 
 The schema is declared once; ``embedding`` is a fixed-size list of float32 (width
-D), so DuckDB, pandas and polars read it as an array. A file that failed is a row
-too, with a null embedding and its reason in ``error`` (img2dataset's way), so
-nothing is lost and the table itself holds the counts. No torch here.
+D). A file that failed is a row too, with a null embedding and its reason in
+``error`` (img2dataset's way). No torch here.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catchment_mae.batch.reader import Item
-from catchment_mae.errors import OutputError
+from catchment_mae.errors import CmaeError, OutputError
 
-ROW_GROUP_ROWS = 1024
+ROWS_PER_PART = 1024
 
 
 def schema(dim: int) -> pa.Schema:
@@ -43,58 +49,56 @@ def schema(dim: int) -> pa.Schema:
     )
 
 
-class ParquetSink:
-    """Buffers rows and writes row groups to a temp file; ``commit`` renames it.
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+class PartSink:
+    """Buffers rows; ``flush`` writes them as one new part file (atomically).
 
     Args:
-        out: the final ``.parquet`` path.
+        out: the final ``.parquet`` path (parts go to ``OUT.parts/``).
         dim: embedding width.
         metadata: key-value metadata (values JSON-encoded where not strings).
+        rows_per_part: rows buffered before a flush.
     """
 
-    def __init__(self, out: Path, dim: int, metadata: dict[str, Any]) -> None:
-        self.out, self.dim = out, dim
+    def __init__(
+        self,
+        out: Path,
+        dim: int,
+        metadata: dict[str, Any],
+        rows_per_part: int = ROWS_PER_PART,
+    ) -> None:
+        self.out, self.dim, self.rows_per_part = out, dim, rows_per_part
         self.schema = schema(dim).with_metadata(
             {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
         )
-        self.rows: list[tuple[Item, np.ndarray | None]] = []
-        self.written = 0
+        self.dir = parts_dir(out)
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
-                prefix=f".{out.name}.", suffix=".tmp", dir=out.parent
-            )
-            os.close(fd)
+            self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise OutputError(f"{out}: cannot write: {e.strerror or e}") from e
-        self.tmp = Path(tmp)
-        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+            raise OutputError(f"{self.dir}: cannot write: {e.strerror or e}") from e
+        existing = sorted(self.dir.glob("part-*.parquet"))
+        self.next_seq = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        self.first_seq = self.next_seq  # parts before this are an earlier run's
+        self.rows: list[tuple[Item, np.ndarray | None]] = []
+        self.flushed = 0
 
     def add(self, item: Item, embedding: np.ndarray | None) -> None:
         self.rows.append((item, embedding))
-        if len(self.rows) >= ROW_GROUP_ROWS:
+        if len(self.rows) >= self.rows_per_part:
             self.flush()
 
     def flush(self) -> None:
         if not self.rows:
             return
-        self.writer.write_table(self._table(self.rows), row_group_size=ROW_GROUP_ROWS)
-        self.written += len(self.rows)
+        table = self._table(self.rows)
+        target = self.dir / f"part-{self.next_seq:06d}.parquet"
+        _write_atomic(table, target)
+        self.next_seq += 1
+        self.flushed += len(self.rows)
         self.rows = []
-
-    def commit(self) -> None:
-        """Flushes, closes and renames the temp file into place (atomic)."""
-        self.flush()
-        self.writer.close()
-        os.chmod(self.tmp, 0o644)
-        os.replace(self.tmp, self.out)
-
-    def abort(self) -> None:
-        """Closes and removes the temp file; the previous output stays as it was."""
-        with contextlib.suppress(Exception):
-            self.writer.close()
-        with contextlib.suppress(OSError):
-            self.tmp.unlink()
 
     def _table(self, rows: list[tuple[Item, np.ndarray | None]]) -> pa.Table:
         n = len(rows)
@@ -108,7 +112,7 @@ class ParquetSink:
             values, self.dim, mask=pa.array(~ok)
         )
         infos = [it.info or {} for it, _ in rows]
-        cols = {
+        cols: dict[str, Any] = {
             "path": [it.path for it, _ in rows],
             "embedding": embedding,
             "height": [i.get("height") for i in infos],
@@ -123,9 +127,119 @@ class ParquetSink:
             "error": [it.error for it, _ in rows],
         }
         arrays = [
-            cols[f.name]
-            if isinstance(cols[f.name], pa.Array)
-            else pa.array(cols[f.name], f.type)
+            c if isinstance(c := cols[f.name], pa.Array) else pa.array(c, f.type)
             for f in self.schema
         ]
         return pa.Table.from_arrays(arrays, schema=self.schema)
+
+
+def read_previous(out: Path, model_sha256: str) -> pa.Table | None:
+    """Rows of an earlier run (the table and any parts), oldest first.
+
+    Raises:
+        CmaeError: a file was written with another model, or is unreadable.
+    """
+    sources = ([out] if out.exists() else []) + sorted(
+        parts_dir(out).glob("part-*.parquet")
+    )
+    tables = []
+    for path in sources:
+        try:
+            pf = pq.ParquetFile(path)
+            meta = pf.schema_arrow.metadata or {}
+            table = pf.read()
+        except Exception as e:  # pyarrow raises several types; keep the reason
+            raise CmaeError(
+                f"{path}: cannot read the earlier output to resume ({e}); "
+                "use --overwrite to start over"
+            ) from e
+        sha = meta.get(b"model_sha256", b"").decode()
+        if sha != model_sha256:
+            raise CmaeError(
+                f"{path}: was written with another model (sha256 "
+                f"{sha[:12] or '?'}...); use --overwrite to start over, or another "
+                "--out"
+            )
+        tables.append(table)
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="none")
+
+
+def merge(
+    out: Path,
+    previous: pa.Table | None,
+    order: dict[str, int],
+    dim: int,
+    metadata: dict[str, Any],
+) -> int:
+    """Writes ``out`` from the previous rows and all parts; one row per path.
+
+    The newest row of a path wins; paths not in ``order`` (files gone, or in
+    another shard) are dropped; rows follow ``order`` (the listing). Returns the
+    number of rows written.
+    """
+    tables = [previous] if previous is not None else []
+    tables += [pq.read_table(p) for p in sorted(parts_dir(out).glob("part-*.parquet"))]
+    sch = schema(dim).with_metadata(
+        {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    )
+    if tables:
+        table = pa.concat_tables([t.cast(sch) for t in tables])
+    else:
+        table = sch.empty_table()
+    paths = table.column("path").to_pylist()
+    newest = {p: i for i, p in enumerate(paths)}  # later rows overwrite earlier
+    keep = sorted(
+        (i for p, i in newest.items() if p in order), key=lambda i: order[paths[i]]
+    )
+    result = table.take(pa.array(keep, pa.int64())).replace_schema_metadata(
+        sch.metadata
+    )
+    _write_atomic(result, out)
+    shutil.rmtree(parts_dir(out), ignore_errors=True)
+    return result.num_rows
+
+
+def _write_atomic(table: pa.Table, target: Path) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+        )
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write: {e.strerror or e}") from e
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROWS_PER_PART)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def done_rows(previous: pa.Table | None) -> dict[str, tuple[int | None, int | None]]:
+    """path -> (file_size, mtime in µs) of embedded rows; failed ones are retried."""
+    if previous is None:
+        return {}
+    mtimes = previous.column("mtime").cast(pa.int64()).to_pylist()
+    done: dict[str, tuple[int | None, int | None]] = {}
+    rows = zip(
+        previous.column("path").to_pylist(),
+        previous.column("file_size").to_pylist(),
+        mtimes,
+        previous.column("error").to_pylist(),
+        strict=True,
+    )
+    for path, size, mtime, error in rows:  # oldest first: the newest row wins
+        if error is None:
+            done[path] = (size, mtime)
+        else:
+            done.pop(path, None)
+    return done
+
+
+def clear_parts(out: Path) -> None:
+    """--overwrite: forget the parts of an earlier run (the table is replaced at
+    the end, atomically, so a failed new run still leaves the old one)."""
+    shutil.rmtree(parts_dir(out), ignore_errors=True)

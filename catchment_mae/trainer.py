@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from catchment_mae import __version__
 from catchment_mae.config import TrainConfig
 from catchment_mae.data import RasterDataset, collate
 from catchment_mae.errors import ConfigError, NoInputError, TrainingError
+from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import atomic_torch_save, atomic_write_text, check_writable
 from catchment_mae.model import ScaleAwareMAE, build_model
 from catchment_mae.preprocess import PreprocessSpec, limit_worker_threads
@@ -273,7 +273,7 @@ def train(
     skipped = list(scan.failed)
     bar = _ProgressBar(progress, cfg, len(train_files))
     try:
-        with _sigterm_as_interrupt(), open(cfg.metrics_path, "w") as metrics:
+        with sigterm_as_interrupt(), open(cfg.metrics_path, "w") as metrics:
             for stats in history:  # a resumed run rewrites the finished epochs first
                 metrics.write(json.dumps(stats) + "\n")
             for epoch in range(start_epoch, cfg.max_epochs):
@@ -465,24 +465,6 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops training like Ctrl-C (only possible in the main thread)."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (web UI jobs): nothing to install
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _chain(

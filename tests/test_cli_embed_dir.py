@@ -179,22 +179,146 @@ def test_embed_dir__nothing_to_embed(runner, onnx_model, tmp_path):
     assert pq.read_table(out).column("error").to_pylist() == ["empty file (0 bytes)"]
 
 
-def test_embed_dir__refuses_to_overwrite_and_bad_models(
+def test_embed_dir__unreadable_earlier_output_and_bad_models(
     runner, archive, onnx_model, tmp_path
 ):
     out = tmp_path / "o.parquet"
     out.write_bytes(b"keep me")
     r = _run(runner, archive, "--model", onnx_model, "--out", out)
+    assert r.exit_code == 1 and "cannot read the earlier output to resume" in r.stderr
+    assert out.read_bytes() == b"keep me"  # untouched
     assert (
-        r.exit_code == 1
-        and "already exists" in r.stderr
-        and out.read_bytes() == b"keep me"
+        _run(
+            runner, archive, "--model", onnx_model, "--out", out, "--overwrite"
+        ).exit_code
+        == 0
     )
     fake = tmp_path / "fake.onnx"
     fake.write_bytes(b"nope")
     r = _run(runner, archive, "--model", fake, "--out", tmp_path / "p.parquet")
     assert r.exit_code == 1 and "onnxruntime cannot load it" in r.stderr
     assert "Traceback" not in r.output
+
+
+def _rows(out):
+    return {r["path"]: r for r in pq.read_table(out).to_pylist()}
+
+
+def test_embed_dir__resume_embeds_only_what_is_missing(
+    runner, archive, onnx_model, tmp_path
+):
+    out = tmp_path / "r.parquet"
+    first = _run(runner, archive, "--model", onnx_model, "--out", out, "--json")
+    assert json.loads(first.stdout)["embedded"] == 13
+    before = out.read_bytes()
+    # A finished job: nothing new, nothing written.
+    again = _run(runner, archive, "--model", onnx_model, "--out", out, "--json")
+    summary = json.loads(again.stdout)
+    assert (
+        summary["nothing_new"] and summary["embedded"] == 0 and summary["failed"] == 4
+    )
+    assert out.read_bytes() == before
+    # Change one file, delete one, add one, repair a failed one.
+    changed = sorted(archive.glob("a/*.tif"))[0]
+    shutil.copy(sorted(archive.glob("b/c/*.tif"))[0], changed)
+    gone = sorted(archive.glob("a/*.tif"))[1]
+    gone.unlink()
+    shutil.copy(sorted(archive.glob("b/c/*.tif"))[1], archive / "new.tif")
+    shutil.copy(sorted(archive.glob("b/c/*.tif"))[2], archive / "empty.tif")
+    third = _run(runner, archive, "--model", onnx_model, "--out", out, "--json")
+    summary = json.loads(third.stdout)
+    # changed + new + repaired, and the 3 still-broken files are retried
+    assert summary["embedded"] == 3 and summary["failed"] == 3
+    assert summary["already_done"] == 11
+    rows = _rows(out)
+    assert len(rows) == 17 and gone.relative_to(archive).as_posix() not in rows
+    assert rows["new.tif"]["error"] is None and rows["empty.tif"]["error"] is None
+    full = _run(
+        runner, archive, "--model", onnx_model, "--out", out, "--overwrite", "--json"
+    )
+    assert json.loads(full.stdout)["embedded"] == 14  # --overwrite starts over
+
+
+def test_embed_dir__another_model_or_a_second_writer(
+    runner, archive, onnx_model, trained, tmp_path
+):
+    import fcntl
+
+    from catchment_mae.export.onnx import export_encoder
+
+    out = tmp_path / "m.parquet"
+    assert _run(runner, archive, "--model", onnx_model, "--out", out).exit_code == 0
+    other = tmp_path / "other.onnx"
+    export_encoder(trained.weights_path, other, pool="mean", validate=False)
+    r = _run(runner, archive, "--model", other, "--out", out)
+    assert r.exit_code == 1 and "was written with another model" in r.stderr
+    with open(tmp_path / ".m.parquet.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = _run(runner, archive, "--model", onnx_model, "--out", out)
+    assert r.exit_code == 1 and "another cmae embed-dir is writing it" in r.stderr
+
+
+@pytest.fixture
+def big_archive(tmp_path, dem_dir):
+    """300 small rasters: long enough a run to interrupt."""
+    d = tmp_path / "big"
+    d.mkdir()
+    dems = sorted(dem_dir.glob("*.tif"))
+    for i in range(300):
+        shutil.copy(dems[i % len(dems)], d / f"r{i:03d}.tif")
+    return d
+
+
+def _start(archive, model, out):
+    import time
+
+    args = ["embed-dir", archive, "--model", model, "--out", out, "--batch-size", "1",
+            "--rows-per-part", "1", "--num-workers", "0", "--json"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "catchment_mae.cli.main", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    parts = out.with_name(out.name + ".parts")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 5:
+            return proc
+        time.sleep(0.005)
+    raise AssertionError(f"no parts appeared: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_embed_dir__interrupted_run_resumes_with_one_row_per_raster(
+    big_archive, onnx_model, tmp_path, how
+):
+    import signal
+
+    out = tmp_path / "i.parquet"
+    proc = _start(big_archive, onnx_model, out)
+    proc.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    if how == "SIGTERM":
+        assert proc.returncode == 130, stderr
+        assert "run the same command to continue" in stderr.splitlines()[-1]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()  # nothing half-written; the parts hold the rows
+    saved = sum(
+        pq.read_table(p).num_rows
+        for p in out.with_name("i.parquet.parts").glob("*.parquet")
+    )
+    assert 5 <= saved < 300
+    again = subprocess.run(
+        [sys.executable, "-m", "catchment_mae.cli.main", "embed-dir", str(big_archive),
+         "--model", str(onnx_model), "--out", str(out), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["already_done"] == saved and summary["embedded"] == 300 - saved
+    paths = pq.read_table(out).column("path").to_pylist()
+    assert paths == [f"r{i:03d}.tif" for i in range(300)]  # exactly one row each
+    assert not out.with_name("i.parquet.parts").exists()
 
 
 def test_embed_dir__runs_without_torch(archive, onnx_model, tmp_path):

@@ -65,8 +65,17 @@ def _shard(
     metavar="K/N",
     help="Only this 1/N of the files (stable: sha1 of the relative path).",
 )
+@click.option(
+    "--rows-per-part",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Rows flushed to disk at a time (at most these are lost if the machine dies).",
+)
 @options.recursive_opt
-@options.overwrite_opt
+@click.option(
+    "--overwrite", is_flag=True, help="Start over instead of continuing an earlier run."
+)
 @options.json_opt
 @click.pass_context
 def embed_dir(
@@ -78,6 +87,7 @@ def embed_dir(
     num_workers: int | None,
     device: str,
     shard: tuple[int, int] | None,
+    rows_per_part: int,
     recursive: bool | None,
     overwrite: bool,
     as_json: bool,
@@ -85,7 +95,8 @@ def embed_dir(
     """Embed every TIFF under INPUT_DIR with MODEL and write one row per raster to
     OUT: path, embedding, height, width, bands, dtype, nodata_fraction, file_size,
     mtime, error. Files that fail get a row with a null embedding and the reason in
-    `error`; the run goes on.
+    `error`; the run goes on. Running the same command again continues: only
+    missing, changed or failed files are embedded (--overwrite starts over).
 
     \b
     Examples:
@@ -104,7 +115,8 @@ def embed_dir(
         summary = run(
             input_dir, model, out, batch_size=batch_size, num_workers=num_workers,
             device=device, shard=shard, recursive=recursive is not False,
-            overwrite=overwrite, on_item=lambda item: bar.update(1),
+            overwrite=overwrite, rows_per_part=rows_per_part,
+            on_item=lambda item: bar.update(1),
         )  # fmt: skip
     finally:
         bar.close()
