@@ -157,8 +157,14 @@ def generate_dems(
     min_size: int = 48,
     max_size: int = 320,
     seed: int = 0,
+    bands: int = 1,
+    prefix: str = "catchment",
 ) -> list[Path]:
-    """Writes ``count`` synthetic catchment DEMs to ``out_dir``; returns their paths."""
+    """Writes ``count`` synthetic catchment DEMs to ``out_dir``; returns their paths.
+
+    ``bands`` > 1 stacks independent fractal surfaces inside one catchment outline
+    (multi-band test and validation data).
+    """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     if not 8 <= min_size <= max_size:
@@ -169,10 +175,21 @@ def generate_dems(
     paths = []
     for i in range(count):
         spec = random_spec(rng, min_size, max_size, seed=seed * 100_003 + i)
-        path = out / f"catchment_{i:04d}.tif"
-        write_dem(path, spec)
+        path = out / f"{prefix}_{i:04d}.tif"
+        write_dem(path, spec, _stack(spec, bands) if bands > 1 else None)
         paths.append(path)
     return paths
+
+
+def _stack(spec: DemSpec, bands: int) -> np.ndarray:
+    layers = [
+        dem_array(dataclasses.replace(spec, seed=spec.seed + 7919 * b))
+        for b in range(bands)
+    ]
+    inside = layers[0] != spec.nodata
+    return np.stack([np.where(inside, x, spec.nodata) for x in layers]).astype(
+        spec.dtype
+    )
 
 
 def generate_multiband(
@@ -185,19 +202,7 @@ def generate_multiband(
     seed: int = 0,
 ) -> list[Path]:
     """Georeferenced rasters with ``bands`` fractal bands each (validation data)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        spec = random_spec(rng, min_size, max_size, seed=seed * 100_003 + i)
-        stack = [
-            dem_array(dataclasses.replace(spec, seed=spec.seed + 7919 * b))
-            for b in range(bands)
-        ]
-        inside = stack[0] != spec.nodata
-        data = np.stack([np.where(inside, s, spec.nodata) for s in stack])
-        path = out / f"raster_{i:04d}.tif"
-        write_dem(path, spec, data.astype(spec.dtype))
-        paths.append(path)
-    return paths
+    return generate_dems(
+        out_dir, count, min_size=min_size, max_size=max_size, seed=seed,
+        bands=bands, prefix="raster",
+    )  # fmt: skip

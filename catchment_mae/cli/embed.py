@@ -7,15 +7,12 @@ from pathlib import Path
 
 import click
 
+from catchment_mae.cli import options
+
 
 @click.command(short_help="Print each file's embedding as the original tool's JSON.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--model",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="An encoder written by cmae export.",
-)
+@options.onnx_model_opt
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),

@@ -28,12 +28,7 @@ def _shard(
     "embed-dir", short_help="Embed a TIFF directory into a Parquet table (no torch)."
 )
 @click.argument("input_dir", type=click.Path(path_type=Path))
-@click.option(
-    "--model",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="An encoder written by cmae export.",
-)
+@options.onnx_model_opt
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),

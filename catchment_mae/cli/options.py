@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import click
@@ -110,3 +111,11 @@ norm_std_opt = click.option(
 
 def drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
+
+
+onnx_model_opt = click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="An encoder written by cmae export.",
+)
