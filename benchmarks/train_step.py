@@ -121,7 +121,8 @@ def time_steps(args: argparse.Namespace, precision: str) -> tuple[float, float]:
         step_ours()
         step_plain()
     t_ours, t_plain = [], []
-    for r in range(args.repeats):
+    repeats = args.bf16_repeats if precision == "bf16" else args.repeats
+    for r in range(repeats):
         order = (("ours", step_ours), ("plain", step_plain))
         for name, fn in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
@@ -163,7 +164,13 @@ def main() -> None:
     ap.add_argument("--decoder-dim", type=int, default=256)
     ap.add_argument("--decoder-depth", type=int, default=2)
     ap.add_argument("--decoder-heads", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=11, help="fp32 steps per model")
+    ap.add_argument(
+        "--bf16-repeats",
+        type=int,
+        default=3,
+        help="bf16 steps per model (slow on CPUs without native bf16)",
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--files", type=int, default=60)
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
