@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from catchment_mae.errors import BadRasterError
+from catchment_mae.geo import footprint
 from catchment_mae.preprocess import PreprocessSpec, limit_worker_threads, load_sample
 
 
@@ -86,7 +87,7 @@ def read_item(args: tuple[str, str, PreprocessSpec]) -> Item:
             "bands": info.bands,
             "dtype": info.dtype,
             "nodata_fraction": 1.0 - s.valid_fraction,
-            "geo": info.geo,
+            **footprint(info.geo, info.height, info.width).to_dict(),
         },
         read_seconds=time.perf_counter() - t0,
     )
@@ -112,7 +113,7 @@ class Reader:
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
             if "forkserver" in methods:
-                ctx.set_forkserver_preload(["catchment_mae.batch.reader"])
+                ctx.set_forkserver_preload(["catchment_mae.batch.reader", "pyproj"])
             self.pool = ctx.Pool(workers, initializer=limit_worker_threads)
 
     def read(self, rel_paths: Iterable[str], spec: PreprocessSpec) -> Iterator[Item]:

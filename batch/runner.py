@@ -140,10 +140,11 @@ def embed_dir(
             with Reader(
                 root, workers, max_in_flight=2 * batch_size + 2 * workers
             ) as reader:
-                # The readers mostly wait on decoding while onnxruntime computes; give
-                # it the cores, less one where readers run beside it.
-                threads = max(1, cores - (1 if workers else 0))
-                sess = create_session(model, device, threads=threads)
+                # onnxruntime gets every core, and so do the readers (one BLAS thread
+                # each): the two take turns more than they overlap, and on 2 cores
+                # this measured best (vit_small: 11.0 img/s against 7.2 with one
+                # onnxruntime thread, for a limit of 11.4; benchmarks/README.md).
+                sess = create_session(model, device, threads=cores)
                 summary.provider = sess.get_providers()[0]
                 meta = read_metadata(sess, model)
                 spec = spec_from_metadata(meta)

@@ -23,12 +23,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catchment_mae.batch.reader import Item
 from catchment_mae.errors import CmaeError, OutputError
+from catchment_mae.geo import geoparquet_metadata
 
 ROWS_PER_PART = 1024
+BBOX = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
+GEO_COLUMNS = ("crs", "pixel_size_x", "pixel_size_y", "geometry", "bbox")
 
 
 def schema(dim: int) -> pa.Schema:
@@ -44,6 +48,11 @@ def schema(dim: int) -> pa.Schema:
             pa.field("nodata_fraction", pa.float32()),
             pa.field("file_size", pa.int64()),
             pa.field("mtime", pa.timestamp("us", tz="UTC")),
+            pa.field("crs", pa.string()),
+            pa.field("pixel_size_x", pa.float64()),
+            pa.field("pixel_size_y", pa.float64()),
+            pa.field("geometry", pa.binary()),  # WKB Polygon, OGC:CRS84
+            pa.field("bbox", BBOX),  # GeoParquet 1.1 covering of geometry
             pa.field("error", pa.string()),
         ]
     )
@@ -124,6 +133,7 @@ class PartSink:
             "mtime": [
                 None if it.mtime is None else int(it.mtime * 1e6) for it, _ in rows
             ],
+            **{k: [i.get(k) for i in infos] for k in GEO_COLUMNS},
             "error": [it.error for it, _ in rows],
         }
         arrays = [
@@ -143,6 +153,7 @@ def read_previous(out: Path, model_sha256: str) -> pa.Table | None:
         parts_dir(out).glob("part-*.parquet")
     )
     tables = []
+    schema_names = schema(1).names
     for path in sources:
         try:
             pf = pq.ParquetFile(path)
@@ -153,6 +164,11 @@ def read_previous(out: Path, model_sha256: str) -> pa.Table | None:
                 f"{path}: cannot read the earlier output to resume ({e}); "
                 "use --overwrite to start over"
             ) from e
+        if table.schema.names != schema_names:
+            raise CmaeError(
+                f"{path}: has other columns than this version of cmae writes (an "
+                "older table?); use --overwrite to start over, or another --out"
+            )
         sha = meta.get(b"model_sha256", b"").decode()
         if sha != model_sha256:
             raise CmaeError(
@@ -193,12 +209,23 @@ def merge(
     keep = sorted(
         (i for p, i in newest.items() if p in order), key=lambda i: order[paths[i]]
     )
-    result = table.take(pa.array(keep, pa.int64())).replace_schema_metadata(
-        sch.metadata
-    )
+    result = table.take(pa.array(keep, pa.int64()))
+    meta = dict(sch.metadata)
+    meta[b"geo"] = json.dumps(geoparquet_metadata(_bbox(result))).encode()
+    result = result.replace_schema_metadata(meta)
     _write_atomic(result, out)
     shutil.rmtree(parts_dir(out), ignore_errors=True)
     return result.num_rows
+
+
+def _bbox(table: pa.Table) -> tuple[float, float, float, float] | None:
+    """The box around every footprint in ``table``, or None when there is none."""
+    boxes = table.column("bbox").combine_chunks()
+    if boxes.null_count == len(boxes):
+        return None
+    lo = [pc.min(boxes.field(k)).as_py() for k in ("xmin", "ymin")]
+    hi = [pc.max(boxes.field(k)).as_py() for k in ("xmax", "ymax")]
+    return lo[0], lo[1], hi[0], hi[1]
 
 
 def _write_atomic(table: pa.Table, target: Path) -> None:

@@ -43,8 +43,11 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """DEMs to ``OUT/dems``, ``OUT/demo_model.pth`` trained on them, and its
-    validated export ``OUT/demo_model.onnx``."""
+    """The whole pipeline: DEMs to ``OUT/dems``, ``OUT/demo_model.pth`` trained
+    on them, its validated export ``OUT/demo_model.onnx``, the DEMs embedded with
+    it into ``OUT/embeddings.parquet``, and each of the first DEMs' nearest
+    neighbour by cosine similarity, read back from that table."""
+    from catchment_mae.batch.runner import embed_dir
     from catchment_mae.export.onnx import export_encoder
     from catchment_mae.trainer import train
 
@@ -58,6 +61,8 @@ def run_demo(
     result = train(cfg, overwrite=overwrite, progress=progress)
     onnx_path = Path(out_dir) / "demo_model.onnx"
     report = export_encoder(cfg.weights_path, onnx_path, overwrite=overwrite)
+    table = Path(out_dir) / "embeddings.parquet"
+    embedded = embed_dir(cfg.input_dir, onnx_path, table, overwrite=True)
     summary = result.summary()
     first = result.history[0]
     summary.update(
@@ -68,5 +73,30 @@ def run_demo(
         onnx=str(onnx_path),
         onnx_max_abs=max(p.max_abs for p in report.parity),
         onnx_min_cos=min(p.min_cos for p in report.parity),
+        embeddings=str(table),
+        embedded=embedded.embedded,
+        embed_failed=embedded.failed,
+        neighbours=nearest_neighbours(table, count=3),
     )
     return summary
+
+
+def nearest_neighbours(table: str | os.PathLike[str], count: int = 3) -> list[dict]:
+    """For the first ``count`` embedded rasters of ``table``: the most similar
+    other raster by cosine similarity (what a user's first query would be)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(table, columns=["path", "embedding", "height", "width"])
+    t = t.filter(pc.is_valid(t["embedding"]))
+    emb = np.stack(t["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    rows = t.select(["path", "height", "width"]).to_pylist()
+    out = []
+    for i in range(min(count, len(rows))):
+        j = int(np.argmax(sim[i]))
+        out.append({"query": rows[i], "nearest": rows[j], "cosine": float(sim[i, j])})
+    return out

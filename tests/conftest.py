@@ -137,6 +137,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, dem_dir: Path):
     return train(cfg, progress=False)
 
 
+@pytest.fixture(scope="session")
+def onnx_model(trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``trained`` exported to ONNX (no validation: the export tests do that)."""
+    from catchment_mae.export.onnx import export_encoder
+
+    out = tmp_path_factory.mktemp("embed") / "tiny.onnx"
+    export_encoder(trained.weights_path, out, validate=False)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _reset_cli_logging():
     """CLI tests configure the package logger (stderr handler, no propagation);

@@ -18,15 +18,6 @@ from catchment_mae.runtime import create_session, read_metadata, spec_from_metad
 from tests.conftest import SHARED
 
 
-@pytest.fixture(scope="module")
-def onnx_model(trained, tmp_path_factory):
-    from catchment_mae.export.onnx import export_encoder
-
-    out = tmp_path_factory.mktemp("embed") / "tiny.onnx"
-    export_encoder(trained.weights_path, out, validate=False)
-    return out
-
-
 @pytest.fixture
 def archive(tmp_path, dem_dir, real_dir):
     """DEMs in nested folders plus files that must fail."""
@@ -69,7 +60,8 @@ def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_pat
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
     assert table.schema.names == [
         "path", "embedding", "height", "width", "bands", "dtype", "nodata_fraction",
-        "file_size", "mtime", "error",
+        "file_size", "mtime", "crs", "pixel_size_x", "pixel_size_y", "geometry",
+        "bbox", "error",
     ]  # fmt: skip
     rows = table.to_pylist()
     paths = [r["path"] for r in rows]

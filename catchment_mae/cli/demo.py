@@ -11,7 +11,7 @@ from catchment_mae.cli import options
 
 
 @click.command(
-    short_help="Generate DEMs, train a tiny model on them, export it (CPU, ~1 min)."
+    short_help="The whole pipeline on generated DEMs: train, export, embed (CPU)."
 )
 @click.option(
     "--out",
@@ -47,8 +47,9 @@ def demo(
     as_json: bool,
 ) -> None:
     """Write synthetic catchment DEMs to OUT/dems, train OUT/demo_model.pth
-    (+ .json, loss curve and reconstruction preview PNGs) on the CPU, and export
-    it to OUT/demo_model.onnx.
+    (+ .json, loss curve and reconstruction preview PNGs) on the CPU, export it to
+    OUT/demo_model.onnx, embed the DEMs with it into OUT/embeddings.parquet and
+    print a few nearest neighbours from that table.
 
     \b
     Example:
@@ -74,5 +75,14 @@ def demo(
         f"model:    {summary['weights']} (+ {summary['config']})\n"
         f"onnx:     {summary['onnx']} (torch parity: max abs "
         f"{summary['onnx_max_abs']:.1e}, min cosine {summary['onnx_min_cos']:.6f})\n"
-        f"pictures: {summary['loss_png']}, {summary['preview_png']}"
+        f"pictures: {summary['loss_png']}, {summary['preview_png']}\n"
+        f"table:    {summary['embeddings']} ({summary['embedded']} embedded, "
+        f"{summary['embed_failed']} failed)\n"
+        "nearest neighbours by cosine similarity:"
     )
+    for n in summary["neighbours"]:
+        q, m = n["query"], n["nearest"]
+        click.echo(
+            f"  {q['path']} ({q['height']}x{q['width']}) -> {m['path']} "
+            f"({m['height']}x{m['width']}), cosine {n['cosine']:.3f}"
+        )

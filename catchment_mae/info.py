@@ -1,0 +1,167 @@
+"""``cmae info``: what an exported encoder or an embeddings table holds (no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from catchment_mae.errors import CmaeError
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON-able description of an ``.onnx`` encoder or a ``.parquet`` table.
+
+    Raises:
+        CmaeError: missing file, another kind of file, or unreadable.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".onnx", ".parquet"):
+        raise CmaeError(f"{p}: cmae info reads .onnx encoders and .parquet tables")
+    parts = p.with_name(p.name + ".parts")
+    if not p.is_file() and not (suffix == ".parquet" and parts.is_dir()):
+        raise CmaeError(f"{p}: no such file")
+    return describe_onnx(p) if suffix == ".onnx" else describe_table(p)
+
+
+def describe_onnx(path: Path) -> dict[str, Any]:
+    from catchment_mae.io import sha256_file
+    from catchment_mae.runtime import create_session, read_metadata
+
+    sess = create_session(path, "cpu", threads=1)
+    meta = read_metadata(sess, path)
+
+    def io(args: Any) -> list[dict[str, Any]]:
+        return [{"name": a.name, "shape": a.shape, "type": a.type} for a in args]
+
+    return {
+        "kind": "onnx",
+        "path": str(path),
+        "file_size": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "inputs": io(sess.get_inputs()),
+        "outputs": io(sess.get_outputs()),
+        "metadata": {
+            k: v if k.endswith("sha256") else _maybe_json(v)
+            for k, v in sorted(meta.items())
+        },
+    }
+
+
+def describe_table(path: Path) -> dict[str, Any]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from catchment_mae.batch.writer import parts_dir
+
+    parts = sorted(parts_dir(path).glob("part-*.parquet"))
+    out: dict[str, Any] = {"kind": "parquet", "path": str(path)}
+    if path.is_file():
+        try:
+            pf = pq.ParquetFile(path)
+            errors = pf.read(columns=["error", "geometry"])
+        except Exception as e:  # pyarrow raises several types: keep the reason
+            raise CmaeError(f"{path}: not a readable Parquet table ({e})") from e
+        meta = {
+            k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()
+        }
+        failed = errors.num_rows - pc.sum(pc.is_null(errors["error"])).as_py()
+        model_meta = _maybe_json(meta.get("model_metadata", "{}"))
+        out.update(
+            file_size=path.stat().st_size,
+            rows=pf.metadata.num_rows,
+            embedded=pf.metadata.num_rows - failed,
+            failed=failed,
+            with_footprint=errors.num_rows - errors["geometry"].null_count,
+            row_groups=pf.metadata.num_row_groups,
+            cmae_version=meta.get("cmae_version"),
+            cmae_format_version=meta.get("cmae_format_version"),
+            created=meta.get("created"),
+            model=meta.get("model"),
+            model_sha256=meta.get("model_sha256"),
+            vit_model_name=model_meta.get("vit_model_name"),
+            embedding_dim=_maybe_json(model_meta.get("embedding_dim", "null")),
+            geo=_maybe_json(meta["geo"]) if "geo" in meta else None,
+            schema=[{"name": f.name, "type": str(f.type)} for f in pf.schema_arrow],
+        )
+    else:
+        out.update(rows=0, note="no table yet: an unfinished run's parts only")
+    if parts:
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+        out["unfinished_run"] = {
+            "parts": len(parts),
+            "rows": rows,
+            "hint": "run the same cmae embed-dir command to continue and merge them",
+        }
+    return out
+
+
+def render(info: dict[str, Any]) -> str:
+    """The description for a terminal."""
+    if info["kind"] == "onnx":
+        meta = info["metadata"]
+        lines = [
+            f"{info['path']}: cmae encoder (format {meta.get('cmae_format_version')}, "
+            f"written by cmae {meta.get('cmae_version')})",
+            f"  model:      {meta.get('vit_model_name')}, embedding width "
+            f"{meta.get('embedding_dim')}, pool {meta.get('pool')}",
+        ]
+        for a in info["inputs"]:
+            lines.append(f"  input:      {a['name']} {a['shape']} {a['type']}")
+        for a in info["outputs"]:
+            lines.append(f"  output:     {a['name']} {a['shape']} {a['type']}")
+        lines += [
+            f"  image:      {meta.get('image_size')} px, {meta.get('in_chans')} "
+            f"channel(s), bands {meta.get('bands') or 'all'}",
+            f"  normalise:  {_norm(meta)}",
+            f"  resize:     {meta.get('resize')}",
+            f"  scale:      {meta.get('scale_definition')}, eps "
+            f"{meta.get('scale_eps')}",
+            f"  nodata:     {meta.get('nodata_policy')}",
+            f"  weights:    sha256 {meta.get('weights_sha256')}",
+            f"  file:       {info['file_size']} bytes, sha256 {info['sha256']}",
+        ]
+        return "\n".join(lines)
+    lines = [f"{info['path']}: cmae embeddings table"]
+    if "rows" in info and "schema" in info:
+        lines += [
+            f"  rows:       {info['rows']} ({info['embedded']} embedded, "
+            f"{info['failed']} failed; {info['with_footprint']} with a footprint)",
+            f"  model:      {info['model']} ({info['vit_model_name']}, width "
+            f"{info['embedding_dim']}), sha256 {info['model_sha256']}",
+            f"  written:    {info['created']} by cmae {info['cmae_version']} "
+            f"(format {info['cmae_format_version']})",
+            "  columns:    "
+            + ", ".join(f"{c['name']} {c['type']}" for c in info["schema"]),
+        ]
+        bbox = ((info.get("geo") or {}).get("columns", {}).get("geometry", {})).get(
+            "bbox"
+        )
+        if bbox:
+            lon = f"{bbox[0]:.4f}..{bbox[2]:.4f}"
+            lat = f"{bbox[1]:.4f}..{bbox[3]:.4f}"
+            lines.append(f"  footprints: lon {lon}, lat {lat} (OGC:CRS84)")
+    else:
+        lines.append(f"  {info.get('note')}")
+    if "unfinished_run" in info:
+        u = info["unfinished_run"]
+        lines.append(
+            f"  unfinished: {u['rows']} row(s) in {u['parts']} part file(s); "
+            f"{u['hint']}"
+        )
+    return "\n".join(lines)
+
+
+def _norm(meta: dict[str, Any]) -> str:
+    if meta.get("norm") == "per-raster":
+        return "per raster (each raster's own valid mean/std)"
+    return f"mean {meta.get('norm_mean')}, std {meta.get('norm_std')}"
+
+
+def _maybe_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value
