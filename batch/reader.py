@@ -8,6 +8,7 @@ the model is busy). No torch here.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing as mp
 import stat
 import time
@@ -116,11 +117,26 @@ class Reader:
                 ctx.set_forkserver_preload(["catchment_mae.batch.reader", "pyproj"])
             self.pool = ctx.Pool(workers, initializer=limit_worker_threads)
 
-    def read(self, rel_paths: Iterable[str], spec: PreprocessSpec) -> Iterator[Item]:
-        """Items in the order of ``rel_paths``; ``spec`` comes from the model."""
+    def read(
+        self, rel_paths: Iterable[str], spec: PreprocessSpec, chunk: int | None = None
+    ) -> Iterator[Item]:
+        """Items in the order of ``rel_paths``; ``spec`` comes from the model.
+
+        Args:
+            chunk: None keeps reading ahead while the caller works (the model on
+                a GPU). A number reads that many files, hands them over when all
+                are read, and starts the next chunk only when the caller asks for
+                more, so the readers and a model on the same CPU take turns on all
+                cores instead of slowing each other down.
+        """
         args = ((str(self.root), rel, spec) for rel in rel_paths)
         if self.pool is None:
             yield from map(read_item, args)
+            return
+        if chunk is not None:
+            while batch := list(itertools.islice(args, chunk)):
+                results = [self.pool.apply_async(read_item, (a,)) for a in batch]
+                yield from [r.get() for r in results]  # all read, then handed over
             return
         pending: deque[Any] = deque()
         for a in args:

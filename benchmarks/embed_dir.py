@@ -93,8 +93,9 @@ def bare_rate(onnx: Path, spec: PreprocessSpec, batch: int, repeats: int) -> flo
 
 
 def read_rate(root: Path, files: list[str], spec: PreprocessSpec) -> float:
-    """(d): the reader pool alone, one worker per core."""
+    """(d): the reader pool alone, one worker per core, once its workers run."""
     with Reader(root, available_cores(), max_in_flight=64) as reader:
+        list(reader.read(files[:8], spec))  # start the workers: a limit, not a run
         t0 = time.perf_counter()
         n = sum(1 for item in reader.read(files, spec) if item.error is None)
         return n / (time.perf_counter() - t0)
@@ -132,36 +133,42 @@ def embed_dir_rate(root: Path, onnx: Path, out: Path, batch: int) -> tuple[float
 
 
 def peak_rss_mb(cmd: list[str]) -> float:
-    """Peak summed RSS of ``cmd`` and all its descendants, sampled every 20 ms."""
+    """Peak RSS of ``cmd``'s process tree: the sum of each process's high-water
+    mark (Linux VmHWM, exact, unlike sampling RSS), polled until each exits."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
     root = psutil.Process(proc.pid)
+    peaks: dict[int, int] = {}
     done = threading.Event()
 
-    def sample() -> None:
-        nonlocal peak
+    def poll() -> None:
         while not done.is_set():
             try:
                 procs = [root, *root.children(recursive=True)]
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.NoSuchProcess:
-                        pass
-                peak = max(peak, total)
             except psutil.NoSuchProcess:
                 return
+            for p in procs:
+                try:
+                    peaks[p.pid] = max(peaks.get(p.pid, 0), _hwm(p.pid))
+                except (OSError, ValueError):
+                    pass
             time.sleep(0.02)
 
-    t = threading.Thread(target=sample, daemon=True)
+    t = threading.Thread(target=poll, daemon=True)
     t.start()
     _, err = proc.communicate()
     done.set()
     t.join()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {err.decode()[-500:]}")
-    return peak / 2**20
+    return sum(peaks.values()) / 2**20
+
+
+def _hwm(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def main() -> None:
