@@ -81,9 +81,16 @@ def run_demo(
     return summary
 
 
-def nearest_neighbours(table: str | os.PathLike[str], count: int = 3) -> list[dict]:
+def nearest_neighbours(
+    table: str | os.PathLike[str], count: int = 3, centre: bool = True
+) -> list[dict]:
     """For the first ``count`` embedded rasters of ``table``: the most similar
-    other raster by cosine similarity (what a user's first query would be)."""
+    other raster by cosine similarity (what a user's first query would be).
+
+    ``centre`` subtracts the table's mean embedding first: an MAE's embeddings
+    share a large common component (raw cosines all near 1), and centring is
+    what makes their cosines tell rasters apart.
+    """
     import numpy as np
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -91,7 +98,9 @@ def nearest_neighbours(table: str | os.PathLike[str], count: int = 3) -> list[di
     t = pq.read_table(table, columns=["path", "embedding", "height", "width"])
     t = t.filter(pc.is_valid(t["embedding"]))
     emb = np.stack(t["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    if centre:
+        emb -= emb.mean(axis=0)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     sim = emb @ emb.T
     np.fill_diagonal(sim, -np.inf)
     rows = t.select(["path", "height", "width"]).to_pylist()

@@ -97,10 +97,16 @@ def test_table__pandas_and_duckdb_nearest_neighbour(table):
     ]
     gdf = geopandas.read_parquet(out)
     assert north[0] == int((gdf.geometry.bounds["miny"] > 0).sum())
-    # The demo's printout is the same query.
-    first = nearest_neighbours(out, count=1)[0]
+    # The demo's printout: the same query, raw or on centred embeddings.
+    first = nearest_neighbours(out, count=1, centre=False)[0]
     assert first["query"]["path"] == ok["path"].iloc[0]
     assert first["nearest"]["path"] == expected[0]
+    centred = vectors - vectors.mean(axis=0)
+    centred /= np.linalg.norm(centred, axis=1, keepdims=True)
+    j = int(np.argsort(-(centred @ centred[0]))[1])
+    first = nearest_neighbours(out, count=1)[0]
+    assert first["nearest"]["path"] == ok["path"].iloc[j]
+    assert first["cosine"] == pytest.approx(float(centred[j] @ centred[0]))
 
 
 def test_table__readme_reading_block_runs(table):

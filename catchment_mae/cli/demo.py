@@ -78,7 +78,7 @@ def demo(
         f"pictures: {summary['loss_png']}, {summary['preview_png']}\n"
         f"table:    {summary['embeddings']} ({summary['embedded']} embedded, "
         f"{summary['embed_failed']} failed)\n"
-        "nearest neighbours by cosine similarity:"
+        "nearest neighbours (cosine similarity of the embeddings less their mean):"
     )
     for n in summary["neighbours"]:
         q, m = n["query"], n["nearest"]

@@ -15,6 +15,7 @@ from catchment_mae.cli.embed import embed
 from catchment_mae.cli.embed_dir import embed_dir
 from catchment_mae.cli.export import export
 from catchment_mae.cli.info import info
+from catchment_mae.cli.serve import serve
 from catchment_mae.cli.stats import stats
 from catchment_mae.cli.synth import synth
 from catchment_mae.cli.train import train
@@ -103,7 +104,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     configure_logging(verbose - quiet)
 
 
-COMMANDS = (demo, embed, embed_dir, export, info, stats, synth, train)
+COMMANDS = (demo, embed, embed_dir, export, info, serve, stats, synth, train)
 for _command in COMMANDS:
     cli.add_command(_command)
 

@@ -1,0 +1,113 @@
+"""``cmae serve``: the web UI (train, export, embed) on http://127.0.0.1:5000/."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+
+import click
+
+log = logging.getLogger("catchment_mae")
+
+
+@click.command(short_help="Web UI and JSON API: train, export, embed (Flask).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=".",
+    show_default=True,
+    help="Every dataset and image path must lie under this folder.",
+)
+@click.option(
+    "--model-root",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=".",
+    show_default=True,
+    help="Models are written and read only under this folder.",
+)
+@click.option(
+    "--token",
+    envvar="CMAE_TOKEN",
+    help="Access token (default: none on loopback, a random one otherwise).",
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="Host names the server answers to beyond loopback (repeatable).",
+)
+@click.option(
+    "--max-upload-mb",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Largest TIFF upload.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where training and embedding run.",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=8, show_default=True)
+def serve(
+    host: str,
+    port: int,
+    data_root: Path,
+    model_root: Path,
+    token: str | None,
+    allowed_hosts: tuple[str, ...],
+    max_upload_mb: int,
+    device: str,
+    threads: int,
+) -> None:
+    """Serve the web UI: start and watch training, export models to ONNX,
+    embed one TIFF (the original tool's POST /embed answers as before) or a whole
+    directory into Parquet.
+
+    Binds 127.0.0.1 by default. Binding another address prints a warning and
+    requires an access token on every request (printed in the URL).
+
+    \b
+    Example:
+      cmae serve --data-root ~/dems --model-root ~/models
+    """
+    try:
+        import waitress
+
+        from catchment_mae.web.app import create_app
+        from catchment_mae.web.security import LOOPBACK_NAMES, is_loopback
+    except ImportError as e:
+        raise click.ClickException(
+            f"cmae serve needs {e.name}: pip install 'catchment-mae[web]'"
+        ) from e
+    loopback = is_loopback(host)
+    if not loopback:
+        log.warning(
+            "serving on %s: reachable from other machines; an access token is "
+            "required on every request",
+            host,
+        )
+        token = token or secrets.token_urlsafe(24)
+    hosts = {*LOOPBACK_NAMES, *allowed_hosts}
+    if not loopback and host not in ("0.0.0.0", "::"):
+        hosts.add(host)
+    app = create_app(
+        data_root,
+        model_root,
+        token=token,
+        # Loopback: only loopback names (DNS rebinding). Beyond: the token guards,
+        # and --allowed-host narrows the names when given.
+        allowed_hosts=hosts if loopback or allowed_hosts else None,
+        max_upload_mb=max_upload_mb,
+        device=device,
+    )
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    click.echo(f"cmae serve: {url} (Ctrl-C to stop)", err=True)
+    logging.getLogger("waitress").setLevel(logging.ERROR)
+    waitress.serve(app, host=host, port=port, threads=threads, ident="cmae")

@@ -1,0 +1,149 @@
+"""Background jobs of the web UI: training and embed-dir, on the library's code.
+
+Each job runs in a thread of the server process and reports through the same
+hooks the CLI's progress bars use. One training runs at a time on the machine
+(a second is refused with 409, naming the running one); embed-dir jobs run one
+at a time too, beside it. Cancelling sets a flag that the job's next progress
+hook turns into the library's own interruption (Ctrl-C's path: the trainer
+keeps its last epoch checkpoint, embed-dir its flushed rows).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from catchment_mae.errors import CmaeError
+
+log = logging.getLogger(__name__)
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str  # "train" | "embed-dir"
+    params: dict[str, Any]
+    status: str = "queued"
+    progress: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # train: per epoch
+    curve: list[list[float]] = field(default_factory=list)  # train: [step, loss]
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    cancel_requested: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "status": self.status,
+            "params": self.params,
+            "progress": self.progress,
+            "history": self.history,
+            "curve": _thin(self.curve, 400),
+            "result": self.result,
+            "error": self.error,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+        }
+
+
+class Busy(CmaeError):
+    """A job of the same kind is already running."""
+
+
+class JobManager:
+    """Starts, tracks and cancels jobs; thread-safe."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._threads: dict[str, threading.Thread] = {}
+
+    def start(
+        self,
+        kind: str,
+        params: dict[str, Any],
+        work: Callable[[Job], dict[str, Any]],
+    ) -> Job:
+        """Runs ``work(job)`` in a thread; refuses a second running job of ``kind``."""
+        with self._lock:
+            running = [
+                j
+                for j in self._jobs.values()
+                if j.kind == kind and j.status in ("queued", "running")
+            ]
+            if running:
+                raise Busy(
+                    f"a {kind} job is already running ({running[0].id}); wait for "
+                    "it or cancel it"
+                )
+            job = Job(id=f"{kind}-{next(self._ids)}", kind=kind, params=params)
+            self._jobs[job.id] = job
+            thread = threading.Thread(
+                target=self._run, args=(job, work), name=job.id, daemon=True
+            )
+            self._threads[job.id] = thread
+        thread.start()
+        return job
+
+    def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
+        job.status, job.started = "running", time.time()
+        try:
+            job.result = work(job)
+            job.status = "done"
+        except KeyboardInterrupt:
+            job.status, job.error = "cancelled", "cancelled"
+        except CmaeError as e:
+            cancelled = job.cancel_requested
+            job.status = "cancelled" if cancelled else "failed"
+            job.error = str(e)
+        except Exception as e:  # a job must report, never take the server down
+            log.debug("job %s failed:\n%s", job.id, traceback.format_exc())
+            first = (str(e).strip().splitlines() or [""])[0]
+            job.status, job.error = "failed", f"{type(e).__name__}: {first}"
+        finally:
+            job.finished = time.time()
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def all(self) -> list[Job]:
+        return sorted(self._jobs.values(), key=lambda j: j.created, reverse=True)
+
+    def cancel(self, job_id: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is not None and job.status in ("queued", "running"):
+            job.cancel_requested = True
+        return job
+
+    def wait(self, job_id: str, timeout: float | None = None) -> None:
+        thread = self._threads.get(job_id)
+        if thread is not None:
+            thread.join(timeout)
+
+
+def check_cancel(job: Job) -> None:
+    """Called from progress hooks: turns a cancel request into an interruption."""
+    if job.cancel_requested:
+        raise KeyboardInterrupt
+
+
+def _thin(points: list[list[float]], most: int) -> list[list[float]]:
+    """At most ``most`` points, evenly taken, the last one kept."""
+    if len(points) <= most:
+        return list(points)
+    step = len(points) / most
+    return [points[int(i * step)] for i in range(most - 1)] + [points[-1]]

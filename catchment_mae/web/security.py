@@ -1,0 +1,124 @@
+"""What keeps ``cmae serve`` from being a file-reading, job-launching hole.
+
+- Paths: every server-side path is confined to a root (``--data-root`` or
+  ``--model-root``). Relative paths are taken from the root, absolute paths must
+  lie inside it, and the check is made on the resolved path, so ``..`` and
+  symlinks that lead out are refused.
+- Host header: on a loopback bind, only loopback names are answered (DNS
+  rebinding: a hostile page whose name resolves to 127.0.0.1 is refused).
+- Cross-site requests: a state-changing request whose ``Origin`` (or
+  ``Sec-Fetch-Site``) shows another site is refused. Scripts without a browser
+  send neither and are let through (behind the token where one is required).
+- Token: required on every request when the server listens beyond loopback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class Refused(Exception):
+    """A request refused, with the HTTP status and a message for the user."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def confine(
+    root: Path, value: str | None, field: str, root_name: str, must_exist: bool = True
+) -> Path:
+    """``value`` as a path inside ``root``, or Refused(400) saying why not.
+
+    Args:
+        root: the resolved root directory.
+        value: what the request named (relative to ``root``, or absolute).
+        field: the request field, for the message.
+        root_name: the option that set the root (``--data-root``), for the message.
+        must_exist: refuse paths that do not exist (404).
+    """
+    if not value or not str(value).strip():
+        raise Refused(400, f"{field}: a path is required", field)
+    raw = str(value).strip()
+    if "\x00" in raw:
+        raise Refused(400, f"{field}: not a valid path", field)
+    candidate = Path(raw) if os.path.isabs(raw) else root / raw
+    resolved = candidate.resolve(strict=False)  # follows symlinks, folds '..'
+    if not resolved.is_relative_to(root):
+        why = "a symlink that leads" if _has_symlink(root, candidate) else "a path"
+        raise Refused(
+            400, f"{field}: {raw!r} is {why} outside {root_name} ({root})", field
+        )
+    if must_exist and not resolved.exists():
+        raise Refused(404, f"{field}: {raw!r} does not exist under {root_name}", field)
+    return resolved
+
+
+def _has_symlink(root: Path, candidate: Path) -> bool:
+    p = candidate
+    while p != p.parent:
+        if p.is_symlink():
+            return True
+        p = p.parent
+    return False
+
+
+def check_host(host_header: str | None, allowed: set[str] | None) -> None:
+    """Refuses a Host header that is not an allowed name (None: any)."""
+    if allowed is None:
+        return
+    host = _host_name(host_header or "")
+    if host not in allowed:
+        raise Refused(
+            400,
+            f"Host {host_header!r} is not served here (allowed: "
+            f"{', '.join(sorted(allowed))}; see --allowed-host)",
+        )
+
+
+def check_same_origin(
+    method: str, origin: str | None, fetch_site: str | None, host_header: str | None
+) -> None:
+    """Refuses a state-changing request sent from another site."""
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        raise Refused(403, f"cross-site request refused (Sec-Fetch-Site: {fetch_site})")
+    if origin is None:
+        return  # not a browser (curl, requests): the token, if any, decides
+    if origin == "null" or urlsplit(origin).netloc != (host_header or ""):
+        raise Refused(403, f"cross-site request refused (Origin: {origin})")
+
+
+def check_token(expected: str | None, given: str | None) -> None:
+    if expected is None:
+        return
+    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Refused(
+            401,
+            "an access token is required: open the URL that cmae serve printed, or "
+            "send 'Authorization: Bearer TOKEN'",
+        )
+
+
+def _host_name(host_header: str) -> str:
+    """'127.0.0.1:5000' -> '127.0.0.1'; '[::1]:5000' -> '::1'."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h

@@ -1,0 +1,335 @@
+"""``cmae serve``'s JSON API and the original POST /embed, with every refusal."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catchment_mae.preprocess import load_sample
+from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
+from catchment_mae.web.app import create_app
+
+HOST = "localhost"  # the Flask test client's
+SAME_ORIGIN = {"Origin": f"http://{HOST}"}
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, dem_dir, trained, onnx_model):
+    """A data root with DEMs, a model root with a trained .pth and its .onnx."""
+    base = tmp_path_factory.mktemp("serve")
+    data, models = base / "data", base / "models"
+    shutil.copytree(dem_dir, data / "dems")
+    models.mkdir()
+    for suffix in (".pth", ".json"):
+        shutil.copy(
+            Path(trained.weights_path).with_suffix(suffix), models / f"m{suffix}"
+        )
+    shutil.copy(onnx_model, models / "m.onnx")
+    (base / "secret.tif").write_bytes(
+        (data / "dems" / "catchment_0000.tif").read_bytes()
+    )
+    return data, models
+
+
+@pytest.fixture
+def client(roots):
+    data, models = roots
+    app = create_app(data, models, allowed_hosts={"127.0.0.1", "localhost", "::1"})
+    with app.test_client() as c:
+        yield c
+
+
+def _post(client, path, **kw):
+    headers = {**SAME_ORIGIN, **kw.pop("headers", {})}
+    return client.post(path, headers=headers, **kw)
+
+
+def _reference(model_path, tif):
+    sess = create_session(model_path)
+    s = load_sample(tif, spec_from_metadata(read_metadata(sess)))
+    return sess.run(["embedding"], {"image": s.image[None], "scale": s.scale[None]})[0][
+        0
+    ]
+
+
+# ------------------------------------------------------------- original /embed
+@pytest.mark.parametrize("model", ["m.onnx", "m.pth"])
+def test_original_embed__contract(client, roots, model):
+    data, models = roots
+    r = _post(
+        client, "/embed",
+        data={"model_path": model, "image_path": "dems/catchment_0003.tif"},
+    )  # fmt: skip
+    assert r.status_code == 200, r.json
+    assert set(r.json) == {"status", "embedding", "shape"}
+    assert r.json["status"] == "success" and r.json["shape"] == [32]
+    ref = _reference(models / "m.onnx", data / "dems" / "catchment_0003.tif")
+    np.testing.assert_allclose(r.json["embedding"], ref, atol=1e-4)
+
+
+def test_original_embed__absolute_paths_inside_the_roots(client, roots):
+    data, models = roots
+    r = _post(
+        client, "/embed",
+        data={"model_path": str(models / "m.onnx"),
+              "image_path": str(data / "dems" / "catchment_0001.tif")},
+    )  # fmt: skip
+    assert r.status_code == 200 and r.json["shape"] == [32]
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "words"),
+    [
+        ({"model_path": "m.onnx", "image_path": "../secret.tif"}, 400, "outside"),
+        ({"model_path": "m.onnx", "image_path": "/etc/passwd"}, 400, "outside"),
+        (
+            {"model_path": "../m.onnx", "image_path": "dems/catchment_0000.tif"},
+            400,
+            "outside",
+        ),  # fmt: skip
+        ({"model_path": "m.onnx", "image_path": "link/secret.tif"}, 400, "symlink"),
+        (
+            {"model_path": "m.onnx", "image_path": "dems/nope.tif"},
+            404,
+            "does not exist",
+        ),
+        ({"model_path": "m.onnx"}, 400, "image_path: a path is required"),
+        (
+            {"model_path": "m.json", "image_path": "dems/catchment_0000.tif"},
+            400,
+            "expected a .onnx or .pth",
+        ),  # fmt: skip
+        ({"model_path": "m.onnx", "image_path": "dems"}, 400, "not a file"),
+        ({"model_path": "m.onnx", "image_path": "notes.tif"}, 400, "not a TIFF"),
+    ],
+)
+def test_original_embed__refusals(client, roots, fields, status, words):
+    data, _ = roots
+    link = data / "link"
+    if not link.exists():
+        link.symlink_to(data.parent, target_is_directory=True)
+    (data / "notes.tif").write_text("hello")
+    r = _post(client, "/embed", data=fields)
+    assert r.status_code == status, r.json
+    assert r.json["status"] == "error" and words in r.json["message"], r.json
+    assert "Traceback" not in r.get_data(as_text=True)
+
+
+# -------------------------------------------------------------- guards
+def test_guards__host_origin_and_token(roots):
+    data, models = roots
+    app = create_app(data, models, allowed_hosts={"127.0.0.1", "localhost"})
+    c = app.test_client()
+    # DNS rebinding: a foreign Host header on a loopback server.
+    r = c.get("/api/health", headers={"Host": "evil.example:5000"})
+    assert r.status_code == 400 and "not served here" in r.json["message"]
+    assert c.get("/api/health", headers={"Host": "localhost:5000"}).status_code == 200
+    # Cross-site requests that change state.
+    fields = {"model_path": "m.onnx", "image_path": "dems/catchment_0000.tif"}
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+    ):
+        r = c.post("/embed", data=fields, headers={"Host": HOST, **headers})
+        assert r.status_code == 403 and "cross-site" in r.json["message"], headers
+    # Scripts (no Origin) keep working, as the original tool's clients did.
+    assert c.post("/embed", data=fields, headers={"Host": HOST}).status_code == 200
+    # A token: required everywhere, accepted as a header, bearer, query or cookie.
+    app = create_app(data, models, token="s3cret")
+    c = app.test_client()
+    r = c.get("/api/health")
+    assert r.status_code == 401 and "access token" in r.json["message"]
+    assert (
+        c.get("/api/health", headers={"Authorization": "Bearer nope"}).status_code
+        == 401
+    )
+    assert (
+        c.get("/api/health", headers={"Authorization": "Bearer s3cret"}).status_code
+        == 200
+    )
+    assert c.get("/api/health", headers={"X-Cmae-Token": "s3cret"}).status_code == 200
+    page = c.get("/?token=s3cret")
+    assert page.status_code == 200 and "cmae_token=s3cret" in page.headers["Set-Cookie"]
+    assert "SameSite=Strict" in page.headers["Set-Cookie"]
+    assert c.get("/api/models").status_code == 200  # the cookie now
+
+
+def test_guards__roots_must_exist(tmp_path):
+    with pytest.raises(Exception, match="--data-root .*not a directory"):
+        create_app(tmp_path / "nope", tmp_path)
+
+
+# --------------------------------------------------------------- /api/embed
+def test_api_embed__upload_with_preview(client, roots):
+    data, models = roots
+    tif = data / "dems" / "catchment_0005.tif"
+    r = _post(
+        client, "/api/embed",
+        data={"model_path": "m.onnx", "image": (io.BytesIO(tif.read_bytes()), "x.tif")},
+        content_type="multipart/form-data",
+    )  # fmt: skip
+    assert r.status_code == 200, r.json
+    np.testing.assert_allclose(r.json["embedding"], _reference(models / "m.onnx", tif),
+                               atol=1e-5)  # fmt: skip
+    assert r.json["preview"].startswith("data:image/png;base64,")
+    import base64
+
+    import imagecodecs
+
+    png = imagecodecs.png_decode(base64.b64decode(r.json["preview"].split(",", 1)[1]))
+    assert png.shape[2] == 4 and png.shape[0] >= 128
+    assert (png[..., 3] == 0).any() and (png[..., 3] == 255).any()  # nodata clear
+
+
+def test_api_embed__bad_uploads(client, roots):
+    data, _ = roots
+    cases = [
+        (b"not a tiff at all", "is not a TIFF"),
+        (b"II*\x00" + b"\x00" * 20, "x.tif:"),  # a TIFF header, then garbage
+    ]
+    for body, words in cases:
+        r = _post(
+            client, "/api/embed",
+            data={"model_path": "m.onnx", "image": (io.BytesIO(body), "x.tif")},
+            content_type="multipart/form-data",
+        )  # fmt: skip
+        assert r.status_code == 400 and words in r.json["message"], r.json
+    small = create_app(data, roots[1], max_upload_mb=1)
+    c = small.test_client()
+    r = c.post(
+        "/api/embed",
+        data={"model_path": "m.onnx", "image": (io.BytesIO(b"\0" * 2**21), "big.tif")},
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 413 and "larger than 1 MB" in r.json["message"]
+
+
+# ------------------------------------------------------------------ training
+def test_api_train__bad_values_name_the_field(client):
+    base = {"dataset": "dems", "name": "t", "vit_model_name": "vit_tiny_patch16_224"}
+    cases = [
+        ({"max_epochs": "-1"}, "max_epochs", "must be >= 1"),
+        ({"max_epochs": "two"}, "max_epochs", "whole number"),
+        ({"mask_ratio": "1.5"}, "mask_ratio", "(0, 1)"),
+        ({"mask_ratio": "0"}, "mask_ratio", "(0, 1)"),
+        ({"vit_model_name": "resnet50"}, "vit_model_name", "not a timm ViT"),
+        ({"vit_model_name": "vit_nonsense_1"}, "vit_model_name", "not a timm ViT"),
+        ({"dataset": "../"}, "dataset", "outside"),
+        ({"dataset": "dems/catchment_0000.tif"}, "dataset", "not a directory"),
+        ({"name": "../escape"}, "name", "no folders"),
+        ({"norm_mean": "a,b"}, "norm_mean", "comma-separated"),
+        ({"norm_mean": "1", "norm_std": "0"}, "norm_std", "> 0"),
+        ({"name": "m"}, "name", "already exists"),
+    ]
+    for extra, field, words in cases:
+        r = _post(client, "/api/train", json={**base, **extra})
+        assert r.status_code in (400, 409), (extra, r.json)
+        assert r.json["field"] == field and words in r.json["message"], (extra, r.json)
+    assert client.get("/api/jobs").json["jobs"] == []
+
+
+TINY_FORM = {
+    "dataset": "dems",
+    "vit_model_name": "vit_tiny_patch16_224",
+    "image_size": "32",
+    "patch_size": "8",
+    "embed_dim": "32",
+    "depth": "1",
+    "num_heads": "2",
+    "decoder_dim": "32",
+    "decoder_depth": "1",
+    "decoder_num_heads": "2",
+    "norm": "per-raster",
+    "max_epochs": "2",
+    "batch_size": "4",
+    "num_workers": "0",
+}
+
+
+def _wait(client, job_id, until=("done", "failed", "cancelled"), timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        j = client.get(f"/api/jobs/{job_id}").json
+        if j["status"] in until:
+            return j
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {j['status']}")
+
+
+def test_api_train__job_export_embed_dir_download(client, roots):
+    data, models = roots
+    r = _post(client, "/api/train", json={**TINY_FORM, "name": "web1"})
+    assert r.status_code == 202, r.json
+    job_id = r.json["job"]
+    # One training at a time.
+    again = _post(client, "/api/train", json={**TINY_FORM, "name": "web2"})
+    if client.get(f"/api/jobs/{job_id}").json["status"] in ("queued", "running"):
+        assert again.status_code == 409 and job_id in again.json["message"]
+    j = _wait(client, job_id)
+    assert j["status"] == "done", j
+    assert len(j["history"]) == 2 and j["progress"]["epoch"] == 2
+    assert j["curve"] and all(len(p) == 2 for p in j["curve"])
+    assert j["result"]["weights"] == "web1.pth" and (models / "web1.json").is_file()
+    listed = {m["path"]: m for m in client.get("/api/models").json["models"]}
+    assert listed["web1.pth"]["config"]["image_size"] == 32
+    assert listed["web1.pth"]["onnx"] is None
+    # Export with the button's request, then download the .onnx.
+    r = _post(client, "/api/export", json={"model_path": "web1.pth"})
+    assert r.status_code == 200, r.json
+    assert r.json["onnx"] == "web1.onnx" and r.json["min_cos"] > 0.99999
+    dl = client.get(r.json["download"])
+    assert dl.status_code == 200 and dl.data == (models / "web1.onnx").read_bytes()
+    assert (
+        client.get(
+            "/api/models/download?path=../data/dems/catchment_0000.tif"
+        ).status_code
+        == 400
+    )
+    # Embed the directory with it, and download the table.
+    job = {"dataset": "dems", "model_path": "web1.onnx", "name": "t1"}
+    r = _post(client, "/api/embed-dir", json=job)
+    assert r.status_code == 202, r.json
+    j = _wait(client, r.json["job"])
+    assert j["status"] == "done" and j["result"]["embedded"] == 12, j
+    table = client.get(j["download"])
+    assert table.status_code == 200 and table.data[:4] == b"PAR1"
+
+
+def test_api_train__cancel(client):
+    form = {**TINY_FORM, "name": "web_cancel", "max_epochs": "200"}
+    r = _post(client, "/api/train", json=form)
+    assert r.status_code == 202, r.json
+    job_id = r.json["job"]
+    _wait(client, job_id, until=("running",))
+    c = _post(client, f"/api/jobs/{job_id}/cancel", json={})
+    assert c.status_code == 200
+    j = _wait(client, job_id)
+    assert j["status"] == "cancelled" and "interrupted" in j["error"], j
+    assert client.get("/api/jobs/nope").status_code == 404
+
+
+def test_pages_render(client):
+    page = client.get("/")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    for form in ("train-form", "embed-form", "embed-dir-form"):
+        assert f'id="{form}"' in html
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/jobs/nope").status_code == 404
+
+
+def test_serve__help_and_missing_roots(runner, tmp_path):
+    from catchment_mae.cli.main import cli
+
+    r = runner.invoke(cli, ["serve", "--help"])
+    assert r.exit_code == 0 and "--data-root" in r.stdout and "token" in r.stdout
+    r = runner.invoke(cli, ["serve", "--data-root", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "does not exist" in r.stderr
+    assert os.environ.get("CMAE_TOKEN") is None
