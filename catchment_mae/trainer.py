@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -408,11 +409,16 @@ def _loader(
     epoch: int = 0,
 ) -> DataLoader:
     gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+    workers = loader_workers(cfg.num_workers, len(files))
+    # Off the main thread (a web UI job), the process has other threads: forking
+    # it could copy a held lock into the workers; start them from a clean server.
+    off_main = threading.current_thread() is not threading.main_thread()
     return DataLoader(
         RasterDataset(files, spec),
         batch_size=cfg.batch_size,
         shuffle=shuffle,
-        num_workers=loader_workers(cfg.num_workers, len(files)),
+        num_workers=workers,
+        multiprocessing_context="forkserver" if workers and off_main else None,
         collate_fn=collate,
         generator=gen,
         worker_init_fn=_init_worker,

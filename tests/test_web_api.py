@@ -265,7 +265,11 @@ def _wait(client, job_id, until=("done", "failed", "cancelled"), timeout=120):
 
 def test_api_train__job_export_embed_dir_download(client, roots):
     data, models = roots
-    r = _post(client, "/api/train", json={**TINY_FORM, "name": "web1"})
+    # Two loader workers: started from a forkserver, as the job is off the main
+    # thread of a threaded server.
+    r = _post(
+        client, "/api/train", json={**TINY_FORM, "name": "web1", "num_workers": 2}
+    )
     assert r.status_code == 202, r.json
     job_id = r.json["job"]
     # One training at a time.
