@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import time
@@ -14,6 +15,7 @@ import pytest
 from catchment_mae.preprocess import load_sample
 from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
 from catchment_mae.web.app import create_app
+from tests.conftest import SHARED
 
 HOST = "localhost"  # the Flask test client's
 SAME_ORIGIN = {"Origin": f"http://{HOST}"}
@@ -67,7 +69,9 @@ def test_original_embed__contract(client, roots, model):
         data={"model_path": model, "image_path": "dems/catchment_0003.tif"},
     )  # fmt: skip
     assert r.status_code == 200, r.json
-    assert set(r.json) == {"status", "embedding", "shape"}
+    seed = json.loads((SHARED / "examples" / "seed_embed_response.json").read_text())
+    assert list(r.json) == list(seed)  # the original keys, in the original order
+    assert r.get_data(as_text=True).startswith('{"status":"success","embedding":[')
     assert r.json["status"] == "success" and r.json["shape"] == [32]
     ref = _reference(models / "m.onnx", data / "dems" / "catchment_0003.tif")
     np.testing.assert_allclose(r.json["embedding"], ref, atol=1e-4)

@@ -91,6 +91,7 @@ def create_app(
         device=device,
     )
     app = Flask(__name__)
+    app.json.sort_keys = False  # keys in the original tool's order: status first
     app.config["MAX_CONTENT_LENGTH"] = max_upload_mb * 2**20
     app.extensions["cmae"] = _State(settings)
     _register(app)

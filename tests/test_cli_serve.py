@@ -1,0 +1,80 @@
+"""``cmae serve`` as a user starts it: a real server process on a free port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture
+def serve(tmp_path):
+    procs = []
+
+    def start(*args: str) -> tuple[str, subprocess.Popen]:
+        port = _free_port()
+        cmd = [sys.executable, "-m", "catchment_mae.cli.main", "serve",
+               "--port", str(port), "--data-root", str(tmp_path),
+               "--model-root", str(tmp_path), *args]  # fmt: skip
+        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        first = p.stderr.readline()  # the URL line, once bound
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        return first, p, port
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(timeout=10)
+
+
+def test_serve__loopback_without_token(serve):
+    first, _, port = serve()
+    assert first.strip() == f"cmae serve: http://127.0.0.1:{port}/ (Ctrl-C to stop)"
+    status, body = _get(f"http://127.0.0.1:{port}/api/health")
+    assert status == 200 and body["status"] == "ok"
+    # A rebinding name pointing at this port is refused.
+    status, body = _get(
+        f"http://127.0.0.1:{port}/api/health", {"Host": f"attacker.example:{port}"}
+    )
+    assert status == 400 and "not served here" in body["message"]
+
+
+def test_serve__beyond_loopback_warns_and_requires_the_token(serve):
+    first, proc, port = serve("--host", "0.0.0.0")
+    assert "reachable from other machines" in first
+    url_line = proc.stderr.readline()
+    token = url_line.split("?token=")[1].split()[0]
+    assert len(token) >= 24
+    status, body = _get(f"http://127.0.0.1:{port}/api/health")
+    assert status == 401 and "access token" in body["message"]
+    status, _ = _get(
+        f"http://127.0.0.1:{port}/api/health", {"Authorization": f"Bearer {token}"}
+    )
+    assert status == 200
