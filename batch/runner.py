@@ -146,9 +146,9 @@ def embed_dir(
                 root, workers, max_in_flight=2 * batch_size + 2 * workers
             ) as reader:
                 # onnxruntime gets every core, and so do the readers (one BLAS thread
-                # each): the two take turns more than they overlap, and on 2 cores
-                # this measured best (vit_small: 11.0 img/s against 7.2 with one
-                # onnxruntime thread, for a limit of 11.4; benchmarks/README.md).
+                # each); on the CPU they take turns (below). With one onnxruntime
+                # thread beside the readers, vit_small ran at 7.2 img/s against a
+                # limit of 11.4 (benchmarks/README.md).
                 sess = create_session(model, device, threads=cores)
                 summary.provider = sess.get_providers()[0]
                 meta = read_metadata(sess, model)

@@ -161,9 +161,11 @@ def _register(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def internal(e: Exception) -> tuple[Response, int]:
-        log.exception("internal error")
         first = (str(e).strip().splitlines() or [""])[0]
-        return _error(f"internal error: {type(e).__name__}: {first}", 500)
+        message = f"internal error: {type(e).__name__}: {first}"
+        log.error("%s %s: %s (details with -v)", request.method, request.path, message)
+        log.debug("traceback", exc_info=True)
+        return _error(message, 500)
 
     # ------------------------------------------------------------------ pages
     @app.get("/")
