@@ -341,3 +341,32 @@ def test_serve__help_and_missing_roots(runner, tmp_path):
     r = runner.invoke(cli, ["serve", "--data-root", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "does not exist" in r.stderr
     assert os.environ.get("CMAE_TOKEN") is None
+
+
+def test_jobs__one_training_per_machine(tmp_path):
+    """Two servers on one machine share the training lock; it is released when
+    the job ends, whatever its end."""
+    import threading
+
+    from catchment_mae.web.jobs import Busy, JobManager
+
+    lock = tmp_path / "train.lock"
+    a, b = JobManager(lock_path=lock), JobManager(lock_path=lock)
+    release = threading.Event()
+    job = a.start("train", {}, lambda job: release.wait(10) and {"ok": True})
+    with pytest.raises(Busy, match="another cmae serve on this machine"):
+        b.start("train", {}, lambda job: {})
+    assert b.start("embed-dir", {}, lambda job: {}).kind == "embed-dir"  # not locked
+    release.set()
+    a.wait(job.id, 10)
+    assert a.get(job.id).status == "done"
+
+    def boom(job):
+        raise RuntimeError("out of memory\nmore")
+
+    failed = b.start("train", {}, boom)
+    b.wait(failed.id, 10)
+    assert failed.status == "failed" and failed.error == "RuntimeError: out of memory"
+    again = a.start("train", {}, lambda job: {})
+    a.wait(again.id, 10)
+    assert again.status == "done"

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from catchment_mae.errors import CmaeError
@@ -63,14 +65,57 @@ class Busy(CmaeError):
     """A job of the same kind is already running."""
 
 
-class JobManager:
-    """Starts, tracks and cancels jobs; thread-safe."""
+class MachineLock:
+    """An exclusive lock shared by every ``cmae serve`` on the machine (flock on
+    a file in the temp directory), so one training runs at a time there."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: Any = None
+
+    def acquire(self) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: this process's own check only
+            return True
+        handle = open(self.path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing drops the flock
+            self._handle = None
+
+
+def default_train_lock() -> Path:
+    return Path(tempfile.gettempdir()) / "cmae-serve-train.lock"
+
+
+class JobManager:
+    """Starts, tracks and cancels jobs; thread-safe.
+
+    Args:
+        exclusive: job kinds that also take a machine-wide lock (``train``).
+        lock_path: the file behind that lock.
+    """
+
+    def __init__(
+        self,
+        exclusive: tuple[str, ...] = ("train",),
+        lock_path: Path | None = None,
+    ) -> None:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._threads: dict[str, threading.Thread] = {}
+        self._exclusive = exclusive
+        self._machine = MachineLock(lock_path or default_train_lock())
 
     def start(
         self,
@@ -90,32 +135,45 @@ class JobManager:
                     f"a {kind} job is already running ({running[0].id}); wait for "
                     "it or cancel it"
                 )
+            machine_wide = kind in self._exclusive
+            if machine_wide and not self._machine.acquire():
+                raise Busy(
+                    f"another cmae serve on this machine is running a {kind} job "
+                    f"(lock {self._machine.path}); wait for it"
+                )
             job = Job(id=f"{kind}-{next(self._ids)}", kind=kind, params=params)
             self._jobs[job.id] = job
             thread = threading.Thread(
-                target=self._run, args=(job, work), name=job.id, daemon=True
+                target=self._run,
+                args=(job, work, machine_wide),
+                name=job.id,
+                daemon=True,
             )
             self._threads[job.id] = thread
         thread.start()
         return job
 
-    def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
+    def _run(
+        self, job: Job, work: Callable[[Job], dict[str, Any]], machine_wide: bool
+    ) -> None:
         job.status, job.started = "running", time.time()
+        status, error, result = "failed", None, None
         try:
-            job.result = work(job)
-            job.status = "done"
+            result, status = work(job), "done"
         except KeyboardInterrupt:
-            job.status, job.error = "cancelled", "cancelled"
+            status, error = "cancelled", "cancelled"
         except CmaeError as e:
-            cancelled = job.cancel_requested
-            job.status = "cancelled" if cancelled else "failed"
-            job.error = str(e)
+            status = "cancelled" if job.cancel_requested else "failed"
+            error = str(e)
         except Exception as e:  # a job must report, never take the server down
             log.debug("job %s failed:\n%s", job.id, traceback.format_exc())
             first = (str(e).strip().splitlines() or [""])[0]
-            job.status, job.error = "failed", f"{type(e).__name__}: {first}"
+            error = f"{type(e).__name__}: {first}"
         finally:
-            job.finished = time.time()
+            if machine_wide:  # before the status: a client may start the next one
+                self._machine.release()
+            job.result, job.error, job.finished = result, error, time.time()
+            job.status = status
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
