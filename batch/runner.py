@@ -41,6 +41,7 @@ from catchment_mae.runtime import (
     ONNX_FORMAT_VERSION,
     create_session,
     read_metadata,
+    run_encoder,
     spec_from_metadata,
 )
 
@@ -341,16 +342,13 @@ def _run_batch(
     good = [it for it in items if it.error is None]
     embeddings: list[Any] = []
     if good:
-        feed = {
-            "image": np.stack([it.image for it in good]),
-            "scale": np.stack([it.scale for it in good]),
-        }
-        if "valid" in names:
-            feed["valid"] = np.stack([it.valid for it in good])
+        image = np.stack([it.image for it in good])
+        scale = np.stack([it.scale for it in good])
+        # The valid masks only for a --pool mean encoder (stacking costs a copy).
+        valid = np.stack([it.valid for it in good]) if "valid" in names else None
         t0 = time.perf_counter()
         try:
-            (emb,) = sess.run(["embedding"], {k: feed[k] for k in names})
-            embeddings = list(emb)
+            embeddings = list(run_encoder(sess, image, scale, valid))
         except Exception as e:  # onnxruntime error types vary; record, don't crash
             reason = f"onnxruntime failed: {(str(e).strip().splitlines() or [''])[0]}"
             for it in good:

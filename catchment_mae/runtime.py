@@ -84,6 +84,20 @@ def create_session(
     return sess
 
 
+def run_encoder(session: Any, image: Any, scale: Any, valid: Any = None) -> Any:
+    """The ``embedding`` output, (B, D), of an exported encoder for one batch.
+
+    ``image`` (B, C, S, S) and ``scale`` (B, 2) go to every encoder; ``valid``
+    (B, 1, S, S) only to those exported with ``--pool mean``, which need it.
+    """
+    feed = {"image": image, "scale": scale, "valid": valid}
+    names = [i.name for i in session.get_inputs()]
+    if "valid" in names and valid is None:
+        raise ValueError("this encoder (pool mean) needs the valid mask as input")
+    (embedding,) = session.run(["embedding"], {k: feed[k] for k in names})
+    return embedding
+
+
 def cuda_driver_present() -> bool:
     """Whether the NVIDIA driver library loads (no GPU, no driver: False)."""
     import ctypes

@@ -31,11 +31,15 @@ def embed(files: tuple[Path, ...], model: Path, device: str) -> None:
     """
     from catchment_mae.errors import BadRasterError
     from catchment_mae.preprocess import load_sample
-    from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
+    from catchment_mae.runtime import (
+        create_session,
+        read_metadata,
+        run_encoder,
+        spec_from_metadata,
+    )
 
     sess = create_session(model, device)
     spec = spec_from_metadata(read_metadata(sess, model))
-    names = [i.name for i in sess.get_inputs()]
     ok = 0
     for path in files:
         try:
@@ -43,8 +47,7 @@ def embed(files: tuple[Path, ...], model: Path, device: str) -> None:
         except BadRasterError as e:
             click.echo(json.dumps({"status": "error", "message": str(e)}))
             continue
-        feed = {"image": s.image[None], "scale": s.scale[None], "valid": s.valid[None]}
-        (emb,) = sess.run(["embedding"], {k: feed[k] for k in names})
+        emb = run_encoder(sess, s.image[None], s.scale[None], s.valid[None])
         vector = [float(v) for v in emb[0]]
         click.echo(
             json.dumps(

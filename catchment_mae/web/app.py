@@ -605,14 +605,11 @@ def _embed_request() -> tuple[np.ndarray, Any, str]:
 
 def _run(kind: str, model: Any, sample: Any) -> np.ndarray:
     if kind == "onnx":
-        names = [i.name for i in model.get_inputs()]
-        feed = {
-            "image": sample.image[None],
-            "scale": sample.scale[None],
-            "valid": sample.valid[None],
-        }
-        (emb,) = model.run(["embedding"], {k: feed[k] for k in names})
-        return emb[0]
+        from catchment_mae.runtime import run_encoder
+
+        return run_encoder(
+            model, sample.image[None], sample.scale[None], sample.valid[None]
+        )[0]
     import torch
 
     with torch.inference_mode():
