@@ -35,7 +35,7 @@ from catchment_mae.batch.writer import (
 )
 from catchment_mae.errors import CmaeError, NoInputError, OutputError
 from catchment_mae.interrupt import sigterm_as_interrupt
-from catchment_mae.io import check_writable, sha256_file
+from catchment_mae.io import check_writable, sha256_file, try_lock
 from catchment_mae.raster import find_tiffs
 from catchment_mae.runtime import (
     ONNX_FORMAT_VERSION,
@@ -310,20 +310,14 @@ def _lock(out: Path) -> Iterator[None]:
     lock_path = out.with_name(f".{out.name}.lock")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "w")  # held for the whole block
+        handle = try_lock(lock_path)  # held for the whole block
     except OSError as e:
         raise OutputError(f"{out}: cannot write there: {e.strerror or e}") from e
+    if handle is None:  # the holder's lock file stays
+        raise CmaeError(
+            f"{out}: another cmae embed-dir is writing it (lock {lock_path})"
+        )
     try:
-        try:
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock
-            pass
-        except BlockingIOError as e:
-            raise CmaeError(
-                f"{out}: another cmae embed-dir is writing it (lock {lock_path})"
-            ) from e
         yield
     finally:
         handle.close()

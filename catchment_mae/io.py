@@ -83,3 +83,26 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def try_lock(path: str | os.PathLike[str]) -> IO[str] | None:
+    """Opens ``path`` and takes an exclusive ``flock`` on it without waiting.
+
+    Returns the open file, which holds the lock until it is closed, or None when
+    another open file (this process's or another's) holds it. Off POSIX there is
+    no lock: the file is returned all the same.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+    handle = open(path, "a")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle

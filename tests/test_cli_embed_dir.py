@@ -247,6 +247,8 @@ def test_embed_dir__another_model_or_a_second_writer(
     with open(tmp_path / ".m.parquet.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         r = _run(runner, archive, "--model", onnx_model, "--out", out)
+        # The refused run leaves the holder's lock file where it is.
+        assert (tmp_path / ".m.parquet.lock").exists()
     assert r.exit_code == 1 and "another cmae embed-dir is writing it" in r.stderr
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from catchment_mae.errors import CmaeError
+from catchment_mae.io import try_lock
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +75,8 @@ class MachineLock:
         self._handle: Any = None
 
     def acquire(self) -> bool:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: this process's own check only
-            return True
-        handle = open(self.path, "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            return False
-        self._handle = handle
-        return True
+        self._handle = try_lock(self.path)
+        return self._handle is not None
 
     def release(self) -> None:
         if self._handle is not None:
