@@ -16,12 +16,13 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         CmaeError: missing file, another kind of file, or unreadable.
     """
+    from catchment_mae.batch.writer import parts_dir
+
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in (".onnx", ".parquet"):
         raise CmaeError(f"{p}: cmae info reads .onnx encoders and .parquet tables")
-    parts = p.with_name(p.name + ".parts")
-    if not p.is_file() and not (suffix == ".parquet" and parts.is_dir()):
+    if not p.is_file() and not (suffix == ".parquet" and parts_dir(p).is_dir()):
         raise CmaeError(f"{p}: no such file")
     return describe_onnx(p) if suffix == ".onnx" else describe_table(p)
 
