@@ -223,6 +223,7 @@ def test_api_train__bad_values_name_the_field(client):
         ({"max_epochs": "two"}, "max_epochs", "whole number"),
         ({"mask_ratio": "1.5"}, "mask_ratio", "(0, 1)"),
         ({"mask_ratio": "0"}, "mask_ratio", "(0, 1)"),
+        ({"norm": "median"}, "norm", "must be one of fixed, per-raster"),
         ({"vit_model_name": "resnet50"}, "vit_model_name", "not a timm ViT"),
         ({"vit_model_name": "vit_nonsense_1"}, "vit_model_name", "not a timm ViT"),
         ({"dataset": "../"}, "dataset", "outside"),

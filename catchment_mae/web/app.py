@@ -430,16 +430,7 @@ def _train_config(params: dict[str, Any]) -> tuple[Any, bool]:
             values[key] = float(str(raw).strip())
         except ValueError:
             raise Refused(400, f"{key}: must be a number, got {raw!r}", key) from None
-    if "mask_ratio" in values and not 0.0 < values["mask_ratio"] < 1.0:
-        raise Refused(
-            400,
-            f"mask_ratio: must be in (0, 1), got {values['mask_ratio']}",
-            "mask_ratio",
-        )
-    norm = str(params.get("norm") or "fixed")
-    if norm not in ("fixed", "per-raster"):
-        raise Refused(400, f"norm: must be fixed or per-raster, got {norm!r}", "norm")
-    values["norm"] = norm
+    values["norm"] = str(params.get("norm") or "fixed")
     for key in _LIST_FIELDS:
         raw = params.get(key)
         if raw is None or str(raw).strip() == "":
@@ -451,12 +442,12 @@ def _train_config(params: dict[str, Any]) -> tuple[Any, bool]:
             raise Refused(
                 400, f"{key}: comma-separated numbers like 2000,1000, got {raw!r}", key
             ) from None
-    try:
+    try:  # TrainConfig checks the values (mask ratio, norm, ...) as for the CLI
         cfg = TrainConfig.from_dict(values)
-    except ConfigError as e:
+    except ConfigError as e:  # its messages start with the key: the field
         key = re.match(r"[a-z_]*", str(e)).group()  # "norm_std[0] must be > 0"
         known = key if key in TrainConfig.__dataclass_fields__ else None
-        raise Refused(400, f"{known}: {e}" if known else str(e), known) from e
+        raise Refused(400, str(e), known) from e
     return cfg, _bool(params.get("overwrite"))
 
 
