@@ -166,7 +166,7 @@ def read_raster(
         BadRasterError: naming the file and the reason.
     """
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     try:
         with tifffile.TiffFile(path) as tif:
             return _read(tif, path, bands, nodata, min_size, max_pixels, maxworkers)
@@ -178,7 +178,9 @@ def read_raster(
         raise BadRasterError(path, f"cannot decode TIFF: {_reason(e)}") from e
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
+    """Refuses (BadRasterError) a missing, unreadable, non-regular, empty or
+    non-TIFF file, from its first bytes, before any decoding."""
     try:
         st = path.stat()
     except FileNotFoundError as e:

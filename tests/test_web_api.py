@@ -195,7 +195,7 @@ def test_api_embed__upload_with_preview(client, roots):
 def test_api_embed__bad_uploads(client, roots):
     data, _ = roots
     cases = [
-        (b"not a tiff at all", "is not a TIFF"),
+        (b"not a tiff at all", "image: x.tif: not a TIFF file"),
         (b"II*\x00" + b"\x00" * 20, "x.tif:"),  # a TIFF header, then garbage
     ]
     for body, words in cases:

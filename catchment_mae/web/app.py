@@ -31,7 +31,7 @@ from werkzeug.exceptions import HTTPException
 
 from catchment_mae import __version__
 from catchment_mae.errors import BadRasterError, CmaeError
-from catchment_mae.raster import is_tiff_name
+from catchment_mae.raster import check_file, is_tiff_name
 from catchment_mae.web.jobs import Busy, Job, JobManager, check_cancel
 from catchment_mae.web.security import (
     Refused,
@@ -44,7 +44,6 @@ from catchment_mae.web.security import (
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 TOKEN_COOKIE = "cmae_token"
 
 
@@ -574,10 +573,11 @@ def _embed_request() -> tuple[np.ndarray, Any, str]:
             if not image.is_file():
                 raise Refused(400, "image_path: not a file", "image_path")
             label = str(params.get("image_path"))
-        with open(image, "rb") as fh:
-            if fh.read(4) not in TIFF_MAGIC:
-                field = "image" if tmp_dir else "image_path"
-                raise Refused(400, f"{field}: {label} is not a TIFF file", field)
+        field = "image" if tmp_dir else "image_path"
+        try:
+            check_file(image)  # not a TIFF: refused before any model is loaded
+        except BadRasterError as e:
+            raise Refused(400, f"{field}: {label}: {e.reason}", field) from e
         try:
             kind, model, spec = _state().models.get(model_path)
         except CmaeError as e:
@@ -585,7 +585,7 @@ def _embed_request() -> tuple[np.ndarray, Any, str]:
         try:
             sample = load_sample(image, spec)
         except BadRasterError as e:
-            raise Refused(400, f"{label}: {e.reason}", "image") from e
+            raise Refused(400, f"{label}: {e.reason}", field) from e
         vector = _run(kind, model, sample)
     finally:
         if tmp_dir is not None:
