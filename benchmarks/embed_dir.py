@@ -110,7 +110,7 @@ def original_rate(pth: Path, root: Path, files: list[str]) -> float:
     t0 = time.perf_counter()
     for rel in files:
         model, cfg = load_model(pth)
-        sample = load_sample(root / rel, PreprocessSpec.from_mapping(cfg.to_dict()))
+        sample = load_sample(root / rel, cfg.preprocess_spec())
         with torch.inference_mode():
             model.embed(
                 torch.from_numpy(sample.image[None]),

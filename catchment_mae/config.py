@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from catchment_mae.errors import ConfigError
+from catchment_mae.preprocess import PreprocessSpec
 
 NORM_MODES = ("fixed", "per-raster")
 SCALE_MODES = ("pixels", "ground")
@@ -53,6 +54,10 @@ class TrainConfig:
     resize: str = RESIZE_RULES[0]
     max_pixels: int = 100_000_000
     recursive: bool = True
+    # Decode-once cache of resampled rasters (catchment_mae.cache): None puts it
+    # in the user's cache directory ($CMAE_CACHE_DIR, else $XDG_CACHE_HOME/cmae).
+    cache: bool = True
+    cache_dir: str | None = None
 
     # --- model ------------------------------------------------------------------
     # None keeps the timm model's own value; set them for small custom ViTs.
@@ -77,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    log_every: int = 20  # steps between reading the loss back (a host sync on GPUs)
 
     # --- bookkeeping -------------------------------------------------------------
     format_version: int = 1
@@ -94,8 +100,12 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("resize", self.resize, RESIZE_RULES)
-        for key in ("image_size", "max_epochs", "batch_size", "max_pixels"):
+        positive = ("image_size", "max_epochs", "batch_size", "max_pixels", "log_every")
+        for key in positive:
             if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
@@ -148,6 +158,11 @@ class TrainConfig:
                 f"image_size {self.image_size} is not a multiple of patch_size "
                 f"{self.patch_size}"
             )
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """How this config turns a raster into model input (the one place that
+        builds it: training, its cache key, export and the web UI use it)."""
+        return PreprocessSpec.from_mapping(self.to_dict())
 
     # --------------------------------------------------------------- round trip
     @classmethod

@@ -4,14 +4,20 @@ Steps (every choice is a field of :class:`PreprocessSpec`, recorded in ``NAME.js
 and, later, in the ONNX metadata):
 
 1. read the TIFF (:func:`catchment_mae.raster.read_raster`): bands, validity mask;
-2. resize to ``image_size x image_size`` by a valid-weighted, anti-aliased triangle
-   filter: ``resize(x * valid) / resize(valid)``, so nodata never smears into valid
-   pixels, and the resized validity is the fraction of valid input under each pixel;
-3. normalise per channel with ``norm_mean``/``norm_std`` (or the raster's own valid
-   mean/std with ``norm="per-raster"``); pixels with no valid input get 0, the
-   channel mean after normalising;
+2. resample (:func:`resample`): standardise each channel by the raster's own valid
+   mean/std, then resize to ``image_size x image_size`` by a valid-weighted,
+   anti-aliased triangle filter, ``resize(x * valid) / resize(valid)``, so nodata
+   never smears into valid pixels; the resized validity is the fraction of valid
+   input under each pixel (in 1/255 steps); the values are kept as float16;
+3. normalise (:func:`normalise`) per channel with ``norm_mean``/``norm_std`` (or
+   the raster's own valid mean/std with ``norm="per-raster"``), an affine map of
+   step 2's values; pixels with no valid input get 0, the channel mean;
 4. the scale vector ``log(H + eps), log(W + eps)`` of the original raster, in pixels
    or, with ``scale="ground"``, in metres on the ground.
+
+Training caches step 2's :class:`Resampled` record (decoded once) and applies
+step 3 per batch; embedding runs all steps per file. Both round through the same
+float16/uint8 values, so they see the same numbers.
 
 numpy only (no torch): ``cmae embed-dir`` and downstream apps use it as it is.
 """
@@ -45,12 +51,29 @@ NODATA_POLICY = (
 )
 
 
+# The valid fraction under each model pixel is kept in 1/255 steps, so that it
+# travels (embed-dir's shared memory) and is cached (training) as uint8 without
+# changing: every path sees the same weights.
+VALID_LEVELS = 255
+# Fields of PreprocessSpec that shape a resampled raster (not its normalisation):
+# the training cache's key.
+RESAMPLE_FIELDS = (
+    "image_size", "bands", "nodata", "max_pixels", "scale", "scale_eps", "resize"
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """How a raster becomes model input. Built from a TrainConfig or ONNX metadata."""
+    """How a raster becomes model input. Built by ``TrainConfig.preprocess_spec``
+    or from ONNX metadata.
+
+    ``in_chans`` None accepts any band count, and ``norm_mean``/``norm_std`` may be
+    None until they are computed from the data (training's first pass); a fixed
+    normalisation without them fails when it is applied.
+    """
 
     image_size: int
-    in_chans: int
+    in_chans: int | None
     norm: str = "fixed"  # "fixed" | "per-raster"
     norm_mean: tuple[float, ...] | None = None
     norm_std: tuple[float, ...] | None = None
@@ -68,10 +91,13 @@ class PreprocessSpec:
             raise ValueError(f"norm must be fixed or per-raster, got {self.norm!r}")
         if self.scale not in ("pixels", "ground"):
             raise ValueError(f"scale must be pixels or ground, got {self.scale!r}")
-        if self.norm == "fixed":
-            if self.norm_mean is None or self.norm_std is None:
-                raise ValueError("norm='fixed' needs norm_mean and norm_std")
-            if not len(self.norm_mean) == len(self.norm_std) == self.in_chans:
+        if (self.norm_mean is None) != (self.norm_std is None):
+            raise ValueError("norm_mean and norm_std must be given together")
+        if self.norm_mean is not None and self.norm_std is not None:
+            n = len(self.norm_mean)
+            if len(self.norm_std) != n or (
+                self.in_chans is not None and n != self.in_chans
+            ):
                 raise ValueError(
                     f"norm_mean/norm_std need {self.in_chans} values, got "
                     f"{len(self.norm_mean)}/{len(self.norm_std)}"
@@ -81,7 +107,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PreprocessSpec:
-        """Takes the matching keys of a TrainConfig dict (or ONNX metadata)."""
+        """Takes the matching keys of a mapping (ONNX metadata, a config dict)."""
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in data.items() if k in names}
         for key in ("norm_mean", "norm_std", "bands"):
@@ -95,6 +121,46 @@ class PreprocessSpec:
             if d[key] is not None:
                 d[key] = list(d[key])
         return d
+
+    def resample_key(self) -> dict[str, Any]:
+        """The fields that decide a :class:`Resampled` raster (the cache key)."""
+        d = self.to_dict()
+        return {k: d[k] for k in RESAMPLE_FIELDS}
+
+
+@dataclass
+class Resampled:
+    """A raster at the model's size, before normalisation: what training caches.
+
+    Normalising it (:func:`normalise`) is a per-channel affine map, so one cached
+    record serves every normalisation.
+
+    Attributes:
+        z: float16 (C, image_size, image_size): the raster standardised by its own
+            valid mean and std, then resized; 0 where no valid input lies under a
+            pixel. float16 holds it without overflow: a standardised value of N
+            pixels is at most sqrt(N) (1e4 at 1e8 pixels) away from 0.
+        valid: uint8 (1, image_size, image_size): the valid fraction under each
+            pixel in 1/255 steps.
+        mean: float64 (C,): the raster's valid mean, as read.
+        std: float64 (C,): its valid (population) std; 0 for a flat raster.
+        count: valid pixels, as read.
+        scale: float32 (2,), ``log(H + eps), log(W + eps)``.
+        info: metadata of the source raster.
+    """
+
+    z: np.ndarray
+    valid: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    count: int
+    scale: np.ndarray
+    info: RasterInfo
+
+    @property
+    def valid_fraction(self) -> float:
+        """Share of valid pixels in the raster as read."""
+        return self.count / max(self.info.read_height * self.info.read_width, 1)
 
 
 @dataclass
@@ -120,6 +186,13 @@ def load_sample(
     path: str | os.PathLike[str], spec: PreprocessSpec, maxworkers: int | None = 1
 ) -> Sample:
     """Reads and preprocesses one TIFF. Raises BadRasterError naming file and reason."""
+    return normalise(load_resampled(path, spec, maxworkers), spec)
+
+
+def load_resampled(
+    path: str | os.PathLike[str], spec: PreprocessSpec, maxworkers: int | None = 1
+) -> Resampled:
+    """Reads one TIFF and resamples it (steps 1, 2 and 4 of the module docstring)."""
     raster = read_raster(
         path,
         bands=spec.bands,
@@ -128,37 +201,75 @@ def load_sample(
         max_pixels=spec.max_pixels,
         maxworkers=maxworkers,
     )
-    return preprocess(raster, spec)
+    return resample(raster, spec)
 
 
 def preprocess(raster: Raster, spec: PreprocessSpec) -> Sample:
     """Turns a read raster into model input (see the module docstring)."""
+    return normalise(resample(raster, spec), spec)
+
+
+def resample(raster: Raster, spec: PreprocessSpec) -> Resampled:
+    """Checks a read raster and resizes it to the model size, standardised by its
+    own statistics (which travel beside it)."""
     info = raster.info
     data, valid = raster.data, raster.valid
     check_usable(raster, spec.in_chans)
     scale = scale_vector(info, spec)
-
-    if spec.norm == "fixed":
-        mean = np.asarray(spec.norm_mean, dtype=np.float64)
-        std = np.asarray(spec.norm_std, dtype=np.float64)
-    else:
-        mean, std = valid_mean_std(data, valid)
-        std = np.where(std > 0, std, 1.0)  # a flat raster: keep it flat, at 0
-
-    # Centre before resizing: large offsets (altitudes, int32 counts) keep their
-    # precision in float32 and invalid pixels can be zeroed exactly.
-    centred = data - mean[:, None, None].astype(np.float32)
-    x = np.where(valid, centred, np.float32(0.0)).astype(np.float32)  # NaN * 0 is NaN
+    mean, std = valid_mean_std(data, valid)
+    safe = np.where(std > 0, std, 1.0)  # a flat raster stays flat, at 0
+    # Standardise before resizing: large offsets (altitudes, int32 counts) keep
+    # their precision in float32, and invalid pixels are zeroed exactly.
+    x = (data - mean[:, None, None].astype(np.float32)) / safe[:, None, None].astype(
+        np.float32
+    )
+    x = np.where(valid, x, np.float32(0.0)).astype(np.float32)  # NaN * 0 is NaN
     num, den = resize_valid_weighted(x, valid.astype(np.float32), spec.image_size)
+    levels = np.rint(np.clip(den, 0.0, 1.0) * VALID_LEVELS).astype(np.uint8)
     with np.errstate(invalid="ignore", divide="ignore"):
-        image = np.where(den > 1e-6, num / den, 0.0)
-    image = image / std[:, None, None].astype(np.float32)
-    return Sample(
-        image=np.ascontiguousarray(image, dtype=np.float32),
-        valid=np.clip(den, 0.0, 1.0).astype(np.float32)[None],
+        z = np.where(levels > 0, num / den, 0.0)
+    return Resampled(
+        z=np.ascontiguousarray(z, dtype=np.float16),
+        valid=levels[None],
+        mean=mean,
+        std=std,
+        count=int(valid.sum()),
         scale=scale,
         info=info,
-        valid_fraction=float(valid.mean()),
+    )
+
+
+def norm_coefficients(
+    mean: np.ndarray, std: np.ndarray, spec: PreprocessSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``a``, ``b`` with ``image = a * z + b`` for a raster whose own
+    valid mean and std are ``mean`` and ``std`` (float32, shape (C,) each).
+
+    Fixed: ``(x - norm_mean) / norm_std`` with ``x = z * std + mean``. Per-raster:
+    ``z`` itself.
+    """
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    if spec.norm == "per-raster":
+        return np.ones(len(mean), np.float32), np.zeros(len(mean), np.float32)
+    if spec.norm_mean is None or spec.norm_std is None:
+        raise ValueError("norm='fixed' needs norm_mean and norm_std")
+    m = np.asarray(spec.norm_mean, np.float64)
+    s = np.asarray(spec.norm_std, np.float64)
+    a = np.where(std > 0, std, 1.0) / s
+    return a.astype(np.float32), ((mean - m) / s).astype(np.float32)
+
+
+def normalise(r: Resampled, spec: PreprocessSpec) -> Sample:
+    """Model input from a resampled raster (step 3 of the module docstring)."""
+    a, b = norm_coefficients(r.mean, r.std, spec)
+    z = r.z.astype(np.float32)
+    image = np.where(r.valid > 0, z * a[:, None, None] + b[:, None, None], 0.0)
+    return Sample(
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        valid=r.valid.astype(np.float32) / VALID_LEVELS,
+        scale=r.scale,
+        info=r.info,
+        valid_fraction=r.valid_fraction,
     )
 
 

@@ -37,9 +37,17 @@ class RunningStats:
         if n == 0:
             return
         mean = vals.mean(axis=1)
-        m2 = ((vals - mean[:, None]) ** 2).sum(axis=1)
+        self.merge(n, mean, np.sqrt(((vals - mean[:, None]) ** 2).sum(axis=1) / n))
+
+    def merge(self, n: int, mean: np.ndarray, std: np.ndarray) -> None:
+        """Adds a set of ``n`` pixels with per-channel ``mean`` and (population)
+        ``std``: a raster's own statistics, as the training cache keeps them."""
+        if n == 0:
+            return
+        mean = np.asarray(mean, np.float64)
+        m2 = np.asarray(std, np.float64) ** 2 * n
         if self.count is None:
-            self.count = np.full(vals.shape[0], n, dtype=np.int64)
+            self.count = np.full(len(mean), n, dtype=np.int64)
             self.mean, self.m2 = mean, m2
             return
         assert self.mean is not None and self.m2 is not None

@@ -135,7 +135,7 @@ def export_model(
 
     out = Path(out)
     embedder = Embedder(model.encoder, pool).eval().cpu()
-    spec = PreprocessSpec.from_mapping(cfg.to_dict())
+    spec = cfg.preprocess_spec()
     inputs = ["image", "scale"] + (["valid"] if pool == "mean" else [])
     proto = _trace(embedder, spec, inputs, opset)
     meta = build_metadata(cfg, spec, pool, model.embed_dim, inputs, weights_sha256)

@@ -259,9 +259,8 @@ def test_downstream__onnxruntime_without_torch_matches_torch(
     assert r.returncode == 0, r.stderr
     got = np.array(json.loads(r.stdout), dtype=np.float32)[None]
     model, cfg = load_model(trained.weights_path)
-    from catchment_mae.preprocess import PreprocessSpec
 
-    s = load_sample(tif, PreprocessSpec.from_mapping(cfg.to_dict()))
+    s = load_sample(tif, cfg.preprocess_spec())
     with torch.inference_mode():
         ref = model.embed(
             torch.from_numpy(s.image[None]), torch.from_numpy(s.scale[None])

@@ -11,7 +11,9 @@ from catchment_mae.errors import BadRasterError
 from catchment_mae.preprocess import (
     PreprocessSpec,
     load_sample,
+    normalise,
     preprocess,
+    resample,
     resize_valid_weighted,
     resize_weights,
 )
@@ -171,8 +173,14 @@ def test_preprocess__unusable_rasters(data, valid, match):
 def test_preprocess_spec__validates_and_round_trips():
     with pytest.raises(ValueError, match="norm_std values must be > 0"):
         _spec(norm_std=(0.0,))
+    with pytest.raises(ValueError, match="given together"):
+        _spec(norm_std=None)
+    # Fixed norm without its statistics (training's first pass) resamples, and
+    # refuses only to normalise.
+    unknown = _spec(norm_mean=None, norm_std=None)
+    r = resample(_raster(np.ones((1, 8, 8))), unknown)
     with pytest.raises(ValueError, match="needs norm_mean and norm_std"):
-        _spec(norm_mean=None, norm_std=None)
+        normalise(r, unknown)
     with pytest.raises(ValueError, match="need 2 values"):
         _spec(in_chans=2)
     spec = _spec(bands=(3,), nodata=-1.0, scale="ground")

@@ -545,10 +545,9 @@ class _ModelCache:
                 "model_path: a .pth needs torch on the server; export it to .onnx",
                 "model_path",
             ) from e
-        from catchment_mae.preprocess import PreprocessSpec
 
         model, cfg = load_model(path)
-        return ("torch", model, PreprocessSpec.from_mapping(cfg.to_dict()))
+        return ("torch", model, cfg.preprocess_spec())
 
 
 def _embed_request() -> tuple[np.ndarray, Any, str]:
