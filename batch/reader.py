@@ -1,43 +1,69 @@
-"""Reader stage: list TIFFs lazily, decode + preprocess them in worker processes.
+"""Reader stage: reader processes preprocess TIFFs straight into shared-memory slots.
 
-Results come back in input order with a bounded number in flight, so memory stays
-flat however many files there are (``Pool.imap`` would queue every result while
-the model is busy). No torch here.
+The main process hands each file a slot of a :class:`~catchment_mae.batch.ring.
+SlotRing`; a reader process reads and preprocesses it into that slot and sends
+back only its :class:`~catchment_mae.batch.writer.Row` (a few hundred bytes).
+Slots come in batches: ``batch_size`` consecutive slots per batch, so a batch
+reaches onnxruntime as a view of the ring. A file that fails leaves a gap, which
+the last good slots of its batch fill (a copy of one slot per failure).
+
+Two schedules (``overlap``): with a GPU, reading runs ahead of the model, as far
+as the ring's free batches allow; on the CPU, readers and the model take turns,
+each on every core: a wave of batches is read, then embedded (overlapping, they
+only slowed each other down: benchmarks/README.md). Memory is the ring's, fixed,
+however many files there are. No torch here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import multiprocessing as mp
+import os
 import stat
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
+from catchment_mae.batch.ring import RingLayout, SlotRing
+from catchment_mae.batch.writer import Row
 from catchment_mae.errors import BadRasterError
 from catchment_mae.geo import footprint
-from catchment_mae.preprocess import PreprocessSpec, limit_worker_threads, load_sample
+from catchment_mae.preprocess import PreprocessSpec, load_resampled, normalise
+from catchment_mae.workers import ReaderPool, failure_reason
+
+# Bytes of ring the wave of batches read in one turn may take (the CPU schedule),
+# beyond which a turn holds fewer batches (many bands); never less than one.
+WAVE_BYTES = 64 << 20
 
 
 @dataclass
 class Item:
-    """One raster after the reader: model input, or the reason it failed."""
+    """One file after the reader: its row, and where its input lies in the ring."""
 
-    path: str  # relative to the input directory, forward slashes
-    file_size: int | None
-    mtime: float | None
-    image: np.ndarray | None = None  # (C, S, S) float32
-    valid: np.ndarray | None = None  # (1, S, S) float32
-    scale: np.ndarray | None = None  # (2,) float32
-    info: dict[str, Any] | None = None
-    error: str | None = None
+    row: Row
+    slot: int | None = None  # None: the file failed (``row.error`` says why)
     read_seconds: float = 0.0
+
+    @property
+    def path(self) -> str:
+        return self.row.path
+
+    @property
+    def error(self) -> str | None:
+        return self.row.error
+
+
+@dataclass
+class Batch:
+    """Consecutive ring slots ``rows`` holding the inputs of ``good``, in order;
+    ``items`` are all the batch's files in listing order, failures included."""
+
+    items: list[Item]
+    good: list[Item] = field(default_factory=list)
+    rows: slice = field(default_factory=lambda: slice(0, 0))
 
 
 def in_shard(rel_path: str, shard: tuple[int, int] | None) -> bool:
@@ -53,107 +79,168 @@ def relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def read_item(args: tuple[str, str, PreprocessSpec]) -> Item:
-    """Worker function: stat, read and preprocess one file; never raises."""
-    root, rel, spec = args
-    path = Path(root) / rel
+# Rings this process writes into, by name: the reader's own ring when reading
+# inline, else the one a reader process attached to (its latest: a web server's
+# reader processes serve one run after another).
+_rings: dict[str, SlotRing] = {}
+
+
+def _ring(layout: RingLayout) -> SlotRing:
+    ring = _rings.get(layout.name)
+    if ring is None:
+        for old in _rings.values():
+            old.close()
+        _rings.clear()
+        ring = _rings[layout.name] = SlotRing.attach(layout)
+    return ring
+
+
+def read_into_slot(
+    root: str, rel: str, spec: PreprocessSpec, layout: RingLayout, slot: int
+) -> tuple[Row, float]:
+    """Reads and preprocesses one file into ``slot`` of the ring: its row and the
+    seconds it took. A file that cannot be used is a row with its reason."""
     t0 = time.perf_counter()
+    path = Path(root) / rel
     size = mtime = None
     try:
         st = path.stat()
         if stat.S_ISREG(st.st_mode):
             size, mtime = st.st_size, st.st_mtime
-        s = load_sample(path, spec)
+        r = load_resampled(path, spec)
+        ring = _ring(layout)
+        ring.image[slot] = normalise(r, spec).image
     except BadRasterError as e:
-        return Item(
-            rel, size, mtime, error=e.reason, read_seconds=time.perf_counter() - t0
-        )
-    except Exception as e:  # a worker must report, not die: keep the reason
-        first = (str(e).strip().splitlines() or [""])[0]
-        reason = f"{type(e).__name__}: {first}"
-        return Item(
-            rel, size, mtime, error=reason, read_seconds=time.perf_counter() - t0
-        )
-    info = s.info
-    return Item(
-        rel,
-        size,
-        mtime,
-        image=s.image,
-        valid=s.valid,
-        scale=s.scale,
-        info={
-            "height": info.height,
-            "width": info.width,
-            "bands": info.bands,
-            "dtype": info.dtype,
-            "nodata_fraction": 1.0 - s.valid_fraction,
-            **footprint(info.geo, info.height, info.width).to_dict(),
-        },
-        read_seconds=time.perf_counter() - t0,
-    )
+        row = Row(path=rel, file_size=size, mtime=mtime, error=e.reason)
+        return row, time.perf_counter() - t0
+    except Exception as e:  # a reader must report, not die: keep the reason
+        row = Row(path=rel, file_size=size, mtime=mtime, error=failure_reason(e))
+        return row, time.perf_counter() - t0
+    ring.valid[slot] = r.valid
+    ring.scale[slot] = r.scale
+    info = r.info
+    where = footprint(info.geo, info.height, info.width)
+    row = Row.of_raster(rel, info, 1.0 - r.valid_fraction, where, (size, mtime))
+    return row, time.perf_counter() - t0
+
+
+@dataclass
+class _Pending:
+    """A batch whose files are being read into ring batch ``index``."""
+
+    index: int
+    jobs: list[tuple[str, Future]]
 
 
 class Reader:
-    """Reads ``paths`` (relative to ``root``) in ``workers`` processes, in order.
+    """Reads files (relative to ``root``) into a ring, batch by batch, in order.
 
     Args:
         root: the input directory.
-        workers: processes; 0 reads in this process.
-        max_in_flight: results queued or being computed at once.
+        spec: the model's preprocessing (``in_chans`` and ``image_size`` set).
+        pool: the reader processes (``ReaderPool(0)`` reads in this process).
+        batch_size: slots per batch.
+        overlap: read ahead while the caller runs the model (a GPU); else take
+            turns with it (the CPU).
     """
 
-    def __init__(self, root: Path, workers: int, max_in_flight: int) -> None:
-        self.root, self.workers = root, workers
-        self.max_in_flight = max(1, max_in_flight)
-        self.pool: Any = None
-        if workers > 0:
-            # forkserver: workers fork from a clean single-threaded server, never
-            # from this process, whose threads (onnxruntime, tqdm, a host app's)
-            # could hold a lock at fork time and deadlock the child.
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-            if "forkserver" in methods:
-                ctx.set_forkserver_preload(["catchment_mae.batch.reader", "pyproj"])
-            self.pool = ctx.Pool(workers, initializer=limit_worker_threads)
+    def __init__(
+        self,
+        root: Path,
+        spec: PreprocessSpec,
+        pool: ReaderPool,
+        batch_size: int,
+        *,
+        overlap: bool = False,
+    ) -> None:
+        if spec.in_chans is None:
+            raise ValueError("the reader needs spec.in_chans")
+        self.root, self.spec, self.pool = root, spec, pool
+        self.batch_size, self.overlap = batch_size, overlap
+        slot_bytes = (4 * spec.in_chans + 1) * spec.image_size**2 + 8
+        if overlap:  # one batch embedding, the others being read
+            self.n_batches = 3
+        else:  # one wave: up to four batches, within WAVE_BYTES
+            self.n_batches = max(1, min(4, WAVE_BYTES // (slot_bytes * batch_size)))
+        self.ring = SlotRing(
+            self.n_batches * batch_size,
+            spec.in_chans,
+            spec.image_size,
+            shared=pool.workers > 0,
+        )
+        _rings[self.ring.layout.name] = self.ring  # reading inline finds it
 
-    def read(
-        self, rel_paths: Iterable[str], spec: PreprocessSpec, chunk: int | None = None
-    ) -> Iterator[Item]:
-        """Items in the order of ``rel_paths``; ``spec`` comes from the model.
+    def batches(self, rel_paths: Iterable[str]) -> Iterator[Batch]:
+        """Batches in the order of ``rel_paths``; a batch's slots stay the
+        caller's until it asks for the next batch."""
+        rels = iter(rel_paths)
+        free = deque(range(self.n_batches))
+        pending: deque[_Pending] = deque()
+        more = True
+        while True:
+            if self.overlap or not pending:
+                while free and more:
+                    chunk = list(itertools.islice(rels, self.batch_size))
+                    if not chunk:
+                        more = False
+                        break
+                    pending.append(self._submit(free.popleft(), chunk))
+            if not pending:
+                return
+            if not self.overlap:  # the whole wave read before the model runs
+                for p in pending:
+                    for _, future in p.jobs:
+                        future.exception()
+            p = pending.popleft()
+            yield self._collect(p)
+            free.append(p.index)
 
-        Args:
-            chunk: None keeps reading ahead while the caller works (the model on
-                a GPU). A number reads that many files, hands them over when all
-                are read, and starts the next chunk only when the caller asks for
-                more, so the readers and a model on the same CPU take turns on all
-                cores instead of slowing each other down.
-        """
-        args = ((str(self.root), rel, spec) for rel in rel_paths)
-        if self.pool is None:
-            yield from map(read_item, args)
-            return
-        if chunk is not None:
-            while batch := list(itertools.islice(args, chunk)):
-                results = [self.pool.apply_async(read_item, (a,)) for a in batch]
-                yield from [r.get() for r in results]  # all read, then handed over
-            return
-        pending: deque[Any] = deque()
-        for a in args:
-            pending.append(self.pool.apply_async(read_item, (a,)))
-            if len(pending) >= self.max_in_flight:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    def _submit(self, index: int, rels: list[str]) -> _Pending:
+        base = index * self.batch_size
+        root, spec, layout = str(self.root), self.spec, self.ring.layout
+        jobs = [
+            (rel, self.pool.submit(read_into_slot, root, rel, spec, layout, base + j))
+            for j, rel in enumerate(rels)
+        ]
+        return _Pending(index, jobs)
+
+    def _collect(self, p: _Pending) -> Batch:
+        """Waits for a batch's files; moves good slots down into failures' gaps."""
+        base = p.index * self.batch_size
+        items = []
+        for j, (rel, future) in enumerate(p.jobs):
+            try:
+                row, seconds = future.result()
+            except Exception as e:  # timed out, reader died, ...: the file's row
+                reason = failure_reason(e, self.pool.timeout)
+                items.append(Item(Row(rel, error=reason)))
+                continue
+            slot = base + j if row.error is None else None
+            items.append(Item(row, slot, seconds))
+        good = [it for it in items if it.slot is not None]
+        for k, it in enumerate(good):
+            if it.slot != base + k:
+                self.ring.move(it.slot, base + k)
+                it.slot = base + k
+        return Batch(items, good, slice(base, base + len(good)))
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        """Frees the ring (its shared memory is unlinked). Stop the pool first:
+        a reader may still be writing into it."""
+        _rings.pop(self.ring.layout.name, None)
+        self.ring.close()
 
     def __enter__(self) -> Reader:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def stat_key(path: Path) -> tuple[int, int] | None:
+    """(size, mtime in µs) of a file, as the table records them; None if gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, int(st.st_mtime * 1e6)

@@ -1,53 +1,43 @@
-"""The runner: reader -> onnxruntime -> writer, timing each stage (no torch).
+"""The runner: wires reader -> mapper -> writer and times each stage (no torch).
 
-clip-retrieval's split: the reader decodes and preprocesses in worker processes
-while onnxruntime runs the previous batch in this one; rows reach Parquet in row
-groups. The preprocessing comes from the model's own metadata.
+clip-retrieval's split: :mod:`.plan` decides what to embed, :mod:`.reader`
+preprocesses files into shared-memory slots in reader processes, :mod:`.mapper`
+runs onnxruntime on those slots, :mod:`.writer` flushes rows to Parquet parts and
+merges them. The preprocessing comes from the model's own metadata.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from catchment_mae import __version__
-from catchment_mae.batch.reader import Item, Reader, in_shard, relative
+from catchment_mae.batch.mapper import Mapper
+from catchment_mae.batch.plan import Plan
+from catchment_mae.batch.reader import Item, Reader
 from catchment_mae.batch.writer import (
     ROWS_PER_PART,
     PartSink,
     clear_parts,
-    done_rows,
     merge,
     parts_dir,
     read_previous,
 )
 from catchment_mae.errors import CmaeError, NoInputError, OutputError
 from catchment_mae.interrupt import sigterm_as_interrupt
-from catchment_mae.io import check_writable, sha256_file, try_lock
-from catchment_mae.raster import find_tiffs
-from catchment_mae.runtime import (
-    ONNX_FORMAT_VERSION,
-    create_session,
-    read_metadata,
-    run_encoder,
-    spec_from_metadata,
-)
+from catchment_mae.io import check_writable, try_lock
+from catchment_mae.workers import ReaderPool
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
+# Seconds one raster may take in a reader process (decoding a 1e8-pixel raster
+# takes seconds); past it, the reader is replaced and the file fails.
+READ_TIMEOUT = 600.0
 
 
 class NothingEmbeddedError(CmaeError):
@@ -105,6 +95,7 @@ def embed_dir(
     recursive: bool = True,
     overwrite: bool = False,
     rows_per_part: int = ROWS_PER_PART,
+    timeout: float | None = READ_TIMEOUT,
     on_item: Callable[[Item], None] | None = None,
 ) -> RunSummary:
     """Embeds every TIFF under ``input_dir`` with the ``.onnx`` ``model``.
@@ -125,6 +116,7 @@ def embed_dir(
         overwrite: start over instead of continuing.
         rows_per_part: rows flushed to disk at a time (at most these are lost if
             the machine dies).
+        timeout: seconds one file may take in a reader process (None: no limit).
         on_item: called for every raster read (progress bars).
 
     Raises:
@@ -134,77 +126,57 @@ def embed_dir(
     """
     root, out = Path(input_dir), Path(out)
     start = time.perf_counter()
-    files = find_tiffs(root, recursive=recursive)  # raises for a missing directory
     check_writable([out], overwrite=True)  # an existing table is continued
     cores = available_cores()
     workers = cores if num_workers is None else num_workers
     summary = RunSummary(out=str(out))
     try:
-        with _lock(out), sigterm_as_interrupt():
+        with (
+            _lock(out),
+            sigterm_as_interrupt(),
+            ReaderPool(workers, timeout=timeout) as pool,
+        ):
+            # onnxruntime gets every core, and so do the readers (one BLAS thread
+            # each); on the CPU they take turns (reader.py). With one onnxruntime
+            # thread beside the readers, vit_small ran at 7.2 img/s against a
+            # limit of 11.4 (benchmarks/README.md).
+            mapper = Mapper(model, device, threads=cores)
+            summary.provider = mapper.provider
+            previous = None if overwrite else read_previous(out, mapper.sha256)
+            plan = Plan(root, previous, shard, recursive)
             if overwrite:
                 clear_parts(out)
-            with Reader(
-                root, workers, max_in_flight=2 * batch_size + 2 * workers
-            ) as reader:
-                # onnxruntime gets every core, and so do the readers (one BLAS thread
-                # each); on the CPU they take turns (below). With one onnxruntime
-                # thread beside the readers, vit_small ran at 7.2 img/s against a
-                # limit of 11.4 (benchmarks/README.md).
-                sess = create_session(model, device, threads=cores)
-                summary.provider = sess.get_providers()[0]
-                meta = read_metadata(sess, model)
-                spec = spec_from_metadata(meta)
-                names = [i.name for i in sess.get_inputs()]
-                dim = int(meta["embedding_dim"])
-                metadata = _file_metadata(model, meta)
-                previous = (
-                    None if overwrite else read_previous(out, metadata["model_sha256"])
-                )
-                done = done_rows(previous)
-                device_name = _device_name(summary.provider)
-                log.info("embedding with %s on %s", Path(model).name, device_name)
-                order: dict[str, int] = {}  # the listing: path -> position
-
-                def todo() -> Iterator[str]:
-                    for p in files:
-                        rel = relative(p, root)
-                        if not in_shard(rel, shard):
-                            continue
-                        order[rel] = len(order)
-                        if rel in done and done[rel] == _stat_key(p):
-                            summary.already_done += 1
-                            continue
-                        yield rel
-
-                sink = PartSink(out, dim, metadata, rows_per_part)
-                try:
-                    # With CUDA, reading runs ahead of the model. On the CPU they take
-                    # turns, each on all cores: overlapping, they only slowed each
-                    # other down (vit_small int8: 18.5 img/s, taking turns 20.4).
-                    chunk = (
-                        None if summary.provider == CUDA else _chunk(spec, batch_size)
-                    )
-                    items = reader.read(todo(), spec, chunk=chunk)
-                    _embed_all(items, sess, names, sink, summary, batch_size, on_item)
-                except KeyboardInterrupt as e:
-                    sink.flush()
-                    n = summary.embedded + summary.failed
-                    raise EmbedInterrupted(
-                        f"interrupted: {n} raster(s) of this run are saved in "
-                        f"{sink.dir}; run the same command to continue"
-                    ) from e
+            log.info("embedding with %s on %s", Path(model).name, mapper.device_name)
+            sink = PartSink(out, mapper.dim, mapper.metadata, rows_per_part)
+            try:
+                with Reader(
+                    root, mapper.spec, pool, batch_size, overlap=mapper.on_gpu
+                ) as reader:
+                    _embed_all(plan, reader, mapper, sink, summary, on_item)
+            except KeyboardInterrupt as e:
+                pool.close(kill=True)
                 sink.flush()
-            if not order:
+                n = summary.embedded + summary.failed
+                raise EmbedInterrupted(
+                    f"interrupted: {n} raster(s) of this run are saved in "
+                    f"{sink.dir}; run the same command to continue"
+                ) from e
+            pool.close(kill=True)  # all read: nothing of theirs is left to lose
+            sink.flush()
+            summary.already_done = plan.already_done
+            summary.inference_seconds = mapper.inference_seconds
+            if not plan.order:
                 clear_parts(out)
-                where = f" in shard {shard[0]}/{shard[1]}" if shard else ""
-                raise NoInputError(f"{root}: no .tif/.tiff files found{where}")
+                raise NoInputError(f"{root}: no .tif/.tiff files found{plan.where()}")
             t0 = time.perf_counter()
-            if _nothing_new(out, previous, order, sink, summary):
+            if _nothing_new(out, previous, plan.order, sink, summary):
                 # Only failures that failed again, for the same reasons: keep the table.
                 clear_parts(out)
-                summary.nothing_new, summary.rows = True, len(order)
+                summary.nothing_new, summary.rows = True, len(plan.order)
             else:
-                summary.rows = merge(out, previous, order, dim, metadata)
+                summary.rows = merge(
+                    out, previous, plan.order, mapper.dim, mapper.metadata
+                )
             summary.write_seconds += time.perf_counter() - t0
     except KeyboardInterrupt as e:  # between batches, while merging, ...
         raise EmbedInterrupted(
@@ -220,58 +192,29 @@ def embed_dir(
     return summary
 
 
-def _chunk(spec: Any, batch_size: int, budget: int = 64 << 20) -> int:
-    """Files read per turn: four batches, or fewer when their tensors pass
-    ``budget`` bytes (many bands), never less than one batch."""
-    item = (spec.in_chans + 1) * spec.image_size**2 * 4  # image + valid, float32
-    return max(batch_size, min(4 * batch_size, budget // item))
-
-
 def _embed_all(
-    items: Iterator[Item],
-    sess: Any,
-    names: list[str],
+    plan: Plan,
+    reader: Reader,
+    mapper: Mapper,
     sink: PartSink,
     summary: RunSummary,
-    batch_size: int,
     on_item: Callable[[Item], None] | None,
 ) -> None:
-    pending: list[Item] = []  # in file order, failures included
-    n_ok = 0
-    for item in items:
-        summary.read_seconds += item.read_seconds
-        pending.append(item)
-        n_ok += item.error is None
-        if n_ok == batch_size:
-            _run_batch(sess, names, pending, sink, summary)
-            pending, n_ok = [], 0
-            _trim_heap()
-        if on_item is not None:
-            on_item(item)
-    if pending:
-        _run_batch(sess, names, pending, sink, summary)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def _trim_heap() -> None:
-    """Gives the heap's free pages back to the OS after each batch.
-
-    Tensors from the readers (a few hundred kB each) come and go in the heap,
-    which fragments; without this, peak memory grew by 90 MB between 200 and
-    2,000 files, with it by 50 MB (benchmarks/README.md). Costs nothing
-    measurable; a no-op off glibc.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    for batch in reader.batches(plan):
+        rows = mapper.rows(batch, reader.ring)
+        t0 = time.perf_counter()
+        for item, (row, embedding) in zip(batch.items, rows, strict=True):
+            summary.read_seconds += item.read_seconds
+            if row.error is None:
+                summary.embedded += 1
+            else:
+                summary.failed += 1
+                summary.failures.append({"path": row.path, "error": row.error})
+                log.warning("failed %s: %s", row.path, row.error)
+            sink.add(row, embedding)
+            if on_item is not None:
+                on_item(item)
+        summary.write_seconds += time.perf_counter() - t0
 
 
 def _nothing_new(
@@ -296,14 +239,6 @@ def _nothing_new(
     return all(errors.get(f["path"]) == f["error"] for f in summary.failures)
 
 
-def _stat_key(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_size, int(st.st_mtime * 1e6)
-
-
 @contextlib.contextmanager
 def _lock(out: Path) -> Iterator[None]:
     """One writer per output: a second run on the same --out is refused."""
@@ -323,68 +258,3 @@ def _lock(out: Path) -> Iterator[None]:
         handle.close()
         with contextlib.suppress(OSError):
             lock_path.unlink()
-
-
-def _run_batch(
-    sess: Any,
-    names: list[str],
-    items: list[Item],
-    sink: PartSink,
-    summary: RunSummary,
-) -> None:
-    """Embeds the good items in one call; writes every item's row in order."""
-    good = [it for it in items if it.error is None]
-    embeddings: list[Any] = []
-    if good:
-        image = np.stack([it.image for it in good])
-        scale = np.stack([it.scale for it in good])
-        # The valid masks only for a --pool mean encoder (stacking costs a copy).
-        valid = np.stack([it.valid for it in good]) if "valid" in names else None
-        t0 = time.perf_counter()
-        try:
-            embeddings = list(run_encoder(sess, image, scale, valid))
-        except Exception as e:  # onnxruntime error types vary; record, don't crash
-            reason = f"onnxruntime failed: {(str(e).strip().splitlines() or [''])[0]}"
-            for it in good:
-                it.error = reason
-        summary.inference_seconds += time.perf_counter() - t0
-    by_id = dict(zip(map(id, good), embeddings, strict=False))
-    rows = []
-    for it in items:
-        if it.error is None:
-            summary.embedded += 1
-        else:
-            summary.failed += 1
-            summary.failures.append({"path": it.path, "error": it.error})
-            log.warning("failed %s: %s", it.path, it.error)
-        rows.append((it, by_id.get(id(it))))
-    _timed_add(sink, summary, rows)
-
-
-def _timed_add(
-    sink: PartSink, summary: RunSummary, rows: list[tuple[Item, Any]]
-) -> None:
-    t0 = time.perf_counter()
-    for item, emb in rows:
-        item.image = item.valid = None  # free the pixels once used
-        sink.add(item, emb)
-    summary.write_seconds += time.perf_counter() - t0
-
-
-def _file_metadata(
-    model: str | os.PathLike[str], meta: dict[str, str]
-) -> dict[str, Any]:
-    return {
-        "cmae_version": __version__,
-        "cmae_format_version": str(ONNX_FORMAT_VERSION),
-        "model": Path(model).name,
-        "model_sha256": sha256_file(model),
-        "model_metadata": meta,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-
-
-def _device_name(provider: str) -> str:
-    return {"CUDAExecutionProvider": "CUDA", "CPUExecutionProvider": "the CPU"}.get(
-        provider, provider
-    )

@@ -14,10 +14,12 @@ D). A file that failed is a row too, with a null embedding and its reason in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,36 +28,104 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catchment_mae.batch.reader import Item
 from catchment_mae.errors import CmaeError, OutputError
-from catchment_mae.geo import geoparquet_metadata
+from catchment_mae.geo import Footprint, geoparquet_metadata
+from catchment_mae.raster import RasterInfo
 
 ROWS_PER_PART = 1024
 BBOX = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
-GEO_COLUMNS = ("crs", "pixel_size_x", "pixel_size_y", "geometry", "bbox")
+
+
+@dataclass
+class Row:
+    """One raster's row of the table, its embedding apart (the writer owns the
+    columns: readers fill a Row, nothing else spells them).
+
+    A failed file has its path, what its ``stat`` gave and ``error``; every other
+    field is None.
+    """
+
+    path: str  # relative to the input directory, forward slashes
+    height: int | None = None  # of the original raster
+    width: int | None = None
+    bands: int | None = None  # as stored, alpha excluded
+    dtype: str | None = None
+    nodata_fraction: float | None = None  # share of invalid pixels as read
+    file_size: int | None = None
+    mtime: float | None = None  # seconds since the epoch
+    crs: str | None = None  # the native CRS as the file states it
+    pixel_size_x: float | None = None  # native CRS units
+    pixel_size_y: float | None = None
+    geometry: bytes | None = None  # WKB Polygon in OGC:CRS84
+    bbox: tuple[float, float, float, float] | None = None  # of geometry
+    error: str | None = None  # why the file failed
+
+    @classmethod
+    def of_raster(
+        cls,
+        path: str,
+        info: RasterInfo,
+        nodata_fraction: float,
+        where: Footprint,
+        stat: tuple[int | None, float | None] = (None, None),
+    ) -> Row:
+        """The row of a raster that was read (``stat``: its size and mtime)."""
+        return cls(
+            path=path,
+            height=info.height,
+            width=info.width,
+            bands=info.bands,
+            dtype=info.dtype,
+            nodata_fraction=nodata_fraction,
+            file_size=stat[0],
+            mtime=stat[1],
+            crs=where.crs,
+            pixel_size_x=where.pixel_size_x,
+            pixel_size_y=where.pixel_size_y,
+            geometry=where.wkb,
+            bbox=where.bbox,
+        )
+
+
+# Arrow types of Row's fields, in the table's order, with the embedding second.
+_TYPES: dict[str, pa.DataType] = {
+    "path": pa.string(),
+    "height": pa.int64(),
+    "width": pa.int64(),
+    "bands": pa.int32(),
+    "dtype": pa.string(),
+    "nodata_fraction": pa.float32(),
+    "file_size": pa.int64(),
+    "mtime": pa.timestamp("us", tz="UTC"),
+    "crs": pa.string(),
+    "pixel_size_x": pa.float64(),
+    "pixel_size_y": pa.float64(),
+    "geometry": pa.binary(),  # WKB Polygon, OGC:CRS84
+    "bbox": BBOX,  # GeoParquet 1.1 covering of geometry
+    "error": pa.string(),
+}
+ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Row))
+assert ROW_FIELDS == tuple(_TYPES), "Row and the schema must list the same columns"
 
 
 def schema(dim: int) -> pa.Schema:
     """The table's columns, in order (documented in the README)."""
-    return pa.schema(
-        [
-            pa.field("path", pa.string(), nullable=False),
-            pa.field("embedding", pa.list_(pa.float32(), dim)),
-            pa.field("height", pa.int64()),
-            pa.field("width", pa.int64()),
-            pa.field("bands", pa.int32()),
-            pa.field("dtype", pa.string()),
-            pa.field("nodata_fraction", pa.float32()),
-            pa.field("file_size", pa.int64()),
-            pa.field("mtime", pa.timestamp("us", tz="UTC")),
-            pa.field("crs", pa.string()),
-            pa.field("pixel_size_x", pa.float64()),
-            pa.field("pixel_size_y", pa.float64()),
-            pa.field("geometry", pa.binary()),  # WKB Polygon, OGC:CRS84
-            pa.field("bbox", BBOX),  # GeoParquet 1.1 covering of geometry
-            pa.field("error", pa.string()),
+    fields = [pa.field("path", pa.string(), nullable=False)]
+    fields.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
+    fields += [pa.field(name, _TYPES[name]) for name in ROW_FIELDS[1:]]
+    return pa.schema(fields)
+
+
+def _column(name: str, rows: list[Row]) -> pa.Array:
+    values = [getattr(r, name) for r in rows]
+    if name == "mtime":
+        values = [None if v is None else int(v * 1e6) for v in values]
+    elif name == "bbox":
+        keys = ("xmin", "ymin", "xmax", "ymax")
+        values = [
+            None if v is None else dict(zip(keys, v, strict=True)) for v in values
         ]
-    )
+    return pa.array(values, _TYPES[name])
 
 
 def parts_dir(out: Path) -> Path:
@@ -91,11 +161,12 @@ class PartSink:
         existing = sorted(self.dir.glob("part-*.parquet"))
         self.next_seq = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         self.first_seq = self.next_seq  # parts before this are an earlier run's
-        self.rows: list[tuple[Item, np.ndarray | None]] = []
+        self.rows: list[tuple[Row, np.ndarray | None]] = []
         self.flushed = 0
 
-    def add(self, item: Item, embedding: np.ndarray | None) -> None:
-        self.rows.append((item, embedding))
+    def add(self, row: Row, embedding: np.ndarray | None) -> None:
+        """Buffers a row (``embedding`` None for a failed file)."""
+        self.rows.append((row, embedding))
         if len(self.rows) >= self.rows_per_part:
             self.flush()
 
@@ -109,7 +180,7 @@ class PartSink:
         self.flushed += len(self.rows)
         self.rows = []
 
-    def _table(self, rows: list[tuple[Item, np.ndarray | None]]) -> pa.Table:
+    def _table(self, rows: list[tuple[Row, np.ndarray | None]]) -> pa.Table:
         n = len(rows)
         ok = np.array([e is not None for _, e in rows])
         flat = np.zeros((n, self.dim), np.float32)
@@ -120,24 +191,9 @@ class PartSink:
         embedding = pa.FixedSizeListArray.from_arrays(
             values, self.dim, mask=pa.array(~ok)
         )
-        infos = [it.info or {} for it, _ in rows]
-        cols: dict[str, Any] = {
-            "path": [it.path for it, _ in rows],
-            "embedding": embedding,
-            "height": [i.get("height") for i in infos],
-            "width": [i.get("width") for i in infos],
-            "bands": [i.get("bands") for i in infos],
-            "dtype": [i.get("dtype") for i in infos],
-            "nodata_fraction": [i.get("nodata_fraction") for i in infos],
-            "file_size": [it.file_size for it, _ in rows],
-            "mtime": [
-                None if it.mtime is None else int(it.mtime * 1e6) for it, _ in rows
-            ],
-            **{k: [i.get(k) for i in infos] for k in GEO_COLUMNS},
-            "error": [it.error for it, _ in rows],
-        }
+        facts = [r for r, _ in rows]
         arrays = [
-            c if isinstance(c := cols[f.name], pa.Array) else pa.array(c, f.type)
+            embedding if f.name == "embedding" else _column(f.name, facts)
             for f in self.schema
         ]
         return pa.Table.from_arrays(arrays, schema=self.schema)

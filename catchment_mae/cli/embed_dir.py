@@ -67,6 +67,14 @@ def _shard(
     show_default=True,
     help="Rows flushed to disk at a time (at most these are lost if the machine dies).",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600,
+    show_default=True,
+    help="Seconds one raster may take in a reader process; past it the reader is "
+    "replaced and the file gets a row saying so.",
+)
 @options.recursive_opt
 @click.option(
     "--overwrite", is_flag=True, help="Start over instead of continuing an earlier run."
@@ -83,15 +91,18 @@ def embed_dir(
     device: str,
     shard: tuple[int, int] | None,
     rows_per_part: int,
+    timeout: float,
     recursive: bool | None,
     overwrite: bool,
     as_json: bool,
 ) -> None:
     """Embed every TIFF under INPUT_DIR with MODEL and write one row per raster to
     OUT: path, embedding, height, width, bands, dtype, nodata_fraction, file_size,
-    mtime, error. Files that fail get a row with a null embedding and the reason in
-    `error`; the run goes on. Running the same command again continues: only
-    missing, changed or failed files are embedded (--overwrite starts over).
+    mtime, crs, pixel_size_x, pixel_size_y, geometry (footprint, WKB in
+    OGC:CRS84), bbox, error. Files that fail get a row with a null embedding and
+    the reason in `error`; the run goes on. Running the same command again
+    continues: only missing, changed or failed files are embedded (--overwrite
+    starts over).
 
     \b
     Examples:
@@ -110,7 +121,7 @@ def embed_dir(
         summary = run(
             input_dir, model, out, batch_size=batch_size, num_workers=num_workers,
             device=device, shard=shard, recursive=recursive is not False,
-            overwrite=overwrite, rows_per_part=rows_per_part,
+            overwrite=overwrite, rows_per_part=rows_per_part, timeout=timeout,
             on_item=lambda item: bar.update(1),
         )  # fmt: skip
     finally:
@@ -118,7 +129,5 @@ def embed_dir(
     if as_json:
         click.echo(json.dumps(summary.to_dict(), sort_keys=True))
     else:
-        click.echo(
-            f"{summary.line()} in {summary.seconds:.1f} s; wrote {summary.out}",
-            err=True,
-        )
+        wrote = "" if summary.nothing_new else f"; wrote {summary.out}"
+        click.echo(f"{summary.line()} in {summary.seconds:.1f} s{wrote}", err=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import traceback
 from typing import Any
 
@@ -20,6 +19,7 @@ from catchment_mae.cli.stats import stats
 from catchment_mae.cli.synth import synth
 from catchment_mae.cli.train import train
 from catchment_mae.errors import CmaeError
+from catchment_mae.logs import configure as configure_logging
 
 log = logging.getLogger("catchment_mae")
 
@@ -61,32 +61,6 @@ class _Failure(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"cmae: error: {self.format_message()}", err=True)
-
-
-def configure_logging(verbosity: int) -> None:
-    """-q/-v counts to levels (rasterio's configure_logging); messages on stderr."""
-    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
-        max(verbosity, -2), logging.DEBUG
-    )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    pkg = logging.getLogger("catchment_mae")
-    pkg.handlers[:] = [handler]
-    pkg.setLevel(level)
-    pkg.propagate = False
-    # tifffile logs a warning for every odd tag (e.g. a GDAL_NODATA outside the
-    # dtype, which we handle); show its chatter only with -vv.
-    logging.getLogger("tifffile").setLevel(
-        logging.DEBUG if verbosity >= 2 else logging.ERROR
-    )
-
-
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            return f"cmae: {record.levelname.lower()}: {msg}"
-        return msg
 
 
 @click.group(cls=CmaeGroup, context_settings={"help_option_names": ["-h", "--help"]})

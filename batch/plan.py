@@ -1,0 +1,64 @@
+"""Planning stage: which files of an archive a run embeds (no torch).
+
+A run lists the archive lazily (an archive of millions of files is never held in
+memory), keeps the files of its shard, and skips those an earlier run embedded
+with the same model and whose size and mtime are unchanged; failed files are
+tried again. What it saw is recorded, in listing order, for the final merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+
+from catchment_mae.batch.reader import in_shard, relative, stat_key
+from catchment_mae.batch.writer import done_rows
+from catchment_mae.errors import NoInputError
+from catchment_mae.raster import find_tiffs
+
+
+class Plan:
+    """The files to embed, as an iterator of paths relative to ``root``.
+
+    Args:
+        root: the archive.
+        previous: rows of an earlier run with the same model (or None).
+        shard: (K, N): only the files whose sha1(relative path) % N == K - 1.
+        recursive: search sub-directories.
+
+    Raises:
+        NoInputError: ``root`` is not a directory (raised here, before any output).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        previous: pa.Table | None,
+        shard: tuple[int, int] | None = None,
+        recursive: bool = True,
+    ) -> None:
+        if not root.exists():
+            raise NoInputError(f"{root}: input directory does not exist")
+        if not root.is_dir():
+            raise NoInputError(f"{root}: not a directory")
+        self.root, self.shard, self.recursive = root, shard, recursive
+        self.done = done_rows(previous)
+        self.order: dict[str, int] = {}  # every file of the shard seen: position
+        self.already_done = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for path in find_tiffs(self.root, recursive=self.recursive):
+            rel = relative(path, self.root)
+            if not in_shard(rel, self.shard):
+                continue
+            self.order[rel] = len(self.order)
+            if rel in self.done and self.done[rel] == stat_key(path):
+                self.already_done += 1
+                continue
+            yield rel
+
+    def where(self) -> str:
+        """`` in shard K/N`` or nothing, for messages."""
+        return f" in shard {self.shard[0]}/{self.shard[1]}" if self.shard else ""

@@ -1,0 +1,115 @@
+"""Slots of model input in shared memory: readers write them, onnxruntime reads them.
+
+One POSIX shared-memory segment (``multiprocessing.shared_memory``) holds ``rows``
+slots of three numpy views: ``image`` (rows, C, S, S) float32, ``valid`` (rows, 1,
+S, S) uint8 (the valid fraction in 1/255 steps, as preprocessing keeps it) and
+``scale`` (rows, 2) float32. A reader process writes one raster into the slot it
+is given and sends back only the row's facts; a batch of consecutive slots is fed
+to onnxruntime as it lies, a view, with no copy through pipes and no
+concatenation. The segment is named ``cmae-PID-RANDOM`` and unlinked by its
+creator on every way out; if the creator is killed (``kill -9``), Python's
+resource tracker unlinks it. No torch here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import numpy as np
+
+SEGMENT_PREFIX = "cmae-"
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """What a reader needs to attach: the segment's name and the slot shapes."""
+
+    name: str  # the segment's name (a private ring's is unique too)
+    rows: int
+    in_chans: int
+    size: int
+    shared: bool = True  # False: plain memory of this process (reading inline)
+
+    def offsets(self) -> tuple[int, int, int]:
+        """Byte offsets of image, valid and scale; each 64-byte aligned."""
+        image = self.rows * self.in_chans * self.size**2 * 4
+        valid = self.rows * self.size**2
+        return 0, _align(image), _align(image) + _align(valid)
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets()[2] + self.rows * 2 * 4
+
+
+class SlotRing:
+    """``rows`` slots of model input, shared with reader processes or private.
+
+    Args:
+        rows: slots.
+        in_chans: channels of an image.
+        size: the model's image size.
+        shared: a shared-memory segment (else plain memory of this process).
+    """
+
+    def __init__(self, rows: int, in_chans: int, size: int, shared: bool = True):
+        self._shm: shared_memory.SharedMemory | None = None
+        self._owner = True
+        name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        self.layout = RingLayout(name, rows, in_chans, size, shared)
+        if shared:
+            self._shm = shared_memory.SharedMemory(
+                name=name, create=True, size=self.layout.nbytes
+            )
+            buf = self._shm.buf
+        else:
+            buf = memoryview(bytearray(self.layout.nbytes))
+        self._views(buf)
+
+    @classmethod
+    def attach(cls, layout: RingLayout) -> SlotRing:
+        """The ring a reader process writes into (never unlinks it)."""
+        ring = cls.__new__(cls)
+        ring._shm = shared_memory.SharedMemory(name=layout.name)
+        ring._owner = False
+        ring.layout = layout
+        ring._views(ring._shm.buf)
+        return ring
+
+    def _views(self, buf: memoryview) -> None:
+        lay = self.layout
+        a, b, c = lay.offsets()
+        s = lay.size
+        self.image = np.ndarray((lay.rows, lay.in_chans, s, s), np.float32, buf, a)
+        self.valid = np.ndarray((lay.rows, 1, s, s), np.uint8, buf, b)
+        self.scale = np.ndarray((lay.rows, 2), np.float32, buf, c)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copies slot ``src`` into slot ``dst`` (closing a failed file's gap)."""
+        for arr in (self.image, self.valid, self.scale):
+            arr[dst] = arr[src]
+
+    def close(self) -> None:
+        """Drops the views and the mapping; the creator also unlinks the segment."""
+        self.image = self.valid = self.scale = None  # type: ignore[assignment]
+        shm, self._shm = self._shm, None
+        if shm is None:
+            return
+        with contextlib.suppress(BufferError):  # a view still held elsewhere
+            shm.close()
+        if self._owner:
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+
+    def __enter__(self) -> SlotRing:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _align(n: int, to: int = 64) -> int:
+    return -(-n // to) * to

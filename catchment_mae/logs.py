@@ -1,0 +1,47 @@
+"""Logging on stderr: ``cmae: warning: FILE: reason`` lines, in every process.
+
+The CLI sets the levels from ``-v``/``-q``; reader processes copy them, so a
+warning from a worker reads like one from the main process (never a bare
+library line), and tifffile's chatter about odd tags stays off unless asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def configure(verbosity: int) -> None:
+    """-q/-v counts to levels (rasterio's configure_logging); messages on stderr."""
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        max(verbosity, -2), logging.DEBUG
+    )
+    configure_worker(
+        {
+            "catchment_mae": level,
+            # tifffile logs a warning for every odd tag (e.g. a GDAL_NODATA outside
+            # the dtype, which we handle); show its chatter only with -vv.
+            "tifffile": logging.DEBUG if verbosity >= 2 else logging.ERROR,
+        }
+    )
+
+
+def configure_worker(levels: dict[str, int]) -> None:
+    """Sets each named logger's level; ours gets the one-line stderr format."""
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Formatter())
+    pkg = logging.getLogger("catchment_mae")
+    pkg.handlers[:] = [handler]
+    pkg.propagate = False
+
+
+class Formatter(logging.Formatter):
+    """``cmae: warning: ...`` for warnings and errors, the bare message below."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"cmae: {record.levelname.lower()}: {msg}"
+        return msg
