@@ -1,21 +1,95 @@
-"""The torch Dataset over :mod:`catchment_mae.preprocess` (one path for all)."""
+"""torch Datasets over the one preprocessing path: from the cache, or from TIFFs.
+
+Both give the same batches: the resampled record of :mod:`catchment_mae.preprocess`
+(``z`` float16, ``valid`` uint8) plus each raster's normalisation coefficients
+(``image = a * z + b``), which :func:`catchment_mae.loaders.to_model_input`
+applies on the training device. Shipping float16 and uint8 halves what crosses
+to a GPU, and the cached and the uncached run see the same numbers.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
+from catchment_mae.cache import Entry
 from catchment_mae.errors import BadRasterError
-from catchment_mae.preprocess import PreprocessSpec, load_sample
+from catchment_mae.preprocess import PreprocessSpec, load_resampled, norm_coefficients
+
+
+class CachedDataset(Dataset):
+    """Rasters from the decode-once cache, memory-mapped; a batch is gathered
+    per shard with one fancy index (``__getitems__``), not raster by raster.
+
+    Args:
+        entries: cached rasters (``shard`` and ``row`` set).
+        spec: the preprocessing (its normalisation is applied per batch).
+        cache_dir: the cache's directory (``SampleCache.dir``).
+    """
+
+    def __init__(self, entries: Sequence[Entry], spec: PreprocessSpec, cache_dir: Path):
+        self.cache_dir = Path(cache_dir)
+        self.paths = [e.key.path for e in entries]
+        self.shards = sorted({str(e.shard) for e in entries})
+        index = {s: k for k, s in enumerate(self.shards)}
+        self.shard_of = np.array([index[str(e.shard)] for e in entries], np.int64)
+        self.row_of = np.array([e.row for e in entries], np.int64)
+        self.coef = np.stack(
+            [np.stack(norm_coefficients(e.mean, e.std, spec)) for e in entries]
+        )  # [N, 2, C]: a, b
+        self.scale = np.stack([e.scale for e in entries]).astype(np.float32)
+        self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """One batch (the DataLoader hands the sampler's indices over at once)."""
+        idx = np.asarray(indices, np.int64)
+        first_z, first_v = self._arrays(int(self.shard_of[idx[0]]))
+        z = np.empty((len(idx), *first_z.shape[1:]), np.float16)
+        valid = np.empty((len(idx), *first_v.shape[1:]), np.uint8)
+        for shard in np.unique(self.shard_of[idx]):
+            at = np.flatnonzero(self.shard_of[idx] == shard)
+            zs, vs = self._arrays(int(shard))
+            rows = self.row_of[idx[at]]
+            z[at], valid[at] = zs[rows], vs[rows]
+        return {
+            "z": torch.from_numpy(z),
+            "valid": torch.from_numpy(valid),
+            "coef": torch.from_numpy(self.coef[idx]),
+            "scale": torch.from_numpy(self.scale[idx]),
+            "path": [self.paths[i] for i in idx],
+            "failed": [],
+        }
+
+    def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """A shard's memory maps, opened once per process (each loader worker)."""
+        if shard not in self._open:
+            stem = self.shards[shard]
+            self._open[shard] = (
+                np.load(self.cache_dir / f"{stem}.z.npy", mmap_mode="r"),
+                np.load(self.cache_dir / f"{stem}.valid.npy", mmap_mode="r"),
+            )
+        return self._open[shard]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers reopen the maps themselves: a pickled memmap would copy the data.
+        return {**self.__dict__, "_open": {}}
 
 
 class RasterDataset(Dataset):
-    """Preprocessed rasters; a file that fails yields its reason instead of a crash.
+    """Rasters read from their TIFFs every time (``--no-cache``); a file that
+    fails yields its reason instead of a crash.
 
     Args:
         paths: the TIFF files.
@@ -32,21 +106,56 @@ class RasterDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
         try:
-            s = load_sample(path, self.spec, maxworkers=1)
+            r = load_resampled(path, self.spec, maxworkers=1)
         except BadRasterError as e:
             return {"failed": (path, e.reason)}
-        return {"image": s.image, "valid": s.valid, "scale": s.scale, "path": path}
+        return {
+            "z": r.z,
+            "valid": r.valid,
+            "coef": np.stack(norm_coefficients(r.mean, r.std, self.spec)),
+            "scale": r.scale,
+            "path": path,
+        }
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stacks the good samples; failures travel beside them as (path, reason)."""
+def collate(items: Any) -> dict[str, Any]:
+    """Stacks a RasterDataset's samples (failures travel beside them as (path,
+    reason)); a CachedDataset's batch comes ready and passes through."""
+    if isinstance(items, dict):
+        return items
     good = [it for it in items if "failed" not in it]
     batch: dict[str, Any] = {
         "failed": [it["failed"] for it in items if "failed" in it],
         "path": [it["path"] for it in good],
     }
-    for key in ("image", "valid", "scale"):
+    for key in ("z", "valid", "coef", "scale"):
         batch[key] = (
             torch.from_numpy(np.stack([it[key] for it in good])) if good else None
         )
     return batch
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of the dataset drawn from ``(seed, epoch)`` (``set_epoch``),
+    so loader workers can persist across epochs and a resumed run still sees
+    the same order (DistributedSampler's idea, on one process)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        if not self.shuffle:
+            return iter(range(self.n))
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch: its shuffle, flips and masks depend on nothing else."""
+    return (seed * 1_000_003 + epoch) % (2**63)

@@ -1,10 +1,14 @@
 """The training loop (after MAE's ``engine_pretrain``) and ``train(cfg)``.
 
 ``train_one_epoch`` takes the model, loader, optimizer, device and epoch and returns
-a dict of averages; ``train`` owns set-up, the scan of the data, resume, saving and
+a dict of averages; ``train`` owns set-up, the first pass over the data (which
+fills the decode-once cache, :mod:`catchment_mae.prepare`), resume, saving and
 logging. Each epoch reseeds torch from ``(seed, epoch)``, so masks, flips and the
 shuffle of epoch ``e`` do not depend on how the run got there: resuming from an
 epoch checkpoint gives the same weights as an uninterrupted run (on the CPU).
+
+The loss stays on the device: it is read back (a host sync on a GPU) every
+``log_every`` steps and at the end of each epoch, not after every step.
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,18 +27,31 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from catchment_mae import __version__
+from catchment_mae.checkpoint import (
+    check_resume_config,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+)
 from catchment_mae.config import TrainConfig
-from catchment_mae.data import RasterDataset, collate
+from catchment_mae.data import epoch_seed
 from catchment_mae.errors import ConfigError, NoInputError, TrainingError
 from catchment_mae.interrupt import sigterm_as_interrupt
-from catchment_mae.io import atomic_torch_save, atomic_write_text, check_writable
+from catchment_mae.io import check_writable
+from catchment_mae.loaders import (
+    loader_workers,
+    make_dataset,
+    make_loader,
+    random_flips,
+    to_model_input,
+)
 from catchment_mae.model import ScaleAwareMAE, build_model
-from catchment_mae.preprocess import PreprocessSpec, limit_worker_threads
-from catchment_mae.stats import ScanResult, scan_dir
+from catchment_mae.prepare import Prepared, describe, prepare
+from catchment_mae.preprocess import PreprocessSpec
+from catchment_mae.raster import find_tiffs
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = 1
+__all__ = ["loader_workers", "random_flips"]  # re-exported for callers
 
 
 class TrainingInterrupted(TrainingError):
@@ -58,6 +73,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     files: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    cache: str = ""  # one line: what the cache held, where, how big
 
     def summary(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
@@ -71,6 +87,7 @@ class TrainResult:
             "skipped": len(self.skipped),
             "train_loss": last.get("train_loss"),
             "val_loss": last.get("val_loss"),
+            "cache": self.cache,
         }
 
 
@@ -134,57 +151,95 @@ def train_one_epoch(
     cfg: TrainConfig,
     on_batch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """One pass over the loader; returns averages and the files that failed."""
+    """One pass over the loader; returns averages and the files that failed.
+
+    ``on_batch_end`` is called every ``cfg.log_every`` steps and after the last
+    one, with the mean loss of the steps since its previous call.
+    """
     model.train()
     steps = max(len(loader), 1)
-    flip_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch) + 1)
-    total_loss, total_images, failed = 0.0, 0, []
+    flip_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch) + 1)
+    failed: list[tuple[str, str]] = []
+    meter = _LossMeter(device)
     start = time.perf_counter()
     autocast = autocast_context(device, cfg.precision)
     for step, batch in enumerate(loader):
         failed.extend(batch["failed"])
-        if batch["image"] is None:
+        if batch["z"] is not None:
+            lr = lr_at(epoch + step / steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, valid, scale = to_model_input(batch, device)
+            if cfg.flips:
+                images, valid = random_flips(images, valid, flip_gen)
+            with autocast:
+                loss, _, _ = model(images, valid, scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            meter.add(loss, images.shape[0], batch["path"])
+        if (step + 1) % cfg.log_every and step + 1 < steps:
             continue
-        lr = lr_at(epoch + step / steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, valid, scale = _to_device(batch, device)
-        if cfg.flips:
-            images, valid = random_flips(images, valid, flip_gen)
-        with autocast:
-            loss, _, _ = model(images, valid, scale)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                "(lower --lr, or check the data's norm_mean/norm_std)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        n = images.shape[0]
-        total_loss += loss.item() * n
-        total_images += n
-        if on_batch_end is not None:
+        mean, n = meter.read(f"at epoch {epoch + 1}, step {step + 1}")
+        if on_batch_end is not None and n:
             elapsed = time.perf_counter() - start
             on_batch_end(
                 {
                     "epoch": epoch,
                     "step": step + 1,
                     "steps": steps,
-                    "loss": loss.item(),
-                    "lr": lr,
-                    "images_per_s": total_images / max(elapsed, 1e-9),
+                    "loss": mean,
+                    "lr": lr_at(epoch + (step + 1) / steps, cfg),
+                    "images_per_s": meter.images / max(elapsed, 1e-9),
                 }
             )
     seconds = time.perf_counter() - start
     return {
-        "train_loss": total_loss / total_images if total_images else float("nan"),
-        "images": total_images,
+        "train_loss": meter.mean,
+        "images": meter.images,
         "seconds": seconds,
-        "images_per_s": total_images / max(seconds, 1e-9),
+        "images_per_s": meter.images / max(seconds, 1e-9),
         "lr": lr_at(epoch + 1, cfg),
         "failed": failed,
     }
+
+
+class _LossMeter:
+    """Sums the loss on the device; read back only when asked (one host sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.since = torch.zeros((), dtype=torch.float64, device=device)
+        self.total, self.images, self.pending = 0.0, 0, 0
+        self.paths: list[str] = []  # the files of the steps since the last read
+
+    def add(self, loss: torch.Tensor, n: int, paths: list[str]) -> None:
+        self.since += loss.detach().double() * n
+        self.pending += n
+        self.paths += paths
+
+    def read(self, where: str) -> tuple[float, int]:
+        """Mean loss and images since the last read; TrainingError if it is not
+        finite (naming the files of those steps)."""
+        n, self.pending = self.pending, 0
+        paths, self.paths = self.paths, []
+        if not n:
+            return math.nan, 0
+        value = float(self.since.item())
+        self.since.zero_()
+        if not math.isfinite(value):
+            names = ", ".join(Path(p).name for p in paths[:8])
+            more = f" and {len(paths) - 8} more" if len(paths) > 8 else ""
+            raise TrainingError(
+                f"loss is {value} {where} (lower --lr, or check the data's "
+                f"norm_mean/norm_std; the batches held {names}{more})"
+            )
+        self.total += value
+        self.images += n
+        return value / n, n
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.images if self.images else float("nan")
 
 
 @torch.no_grad()
@@ -196,30 +251,16 @@ def evaluate(
     None when no validation raster could be read.
     """
     model.eval()
-    total, count = 0.0, 0
-    with _seeded(_epoch_seed(cfg.seed, 10**6)), autocast_context(device, cfg.precision):
+    meter = _LossMeter(device)
+    with _seeded(epoch_seed(cfg.seed, 10**6)), autocast_context(device, cfg.precision):
         for batch in loader:
-            if batch["image"] is None:
+            if batch["z"] is None:
                 continue
-            images, valid, scale = _to_device(batch, device)
+            images, valid, scale = to_model_input(batch, device)
             loss, _, _ = model(images, valid, scale)
-            total += loss.item() * images.shape[0]
-            count += images.shape[0]
-    return total / count if count else None
-
-
-def random_flips(
-    images: torch.Tensor, valid: torch.Tensor, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flips each image (and its validity) left-right and up-down at random."""
-    b = images.shape[0]
-    for dim in (-1, -2):
-        flip = (torch.rand(b, generator=gen) < 0.5).to(images.device)[
-            :, None, None, None
-        ]
-        images = torch.where(flip, images.flip(dim), images)
-        valid = torch.where(flip, valid.flip(dim), valid)
-    return images, valid
+            meter.add(loss, images.shape[0], batch["path"])
+    mean, n = meter.read("in the validation pass")
+    return mean if n else None
 
 
 # ---------------------------------------------------------------------- train
@@ -246,18 +287,36 @@ def train(
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if not cfg.input_dir:
         raise ConfigError("input_dir is not set")
-    ckpt = _load_checkpoint(resume) if resume is not None else None
+    ckpt = load_checkpoint(resume) if resume is not None else None
     # A resumed run finishes the outputs its first part was about to write.
     check_writable(
         [cfg.weights_path, cfg.config_path], overwrite=overwrite or ckpt is not None
     )
-
-    scan = _scan(cfg, strict, progress)
-    cfg = _complete_config(cfg, scan)
-    if ckpt is not None:
-        cfg = _check_resume_config(cfg, ckpt, resume)
-    spec = PreprocessSpec.from_mapping(cfg.to_dict())
     device = pick_device(cfg.device)
+    prepared = _prepare(cfg, strict, progress)
+    try:
+        return _train(
+            cfg, prepared, device, ckpt, resume, progress, on_batch_end, on_epoch_end
+        )
+    finally:
+        if prepared.cache is not None:
+            prepared.cache.close()
+
+
+def _train(
+    cfg: TrainConfig,
+    prepared: Prepared,
+    device: torch.device,
+    ckpt: dict[str, Any] | None,
+    resume: str | Path | None,
+    progress: bool,
+    on_batch_end: Callable[[dict[str, Any]], None] | None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    cfg = _complete_config(cfg, prepared)
+    if ckpt is not None:
+        cfg = check_resume_config(cfg, ckpt, resume)
+    spec = cfg.preprocess_spec()
     warn_slow_bf16(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
@@ -269,17 +328,22 @@ def train(
         start_epoch, history = int(ckpt["epoch"]) + 1, list(ckpt["history"])
         log.info("resuming %s at epoch %d", resume, start_epoch + 1)
 
-    train_files, val_files = split_files(scan.files, cfg.val_fraction, cfg.seed)
-    val_loader = _loader(val_files, spec, cfg, shuffle=False) if val_files else None
-    skipped = list(scan.failed)
-    bar = _ProgressBar(progress, cfg, len(train_files))
+    train_idx, val_idx = split_indices(len(prepared.files), cfg.val_fraction, cfg.seed)
+    loader = _loader(prepared, train_idx, spec, cfg, device, shuffle=True)
+    val_loader = (
+        _loader(prepared, val_idx, spec, cfg, device, shuffle=False)
+        if val_idx
+        else None
+    )
+    skipped = list(prepared.failed)
+    bar = _ProgressBar(progress, cfg, len(train_idx))
     try:
         with sigterm_as_interrupt(), open(cfg.metrics_path, "w") as metrics:
             for stats in history:  # a resumed run rewrites the finished epochs first
                 metrics.write(json.dumps(stats) + "\n")
             for epoch in range(start_epoch, cfg.max_epochs):
-                with _seeded(_epoch_seed(cfg.seed, epoch)):
-                    loader = _loader(train_files, spec, cfg, shuffle=True, epoch=epoch)
+                loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+                with _seeded(epoch_seed(cfg.seed, epoch)):
                     bar.start_epoch(epoch)
                     stats = train_one_epoch(
                         model, loader, optimizer, device, epoch, cfg,
@@ -295,7 +359,7 @@ def train(
                     evaluate(model, val_loader, device, cfg) if val_loader else None
                 )
                 history.append(stats)
-                _save_checkpoint(cfg, model, optimizer, epoch, history)
+                save_checkpoint(cfg, model, optimizer, epoch, history)
                 metrics.write(json.dumps(stats) + "\n")
                 metrics.flush()
                 bar.end_epoch(stats)
@@ -312,9 +376,12 @@ def train(
         raise TrainingInterrupted(
             f"interrupted after {done} of {cfg.max_epochs} epoch(s); {hint}"
         ) from e
-    bar.close()
-    _save_model(cfg, model, len(history))
-    _save_plots(cfg, model, history, val_files or train_files, spec, device)
+    finally:
+        bar.close()
+        del loader, val_loader  # stop their workers before the plots
+    save_model(cfg, model, len(history))
+    files = [prepared.files[i] for i in (val_idx or train_idx)]
+    _save_plots(cfg, model, history, files, spec, device)
     return TrainResult(
         weights_path=cfg.weights_path,
         config_path=cfg.config_path,
@@ -323,8 +390,9 @@ def train(
         config=cfg,
         epochs_run=cfg.max_epochs - start_epoch,
         history=history,
-        files=len(scan.files),
+        files=len(prepared.files),
         skipped=skipped,
+        cache=describe(prepared),
     )
 
 
@@ -344,51 +412,69 @@ def split_files(
     files: list[Path], val_fraction: float, seed: int
 ) -> tuple[list[Path], list[Path]]:
     """A seeded split; at least one training file, no validation below 2 files."""
-    n_val = int(round(len(files) * val_fraction))
-    n_val = min(n_val, len(files) - 1) if len(files) > 1 else 0
-    if val_fraction > 0 and n_val == 0 and len(files) >= 10:
+    train, val = split_indices(len(files), val_fraction, seed)
+    return [files[i] for i in train], [files[i] for i in val]
+
+
+def split_indices(
+    n: int, val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """:func:`split_files` on positions: (train, validation), each sorted."""
+    n_val = int(round(n * val_fraction))
+    n_val = min(n_val, n - 1) if n > 1 else 0
+    if val_fraction > 0 and n_val == 0 and n >= 10:
         n_val = 1
-    order = np.random.default_rng(seed).permutation(len(files))
-    val = sorted(files[i] for i in order[:n_val])
-    train = sorted(files[i] for i in order[n_val:])
-    return train, val
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
 # -------------------------------------------------------------------- helpers
-def _scan(cfg: TrainConfig, strict: bool, progress: bool) -> ScanResult:
+def _prepare(cfg: TrainConfig, strict: bool, progress: bool) -> Prepared:
+    """The first pass: every raster read once (into the cache), checked, measured."""
     from tqdm.auto import tqdm
 
+    files = list(find_tiffs(cfg.input_dir, recursive=cfg.recursive))
+    if not files:
+        raise NoInputError(f"{cfg.input_dir}: no .tif/.tiff files found")
     bar = tqdm(
-        desc="scanning", unit="file", disable=None if progress else True, leave=False
-    )
+        total=len(files), desc="reading", unit="file",
+        disable=None if progress else True, leave=False,
+    )  # fmt: skip
 
     def on_file(path: Path, reason: str | None) -> None:
         bar.update(1)
         if strict and reason is not None:
             raise TrainingError(f"{path}: {reason} (--strict)")
 
+    cache_root = None
+    if cfg.cache:
+        from catchment_mae.cache import default_cache_dir
+
+        cache_root = cfg.cache_dir or default_cache_dir()
     try:
-        return scan_dir(
-            cfg.input_dir,
-            recursive=cfg.recursive,
-            bands=cfg.bands,
-            nodata=cfg.nodata,
-            in_chans=cfg.in_chans,
-            max_pixels=cfg.max_pixels,
+        prepared = prepare(
+            files,
+            cfg.preprocess_spec(),
+            cache_root=cache_root,
+            workers=loader_workers(cfg.num_workers, len(files)),
             on_file=on_file,
         )
+    except NoInputError as e:
+        raise NoInputError(f"{cfg.input_dir}: {e}") from e
     finally:
         bar.close()
+    log.debug("%s", describe(prepared))
+    return prepared
 
 
-def _complete_config(cfg: TrainConfig, scan: ScanResult) -> TrainConfig:
+def _complete_config(cfg: TrainConfig, prepared: Prepared) -> TrainConfig:
     """Fills in_chans and, for fixed norm, the data's mean/std."""
     updates: dict[str, Any] = {}
     if cfg.in_chans is None:
-        updates["in_chans"] = scan.bands
+        updates["in_chans"] = prepared.bands
     if cfg.norm_mean is None:
-        updates["norm_mean"] = scan.mean
-        updates["norm_std"] = [s if s > 0 else 1.0 for s in scan.std]
+        updates["norm_mean"] = prepared.mean
+        updates["norm_std"] = [s if s > 0 else 1.0 for s in prepared.std]
         updates["extra"] = {**cfg.extra, "norm_stats_from": "data"}
     return cfg.merged(updates)
 
@@ -402,67 +488,21 @@ def _optimizer(model: ScaleAwareMAE, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _loader(
-    files: list[Path],
+    prepared: Prepared,
+    indices: list[int],
     spec: PreprocessSpec,
     cfg: TrainConfig,
+    device: torch.device,
     shuffle: bool,
-    epoch: int = 0,
 ) -> DataLoader:
-    gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
-    workers = loader_workers(cfg.num_workers, len(files))
-    # Off the main thread (a web UI job), the process has other threads: forking
-    # it could copy a held lock into the workers; start them from a clean server.
-    off_main = threading.current_thread() is not threading.main_thread()
-    return DataLoader(
-        RasterDataset(files, spec),
-        batch_size=cfg.batch_size,
+    return make_loader(
+        make_dataset(prepared, indices, spec),
+        cfg.batch_size,
         shuffle=shuffle,
-        num_workers=workers,
-        multiprocessing_context="forkserver" if workers and off_main else None,
-        collate_fn=collate,
-        generator=gen,
-        worker_init_fn=_init_worker,
-        drop_last=False,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        device=device,
     )
-
-
-def loader_workers(requested: int, n_files: int) -> int:
-    """Data-loading processes: at most one per available core (and per file).
-
-    More workers than cores only oversubscribe the CPU that the training step
-    needs too (and make torch warn).
-    """
-    cores = (
-        len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count()
-    )
-    workers = min(requested, n_files, cores or 1)
-    if workers < requested:
-        log.debug(
-            "num_workers %d -> %d (%s cores, %d files)",
-            requested,
-            workers,
-            cores,
-            n_files,
-        )
-    return workers
-
-
-def _init_worker(worker_id: int) -> None:
-    """One thread per data-loading process: the cores are shared with training."""
-    limit_worker_threads()
-    torch.set_num_threads(1)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(
-        batch[k].to(device, non_blocking=True) for k in ("image", "valid", "scale")
-    )
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (2**63)
 
 
 @contextlib.contextmanager
@@ -509,7 +549,7 @@ class _ProgressBar:
             self.bar.set_postfix(
                 loss=f"{info['loss']:.4f}", img_s=f"{info['images_per_s']:.1f}"
             )
-            self.bar.update(1)
+            self.bar.update(info["step"] - self.bar.n)
 
     def end_epoch(self, stats: dict[str, Any]) -> None:
         self.close()  # the summary line must not land on the bar's line
@@ -524,81 +564,6 @@ class _ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-# ------------------------------------------------------------- saving/loading
-def _save_model(cfg: TrainConfig, model: ScaleAwareMAE, epochs: int) -> None:
-    """``NAME.pth``: plain data only, loadable with ``weights_only=True``."""
-    state = {
-        "model": _cpu_state(model),
-        "config": cfg.to_dict(),
-        "epoch": epochs,
-        "cmae_version": __version__,
-        "format_version": CHECKPOINT_FORMAT,
-    }
-    atomic_torch_save(state, cfg.weights_path)
-    atomic_write_text(cfg.config_path, cfg.to_json())
-
-
-def _save_checkpoint(
-    cfg: TrainConfig,
-    model: ScaleAwareMAE,
-    optimizer: torch.optim.Optimizer,
-    epoch: int,
-    history: list[dict[str, Any]],
-) -> None:
-    state = {
-        "model": _cpu_state(model),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "history": history,
-        "config": cfg.to_dict(),
-        "cmae_version": __version__,
-        "format_version": CHECKPOINT_FORMAT,
-    }
-    atomic_torch_save(state, cfg.checkpoint_path)
-
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def _load_checkpoint(path: str | Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise TrainingError(f"{path}: checkpoint does not exist") from e
-    except Exception as e:  # unpickling errors come in many types; keep the reason
-        raise TrainingError(
-            f"{path}: not a cmae checkpoint ({type(e).__name__}: {e})"
-        ) from e
-    if (
-        not isinstance(ckpt, dict)
-        or not {"model", "optimizer", "epoch", "config"} <= ckpt.keys()
-    ):
-        raise TrainingError(f"{path}: not a cmae epoch checkpoint (NAME.ckpt.pth)")
-    return ckpt
-
-
-# Keys that may differ between the original run and its resumption.
-_RESUME_FREE_KEYS = {"max_epochs", "num_workers", "device", "extra", "input_dir"}
-
-
-def _check_resume_config(
-    cfg: TrainConfig, ckpt: dict[str, Any], path: str | Path | None
-) -> TrainConfig:
-    saved = TrainConfig.from_dict(ckpt["config"])
-    diff = [
-        k
-        for k, v in cfg.to_dict().items()
-        if k not in _RESUME_FREE_KEYS and v != getattr(saved, k)
-    ]
-    if diff:
-        raise TrainingError(
-            f"{path}: was trained with other settings ({', '.join(sorted(diff))}); "
-            "resume with the same config"
-        )
-    return cfg
 
 
 def _save_plots(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,11 @@ import tifffile
 from click.testing import CliRunner
 
 from catchment_mae.synth import DemSpec, generate_dems, write_dem
+
+# Tests never write into the user's cache: one decode-once cache for the session
+# (CLI subprocesses inherit it), removed at exit.
+os.environ["CMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="cmae-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CMAE_CACHE_DIR"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CMAE_SHARED_DIR", REPO.parent / "shared"))

@@ -107,6 +107,26 @@ from catchment_mae.config import TrainConfig
 @options.recursive_opt
 @options.max_pixels_opt
 @click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=str),
+    help="Decode-once cache of the resampled rasters (default: $CMAE_CACHE_DIR, "
+    "else $XDG_CACHE_HOME/cmae, else ~/.cache/cmae). The first run reads each "
+    "raster once into it; later epochs and runs with the same reading settings "
+    "read no TIFF.",
+)
+@click.option(
+    "--no-cache",
+    "no_cache",
+    is_flag=True,
+    help="Read the TIFFs every epoch instead (nothing written to disk).",
+)
+@click.option(
+    "--log-every",
+    type=click.IntRange(min=1),
+    help="Steps between reading the loss back (a GPU sync); default 20.",
+)
+@click.option(
     "--resume",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Continue from an epoch checkpoint (NAME.ckpt.pth).",
@@ -123,6 +143,7 @@ def train(
     overwrite: bool,
     strict: bool,
     as_json: bool,
+    no_cache: bool,
     **flags: Any,
 ) -> None:
     """Train a scale-aware MAE on INPUT_DIR and write NAME.pth + NAME.json.
@@ -139,6 +160,8 @@ def train(
 
     cfg = TrainConfig.from_json(config_file) if config_file else TrainConfig()
     overrides = options.drop_none(flags)
+    if no_cache:
+        overrides["cache"] = False
     if input_dir is not None:
         overrides["input_dir"] = input_dir
     cfg = cfg.merged(overrides)
@@ -150,6 +173,7 @@ def train(
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
     elif verbosity >= 0:
+        click.echo(summary["cache"], err=True)
         click.echo(
             f"trained on {summary['files']} raster(s), {summary['skipped']} skipped; "
             f"wrote {summary['weights']} and {summary['config']}",

@@ -1,0 +1,101 @@
+"""What training writes and reads back: the model, the epoch checkpoint, resuming.
+
+Plain data only (state dicts, lists, numbers, strings), so every file loads with
+``torch.load(path, weights_only=True)``; each is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from catchment_mae import __version__
+from catchment_mae.config import TrainConfig
+from catchment_mae.errors import TrainingError
+from catchment_mae.io import atomic_torch_save, atomic_write_text
+
+CHECKPOINT_FORMAT = 1
+# Keys that may differ between the original run and its resumption.
+RESUME_FREE_KEYS = {
+    "max_epochs", "num_workers", "device", "extra", "input_dir", "cache", "cache_dir",
+    "log_every",
+}  # fmt: skip
+
+
+def save_model(cfg: TrainConfig, model: torch.nn.Module, epochs: int) -> None:
+    """``NAME.pth`` and ``NAME.json``: the weights and the config used."""
+    state = {
+        "model": cpu_state(model),
+        "config": cfg.to_dict(),
+        "epoch": epochs,
+        "cmae_version": __version__,
+        "format_version": CHECKPOINT_FORMAT,
+    }
+    atomic_torch_save(state, cfg.weights_path)
+    atomic_write_text(cfg.config_path, cfg.to_json())
+
+
+def save_checkpoint(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    history: list[dict[str, Any]],
+) -> None:
+    """``NAME.ckpt.pth``: what ``--resume`` needs after epoch ``epoch``."""
+    state = {
+        "model": cpu_state(model),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "config": cfg.to_dict(),
+        "cmae_version": __version__,
+        "format_version": CHECKPOINT_FORMAT,
+    }
+    atomic_torch_save(state, cfg.checkpoint_path)
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """An epoch checkpoint, checked to be one.
+
+    Raises:
+        TrainingError: missing, unreadable, or not a cmae epoch checkpoint.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise TrainingError(f"{path}: checkpoint does not exist") from e
+    except Exception as e:  # unpickling errors come in many types; keep the reason
+        raise TrainingError(
+            f"{path}: not a cmae checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    if (
+        not isinstance(ckpt, dict)
+        or not {"model", "optimizer", "epoch", "config"} <= ckpt.keys()
+    ):
+        raise TrainingError(f"{path}: not a cmae epoch checkpoint (NAME.ckpt.pth)")
+    return ckpt
+
+
+def check_resume_config(
+    cfg: TrainConfig, ckpt: dict[str, Any], path: str | Path | None
+) -> TrainConfig:
+    """``cfg`` if it trains what the checkpoint was training, else TrainingError."""
+    saved = TrainConfig.from_dict(ckpt["config"])
+    diff = [
+        k
+        for k, v in cfg.to_dict().items()
+        if k not in RESUME_FREE_KEYS and v != getattr(saved, k)
+    ]
+    if diff:
+        raise TrainingError(
+            f"{path}: was trained with other settings ({', '.join(sorted(diff))}); "
+            "resume with the same config"
+        )
+    return cfg

@@ -1,0 +1,314 @@
+"""Training's first pass: every raster read once, into the cache and the statistics.
+
+Before the first step, training needs each raster checked (bad files are
+skipped with their reason), the band count, and, when ``norm_mean``/``norm_std``
+come from the data, their valid-pixel statistics. This pass reads every raster
+that is not in the cache yet, in reader processes on every core, writes its
+resampled arrays into the cache as it goes, and merges the statistics from each
+raster's own (count, mean, std), which the cache keeps. A later run over the same
+files with the same reading settings reads no TIFF at all. Without a cache
+(``--no-cache``) it only checks and measures; the epochs then read the files.
+
+The statistics are those of the pixels as read for the model: for a COG with
+overviews, the smallest overview still at least ``image_size``, as embedding
+reads it. No torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catchment_mae.cache import (
+    SHARD_ROWS,
+    Entry,
+    FileKey,
+    SampleCache,
+    ShardBuild,
+    ShardTarget,
+    write_row,
+)
+from catchment_mae.errors import BadRasterError, NoInputError
+from catchment_mae.preprocess import PreprocessSpec, load_resampled
+from catchment_mae.stats import RunningStats
+from catchment_mae.workers import ReaderPool, failure_reason
+
+log = logging.getLogger(__name__)
+
+# Files being read at once, per reader process (bounds the futures held).
+IN_FLIGHT_PER_WORKER = 16
+
+
+@dataclass
+class Prepared:
+    """What the first pass found.
+
+    Attributes:
+        files: the usable rasters, in listing order.
+        entries: their facts, aligned with ``files`` (``shard`` set when cached).
+        failed: (path, reason) of every file that cannot be used.
+        bands: the band count every usable raster has.
+        stats: valid-pixel statistics over all usable rasters.
+        cache: the cache, or None (``--no-cache``).
+        reused: rasters found in the cache; the others were read now.
+    """
+
+    files: list[Path] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    bands: int | None = None
+    stats: RunningStats = field(default_factory=RunningStats)
+    cache: SampleCache | None = None
+    reused: int = 0
+
+    @property
+    def mean(self) -> list[float]:
+        assert self.stats.mean is not None
+        return [float(v) for v in self.stats.mean]
+
+    @property
+    def std(self) -> list[float]:
+        return [float(v) for v in self.stats.std]
+
+
+def build_one(
+    path: str, key: FileKey, spec: PreprocessSpec, target: ShardTarget | None
+) -> tuple[Entry | None, int, str | None]:
+    """Reader-process task: reads one raster, writes it into its shard row (if
+    caching); returns its entry and CRC, or its failure reason."""
+    try:
+        r = load_resampled(path, spec)
+    except BadRasterError as e:
+        return None, 0, e.reason
+    except Exception as e:  # a reader must report, not die: keep the reason
+        return None, 0, failure_reason(e)
+    crc = write_row(target, r) if target is not None else 0
+    return Entry.of(key, r), crc, None
+
+
+def prepare(
+    files: Sequence[Path],
+    spec: PreprocessSpec,
+    *,
+    cache_root: str | os.PathLike[str] | None,
+    workers: int,
+    on_file: Callable[[Path, str | None], None] | None = None,
+    timeout: float | None = None,
+) -> Prepared:
+    """Checks, measures and (with ``cache_root``) caches every raster of ``files``.
+
+    ``spec.in_chans`` (or, when None, the first good raster's band count) is the
+    band count every raster must have.
+
+    Args:
+        files: the rasters, in listing order.
+        spec: the preprocessing; its normalisation is not needed yet.
+        cache_root: the cache's root directory, or None for no cache.
+        workers: reader processes (0: read here).
+        on_file: called after each file with its path and failure reason (or
+            None); progress bars and --strict hook in here (it may raise).
+        timeout: seconds one raster may take in a reader process.
+
+    Raises:
+        NoInputError: no file could be used.
+    """
+    result = Prepared()
+    if cache_root is not None:
+        result.cache = SampleCache(cache_root, spec)
+    try:
+        _prepare(result, list(files), spec, workers, on_file, timeout)
+    except BaseException:
+        if result.cache is not None:
+            result.cache.close()
+        raise
+    if not result.files:
+        if result.cache is not None:
+            result.cache.close()
+        first = result.failed[0] if result.failed else ("", "no files")
+        raise NoInputError(
+            f"none of the {len(files)} TIFF file(s) could be used "
+            f"(first: {first[0]}: {first[1]})"
+        )
+    for e in result.entries:
+        result.stats.merge(e.count, e.mean, e.std)
+    return result
+
+
+def _prepare(
+    result: Prepared,
+    files: list[Path],
+    spec: PreprocessSpec,
+    workers: int,
+    on_file: Callable[[Path, str | None], None] | None,
+    timeout: float | None,
+) -> None:
+    outcome: dict[int, Entry | str] = {}  # file index -> entry or reason
+    keys: dict[int, FileKey] = {}
+    for i, path in enumerate(files):
+        try:
+            keys[i] = FileKey.of(path)
+        except OSError as e:
+            outcome[i] = f"cannot open: {e.strerror or e}"
+    found = result.cache.lookup(keys.values()) if result.cache is not None else {}
+    result.reused = len(found)
+    bands = spec.in_chans or (len(spec.bands) if spec.bands else None)
+    todo = []
+    for i in sorted(keys):
+        entry = found.get(keys[i])
+        if entry is None:
+            todo.append(i)
+            continue
+        outcome[i] = entry
+        if bands is None:
+            bands = len(entry.mean)
+    if bands is None:  # the first good raster decides: read until one is good
+        while todo:
+            entry, _, reason = build_one(str(files[todo[0]]), keys[todo[0]], spec, None)
+            if entry is not None:
+                bands = len(entry.mean)  # read again below, into the cache
+                break
+            outcome[todo.pop(0)] = str(reason)
+    result.bands = bands
+    report = _Reporter(result, files, outcome, bands, on_file)
+    report()
+    if todo:
+        spec = dataclasses.replace(spec, in_chans=bands)
+        with ReaderPool(workers, timeout=timeout) as pool:
+            _build(result.cache, files, keys, todo, spec, pool, outcome, report)
+    report()
+
+
+class _Reporter:
+    """Settles files in listing order as their outcome becomes known: a file
+    with another band count fails, each is reported once (``on_file``), and
+    ``result`` collects them."""
+
+    def __init__(
+        self,
+        result: Prepared,
+        files: list[Path],
+        outcome: dict[int, Entry | str],
+        bands: int | None,
+        on_file: Callable[[Path, str | None], None] | None,
+    ) -> None:
+        self.result, self.files, self.outcome = result, files, outcome
+        self.bands, self.on_file, self.next = bands, on_file, 0
+
+    def __call__(self) -> None:
+        while self.next in self.outcome:
+            path, got = self.files[self.next], self.outcome.pop(self.next)
+            self.next += 1
+            if isinstance(got, Entry) and len(got.mean) != self.bands:
+                got = (
+                    f"has {len(got.mean)} band(s) but the model takes {self.bands} "
+                    "(in_chans; choose bands with --bands)"
+                )
+            if isinstance(got, Entry):
+                self.result.files.append(path)
+                self.result.entries.append(got)
+            else:
+                self.result.failed.append((str(path), got))
+                log.warning("skipped %s: %s", path, got)
+            if self.on_file is not None:
+                self.on_file(path, None if isinstance(got, Entry) else got)
+
+
+def _build(
+    cache: SampleCache | None,
+    files: list[Path],
+    keys: dict[int, FileKey],
+    todo: list[int],
+    spec: PreprocessSpec,
+    pool: ReaderPool,
+    outcome: dict[int, Entry | str],
+    report: Callable[[], None],
+) -> None:
+    """Reads ``todo`` in the pool, into new cache shards; fills ``outcome``."""
+    limit = max(1, pool.workers) * IN_FLIGHT_PER_WORKER
+    pending: deque[tuple[int, Future, _Slot | None]] = deque()
+    shards: list[_Shard] = []
+    try:
+        for n, i in enumerate(todo):
+            slot = None
+            if cache is not None:
+                if not shards or shards[-1].used == shards[-1].build.rows:
+                    rows = min(SHARD_ROWS, len(todo) - n)
+                    shards.append(_Shard(cache.new_shard(rows, int(spec.in_chans))))
+                slot = shards[-1].take()
+            target = slot.shard.build.target(slot.row) if slot else None
+            pending.append(
+                (i, pool.submit(build_one, str(files[i]), keys[i], spec, target), slot)
+            )
+            while len(pending) >= limit:
+                _settle(*pending.popleft(), pool, outcome)
+                report()
+        while pending:
+            _settle(*pending.popleft(), pool, outcome)
+            report()
+    except BaseException:
+        for shard in shards:
+            if not shard.committed:
+                shard.build.discard()
+        raise
+
+
+@dataclass
+class _Shard:
+    """A shard being built: rows handed out, rows settled."""
+
+    build: ShardBuild
+    used: int = 0
+    settled: int = 0
+    committed: bool = False
+
+    def take(self) -> _Slot:
+        self.used += 1
+        return _Slot(self, self.used - 1)
+
+
+@dataclass
+class _Slot:
+    shard: _Shard
+    row: int
+
+
+def _settle(
+    i: int,
+    fut: Future,
+    slot: _Slot | None,
+    pool: ReaderPool,
+    outcome: dict[int, Entry | str],
+) -> None:
+    try:
+        entry, crc, reason = fut.result()
+    except Exception as e:  # timed out, or the reader died
+        entry, crc, reason = None, 0, failure_reason(e, pool.timeout)
+    outcome[i] = entry if entry is not None else str(reason)
+    if slot is None:
+        return
+    shard = slot.shard
+    if entry is not None:
+        shard.build.add(entry, slot.row, crc)
+    shard.settled += 1
+    if shard.settled == shard.build.rows:  # every row written: make it visible
+        shard.build.commit()
+        shard.committed = True
+
+
+def describe(prepared: Prepared) -> str:
+    """One line about the cache: what was reused, what was read, where, how big."""
+    cache = prepared.cache
+    if cache is None:
+        return "cache: none (--no-cache); every epoch reads the TIFFs"
+    total = len(prepared.files) + len(prepared.failed)
+    size = cache.nbytes() / 2**20
+    return (
+        f"cache: {prepared.reused} of {total} raster(s) reused, "
+        f"{total - prepared.reused} read now; {size:.1f} MB in {cache.dir}"
+    )
