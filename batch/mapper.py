@@ -45,7 +45,8 @@ class Mapper:
     def __init__(
         self, model: str | os.PathLike[str], device: str, threads: int | None
     ) -> None:
-        self.session = create_session(model, device, threads=threads)
+        # On the CPU the readers need the cores between runs: no spinning.
+        self.session = create_session(model, device, threads=threads, spinning=False)
         self.provider: str = self.session.get_providers()[0]
         meta = read_metadata(self.session, model)
         self.spec: PreprocessSpec = spec_from_metadata(meta)

@@ -91,6 +91,28 @@ def test_train__writes_pth_and_json(runner, tmp_path, dem_dir):
     assert cfg["decoder_dim"] == 32  # from --config, flags on top
 
 
+def test_train__cache_dir_and_no_cache(runner, tmp_path, dem_dir):
+    cache = tmp_path / "my-cache"
+    first = _train(runner, tmp_path, dem_dir, "--cache", str(cache), out="a.pth")
+    assert first.exit_code == 0, first.output
+    assert "cache: 0 of 12 raster(s) reused, 12 read now;" in first.stderr
+    assert f"MB in {cache}" in first.stderr
+    second = _train(
+        runner, tmp_path, dem_dir, "--cache", str(cache), "--json", out="b.pth"
+    )
+    summary = json.loads(second.stdout)
+    assert summary["cache"].startswith("cache: 12 of 12 raster(s) reused, 0 read now")
+    before = sorted(cache.rglob("*"))
+    none = _train(runner, tmp_path, dem_dir, "--no-cache", "--json", out="c.pth")
+    assert none.exit_code == 0, none.output
+    assert "no-cache" in json.loads(none.stdout)["cache"]
+    assert sorted(cache.rglob("*")) == before
+    cfg = json.loads((tmp_path / "c.json").read_text())
+    assert cfg["cache"] is False
+    help_text = runner.invoke(cli, ["train", "--help"]).output
+    assert "--cache" in help_text and "~/.cache/cmae" in help_text
+
+
 def test_train__bad_files_are_skipped_with_their_reason(runner, tmp_path, mixed_dir):
     result = _train(runner, tmp_path, mixed_dir, "--json")
     assert result.exit_code == 0, result.output

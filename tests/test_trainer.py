@@ -92,6 +92,54 @@ def test_train__resume_gives_the_same_weights(tiny_config, tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train__from_the_cache_or_the_tiffs_the_same_weights(
+    tiny_config, tmp_path, workers
+):
+    """The cache changes where the pixels come from, not what they are: a run from
+    the cache, one that builds it and one without it end with equal weights."""
+    cfg = {**tiny_config, "max_epochs": 2, "num_workers": workers}
+    cache = str(tmp_path / "cache")
+    weights = []
+    for name, extra in (
+        ("build", {"cache_dir": cache}),
+        ("reuse", {"cache_dir": cache}),
+        ("none", {"cache": False}),
+    ):
+        out = str(tmp_path / name / "m.pth")
+        r = train({**cfg, **extra, "model_output_path": out}, progress=False)
+        weights.append(torch.load(r.weights_path, weights_only=True)["model"])
+        if name == "reuse":
+            assert r.cache.startswith("cache: 12 of 12 raster(s) reused, 0 read now")
+        if name == "none":
+            assert "no-cache" in r.cache
+    for w in weights[1:]:
+        for k in w:
+            assert torch.equal(w[k], weights[0][k]), k
+    assert list((tmp_path / "cache").glob("samples-*/*.z.npy"))
+
+
+def test_train__the_loss_is_read_every_log_every_steps(tiny_config):
+    calls = []
+    cfg = {**tiny_config, "max_epochs": 1, "batch_size": 2, "log_every": 2}
+    result = train(cfg, progress=False, on_batch_end=calls.append)
+    # 11 training files in batches of 2: 6 steps; read after 2, 4 and 6.
+    assert [c["step"] for c in calls] == [2, 4, 6]
+    assert all(c["steps"] == 6 and math.isfinite(c["loss"]) for c in calls)
+    images = [2, 2, 2, 2, 2, 1]
+    mean = sum(c["loss"] * n for c, n in zip(calls, [4, 4, 3], strict=True)) / 11
+    assert result.history[0]["train_loss"] == pytest.approx(mean)
+    assert result.history[0]["images"] == sum(images)
+
+
+def test_train__a_non_finite_loss_names_the_files(tiny_config):
+    # A norm_std of 1e-30 turns altitudes into values whose squares overflow.
+    cfg = {**tiny_config, "norm_mean": [0.0], "norm_std": [1e-30], "log_every": 1}
+    with pytest.raises(TrainingError, match=r"loss is (inf|nan) at epoch 1, step 1 .*"
+                       r"the batches held catchment_\d+\.tif"):  # fmt: skip
+        train(cfg, progress=False)
+
+
 def test_train__resume_refuses_another_config(trained, tiny_config):
     with pytest.raises(TrainingError, match="other settings.*mask_ratio"):
         train(

@@ -399,6 +399,8 @@ def _train_config(params: dict[str, Any]) -> tuple[Any, bool]:
         "input_dir": str(dataset),
         "model_output_path": str(s.model_root / f"{name}.pth"),
         "device": s.device,
+        # The decode-once cache stays inside the server's roots too.
+        "cache_dir": str(s.model_root / ".cache"),
     }
     vit = str(params.get("vit_model_name") or "vit_small_patch16_224").strip()
     if not _is_timm_vit(vit):

@@ -1,0 +1,376 @@
+"""The data path against its limits, side by side in one run (embed-dir and training).
+
+embed-dir, on generated DEM GeoTIFFs (64-1024 px, log-uniform, LZW/DEFLATE), for
+a negligible model (ViT depth 1, width 32) and vit_small, all at 224 px:
+
+  (d) the reader pool alone: ``load_sample`` in one process per core, results
+      dropped (multiprocessing.Pool, chunks of 4). (d+) adds the row's footprint,
+      which embed-dir computes per file too;
+  (a) the bare onnxruntime encoder on ready tensors, all cores;
+  (b) ``embed_dir()`` end to end (pool start, session, listing, Parquet merge
+      included), and the ``cmae embed-dir`` command's wall time;
+  L = 1 / (1/a + 1/d): reading and the model share the CPU.
+  Targets: negligible model b >= 0.9 d; vit_small b >= 0.9 L.
+
+Then the peak memory of ``cmae embed-dir`` over N files and over 10 N (the same
+files hard-linked ten times, so the work per file is the same): within 10 %.
+
+Training (vit_tiny at 224 px, batch 32, the CPU):
+
+  (s) the in-memory step rate: forward, backward and AdamW on a batch already
+      in memory, images/s;
+  uncached epoch: ``--no-cache``, each epoch reads the TIFFs (loader workers);
+  first epoch with the cache: the pass that reads every raster into the cache,
+  then the epoch, images/s over both; target >= 0.9 min(d, s);
+  cached epoch: a later epoch, from the memory-mapped cache; target >= 0.9 s.
+
+Usage:
+    python benchmarks/pipeline.py                          # everything
+    python benchmarks/pipeline.py --parts embed --files 600
+    python benchmarks/pipeline.py --parts train --train-files 96
+    python benchmarks/pipeline.py --data /tmp/dems         # reuse generated files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Reader processes import this file as their __main__ (forkserver): no torch at
+# its top level, as in the cmae command, so they start as fast.
+from catchment_mae.geo import footprint
+from catchment_mae.preprocess import (
+    PreprocessSpec,
+    limit_worker_threads,
+    load_resampled,
+    load_sample,
+    normalise,
+)
+from catchment_mae.synth import generate_dems
+
+CMAE = [sys.executable, "-m", "catchment_mae.cli.main"]
+SPEC = PreprocessSpec(image_size=224, in_chans=1, norm="per-raster")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+# ------------------------------------------------------------------ embed-dir
+def _pixels_only(path: Path) -> None:
+    load_sample(path, SPEC)
+
+
+def _pixels_and_row(path: Path) -> None:
+    r = load_resampled(path, SPEC)
+    normalise(r, SPEC)
+    footprint(r.info.geo, r.info.height, r.info.width)
+
+
+def read_rate(files: list[Path], work) -> float:  # noqa: ANN001
+    """(d): rasters/s of a plain pool of readers, started before the clock."""
+    ctx = mp.get_context("forkserver")
+    with ctx.Pool(cores(), initializer=limit_worker_threads) as pool:
+        pool.map(work, files[: 2 * cores()])
+        t0 = time.perf_counter()
+        for _ in pool.imap_unordered(work, files, chunksize=4):
+            pass
+        return len(files) / (time.perf_counter() - t0)
+
+
+def make_encoder(name: str, out: Path, **override: int) -> Path:
+    """An exported encoder (random weights: speed does not depend on training)."""
+    import torch
+
+    from catchment_mae.config import TrainConfig
+    from catchment_mae.export.onnx import export_encoder
+    from catchment_mae.io import atomic_torch_save, atomic_write_text
+    from catchment_mae.model import build_model
+
+    stem = out / (name + "".join(f"-{k}{v}" for k, v in override.items()))
+    cfg = TrainConfig(
+        vit_model_name=name, image_size=224, in_chans=1, norm="per-raster",
+        model_output_path=str(stem) + ".pth", **override,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    atomic_torch_save(
+        {"model": build_model(cfg).state_dict(), "config": cfg.to_dict()},
+        cfg.weights_path,
+    )
+    atomic_write_text(cfg.config_path, cfg.to_json())
+    onnx = Path(str(stem) + ".onnx")
+    export_encoder(cfg.weights_path, onnx, validate=False, overwrite=True)
+    return onnx
+
+
+def bare_rate(onnx: Path, batch: int, repeats: int = 5) -> float:
+    """(a): onnxruntime alone, all cores, on ready tensors."""
+    from catchment_mae.runtime import create_session, run_encoder
+
+    sess = create_session(onnx, "cpu", threads=cores())
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((batch, 1, 224, 224)).astype(np.float32)
+    scale = np.log(rng.uniform(64, 1024, (batch, 2))).astype(np.float32)
+    run_encoder(sess, image, scale)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_encoder(sess, image, scale)
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def embed_rate(root: Path, onnx: Path, out: Path, batch: int) -> float:
+    """(b): embed_dir() in this process, start to finish, images/s."""
+    from catchment_mae.batch.runner import embed_dir
+
+    t0 = time.perf_counter()
+    s = embed_dir(root, onnx, out, batch_size=batch, overwrite=True)
+    return s.embedded / (time.perf_counter() - t0)
+
+
+def command_rate(root: Path, onnx: Path, out: Path, batch: int) -> float:
+    """(b) as a user runs it: the command's wall time (interpreter start too)."""
+    cmd = [*CMAE, "-q", "embed-dir", str(root), "--model", str(onnx), "--out",
+           str(out), "--batch-size", str(batch), "--json", "--overwrite"]  # fmt: skip
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"cmae embed-dir failed: {r.stderr[-500:]}")
+    return json.loads(r.stdout)["embedded"] / seconds
+
+
+def bench_embed(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa: ANN001
+    models = {
+        "negligible (depth 1, width 32)": make_encoder(
+            "vit_tiny_patch16_224", tmp, depth=1, embed_dim=32, num_heads=2
+        ),
+        "vit_small_patch16_224": make_encoder("vit_small_patch16_224", tmp),
+    }
+    for label, onnx in models.items():
+        a = bare_rate(onnx, args.batch_size)
+        ds, dps, bs, cs = [], [], [], []
+        for _ in range(args.repeats):  # interleaved: the VM's speed drifts
+            ds.append(read_rate(files, _pixels_only))
+            dps.append(read_rate(files, _pixels_and_row))
+            bs.append(embed_rate(root, onnx, tmp / "b.parquet", args.batch_size))
+            cs.append(command_rate(root, onnx, tmp / "c.parquet", args.batch_size))
+        d, dp, b, c = (statistics.median(x) for x in (ds, dps, bs, cs))
+        limit = 1 / (1 / a + 1 / d)
+        print(f"{label}:")
+        print(f"  (a) bare onnxruntime {a:.1f} img/s; (d) readers {d:.1f}/s, "
+              f"(d+) with footprints {dp:.1f}/s; L = {limit:.1f}")  # fmt: skip
+        print(f"  (b) embed_dir() {b:.1f} img/s: b/d {b / d:.2f}, b/d+ {b / dp:.2f}, "
+              f"b/L {b / limit:.2f}; the command {c:.1f} img/s "
+              f"(c/L {c / limit:.2f})")  # fmt: skip
+        print(f"      runs: d {_fmt(ds)}, b {_fmt(bs)}")
+
+
+def _fmt(xs: list[float]) -> str:
+    return "/".join(f"{x:.0f}" for x in xs)
+
+
+def bench_memory(root: Path, files: list[Path], tmp: Path, n: int) -> None:
+    onnx = make_encoder("vit_tiny_patch16_224", tmp, depth=1, embed_dim=32, num_heads=2)
+    small, big = tmp / "rss_small", tmp / "rss_big"
+    small.mkdir()
+    for p in files[:n]:
+        os.link(p, small / p.name)
+        for k in range(10):
+            (big / f"{k}").mkdir(parents=True, exist_ok=True)
+            os.link(p, big / f"{k}" / p.name)
+    rss = []
+    for where in (small, big):
+        out = tmp / f"rss_{where.name}.parquet"
+        rss.append(
+            peak_rss_mb(
+                [
+                    *CMAE,
+                    "-q",
+                    "embed-dir",
+                    str(where),
+                    "--model",
+                    str(onnx),
+                    "--out",
+                    str(out),
+                ]
+            )  # fmt: skip
+        )
+    print(
+        f"peak RSS of cmae embed-dir (negligible model, process tree): {n} files "
+        f"{rss[0]:.0f} MB, {10 * n} files {rss[1]:.0f} MB -> ratio "
+        f"{rss[1] / rss[0]:.3f} (target <= 1.1)"
+    )
+
+
+def peak_rss_mb(cmd: list[str]) -> float:
+    """Peak RSS of ``cmd``'s process tree: the sum of each process's high-water
+    mark (Linux VmHWM, exact, unlike sampling RSS), polled until each exits."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = psutil.Process(proc.pid)
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for p in procs:
+                try:
+                    peaks[p.pid] = max(peaks.get(p.pid, 0), _hwm(p.pid))
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.02)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    _, err = proc.communicate()
+    done.set()
+    t.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {err.decode()[-500:]}")
+    return sum(peaks.values()) / 2**20
+
+
+def _hwm(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# ------------------------------------------------------------------- training
+def step_rate(cfg, repeats: int = 5) -> float:  # noqa: ANN001
+    """(s): train steps on one batch already in memory, images/s."""
+    import torch
+
+    from catchment_mae.model import build_model
+    from catchment_mae.trainer import _optimizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = _optimizer(model, cfg)
+    b, s = cfg.batch_size, cfg.image_size
+    images = torch.randn(b, 1, s, s)
+    valid = torch.ones(b, 1, s, s)
+    scale = torch.log(torch.full((b, 2), 300.0))
+    model.train()
+
+    def step() -> None:
+        loss, _, _ = model(images, valid, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return b / statistics.median(times)
+
+
+def bench_train(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa: ANN001
+    from catchment_mae.config import TrainConfig
+    from catchment_mae.trainer import train
+
+    data = tmp / "train_dems"
+    data.mkdir()
+    for p in files[: args.train_files]:
+        os.link(p, data / p.name)
+    base = dict(
+        input_dir=str(data), vit_model_name="vit_tiny_patch16_224", image_size=224,
+        norm="per-raster", batch_size=32, val_fraction=0.0, num_workers=cores(),
+        device="cpu", max_epochs=3, warmup_epochs=1.0,
+    )  # fmt: skip
+    d = read_rate(files[: args.train_files], _pixels_only)
+    s = step_rate(TrainConfig(**base, in_chans=1))
+    runs = {}
+    for label, extra in (
+        ("no cache", {"cache": False}),
+        ("cache", {"cache_dir": str(tmp / "cache")}),
+    ):
+        marks = [time.perf_counter()]
+        cfg = TrainConfig(**base, **extra, model_output_path=str(tmp / f"{label}.pth"))
+        result = train(
+            cfg, overwrite=True, progress=False,
+            on_epoch_end=lambda _, m=marks: m.append(time.perf_counter()),
+        )  # fmt: skip
+        n = result.history[0]["images"]
+        runs[label] = (n / (marks[1] - marks[0]), result.history)
+    first = runs["cache"][0]
+    cached = statistics.median(h["images_per_s"] for h in runs["cache"][1][1:])
+    uncached = statistics.median(h["images_per_s"] for h in runs["no cache"][1][1:])
+    limit = min(d, s)
+    print(f"training vit_tiny @ 224, batch 32, {args.train_files} DEMs, "
+          f"{cores()} loader workers:")  # fmt: skip
+    print(f"  (s) in-memory step {s:.1f} img/s; (d) readers {d:.1f}/s; "
+          f"L = 1/(1/s + 1/d) = {1 / (1 / s + 1 / d):.1f}")  # fmt: skip
+    print(f"  uncached epoch {uncached:.1f} img/s ({uncached / s:.2f} s)")
+    print(f"  first epoch with the cache (reading it in, then the epoch) "
+          f"{first:.1f} img/s: {first / limit:.2f} min(d, s)")  # fmt: skip
+    print(f"  cached epoch {cached:.1f} img/s: {cached / s:.2f} s (target >= 0.9)")
+
+
+# ----------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="embed,memory,train")
+    ap.add_argument("--files", type=int, default=1000, help="embed-dir's archive")
+    ap.add_argument("--rss-files", type=int, default=200, help="x1 and x10")
+    ap.add_argument("--train-files", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--data", type=Path, help="reuse (or create) DEMs here")
+    args = ap.parse_args()
+    import onnxruntime
+    import torch
+
+    print(
+        f"machine: {platform.machine()}, {cores()} cores; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}"
+    )
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root = args.data or tmp / "dems"
+        if not root.exists() or len(list(root.glob("*.tif"))) < args.files:
+            t0 = time.perf_counter()
+            generate_dems(root, args.files, min_size=64, max_size=1024, seed=3)
+            print(f"generated {args.files} DEMs in {time.perf_counter() - t0:.0f} s")
+        files = sorted(root.glob("*.tif"))[: args.files]
+        archive = tmp / "archive"
+        archive.mkdir()
+        for p in files:
+            os.link(p, archive / p.name)
+        mb = sum(p.stat().st_size for p in files) / 1e6
+        print(f"data: {len(files)} DEM GeoTIFFs, 64-1024 px, {mb:.0f} MB compressed")
+        parts = args.parts.split(",")
+        if "embed" in parts:
+            bench_embed(archive, files, tmp, args)
+        if "memory" in parts:
+            bench_memory(archive, files, tmp, args.rss_files)
+        if "train" in parts:
+            bench_train(archive, files, tmp, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The decode-once cache and training's first pass over the data."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import catchment_mae.prepare as prepare_mod
+from catchment_mae.cache import SampleCache
+from catchment_mae.data import CachedDataset, RasterDataset, collate
+from catchment_mae.loaders import make_loader, to_model_input
+from catchment_mae.prepare import prepare
+from catchment_mae.preprocess import PreprocessSpec, load_sample
+from catchment_mae.raster import find_tiffs
+from catchment_mae.stats import scan
+
+SPEC = PreprocessSpec(image_size=32, in_chans=None, norm="per-raster")
+
+
+@pytest.fixture
+def dems(tmp_path, dem_dir):
+    """The session's DEMs, copied (these tests change files), plus a bad one."""
+    d = tmp_path / "dems"
+    shutil.copytree(dem_dir, d)
+    (d / "zz_broken.tif").write_bytes(b"II*\x00 not really")
+    return d
+
+
+def _files(d):
+    return list(find_tiffs(d))
+
+
+def _prepare(d, root, **kw):
+    return prepare(_files(d), SPEC, cache_root=root, workers=kw.pop("workers", 0), **kw)
+
+
+def test_prepare__second_run_reads_no_tiff(dems, tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    first = _prepare(dems, root)
+    assert first.reused == 0 and len(first.files) == 12
+    assert first.failed == [(str(dems / "zz_broken.tif"), first.failed[0][1])]
+    first.cache.close()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a TIFF was read: {args[0]}")
+
+    monkeypatch.setattr(prepare_mod, "load_resampled", refuse)
+    (dems / "zz_broken.tif").unlink()  # failures are not cached: they are re-read
+    again = _prepare(dems, root)
+    assert again.reused == 12 and again.files == first.files
+    np.testing.assert_allclose(again.mean, first.mean)
+    np.testing.assert_allclose(again.std, first.std)
+    again.cache.close()
+
+
+def test_prepare__statistics_are_the_scans(dems, tmp_path):
+    """The norm statistics merged from each raster's own equal a pass over all
+    the pixels (these DEMs have no overviews: the level read is the full one)."""
+    got = _prepare(dems, tmp_path / "c", workers=2)
+    ref = scan(_files(dems))
+    np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-9)
+    np.testing.assert_allclose(got.std, ref.std, rtol=1e-6)
+    assert got.bands == ref.bands == 1
+    assert [p for p, _ in got.failed] == [p for p, _ in ref.failed]
+    got.cache.close()
+
+
+def test_prepare__a_changed_file_is_read_again(dems, tmp_path):
+    root = tmp_path / "cache"
+    _prepare(dems, root).cache.close()
+    target = sorted(dems.glob("*.tif"))[3]
+    shutil.copy(sorted(dems.glob("*.tif"))[4], target)  # new content
+    os.utime(target, ns=(1, 1))
+    again = _prepare(dems, root)
+    assert again.reused == 11
+    entry = again.entries[again.files.index(target)]
+    z, _ = again.cache.arrays(entry.shard)
+    ref = prepare_mod.load_resampled(target, SPEC)
+    np.testing.assert_array_equal(z[entry.row], ref.z)
+    again.cache.close()
+
+
+def test_prepare__other_settings_or_version_use_another_directory(
+    dems, tmp_path, monkeypatch
+):
+    root = tmp_path / "cache"
+    a = _prepare(dems, root)
+    a.cache.close()
+    import dataclasses
+
+    b = prepare(
+        _files(dems), dataclasses.replace(SPEC, image_size=16), cache_root=root,
+        workers=0,
+    )  # fmt: skip
+    assert b.reused == 0 and b.cache.dir != a.cache.dir
+    b.cache.close()
+    # Normalisation is applied per batch: it does not change the key.
+    c = prepare(
+        _files(dems), dataclasses.replace(SPEC, norm="fixed"), cache_root=root,
+        workers=0,
+    )  # fmt: skip
+    assert c.reused == 12 and c.cache.dir == a.cache.dir
+    c.cache.close()
+    monkeypatch.setattr("catchment_mae.cache.__version__", "99.0")
+    d = _prepare(dems, root)
+    assert d.reused == 0 and d.cache.dir not in (a.cache.dir, b.cache.dir)
+    d.cache.close()
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "bad index"])
+def test_cache__a_damaged_shard_is_rebuilt_never_trusted(
+    dems, tmp_path, damage, caplog
+):
+    root = tmp_path / "cache"
+    first = _prepare(dems, root)
+    stem = first.entries[0].shard
+    first.cache.close()
+    d = first.cache.dir
+    if damage == "flip a byte":
+        z = np.load(d / f"{stem}.z.npy", mmap_mode="r+")
+        z[first.entries[5].row, 0, 3, 3] += 1
+        z.flush()
+        del z
+    elif damage == "truncate":
+        path = d / f"{stem}.valid.npy"
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        (d / f"{stem}.arrow").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        again = _prepare(dems, root)
+    assert again.reused == 0  # one shard held them all: every raster read again
+    assert "cache" in caplog.text
+    entry = again.entries[5]
+    z, _ = again.cache.arrays(entry.shard)
+    ref = prepare_mod.load_resampled(again.files[5], SPEC)
+    np.testing.assert_array_equal(z[entry.row], ref.z)
+    again.cache.close()
+    third = _prepare(dems, root)
+    assert third.reused == 12
+    assert len(list(d.glob("*.arrow"))) == 1  # the damaged shard was removed
+    third.cache.close()
+
+
+def test_cache__a_build_that_died_leaves_nothing_used(dems, tmp_path):
+    root = tmp_path / "cache"
+    cache = SampleCache(root, SPEC)
+    build = cache.new_shard(4, 1)  # never committed: as if killed mid-build
+    cache.close()
+    assert list(cache.dir.glob("*.tmp"))
+    got = _prepare(dems, root)
+    assert got.reused == 0
+    got.cache.close()
+    again = _prepare(dems, root)
+    assert again.reused == 12
+    # Its own process is alive, so its files stay until it is gone.
+    assert build.z_tmp.exists()
+    again.cache.close()
+
+
+def test_cached_dataset__batches_equal_the_embedding_path(dems, tmp_path):
+    """What training sees from the cache (normalised on the device) is what
+    load_sample gives embedding, for fixed and per-raster norm, and what the
+    uncached dataset gives."""
+    import dataclasses
+
+    got = _prepare(dems, tmp_path / "c")
+    for norm in ("per-raster", "fixed"):
+        spec = dataclasses.replace(
+            SPEC, norm=norm, in_chans=1,
+            norm_mean=(got.mean if norm == "fixed" else None),
+            norm_std=(got.std if norm == "fixed" else None),
+        )  # fmt: skip
+        idx = [3, 0, 7, 11, 5]
+        cached = CachedDataset([got.entries[i] for i in idx], spec, got.cache.dir)
+        batch = cached.__getitems__(list(range(len(idx))))
+        images, valid, scale = to_model_input(batch, torch.device("cpu"))
+        plain = collate([RasterDataset(got.files, spec)[i] for i in idx])
+        p_images, p_valid, p_scale = to_model_input(plain, torch.device("cpu"))
+        torch.testing.assert_close(images, p_images, rtol=0, atol=0)
+        torch.testing.assert_close(valid, p_valid, rtol=0, atol=0)
+        for k, i in enumerate(idx):
+            s = load_sample(got.files[i], spec)
+            np.testing.assert_allclose(images[k].numpy(), s.image, atol=1e-5)
+            np.testing.assert_array_equal(valid[k].numpy(), s.valid)
+            np.testing.assert_array_equal(scale[k].numpy(), s.scale)
+    got.cache.close()
+
+
+def test_loader__workers_persist_across_epochs_and_the_order_follows_the_epoch(
+    dems, tmp_path
+):
+    got = _prepare(dems, tmp_path / "c")
+    spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
+    ds = CachedDataset(got.entries, spec, got.cache.dir)
+    loader = make_loader(
+        ds, 4, shuffle=True, seed=3, num_workers=2, device=torch.device("cpu")
+    )
+    assert loader.persistent_workers and loader.num_workers == 2
+    orders = []
+    for epoch in (0, 1, 0):
+        loader.sampler.set_epoch(epoch)
+        orders.append([p for batch in loader for p in batch["path"]])
+    assert sorted(orders[0]) == sorted(ds.paths)
+    assert orders[0] == orders[2] != orders[1]
+    got.cache.close()
