@@ -200,6 +200,31 @@ def test_embed_dir__a_reader_killed_fails_only_its_file(many, onnx_model, tmp_pa
     assert not _segments(proc.pid)
 
 
+def test_embed_dir__kill_9_of_the_run_leaves_no_segment(many, onnx_model, tmp_path):
+    """Nothing can run in a killed process: Python's resource tracker, which
+    outlives it, unlinks the segment, and the readers exit with it."""
+    import psutil
+
+    out = tmp_path / "k9.parquet"
+    proc = _cmae(
+        "embed-dir", many, "--model", onnx_model, "--out", out, "--num-workers", 2,
+        "--batch-size", 2, "--rows-per-part", 4,
+    )  # fmt: skip
+    readers = _wait_for_readers(proc, out)
+    assert _segments(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (
+        _segments(proc.pid) or any(r.is_running() for r in readers)
+    ):
+        time.sleep(0.05)
+    assert not _segments(proc.pid)
+    assert not any(
+        r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in readers
+    )
+
+
 def test_embed_dir__every_file_failing_leaves_no_segment(tmp_path, onnx_model):
     bad = tmp_path / "bad"
     bad.mkdir()
