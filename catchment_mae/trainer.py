@@ -74,6 +74,7 @@ class TrainResult:
     files: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     cache: str = ""  # one line: what the cache held, where, how big
+    first_pass_seconds: float = 0.0  # reading, checking, caching every raster
 
     def summary(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
@@ -88,6 +89,7 @@ class TrainResult:
             "train_loss": last.get("train_loss"),
             "val_loss": last.get("val_loss"),
             "cache": self.cache,
+            "first_pass_seconds": round(self.first_pass_seconds, 3),
         }
 
 
@@ -293,11 +295,15 @@ def train(
         [cfg.weights_path, cfg.config_path], overwrite=overwrite or ckpt is not None
     )
     device = pick_device(cfg.device)
+    t0 = time.perf_counter()
     prepared = _prepare(cfg, strict, progress)
+    first_pass = time.perf_counter() - t0
     try:
-        return _train(
+        result = _train(
             cfg, prepared, device, ckpt, resume, progress, on_batch_end, on_epoch_end
         )
+        result.first_pass_seconds = first_pass
+        return result
     finally:
         if prepared.cache is not None:
             prepared.cache.close()

@@ -15,7 +15,7 @@ import pytest
 from catchment_mae.cli.main import cli
 from catchment_mae.preprocess import load_sample
 from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
-from tests.conftest import SHARED
+from tests.conftest import DATA
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def archive(tmp_path, dem_dir, real_dir):
     (d / "b" / "text.TIF").write_text("not a tiff")
     shutil.copy(real_dir / "rasterio_corrupt.tif", d / "corrupt.tif")
     shutil.copy(real_dir / "rasterio_all-nodata.tif", d / "allnodata.tif")
-    shutil.copy(real_dir / "pysheds_dem.tif", d / "pysheds_dem.tif")  # real, 1 band
+    shutil.copy(real_dir / "rioxarray_small_dem_3m_merged.tif", d / "real_dem.tif")
     return d
 
 
@@ -331,9 +331,7 @@ def test_embed_dir__runs_without_torch(archive, onnx_model, tmp_path):
 
 
 def test_embed__original_json_per_file(runner, archive, onnx_model):
-    expected_keys = set(
-        json.loads((SHARED / "examples" / "seed_embed_response.json").read_text())
-    )
+    expected_keys = set(json.loads((DATA / "seed_embed_response.json").read_text()))
     good = sorted(archive.glob("a/*.tif"))[0]
     r = runner.invoke(
         cli,

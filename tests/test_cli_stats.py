@@ -44,13 +44,14 @@ def test_stats__bands_and_human_output(runner, make_tiff, tmp_path):
 def test_stats__real_files_skip_the_broken_ones(runner, real_dir, tmp_path):
     import shutil
 
-    for name in ["pysheds_dem.tif", "rasterio_corrupt.tif", "rioxarray_cint16.tif"]:
+    dem_name = "rioxarray_small_dem_3m_merged.tif"
+    for name in [dem_name, "rasterio_corrupt.tif", "rioxarray_cint16.tif"]:
         shutil.copy(real_dir / name, tmp_path / name)
     result = runner.invoke(cli, ["stats", str(tmp_path), "--json"])
     assert result.exit_code == 0
     out = json.loads(result.stdout)
     assert out["files"] == 1 and out["failed"] == 2
-    dem = read_raster(tmp_path / "pysheds_dem.tif")
+    dem = read_raster(tmp_path / dem_name)
     assert out["mean"][0] == pytest.approx(
         float(dem.data[0, dem.valid].mean()), rel=1e-6
     )

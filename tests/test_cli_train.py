@@ -17,7 +17,7 @@ import tifffile
 import torch
 
 from catchment_mae.cli.main import cli
-from tests.conftest import SHARED, TINY
+from tests.conftest import DATA, TINY
 
 TINY_FLAGS = [
     "--model", TINY["vit_model_name"], "--image-size", "32", "--patch-size", "8",
@@ -215,7 +215,7 @@ def test_train__output_under_a_regular_file(runner, tmp_path, dem_dir):
 
 
 def test_train__seed_config_as_it_is(runner, tmp_path, dem_dir):
-    seed = json.loads((SHARED / "examples" / "seed_config.json").read_text())
+    seed = json.loads((DATA / "seed_config.json").read_text())
     seed["input_dir"] = str(dem_dir)
     seed["model_output_path"] = str(tmp_path / "catchment_foundation_model.pth")
     cfg = tmp_path / "seed.json"

@@ -8,9 +8,9 @@ import pytest
 
 from catchment_mae.config import TrainConfig
 from catchment_mae.errors import ConfigError
-from tests.conftest import SHARED
+from tests.conftest import DATA
 
-SEED_CONFIG = SHARED / "examples" / "seed_config.json"
+SEED_CONFIG = DATA / "seed_config.json"
 
 
 def test_config__seed_config_loads_as_it_is():

@@ -31,7 +31,7 @@ def table(tmp_path_factory, dem_dir, real_dir, onnx_model):
     d = tmp_path_factory.mktemp("geo_archive")
     for p in sorted(dem_dir.glob("*.tif")):
         shutil.copy(p, d / p.name)
-    shutil.copy(real_dir / "pysheds_dem.tif", d / "pysheds_dem.tif")
+    shutil.copy(real_dir / "torchgeo_mmflood_dem.tif", d / "dem_4326.tif")
     shutil.copy(real_dir / "imagetiff_int16_zstd.tif", d / "no_geo.tif")
     (d / "empty.tif").write_bytes(b"")
     out = d.parent / "geo_emb" / "embeddings.parquet"

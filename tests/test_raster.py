@@ -318,19 +318,19 @@ def test_read_raster__real_files(row):
         assert r.valid.any()
 
 
-def test_read_raster__real_geo_metadata():
-    r = read_raster(REAL_DIR / "rasterio_RGB.byte.tif")
+def test_read_raster__real_geo_metadata(real_dir):
+    r = read_raster(real_dir / "rasterio_byte.tif")  # GDAL's classic byte.tif
     geo = r.info.geo
     assert (
-        geo.epsg == 32618 and geo.crs_kind == "projected" and geo.linear_unit_m == 1.0
+        geo.epsg == 26711 and geo.crs_kind == "projected" and geo.linear_unit_m == 1.0
     )
-    assert geo.pixel_size == pytest.approx((300.0379, 300.0417), abs=1e-3)
-    minx, miny, maxx, maxy = geo.bounds
-    assert minx == pytest.approx(101985.0) and maxy == pytest.approx(2826915.0)
-    assert maxx - minx == pytest.approx(791 * geo.pixel_size[0])
-    dem = read_raster(REAL_DIR / "pysheds_dem.tif")
+    assert geo.pixel_size == pytest.approx((60.0, 60.0))
+    assert geo.bounds == pytest.approx((440720.0, 3750120.0, 441920.0, 3751320.0))
+    dem = read_raster(real_dir / "torchgeo_mmflood_dem.tif")
     assert dem.info.geo.crs == "EPSG:4326" and dem.info.geo.crs_kind == "geographic"
-    assert dem.info.nodata == -32768
+    dem = read_raster(real_dir / "rioxarray_small_dem_3m_merged.tif")
+    assert dem.info.geo.crs == "EPSG:26915" and dem.info.nodata == 0
+    assert 0.5 < dem.valid.mean() < 0.8  # nodata 0 around the merged tiles
 
 
 # --------------------------------------------------------------- ground extent
@@ -339,18 +339,23 @@ def test_ground_extent_m__projected(make_dem):
     assert ground_extent_m(info) == pytest.approx((1200.0, 1500.0))
 
 
-def test_ground_extent_m__geographic_and_web_mercator():
-    dem = read_raster(REAL_DIR / "pysheds_dem.tif").info  # ~32.7 N, 1/1200 degree
+def test_ground_extent_m__geographic_and_web_mercator(real_dir, make_dem):
+    dem = read_raster(real_dir / "torchgeo_mmflood_dem.tif").info  # ~45.7 N
     h, w = ground_extent_m(dem)
-    lat = math.radians(32.82 - 359 / 1200 / 2)
-    assert h == pytest.approx(359 / 1200 * 110_900, rel=3e-3)
-    assert w == pytest.approx(367 / 1200 * 111_320 * math.cos(lat), rel=3e-3)
-    shade = read_raster(REAL_DIR / "rasterio_shade.tif").info  # EPSG:3857
+    minx, miny, maxx, maxy = dem.geo.bounds
+    lat = math.radians((miny + maxy) / 2)
+    assert h == pytest.approx((maxy - miny) * 111_150, rel=3e-3)
+    assert w == pytest.approx((maxx - minx) * 111_320 * math.cos(lat), rel=3e-3)
+    # Web Mercator at ~47 N: 1 km on the map is cos(47 deg) km on the ground.
+    y = 5_900_000.0
+    shade = read_raster(
+        make_dem("merc.tif", height=50, width=40, pixel=20.0, epsg=3857, origin=(0, y))
+    ).info
     h, w = ground_extent_m(shade)
     minx, miny, maxx, maxy = shade.geo.bounds
     lat = 2 * math.atan(math.exp((miny + maxy) / 2 / 6378137.0)) - math.pi / 2
-    assert h == pytest.approx((maxy - miny) * math.cos(lat))
-    assert 0.5 < h / (maxy - miny) < 0.99  # really corrected
+    assert h == pytest.approx(1000.0 * math.cos(lat)) and 0.6 < h / 1000 < 0.75
+    assert w == pytest.approx(800.0 * math.cos(lat))
 
 
 def test_ground_extent_m__needs_georeferencing(make_tiff):

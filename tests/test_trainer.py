@@ -20,7 +20,7 @@ from catchment_mae.trainer import (
     split_files,
     train,
 )
-from tests.conftest import SHARED, TINY
+from tests.conftest import DATA, TINY
 
 
 def test_lr_at__warmup_then_cosine():
@@ -156,7 +156,7 @@ def test_train__refuses_to_overwrite(trained, tiny_config):
 
 
 def test_train__original_config_dict_through_the_python_api(tmp_path, dem_dir):
-    seed = json.loads((SHARED / "examples" / "seed_config.json").read_text())
+    seed = json.loads((DATA / "seed_config.json").read_text())
     seed.update(input_dir=str(dem_dir), model_output_path=str(tmp_path / "orig.pth"))
     # The original keys as they are, plus the tiny-model overrides for speed.
     seed.update(
@@ -172,9 +172,7 @@ def test_train__original_config_dict_through_the_python_api(tmp_path, dem_dir):
     saved = json.loads(result.config_path.read_text())
     assert saved["norm_mean"] == [2000.0] and saved["norm_std"] == [1000.0]
     assert saved["mask_ratio"] == 0.75 and saved["in_chans"] == 1
-    assert list(saved)[:11] == list(
-        json.loads((SHARED / "examples" / "seed_config.json").read_text())
-    )
+    assert list(saved)[:11] == list(json.loads((DATA / "seed_config.json").read_text()))
 
 
 def test_train__data_loader_workers(tiny_config):

@@ -15,7 +15,7 @@ import pytest
 from catchment_mae.preprocess import load_sample
 from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
 from catchment_mae.web.app import create_app
-from tests.conftest import SHARED
+from tests.conftest import DATA
 
 HOST = "localhost"  # the Flask test client's
 SAME_ORIGIN = {"Origin": f"http://{HOST}"}
@@ -69,7 +69,7 @@ def test_original_embed__contract(client, roots, model):
         data={"model_path": model, "image_path": "dems/catchment_0003.tif"},
     )  # fmt: skip
     assert r.status_code == 200, r.json
-    seed = json.loads((SHARED / "examples" / "seed_embed_response.json").read_text())
+    seed = json.loads((DATA / "seed_embed_response.json").read_text())
     assert list(r.json) == list(seed)  # the original keys, in the original order
     assert r.get_data(as_text=True).startswith('{"status":"success","embedding":[')
     assert r.json["status"] == "success" and r.json["shape"] == [32]
