@@ -58,7 +58,7 @@ def real_manifest() -> list[Any]:
             f"the extended corpus is not here ({path}): it lies beside the "
             "repository in CI; set CMAE_SHARED_DIR to run these"
         )
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="absent")]
     with open(path, newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
