@@ -1,24 +1,35 @@
-"""Reader processes: pebble's pool, with a time budget per raster (no torch).
+"""Reader processes: a pipe each, a time budget per raster, deaths isolated (no torch).
 
-``multiprocessing.Pool`` loses a task whose worker dies (``get()`` then waits
-forever) and cannot stop one stuck task. pebble's ``ProcessPool`` knows which
-worker runs which task: a worker that dies (a decoder's segfault, ``kill -9``)
-fails only its own task, with ``ProcessExpired``; a task past its time budget has
-its worker stopped and replaced, and fails with ``TimeoutError``; the others go
-on. Workers start from a forkserver (never forked from this process, whose
-threads could hold a lock at fork time) and ignore SIGINT, so a Ctrl-C in a
-terminal, which signals the whole process group, reaches only the main process,
-which stops them.
+A reader may meet a file that crashes its decoder (or be killed), or one that
+would take forever. ``multiprocessing.Pool`` then waits forever on the lost task;
+``concurrent.futures.ProcessPoolExecutor`` fails every pending task (and cannot
+stop one stuck task); pebble's pool, which we used first, broke when a worker
+died while none was busy ("All workers expired") and stalled the others for a
+minute when one died holding the lock of the pipe they share (both seen in our
+kill -9 test). So this small pool gives each worker its own pipe and hands it
+one task at a time: the main process always knows which worker reads which
+file. A worker that dies fails only its task (:class:`ReaderDied`); a task past
+its time budget has its worker killed and fails with ``TimeoutError``; a new
+worker takes the place of either. Workers start from a forkserver (never forked
+from this process, whose threads could hold a lock at fork time) and ignore
+SIGINT, so a Ctrl-C in a terminal, which signals the whole process group,
+reaches only the main process, which stops them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -28,6 +39,38 @@ PRELOAD = ["catchment_mae.batch.reader", "catchment_mae.prepare", "pyproj"]
 # Loggers whose levels workers copy from the main process (tifffile's chatter
 # stays off unless the user asked for it with -vv).
 _LOGGERS = ("catchment_mae", "tifffile")
+
+
+class TaskFailed(Exception):
+    """A task raised in its worker; the message is the reason, one line."""
+
+
+class ReaderDied(Exception):
+    """The worker running a task ended without answering (a crash, kill -9)."""
+
+    def __init__(self, exitcode: int | None) -> None:
+        super().__init__(exitcode)
+        self.exitcode = exitcode
+
+
+class _Worker:
+    """One reader process and its end of its pipe; ``task`` is what it runs."""
+
+    def __init__(self, ctx: Any, args: tuple[Any, ...]) -> None:
+        parent, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_worker_main, args=(child, *args), daemon=True, name="cmae-reader"
+        )
+        self.process.start()
+        child.close()
+        self.conn: Connection = parent
+        self.task: tuple[int, Future, float] | None = None  # id, future, start
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self.process.kill()
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.close()
 
 
 class ReaderPool:
@@ -48,57 +91,61 @@ class ReaderPool:
         timeout: float | None = None,
     ) -> None:
         self.workers, self.timeout = workers, timeout
-        self.pool: Any = None
+        self._closed = False
+        self._error: str | None = None
         if workers == 0:
             if initializer is not None:
                 initializer(*initargs)
             return
-        from pebble import ProcessPool
-
         methods = mp.get_all_start_methods()
-        ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+        self._ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
-            ctx.set_forkserver_preload(PRELOAD)
-        levels = {
-            name: logging.getLogger(name).getEffectiveLevel() for name in _LOGGERS
-        }
-        self.pool = ProcessPool(
-            max_workers=workers,
-            initializer=_init_worker,
-            initargs=(levels, initializer, tuple(initargs)),
-            context=ctx,
+            self._ctx.set_forkserver_preload(PRELOAD)
+        levels = {n: logging.getLogger(n).getEffectiveLevel() for n in _LOGGERS}
+        self._args = (levels, initializer, tuple(initargs))
+        self._queue: deque[tuple[int, Future, Callable[..., Any], tuple]] = deque()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._pool: list[_Worker] = []
+        # The workers start in the manager thread, beside whatever the caller
+        # does next (loading a model, listing files): a forkserver's first start
+        # imports numpy, tifffile, pyproj and pyarrow, half a second on 2 cores.
+        self._manager = threading.Thread(
+            target=self._manage, daemon=True, name="cmae-reader-pool"
         )
-        # Start the workers now, beside whatever the caller does next (loading a
-        # model, listing files): a forkserver's first start imports numpy,
-        # tifffile, pyproj and pyarrow, half a second on 2 cores. The first
-        # submit() waits for it if it has not finished.
-        threading.Thread(target=lambda: self.pool.active, daemon=True).start()
+        self._manager.start()
 
+    # ------------------------------------------------------------------ public
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """``fn(*args)`` in a worker; its future, whose exception (if any) is
         turned into a reason by :func:`failure_reason`."""
-        if self.pool is not None:
-            return self.pool.schedule(fn, args=args, timeout=self.timeout)
         future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except Exception as e:  # reported through the future, as a worker's would be
-            future.set_exception(e)
+        if self.workers == 0:
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:  # reported through the future, as a worker's
+                future.set_exception(e)
+            return future
+        if self._closed:
+            from catchment_mae.errors import CmaeError
+
+            raise CmaeError(f"the reader processes stopped: {self._error or 'closed'}")
+        with self._lock:
+            self._queue.append((next(self._ids), future, fn, args))
+        self._wake()
         return future
 
     def close(self, kill: bool = False) -> None:
         """Stops the workers: at once with ``kill`` (an interrupted run: a worker
-        busy in a decoder would only see SIGTERM when the decoder returns), else
-        when they are idle."""
-        if self.pool is None:
+        busy in a decoder would see nothing else until the decoder returns),
+        else once they finish what they run. Unfinished tasks are cancelled."""
+        if self.workers == 0 or self._closed:
             return
-        pool, self.pool = self.pool, None
-        if kill:
-            for child in mp.active_children():
-                if child.name == "pebble_pool_worker":
-                    child.kill()
-        pool.stop()
-        pool.join()
+        self._closed = True
+        self._kill_on_close = kill
+        self._wake()
+        self._manager.join()
 
     def __enter__(self) -> ReaderPool:
         return self
@@ -106,28 +153,115 @@ class ReaderPool:
     def __exit__(self, exc_type: Any, *_: object) -> None:
         self.close(kill=exc_type is not None)
 
+    # ----------------------------------------------------------------- manager
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send_bytes(b".")
 
-def failure_reason(error: BaseException, timeout: float | None = None) -> str:
-    """One line saying why a task failed: its time budget, its worker's death, or
-    the exception it raised (first line, with the exception's type)."""
-    from concurrent.futures import TimeoutError as FutureTimeout
+    def _manage(self) -> None:
+        """The pool's one thread: starts and replaces workers, hands out tasks,
+        collects answers, notices deaths and time budgets."""
+        try:
+            self._pool = [_Worker(self._ctx, self._args) for _ in range(self.workers)]
+            while not self._closed:
+                self._dispatch()
+                self._poll()
+        except Exception as e:  # the pool cannot go on: fail what is waiting
+            self._error = failure_reason(e)
+            self._closed, self._kill_on_close = True, True
+        finally:
+            self._shutdown()
 
-    if isinstance(error, FutureTimeout | TimeoutError) and timeout is not None:
-        return f"timed out after {timeout:g} s (the reader was stopped)"
-    code = getattr(error, "exitcode", None)
-    if type(error).__name__ == "ProcessExpired" and code is not None:
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
-        return f"the reader process died while reading it ({how})"
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+    def _dispatch(self) -> None:
+        for w in self._pool:
+            if w.task is not None:
+                continue
+            with self._lock:
+                if not self._queue:
+                    return
+                task_id, future, fn, args = self._queue.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                w.conn.send((task_id, fn, args))
+            except (OSError, ValueError) as e:  # dead already: its sentinel says so
+                w.task = (task_id, future, time.monotonic())
+                log.debug("reader %s cannot take a task: %s", w.process.pid, e)
+                continue
+            w.task = (task_id, future, time.monotonic())
+
+    def _poll(self) -> None:
+        busy = [w for w in self._pool if w.task is not None]
+        waits: list[Any] = [self._wake_r]
+        waits += [w.conn for w in busy] + [w.process.sentinel for w in self._pool]
+        timeout = None
+        if self.timeout is not None and busy:
+            first = min(w.task[2] for w in busy if w.task is not None)
+            timeout = max(0.0, first + self.timeout - time.monotonic())
+        ready = set(wait(waits, timeout))
+        if self._wake_r in ready:
+            while self._wake_r.poll():
+                self._wake_r.recv_bytes()
+        for i, w in enumerate(self._pool):
+            if w.task is not None and w.conn in ready:
+                try:
+                    task_id, ok, value = w.conn.recv()
+                except (EOFError, OSError):
+                    pass  # it died while answering: its sentinel says so below
+                else:
+                    _, future, _ = w.task
+                    w.task = None
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+                    continue
+            if w.process.sentinel in ready or not w.process.is_alive():
+                w.process.join(0.1)
+                if w.task is not None:
+                    w.task[1].set_exception(ReaderDied(w.process.exitcode))
+                w.kill()
+                self._pool[i] = _Worker(self._ctx, self._args)
+            elif (
+                w.task is not None
+                and self.timeout is not None
+                and time.monotonic() - w.task[2] > self.timeout
+            ):
+                w.kill()
+                w.process.join(1.0)
+                w.task[1].set_exception(TimeoutError(self.timeout))
+                self._pool[i] = _Worker(self._ctx, self._args)
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            queued, self._queue = list(self._queue), deque()
+        for _, future, _, _ in queued:
+            future.cancel()
+        kill = getattr(self, "_kill_on_close", True)
+        for w in self._pool:
+            if kill:
+                w.kill()
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    w.conn.send(None)  # finish the task in hand, then exit
+        deadline = time.monotonic() + 5
+        for w in self._pool:
+            w.process.join(max(0.0, deadline - time.monotonic()))
+            if w.task is not None and not w.task[1].done():
+                w.task[1].cancel() or w.task[1].set_exception(ReaderDied(None))
+            w.kill()
+            w.process.join(1.0)
+        for conn in (self._wake_r, self._wake_w):
+            conn.close()
 
 
-def _init_worker(
+def _worker_main(
+    conn: Connection,
     levels: dict[str, int],
     initializer: Callable[..., None] | None,
     initargs: tuple[Any, ...],
 ) -> None:
-    """Each worker: one BLAS thread, the main process's log levels and format."""
+    """A reader process: one task at a time from its pipe, until told to stop."""
     from catchment_mae.logs import configure_worker
     from catchment_mae.preprocess import limit_worker_threads
 
@@ -136,3 +270,42 @@ def _init_worker(
     configure_worker(levels)
     if initializer is not None:
         initializer(*initargs)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the main process is gone
+            os._exit(0)
+        if message is None:
+            return
+        task_id, fn, args = message
+        try:
+            answer = (task_id, True, fn(*args))
+        except Exception as e:
+            answer = (task_id, False, TaskFailed(failure_reason(e)))
+        try:
+            conn.send(answer)
+        except (EOFError, OSError):
+            os._exit(0)
+        except Exception as e:  # an unpicklable result: say so instead
+            conn.send((task_id, False, TaskFailed(failure_reason(e))))
+
+
+def failure_reason(error: BaseException, timeout: float | None = None) -> str:
+    """One line saying why a task failed: its time budget, its worker's death, or
+    the exception it raised (first line, with the exception's type)."""
+    if isinstance(error, TimeoutError) and timeout is not None:
+        return f"timed out after {timeout:g} s (the reader was stopped)"
+    if isinstance(error, ReaderDied):
+        code = error.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"signal {-code}"
+        else:
+            how = f"exit {code}"
+        return f"the reader process died while reading it ({how})"
+    if isinstance(error, TaskFailed):
+        return str(error)  # a worker's reason, already one line
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

@@ -1,0 +1,103 @@
+"""The reader pool: a dead or stuck worker fails only its own task."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from catchment_mae.workers import ReaderDied, ReaderPool, TaskFailed, failure_reason
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke"
+
+
+def fail() -> None:
+    raise ValueError("bad value\nsecond line")
+
+
+def test_pool__answers_in_workers_and_inline():
+    with ReaderPool(2) as pool:
+        futures = [pool.submit(square, i) for i in range(20)]
+        assert [f.result(timeout=30) for f in futures] == [i * i for i in range(20)]
+        assert pool.submit(pid).result(timeout=30) != os.getpid()
+    inline = ReaderPool(0)
+    assert inline.submit(square, 3).result() == 9
+    assert inline.submit(pid).result() == os.getpid()
+
+
+def test_pool__a_task_that_kills_its_worker_fails_alone():
+    with ReaderPool(2) as pool:
+        before = pool.submit(square, 2)
+        dead = pool.submit(die)
+        after = [pool.submit(square, i) for i in range(10)]
+        with pytest.raises(ReaderDied) as err:
+            dead.result(timeout=30)
+        assert err.value.exitcode == -signal.SIGKILL
+        assert failure_reason(err.value) == (
+            "the reader process died while reading it (signal SIGKILL)"
+        )
+        assert before.result(timeout=30) == 4
+        assert [f.result(timeout=30) for f in after] == [i * i for i in range(10)]
+
+
+def test_pool__an_idle_worker_killed_is_replaced():
+    with ReaderPool(2) as pool:
+        pids = {pool.submit(pid).result(timeout=30) for _ in range(8)}
+        for p in pids:
+            os.kill(p, signal.SIGKILL)  # no task running anywhere
+        time.sleep(0.3)
+        got = [pool.submit(square, i) for i in range(6)]
+        assert [f.result(timeout=30) for f in got] == [i * i for i in range(6)]
+        assert not pids & {pool.submit(pid).result(timeout=30) for _ in range(4)}
+
+
+def test_pool__a_task_past_its_budget_is_stopped_and_the_rest_go_on():
+    with ReaderPool(2, timeout=0.5) as pool:
+        stuck = pool.submit(sleep, 60)
+        quick = [pool.submit(sleep, 0.01) for _ in range(4)]
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            stuck.result(timeout=30)
+        assert time.monotonic() - t0 < 5
+        assert [f.result(timeout=30) for f in quick] == ["woke"] * 4
+        assert failure_reason(TimeoutError(), 0.5) == (
+            "timed out after 0.5 s (the reader was stopped)"
+        )
+
+
+def test_pool__an_exception_is_a_one_line_reason():
+    with ReaderPool(1) as pool:
+        with pytest.raises(TaskFailed) as err:
+            pool.submit(fail).result(timeout=30)
+    assert failure_reason(err.value) == "ValueError: bad value"
+    with pytest.raises(ValueError):
+        ReaderPool(0).submit(fail).result()
+
+
+def test_pool__closing_with_kill_does_not_wait_for_busy_workers():
+    pool = ReaderPool(2)
+    busy = [pool.submit(sleep, 60) for _ in range(3)]
+    time.sleep(0.5)  # the workers start on them
+    t0 = time.monotonic()
+    pool.close(kill=True)
+    assert time.monotonic() - t0 < 5
+    assert all(f.done() for f in busy)
+    with pytest.raises(Exception, match="reader processes stopped"):
+        pool.submit(square, 1)
