@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -39,6 +39,12 @@ PRELOAD = ["catchment_mae.batch.reader", "catchment_mae.prepare", "pyproj"]
 # Loggers whose levels workers copy from the main process (tifffile's chatter
 # stays off unless the user asked for it with -vv).
 _LOGGERS = ("catchment_mae", "tifffile")
+# Tasks in a worker's pipe: the one it runs and the next, so it starts the next
+# without waiting for a round trip through this process (one at a time: 371
+# tasks/s of 400 for 5 ms tasks on 2 workers). A worker runs its tasks in
+# order, so the first is the one running: it is the one a death or a timeout
+# fails; the other is handed to another worker.
+DEPTH = 2
 
 
 class TaskFailed(Exception):
@@ -64,7 +70,8 @@ class _Worker:
         self.process.start()
         child.close()
         self.conn: Connection = parent
-        self.task: tuple[int, Future, float] | None = None  # id, future, start
+        self.tasks: deque[tuple[int, Future, Callable[..., Any], tuple]] = deque()
+        self.started = 0.0  # when tasks[0] started running
 
     def kill(self) -> None:
         with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -173,70 +180,71 @@ class ReaderPool:
             self._shutdown()
 
     def _dispatch(self) -> None:
-        for w in self._pool:
-            if w.task is not None:
-                continue
-            with self._lock:
-                if not self._queue:
-                    return
-                task_id, future, fn, args = self._queue.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                w.conn.send((task_id, fn, args))
-            except (OSError, ValueError) as e:  # dead already: its sentinel says so
-                w.task = (task_id, future, time.monotonic())
-                log.debug("reader %s cannot take a task: %s", w.process.pid, e)
-                continue
-            w.task = (task_id, future, time.monotonic())
+        for w in sorted(self._pool, key=lambda w: len(w.tasks)):
+            while len(w.tasks) < DEPTH:
+                with self._lock:
+                    if not self._queue:
+                        return
+                    task = self._queue.popleft()
+                if not w.tasks:
+                    w.started = time.monotonic()
+                w.tasks.append(task)
+                try:
+                    w.conn.send((task[0], task[2], task[3]))
+                except (OSError, ValueError):  # dead: its sentinel says so
+                    break
 
     def _poll(self) -> None:
-        busy = [w for w in self._pool if w.task is not None]
+        busy = [w for w in self._pool if w.tasks]
         waits: list[Any] = [self._wake_r]
         waits += [w.conn for w in busy] + [w.process.sentinel for w in self._pool]
         timeout = None
         if self.timeout is not None and busy:
-            first = min(w.task[2] for w in busy if w.task is not None)
+            first = min(w.started for w in busy)
             timeout = max(0.0, first + self.timeout - time.monotonic())
         ready = set(wait(waits, timeout))
         if self._wake_r in ready:
             while self._wake_r.poll():
                 self._wake_r.recv_bytes()
         for i, w in enumerate(self._pool):
-            if w.task is not None and w.conn in ready:
+            while w.tasks and w.conn.poll():
                 try:
                     task_id, ok, value = w.conn.recv()
                 except (EOFError, OSError):
-                    pass  # it died while answering: its sentinel says so below
+                    break  # it died while answering: its sentinel says so below
+                future = w.tasks.popleft()[1]
+                w.started = time.monotonic()  # the next one starts now
+                if ok:
+                    future.set_result(value)
                 else:
-                    _, future, _ = w.task
-                    w.task = None
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
-                    continue
+                    future.set_exception(value)
             if w.process.sentinel in ready or not w.process.is_alive():
                 w.process.join(0.1)
-                if w.task is not None:
-                    w.task[1].set_exception(ReaderDied(w.process.exitcode))
-                w.kill()
-                self._pool[i] = _Worker(self._ctx, self._args)
+                self._replace(i, ReaderDied(w.process.exitcode))
             elif (
-                w.task is not None
+                w.tasks
                 and self.timeout is not None
-                and time.monotonic() - w.task[2] > self.timeout
+                and time.monotonic() - w.started > self.timeout
             ):
-                w.kill()
-                w.process.join(1.0)
-                w.task[1].set_exception(TimeoutError(self.timeout))
-                self._pool[i] = _Worker(self._ctx, self._args)
+                self._replace(i, TimeoutError(self.timeout))
+
+    def _replace(self, i: int, error: BaseException) -> None:
+        """Fails the task worker ``i`` runs with ``error``, gives its other tasks
+        back to the queue, and starts a new worker in its place."""
+        w = self._pool[i]
+        w.kill()
+        w.process.join(1.0)
+        if w.tasks:
+            w.tasks.popleft()[1].set_exception(error)
+        with self._lock:
+            self._queue.extendleft(reversed(w.tasks))
+        self._pool[i] = _Worker(self._ctx, self._args)
 
     def _shutdown(self) -> None:
         with self._lock:
             queued, self._queue = list(self._queue), deque()
         for _, future, _, _ in queued:
-            future.cancel()
+            future.set_exception(CancelledError())
         kill = getattr(self, "_kill_on_close", True)
         for w in self._pool:
             if kill:
@@ -247,8 +255,13 @@ class ReaderPool:
         deadline = time.monotonic() + 5
         for w in self._pool:
             w.process.join(max(0.0, deadline - time.monotonic()))
-            if w.task is not None and not w.task[1].done():
-                w.task[1].cancel() or w.task[1].set_exception(ReaderDied(None))
+            for _, future, _, _ in w.tasks:
+                if not future.done():
+                    future.set_exception(
+                        TaskFailed(f"the reader pool failed: {self._error}")
+                        if self._error
+                        else ReaderDied(w.process.exitcode)
+                    )
             w.kill()
             w.process.join(1.0)
         for conn in (self._wake_r, self._wake_w):
