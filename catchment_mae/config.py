@@ -53,6 +53,7 @@ class TrainConfig:
     scale_eps: float = 1e-6
     resize: str = RESIZE_RULES[0]
     max_pixels: int = 100_000_000
+    max_memory_mb: int = 1024  # what one raster may take while read (raster.py)
     recursive: bool = True
     # Decode-once cache of resampled rasters (catchment_mae.cache): None puts it
     # in the user's cache directory ($CMAE_CACHE_DIR, else $XDG_CACHE_HOME/cmae).
@@ -101,6 +102,8 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("resize", self.resize, RESIZE_RULES)
         positive = ("image_size", "max_epochs", "batch_size", "max_pixels", "log_every")
+        if self.max_memory_mb < 16:
+            raise ConfigError(f"max_memory_mb must be >= 16, got {self.max_memory_mb}")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")

@@ -19,9 +19,11 @@ def configure(verbosity: int) -> None:
     configure_worker(
         {
             "catchment_mae": level,
-            # tifffile logs a warning for every odd tag (e.g. a GDAL_NODATA outside
-            # the dtype, which we handle); show its chatter only with -vv.
-            "tifffile": logging.DEBUG if verbosity >= 2 else logging.ERROR,
+            # tifffile logs a line for every odd tag (a GDAL_NODATA outside the
+            # dtype, which we handle; 10,000 lines for a GeoKeyDirectory claiming
+            # 10,000 keys): cmae says what is wrong with a file in one line of its
+            # own, so tifffile's lines show only with -vv.
+            "tifffile": logging.DEBUG if verbosity >= 2 else logging.CRITICAL + 1,
         }
     )
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from catchment_mae.errors import BadRasterError
 from catchment_mae.raster import (
+    DEFAULT_MAX_MEMORY_MB,
     DEFAULT_MAX_PIXELS,
     MIN_PIXELS,
     Raster,
@@ -58,7 +59,8 @@ VALID_LEVELS = 255
 # Fields of PreprocessSpec that shape a resampled raster (not its normalisation):
 # the training cache's key.
 RESAMPLE_FIELDS = (
-    "image_size", "bands", "nodata", "max_pixels", "scale", "scale_eps", "resize"
+    "image_size", "bands", "nodata", "max_pixels", "max_memory_mb", "scale",
+    "scale_eps", "resize",
 )  # fmt: skip
 
 
@@ -82,6 +84,7 @@ class PreprocessSpec:
     bands: tuple[int, ...] | None = None
     nodata: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB
     resize: str = RESIZE_RULE
 
     def __post_init__(self) -> None:
@@ -199,6 +202,8 @@ def load_resampled(
         nodata=spec.nodata,
         min_size=spec.image_size,
         max_pixels=spec.max_pixels,
+        max_memory_mb=spec.max_memory_mb,
+        in_chans=spec.in_chans if spec.bands is None else None,
         maxworkers=maxworkers,
     )
     return resample(raster, spec)

@@ -29,6 +29,15 @@ DEFAULT_MAX_PIXELS = 100_000_000
 ABSURD_PIXELS = 1 << 36
 # Fewer valid pixels than this cannot describe a shape (1x1, 1x3 rasters).
 MIN_PIXELS = 4
+# The memory one raster may take while it is read and preprocessed. It is
+# enforced from the sizes the file declares, before anything is decoded: a
+# decoded strip or tile may take a quarter of it, the array read (an overview, or
+# every k-th row and column) is sized to fit it, and reading may decode at most
+# four times it in all (a bound on the time a file can take).
+DEFAULT_MAX_MEMORY_MB = 1024
+# IFDs looked at: a COG's image, overviews and masks take a few dozen at most;
+# a chain of 200,000 IFDs, or one that loops back, must not be walked.
+MAX_PAGES = 64
 
 # GeoTIFF keys and units (GeoTIFF 1.1 spec, section 7).
 _USER_DEFINED = 32767
@@ -149,6 +158,8 @@ def read_raster(
     nodata: float | None = None,
     min_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB,
+    in_chans: int | None = None,
     maxworkers: int | None = 1,
 ) -> Raster:
     """Reads a TIFF into a float32 ``(C, H, W)`` array and a validity mask.
@@ -160,16 +171,23 @@ def read_raster(
         min_size: when the file has overviews, read the smallest one whose sides
             are both at least this (the model input size); None reads full size.
         max_pixels: above this many pixels, read an overview or a decimated image.
-        maxworkers: decoding threads per file (1 inside data-loader workers).
+        max_memory_mb: the memory the raster may take (see DEFAULT_MAX_MEMORY_MB);
+            a file that cannot be read within it is refused before decoding.
+        in_chans: the band count the caller needs; another count is refused
+            before anything is decoded.
+        maxworkers: unused; strips and tiles are decoded one at a time.
 
     Raises:
         BadRasterError: naming the file and the reason.
     """
     path = Path(path)
     check_file(path)
+    budget = Budget(max_memory_mb)
     try:
         with tifffile.TiffFile(path) as tif:
-            return _read(tif, path, bands, nodata, min_size, max_pixels, maxworkers)
+            return _read(
+                tif, path, bands, nodata, min_size, max_pixels, budget, in_chans
+            )
     except BadRasterError:
         raise
     except MemoryError as e:
@@ -200,9 +218,45 @@ def check_file(path: Path) -> None:
         raise BadRasterError(path, f"not a TIFF file (starts with {head!r})")
 
 
+# Errors that mean a malformed file tripped a parser, not a reason a user can act
+# on: their text names Python internals ("'int' object has no attribute 'name'").
+_PARSER_ERRORS = (AttributeError, TypeError, IndexError, KeyError, AssertionError)
+
+
 def _reason(e: BaseException) -> str:
+    if isinstance(e, _PARSER_ERRORS):
+        log.debug("tifffile: %s: %s", type(e).__name__, e)
+        return "malformed TIFF structure"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory bounds of one read, from ``max_memory_mb`` (DEFAULT_MAX_MEMORY_MB)."""
+
+    max_memory_mb: int
+
+    @property
+    def total(self) -> int:
+        return self.max_memory_mb << 20
+
+    @property
+    def segment(self) -> int:
+        """Bytes one decoded strip or tile may take."""
+        return self.total // 4
+
+    @property
+    def decoded(self) -> int:
+        """Bytes reading one raster may decode in all."""
+        return self.total * 4
+
+    def pixels(self, spp: int, itemsize: int, bands: int) -> int:
+        """Pixels of the array read that fit: its own bytes, the float32 copy of
+        the chosen bands, and what preprocessing makes of them (measured peak
+        about itemsize + 20 bytes a band, plus the mask)."""
+        per_pixel = spp * itemsize + bands * (itemsize + 20) + 8
+        return max(1, self.total // per_pixel)
 
 
 def _read(
@@ -212,15 +266,18 @@ def _read(
     user_nodata: float | None,
     min_size: int | None,
     max_pixels: int,
-    maxworkers: int | None,
+    budget: Budget,
+    in_chans: int | None,
 ) -> Raster:
-    pages = [p for p in tif.pages]
+    pages = _list_pages(tif)
     if not pages:
         raise BadRasterError(path, "TIFF holds no image")
     images = [p for p in pages if not p.subfiletype & _FILETYPE_MASK]
     masks = [p for p in pages if p.subfiletype & _FILETYPE_MASK]
+    if not images:
+        raise BadRasterError(path, "holds only a transparency mask, no image")
     full = next((p for p in images if not p.subfiletype & _FILETYPE_REDUCED), images[0])
-    height, width = _page_hw(full)
+    height, width = _page_hw(full, path)
     if height * width > ABSURD_PIXELS:
         raise BadRasterError(
             path,
@@ -234,11 +291,18 @@ def _read(
         raise BadRasterError(
             path, f"complex data ({dtype}) is not a real-valued raster"
         )
-    spp = int(full.samplesperpixel)
+    spp = _single_int(full.samplesperpixel, "SamplesPerPixel", path)
+    if getattr(full, "imagedepth", 1) not in (0, 1):
+        raise BadRasterError(path, "is a 3-D volume (ImageDepth > 1), not a raster")
     alpha_index = _alpha_index(full)
     n_bands = spp - (1 if alpha_index is not None else 0)
     band_idx = _select_bands(path, bands, n_bands)
-
+    if in_chans is not None and len(band_idx) != in_chans:
+        raise BadRasterError(
+            path,
+            f"has {len(band_idx)} band(s) but the model takes {in_chans} "
+            "(in_chans; choose bands with --bands)",
+        )
     overviews = [
         p
         for p in images
@@ -247,28 +311,27 @@ def _read(
         and int(p.samplesperpixel) == spp
         and p.dtype == full.dtype
     ]
-    page, level, decimate = _choose_level(full, overviews, min_size, max_pixels)
-
-    if decimate > 1:
-        arr = _read_decimated(page, decimate, maxworkers)
-    else:
-        arr = _to_chw(page.asarray(maxworkers=maxworkers), page)
+    limit = min(max_pixels, budget.pixels(spp, dtype.itemsize, len(band_idx)))
+    page, level, (ky, kx) = _choose_level(full, overviews, min_size, limit, path)
+    arr, present = _read_page(page, ky, kx, budget, path)
+    if not present.any():
+        raise BadRasterError(path, "holds no pixel data (every strip or tile is empty)")
     rh, rw = arr.shape[1:]
 
     nodata = _gdal_nodata(full)
-    valid = np.ones((rh, rw), dtype=bool)
+    valid = present
     has_mask = False
-    mask_page = next((m for m in masks if _page_hw(m) == _page_hw(page)), None)
+    mask_page = next(
+        (m for m in masks if _page_hw(m, path) == _page_hw(page, path)), None
+    )
     if mask_page is not None:
-        if decimate > 1:
-            m = _read_decimated(mask_page, decimate, maxworkers)[0]
-        else:
-            m = np.asarray(mask_page.asarray(maxworkers=maxworkers)).reshape(rh, rw)
-        valid &= m != 0
+        m, m_present = _read_page(mask_page, ky, kx, budget, path)
+        valid &= (m[0] != 0) & m_present
         has_mask = True
     if alpha_index is not None:
         valid &= arr[alpha_index] != 0
     selected = arr[band_idx]
+    del arr
     for value in (nodata, user_nodata):
         if value is not None:
             hit = _equals_nodata(selected, value)
@@ -276,9 +339,11 @@ def _read(
                 valid &= ~hit.any(axis=0)
     with np.errstate(over="ignore"):  # float64 beyond float32 -> inf -> invalid
         data = selected.astype(np.float32, copy=False)
+    del selected
     if data.dtype.kind == "f":
         valid &= np.isfinite(data).all(axis=0)
 
+    photometric = full.photometric
     info = RasterInfo(
         path=str(path),
         height=height,
@@ -288,17 +353,48 @@ def _read(
         nodata=nodata if user_nodata is None else user_nodata,
         read_height=rh,
         read_width=rw,
-        level=-decimate if decimate > 1 else level,
+        level=-max(ky, kx) if max(ky, kx) > 1 else level,
         has_alpha=alpha_index is not None,
         has_mask=has_mask,
-        photometric=full.photometric.name if full.photometric is not None else "",
+        photometric=getattr(photometric, "name", str(photometric or "")),
         geo=_geo_info(full, height, width),
     )
     return Raster(data=data, valid=valid, info=info)
 
 
-def _page_hw(page: Any) -> tuple[int, int]:
-    return int(page.imagelength), int(page.imagewidth)
+def _list_pages(tif: tifffile.TiffFile) -> list[Any]:
+    """The first MAX_PAGES IFDs, stopping where the chain loops back."""
+    pages, seen = [], set()
+    for i in range(MAX_PAGES):
+        try:
+            page = tif.pages[i]
+        except IndexError:
+            break
+        if page.offset in seen:  # an IFD chain that points back: stop there
+            break
+        seen.add(page.offset)
+        pages.append(page)
+    return pages
+
+
+def _single_int(value: Any, tag: str, path: Path) -> int:
+    """A tag that must hold one whole number (ImageLength, SamplesPerPixel, ...)."""
+    if isinstance(value, tuple | list | np.ndarray):
+        if len(value) != 1:
+            raise BadRasterError(path, f"{tag} holds {len(value)} values, not one")
+        value = value[0]
+    try:
+        return int(value)
+    except (TypeError, ValueError) as e:
+        raise BadRasterError(path, f"{tag} is not a number ({value!r})") from e
+
+
+def _page_hw(page: Any, path: Path | None = None) -> tuple[int, int]:
+    where = Path(path) if path is not None else Path(str(page.parent.filename))
+    return (
+        _single_int(page.imagelength, "ImageLength", where),
+        _single_int(page.imagewidth, "ImageWidth", where),
+    )
 
 
 def _alpha_index(page: Any) -> int | None:
@@ -322,71 +418,151 @@ def _select_bands(path: Path, bands: Sequence[int] | None, n_bands: int) -> list
 
 
 def _choose_level(
-    full: Any, overviews: list[Any], min_size: int | None, max_pixels: int
-) -> tuple[Any, int, int]:
-    """Returns (page, overview level, decimation factor)."""
-    levels = sorted([full, *overviews], key=lambda p: -_pixels(p))
-    fits = [p for p in levels if _pixels(p) <= max_pixels]
+    full: Any,
+    overviews: list[Any],
+    min_size: int | None,
+    limit: int,
+    path: Path,
+) -> tuple[Any, int, tuple[int, int]]:
+    """Returns (page, overview level, (row step, column step)).
+
+    With ``min_size``, the smallest level whose sides are at least that and whose
+    pixels fit ``limit``; else the largest level that fits; else the smallest
+    level read at every k-th row and column so that it fits.
+    """
+    levels = sorted([full, *overviews], key=lambda p: -_pixels(p, path))
+    fits = [p for p in levels if _pixels(p, path) <= limit]
     if min_size is not None:
-        big_enough = [p for p in fits if min(_page_hw(p)) >= min_size]
+        big_enough = [p for p in fits if min(_page_hw(p, path)) >= min_size]
         if big_enough:
             page = big_enough[-1]
-            return page, levels.index(page), 1
+            return page, levels.index(page), (1, 1)
     if fits:
-        return fits[0], levels.index(fits[0]), 1
-    factor = math.ceil(math.sqrt(_pixels(full) / max_pixels))
-    return full, 0, factor
+        return fits[0], levels.index(fits[0]), (1, 1)
+    page = levels[-1]
+    return page, levels.index(page), _steps(*_page_hw(page, path), limit)
 
 
-def _pixels(page: Any) -> int:
-    h, w = _page_hw(page)
+def _steps(h: int, w: int, limit: int) -> tuple[int, int]:
+    """Row and column steps so that ceil(h/ky) * ceil(w/kx) <= limit, about
+    equal unless one side is too short to share the reduction (1 x 1e9)."""
+    k = max(1, math.ceil(math.sqrt(h * w / limit)))
+    ky = kx = k
+    ow = -(-w // kx)
+    ky = max(ky, -(-h // max(1, limit // ow)))
+    oh = -(-h // ky)
+    kx = max(kx, -(-w // max(1, limit // oh)))
+    return ky, kx
+
+
+def _pixels(page: Any, path: Path) -> int:
+    h, w = _page_hw(page, path)
     return h * w
 
 
-def _read_decimated(page: Any, k: int, maxworkers: int | None) -> np.ndarray:
-    """Reads every k-th row and column, one tile or strip at a time.
+def _read_page(
+    page: Any, ky: int, kx: int, budget: Budget, path: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every ky-th row and kx-th column of a page, as (samples, rows, cols), and
+    where the file holds pixel data (False under an empty strip or tile).
 
-    Memory stays at one segment plus the output, whatever the file's size.
+    Only the strips or tiles that hold a sampled pixel are read, one at a time;
+    their declared decoded sizes are checked against ``budget`` first.
     """
-    h, w = _page_hw(page)
-    spp = int(page.samplesperpixel)
-    out = np.zeros((spp, -(-h // k), -(-w // k)), dtype=page.dtype)
-    for segment, (sample, _, y0, x0, _), shape in page.segments(maxworkers=maxworkers):
-        if segment is None:
+    h, w = _page_hw(page, path)
+    spp = _single_int(page.samplesperpixel, "SamplesPerPixel", path)
+    itemsize = np.dtype(page.dtype).itemsize
+    separate = page.planarconfig == 2 and spp > 1
+    planes, contig = (spp, 1) if separate else (1, spp)
+    if page.is_tiled:
+        th, tw = int(page.tilelength), int(page.tilewidth)
+        if th < 1 or tw < 1:
+            raise BadRasterError(path, "declares tiles of size 0")
+    else:
+        th = min(max(1, int(page.rowsperstrip or h)), h)
+        tw = w
+    rows_of, cols_of = -(-h // th), -(-w // tw)
+    per_plane = rows_of * cols_of
+    offsets, counts = page.dataoffsets, page.databytecounts
+    if len(offsets) < planes * per_plane or len(counts) < planes * per_plane:
+        raise BadRasterError(
+            path,
+            f"declares {len(offsets)} strip(s)/tile(s) where its size needs "
+            f"{planes * per_plane}",
+        )
+    seg_bytes = th * tw * contig * itemsize  # decoded, tiles at full size
+    if seg_bytes > budget.segment:
+        raise BadRasterError(
+            path,
+            f"one {'tile' if page.is_tiled else 'strip'} decodes to "
+            f"{_mb(seg_bytes)}, above the {_mb(budget.segment)} one may take "
+            f"(a quarter of --max-memory {budget.max_memory_mb} MB)",
+        )
+    needed = [
+        i
+        for i in range(planes * per_plane)
+        if _sampled(((i % per_plane) // cols_of) * th, th, ky)
+        and _sampled((i % cols_of) * tw, tw, kx)
+    ]
+    if len(needed) * seg_bytes > budget.decoded:
+        raise BadRasterError(
+            path,
+            f"reading it would decode {_mb(len(needed) * seg_bytes)}, above the "
+            f"{_mb(budget.decoded)} a raster may (four times --max-memory)",
+        )
+    oh, ow = -(-h // ky), -(-w // kx)
+    out = np.zeros((spp, oh, ow), dtype=page.dtype)
+    present = np.zeros((oh, ow), dtype=bool)
+    data = [i for i in needed if offsets[i] and counts[i]]
+    if not data:
+        return out, present
+    if max(counts[i] for i in data) > budget.segment:
+        raise BadRasterError(
+            path, f"a strip or tile holds over {_mb(budget.segment)} of data"
+        )
+    keyframe = page.keyframe
+    decodeargs: dict[str, Any] = {"_fullsize": page.is_tiled}
+    if keyframe.compression in {6, 7, 34892, 33007}:  # JPEG, as tifffile does
+        decodeargs["jpegtables"] = page.jpegtables
+        decodeargs["jpegheader"] = keyframe.jpegheader
+    fh = page.parent.filehandle
+    segments = fh.read_segments(
+        [offsets[i] for i in data], [counts[i] for i in data], indices=data,
+        sort=True, flat=True, buffersize=min(budget.segment, 8 << 20),
+    )  # fmt: skip
+    for raw, i in segments:
+        if raw is None:
             continue
-        seg = np.asarray(segment).reshape(shape)[0]  # (length, width, samples)
-        ys = np.arange((-y0) % k, min(shape[1], h - y0), k)
-        xs = np.arange((-x0) % k, min(shape[2], w - x0), k)
+        decoded, _, shape = keyframe.decode(raw, i, **decodeargs)
+        if decoded is None:
+            continue
+        plane, r = divmod(i, per_plane)
+        y0, x0 = (r // cols_of) * th, (r % cols_of) * tw
+        block = np.asarray(decoded).reshape(shape)[0]  # (rows, cols, contig)
+        ys = range((-y0) % ky, min(th, h - y0), ky)  # rows of the block sampled
+        xs = range((-x0) % kx, min(tw, w - x0), kx)
         if not len(ys) or not len(xs):
             continue
-        block = seg[ys][:, xs].transpose(2, 0, 1)  # (samples, ny, nx)
-        oy, ox = (y0 + ys[0]) // k, (x0 + xs[0]) // k
-        # Planar files give one sample per segment, starting at ``sample``.
-        out[sample : sample + block.shape[0], oy : oy + len(ys), ox : ox + len(xs)] = (
-            block
-        )
-    return out
+        if block.shape[0] <= ys[-1] or block.shape[1] <= xs[-1]:
+            raise BadRasterError(
+                path, "a strip or tile holds fewer pixels than the file declares"
+            )
+        oy, ox = (y0 + ys[0]) // ky, (x0 + xs[0]) // kx
+        part = block[ys.start : ys.stop : ky, xs.start : xs.stop : kx]  # a view
+        s0 = plane if separate else 0
+        target = out[s0 : s0 + part.shape[2], oy : oy + len(ys), ox : ox + len(xs)]
+        target[...] = part.transpose(2, 0, 1)
+        present[oy : oy + len(ys), ox : ox + len(xs)] = True
+    return out, present
 
 
-def _to_chw(arr: np.ndarray, page: Any) -> np.ndarray:
-    """Orders a page's array as (samples, height, width)."""
-    h, w = _page_hw(page)
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[1:] == (h, w):
-        return arr
-    if arr.ndim == 2:
-        return arr[None]
-    axes = page.axes
-    if arr.ndim == 3 and axes.endswith("S"):
-        return np.moveaxis(arr, -1, 0)
-    arr = np.squeeze(arr)
-    if arr.ndim == 2:
-        return arr[None]
-    if arr.ndim == 3 and arr.shape[:2] == (h, w):
-        return np.moveaxis(arr, -1, 0)
-    if arr.ndim == 3 and arr.shape[1:] == (h, w):
-        return arr
-    raise BadRasterError(page.parent.filehandle.path, f"unsupported layout {axes}")
+def _sampled(start: int, length: int, step: int) -> bool:
+    """Whether [start, start + length) holds a multiple of ``step``."""
+    return -(-start // step) * step < start + length
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} kB"
 
 
 def _gdal_nodata(page: Any) -> float | None:
@@ -432,6 +608,16 @@ def _equals_nodata(arr: np.ndarray, value: float) -> np.ndarray | None:
 
 # ----------------------------------------------------------------- georeferencing
 def _geo_info(page: Any, height: int, width: int) -> GeoInfo:
+    """Georeferencing from the GeoTIFF tags; malformed tags give none (the
+    pixels are still read), never an error."""
+    try:
+        return _parse_geo(page, height, width)
+    except Exception as e:  # GeoKeys of any shape: no georeferencing, no failure
+        log.debug("%s: unreadable georeferencing: %s", page.parent.filename, e)
+        return GeoInfo()
+
+
+def _parse_geo(page: Any, height: int, width: int) -> GeoInfo:
     tags = page.tags
     keys: dict[str, Any] = {}
     if 34735 in tags:
@@ -478,20 +664,32 @@ def _geo_info(page: Any, height: int, width: int) -> GeoInfo:
 
 
 def _transform(tags: Any, keys: dict[str, Any]) -> tuple[float, ...] | None:
-    """The affine geotransform in GDAL order, from the GeoTIFF model tags."""
-    matrix = tags.get(34264)  # ModelTransformationTag
-    if matrix is not None and len(matrix.value) >= 8:
-        m = [float(v) for v in matrix.value]
-        return (m[3], m[0], m[1], m[7], m[4], m[5])
-    scale = tags.get(33550)  # ModelPixelScaleTag
-    tie = tags.get(33922)  # ModelTiepointTag
-    if scale is None or tie is None or len(tie.value) < 6 or len(scale.value) < 2:
+    """The affine geotransform in GDAL order, from the GeoTIFF model tags; None
+    when they are missing, too short, or not finite numbers."""
+    m = _numbers(tags.get(34264))  # ModelTransformationTag
+    if len(m) >= 8:
+        t = (m[3], m[0], m[1], m[7], m[4], m[5])
+        return t if all(math.isfinite(v) for v in t) else None
+    scale = _numbers(tags.get(33550))  # ModelPixelScaleTag
+    tie = _numbers(tags.get(33922))  # ModelTiepointTag
+    if len(tie) < 6 or len(scale) < 2:
         return None
-    sx, sy = float(scale.value[0]), float(scale.value[1])
-    i, j, _, x, y, _ = (float(v) for v in tie.value[:6])
-    if sx <= 0 or sy <= 0:
+    sx, sy = scale[0], scale[1]
+    i, j, _, x, y, _ = tie[:6]
+    if not (sx > 0 and sy > 0) or not all(math.isfinite(v) for v in (i, j, x, y)):
         return None
     return (x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy)
+
+
+def _numbers(tag: Any) -> list[float]:
+    """A numeric tag's values as floats (one value or many); [] when absent or
+    not numbers."""
+    if tag is None:
+        return []
+    try:
+        return [float(v) for v in np.atleast_1d(np.asarray(tag.value, dtype=float))]
+    except (TypeError, ValueError):
+        return []
 
 
 def ground_extent_m(info: RasterInfo) -> tuple[float, float]:

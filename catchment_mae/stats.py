@@ -13,7 +13,12 @@ import numpy as np
 
 from catchment_mae.errors import BadRasterError, NoInputError
 from catchment_mae.preprocess import check_usable
-from catchment_mae.raster import DEFAULT_MAX_PIXELS, find_tiffs, read_raster
+from catchment_mae.raster import (
+    DEFAULT_MAX_MEMORY_MB,
+    DEFAULT_MAX_PIXELS,
+    find_tiffs,
+    read_raster,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +107,7 @@ def scan(
     nodata: float | None = None,
     in_chans: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB,
     on_file: Callable[[Path, str | None], None] | None = None,
 ) -> ScanResult:
     """Reads every raster once: checks it, and merges its valid-pixel statistics.
@@ -120,7 +126,11 @@ def scan(
         reason: str | None = None
         try:
             raster = read_raster(
-                path, bands=bands, nodata=nodata, max_pixels=max_pixels
+                path,
+                bands=bands,
+                nodata=nodata,
+                max_pixels=max_pixels,
+                max_memory_mb=max_memory_mb,
             )
             check_usable(raster, in_chans if in_chans is not None else result.bands)
             result.stats.update(raster.data, raster.valid)

@@ -87,6 +87,14 @@ max_pixels_opt = click.option(
     type=click.IntRange(min=1),
     help="Above this, read an overview or a decimated image (default 1e8).",
 )
+max_memory_opt = click.option(
+    "--max-memory",
+    "max_memory_mb",
+    type=click.IntRange(min=16),
+    metavar="MB",
+    help="Memory one raster may take while read (default 1024); a file that "
+    "cannot be read within it is refused, naming the reason.",
+)
 device_opt = click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),

@@ -17,6 +17,7 @@ from catchment_mae.errors import CmaeError
 @options.nodata_opt
 @options.recursive_opt
 @options.max_pixels_opt
+@options.max_memory_opt
 @options.strict_opt
 @options.json_opt
 @click.pass_context

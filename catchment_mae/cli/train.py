@@ -106,6 +106,7 @@ from catchment_mae.config import TrainConfig
 @click.option("--flips/--no-flips", default=None, help="Random flips as augmentation.")
 @options.recursive_opt
 @options.max_pixels_opt
+@options.max_memory_opt
 @click.option(
     "--cache",
     "cache_dir",

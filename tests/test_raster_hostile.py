@@ -1,0 +1,337 @@
+"""Hostile TIFFs, crafted here byte by byte: none may hang, flood or exhaust memory.
+
+Each file below once ended or stalled a whole run (found by fuzzing the reader
+with over 1,000 damaged and hand-made files). Every one must now either read
+within the memory budget or be refused with a reason that names the file and
+says what is wrong with it, quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from catchment_mae.errors import BadRasterError
+from catchment_mae.preprocess import PreprocessSpec, load_sample
+from catchment_mae.raster import read_raster
+
+SHORT, LONG, DOUBLE, ASCII = 3, 4, 12, 2
+_FORMATS = {SHORT: "H", LONG: "I", DOUBLE: "d", ASCII: "s"}
+_SIZES = {SHORT: 2, LONG: 4, DOUBLE: 8, ASCII: 1}
+
+
+def craft(
+    path: Path,
+    tags: dict[int, tuple[int, list | bytes]],
+    data: bytes = b"",
+    next_ifd: int = 0,
+) -> Path:
+    """A little-endian classic TIFF with one IFD of ``tags`` (code: (type,
+    values)); ``data`` lies right after the 8-byte header, at offset 8, so tags
+    may point at it. Values longer than 4 bytes go after the IFD."""
+    ifd_at = 8 + len(data) + (len(data) & 1)
+    extra_at = ifd_at + 2 + 12 * len(tags) + 4
+    entries, extra = [], b""
+    for code in sorted(tags):
+        typ, values = tags[code]
+        if typ == ASCII:
+            raw = values if isinstance(values, bytes) else str(values).encode()
+            raw += b"\0"
+            count = len(raw)
+        else:
+            count = len(values)
+            raw = struct.pack(f"<{count}{_FORMATS[typ]}", *values)
+        if len(raw) <= 4:
+            field = raw.ljust(4, b"\0")
+        else:
+            field = struct.pack("<I", extra_at + len(extra))
+            extra += raw + (b"\0" if len(raw) & 1 else b"")
+        entries.append(struct.pack("<HHI", code, typ, count) + field)
+    body = struct.pack("<H", len(tags)) + b"".join(entries)
+    body += struct.pack("<I", next_ifd)
+    head = b"II*\0" + struct.pack("<I", ifd_at)
+    pad = b"\0" * (ifd_at - 8 - len(data))
+    path.write_bytes(head + data + pad + body + extra)
+    return path
+
+
+def gray(width: int, height: int, offsets, counts, rps=None, bits=8, fmt=1, **more):
+    """Tags of a one-band image stored in strips."""
+    tags = {
+        256: (LONG, [width]),
+        257: (LONG, [height]),
+        258: (SHORT, [bits]),
+        259: (SHORT, [more.pop("compression", 1)]),
+        262: (SHORT, [more.pop("photometric", 1)]),
+        273: (LONG, list(offsets)),
+        277: (SHORT, [1]),
+        278: (LONG, [rps if rps is not None else height]),
+        279: (LONG, list(counts)),
+        339: (SHORT, [fmt]),
+    }
+    tags.update(more)
+    return tags
+
+
+BUDGET = 64  # MB: the budget the crafted files meet (--max-memory 64)
+
+
+def _refused(path: Path, *fragments: str, **kw) -> str:
+    t0 = time.monotonic()
+    with pytest.raises(BadRasterError) as err:
+        read_raster(path, max_memory_mb=BUDGET, **kw)
+    assert time.monotonic() - t0 < 10
+    message = str(err.value)
+    assert message.startswith(str(path)) and "\n" not in message
+    for f in fragments:
+        assert f in message, message
+    for internal in ("AttributeError", "TypeError", "IndexError", "KeyError"):
+        assert internal not in message, message
+    return message
+
+
+@pytest.fixture
+def bombs(tmp_path) -> dict[str, Path]:
+    """Every crafted file, by what it does."""
+    d = tmp_path
+    files: dict[str, Path] = {}
+    # A 348-byte file declaring 100,000 x 100,000 pixels in one strip.
+    files["declares 1e10 pixels"] = craft(
+        d / "big.tif", gray(100_000, 100_000, [8], [8]), b"\0" * 8
+    )
+    # Just under, and just over, the 2^36 pixels any raster may have.
+    files["just under 2^36 pixels"] = craft(
+        d / "huge.tif", gray(262_144, 262_143, [8], [8]), b"\0" * 8
+    )
+    files["over 2^36 pixels"] = craft(
+        d / "huger.tif", gray(262_144, 262_145, [8], [8]), b"\0" * 8
+    )
+    # One deflate strip of 50,000 x 30,000 that inflates to 1.5 GB.
+    blob = zlib.compress(b"\0" * (1 << 20), 9)
+    files["one strip inflates to 1.5 GB"] = craft(
+        d / "deflate.tif",
+        gray(50_000, 30_000, [8], [len(blob)], compression=8),
+        blob,
+    )
+    # 65,536 one-row float64 strips of 2^20 pixels sharing one small blob:
+    # 512 GiB once decoded.
+    row = zlib.compress(b"\0" * (8 << 20), 9)
+    n = 65_536
+    files["65,536 strips share one blob"] = craft(
+        d / "shared.tif",
+        gray(
+            1 << 20, n, [8] * n, [len(row)] * n, rps=1, bits=64, fmt=3, compression=8
+        ),  # fmt: skip
+        row,
+    )
+    # Width 1 and 1.26e9 rows in one strip.
+    files["1 x 1.26e9"] = craft(
+        d / "tall.tif", gray(1, 1_260_000_000, [8], [8]), b"\0" * 8
+    )
+    # A header and one empty strip (byte count 0): no pixel data at all.
+    files["empty strip"] = craft(d / "empty.tif", gray(64, 64, [0], [0]))
+    # 4000 x 4000 x 64 samples in one zstd strip (2 GB decoded).
+    tags = gray(4000, 4000, [8], [8], compression=50000)
+    tags[277] = (SHORT, [64])
+    tags[258] = (SHORT, [16] * 64)
+    tags[339] = (SHORT, [1] * 64)
+    files["64 bands in one strip"] = craft(d / "bands.tif", tags, b"\0" * 8)
+    # One 16384 x 16384 float64 tile (2 GiB decoded).
+    tags = gray(16384, 16384, [], [], bits=64, fmt=3, compression=8)
+    for code in (273, 278, 279):
+        del tags[code]
+    tags.update(
+        {322: (LONG, [16384]), 323: (LONG, [16384]), 324: (LONG, [8]),
+         325: (LONG, [len(blob)])}
+    )  # fmt: skip
+    files["one tile of 2 GiB"] = craft(d / "tile.tif", tags, blob)
+    return files
+
+
+@pytest.mark.parametrize(
+    "name,fragments",
+    [
+        ("declares 1e10 pixels", ["one strip decodes to", "--max-memory"]),
+        ("just under 2^36 pixels", ["one strip decodes to"]),
+        ("over 2^36 pixels", ["declares 262144x262145 pixels, above the 6.9e+10"]),
+        ("one strip inflates to 1.5 GB", ["one strip decodes to 1,431 MB"]),
+        ("65,536 strips share one blob", ["reading it would decode"]),
+        ("1 x 1.26e9", ["one strip decodes to"]),
+        ("empty strip", ["holds no pixel data"]),
+        ("64 bands in one strip", ["one strip decodes to"]),
+        ("one tile of 2 GiB", ["one tile decodes to 2,048 MB"]),
+    ],
+)
+def test_bombs__refused_before_decoding(bombs, name, fragments):
+    _refused(bombs[name], *fragments)
+
+
+def test_bombs__band_count_checked_before_reading(bombs):
+    _refused(bombs["64 bands in one strip"], "has 64 band(s) but the model takes 1",
+             in_chans=1)  # fmt: skip
+
+
+def test_bombs__peak_memory_stays_under_the_budget(bombs, tmp_path):
+    """Each crafted file, and two legitimate big ones, read and preprocessed in
+    one child process after the other: the rise of the child's high-water mark
+    (Linux VmHWM, reset per file through clear_refs) stays under the budget."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("measuring peak memory per file needs Linux's clear_refs")
+    legit = tmp_path / "legit_big.tif"  # read by decimation
+    tifffile.imwrite(
+        legit, np.random.default_rng(0).random((6000, 6000), np.float32),
+        rowsperstrip=64, compression="zlib",
+    )  # fmt: skip
+    rgb = tmp_path / "legit_rgb.tif"  # three bands, read whole
+    tifffile.imwrite(
+        rgb, np.random.default_rng(1).integers(0, 255, (900, 900, 3), np.uint8),
+        tile=(256, 256), compression="zlib",
+    )  # fmt: skip
+    paths = [str(p) for p in bombs.values()] + [str(legit), str(rgb)]
+    code = textwrap.dedent(f"""
+        import json, sys
+        from catchment_mae.errors import BadRasterError
+        from catchment_mae.preprocess import PreprocessSpec, load_sample
+        from catchment_mae.raster import read_raster
+        def status(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        read_raster({str(legit)!r}, max_pixels=100)  # warm up the imports
+        spec = PreprocessSpec(
+            image_size=224, in_chans=None, norm="per-raster", max_memory_mb={BUDGET}
+        )
+        out = {{}}
+        for path in json.loads(sys.argv[1]):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            base = status("VmRSS:")
+            try:
+                s = load_sample(path, spec)
+                what = "read %dx%d" % (s.info.read_height, s.info.read_width)
+            except BadRasterError as e:
+                what = e.reason
+            out[path] = [status("VmHWM:") - base, what]
+        print(json.dumps(out))
+    """)
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(paths)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    for path, (rise, what) in got.items():
+        assert rise < BUDGET << 20, (path, rise >> 20, what)
+    assert got[str(legit)][1].startswith("read ")  # decimated within the budget
+    assert got[str(rgb)][1] == "read 900x900"
+
+
+def _two_page_tiff(path: Path) -> tuple[int, int]:
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.ones((8, 8), np.uint8))
+        tif.write(np.ones((8, 8), np.uint8))
+    with tifffile.TiffFile(path) as tif:
+        return tif.pages[0].offset, tif.pages[1].offset
+
+
+def _next_ifd_field(path: Path, ifd: int) -> int:
+    raw = path.read_bytes()
+    (count,) = struct.unpack_from("<H", raw, ifd)
+    return ifd + 2 + 12 * count
+
+
+@pytest.mark.parametrize("loop", ["to itself", "back to the first"])
+def test_ifd_loops__end_the_walk(tmp_path, loop):
+    path = tmp_path / "loop.tif"
+    first, second = _two_page_tiff(path)
+    raw = bytearray(path.read_bytes())
+    if loop == "to itself":
+        struct.pack_into("<I", raw, _next_ifd_field(path, first), first)
+    else:
+        struct.pack_into("<I", raw, _next_ifd_field(path, second), first)
+    path.write_bytes(bytes(raw))
+    t0 = time.monotonic()
+    r = read_raster(path)
+    assert r.data.shape == (1, 8, 8) and time.monotonic() - t0 < 5
+
+
+def test_ifd_chain__only_the_first_pages_are_read(tmp_path):
+    """100,000 chained IFDs: a bounded walk, not 20 s before any check."""
+    n = 100_000
+    entries = gray(2, 2, [8], [4])
+    body = bytearray(b"II*\0" + struct.pack("<I", 12) + b"\1\2\3\4")
+    size = 2 + 12 * len(entries) + 4
+    for k in range(n):
+        at = 12 + k * size
+        nxt = at + size if k + 1 < n else 0
+        body += struct.pack("<H", len(entries))
+        for code in sorted(entries):
+            typ, values = entries[code]
+            body += struct.pack("<HHI", code, typ, 1)
+            body += struct.pack(f"<{_FORMATS[typ]}", values[0]).ljust(4, b"\0")
+        body += struct.pack("<I", nxt)
+    path = tmp_path / "chain.tif"
+    path.write_bytes(bytes(body))
+    t0 = time.monotonic()
+    r = read_raster(path)
+    assert r.data.shape == (1, 2, 2) and time.monotonic() - t0 < 5
+
+
+def test_malformed_tags__say_what_is_wrong(tmp_path):
+    ok = gray(4, 4, [8], [16])
+    data = bytes(range(16))
+    # Two values where ImageLength holds one.
+    tags = dict(ok)
+    tags[257] = (LONG, [4, 4])
+    _refused(craft(tmp_path / "length.tif", tags, data), "malformed TIFF structure")
+    # A one-value ModelPixelScale: no georeferencing, but the pixels are read.
+    tags = dict(ok)
+    tags[33550] = (DOUBLE, [30.0])
+    tags[33922] = (DOUBLE, [0, 0, 0, 500_000.0, 5e6, 0])
+    r = read_raster(craft(tmp_path / "scale.tif", tags, data))
+    assert r.info.geo.transform is None and r.data.shape == (1, 4, 4)
+    # An unknown Photometric value.
+    tags = dict(ok)
+    tags[262] = (SHORT, [77])
+    path = craft(tmp_path / "photometric.tif", tags, data)
+    try:
+        r = read_raster(path)
+    except BadRasterError as e:
+        assert "AttributeError" not in str(e) and "'int' object" not in str(e)
+    else:
+        assert r.info.photometric == "77"
+    # Only a transparency mask (NewSubfileType 4), no image.
+    tags = dict(ok)
+    tags[254] = (LONG, [4])
+    _refused(craft(tmp_path / "mask.tif", tags, data), "holds only a transparency mask")
+
+
+def test_geokeys__ten_thousand_keys_one_line_at_most(tmp_path):
+    """A GeoKeyDirectory claiming 10,000 keys printed 10,000 tifffile lines in a
+    reader process: embed-dir's stderr now holds what cmae says, nothing else."""
+    ok = gray(4, 4, [8], [16])
+    ok[34735] = (SHORT, [1, 1, 0, 10_000, 1024, 0, 1, 1])
+    archive = tmp_path / "a"
+    archive.mkdir()
+    craft(archive / "keys.tif", ok, bytes(range(16)))
+    spec = PreprocessSpec(image_size=8, in_chans=1, norm="per-raster")
+    load_sample(archive / "keys.tif", spec)  # reads, georeferencing or not
+    code = (
+        "from catchment_mae.cli.main import main; import sys; "
+        "sys.argv = ['cmae', 'stats', sys.argv[1]]; main()"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(archive)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(r.stderr.splitlines()) <= 1, r.stderr[:2000]
