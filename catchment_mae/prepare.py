@@ -25,6 +25,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from catchment_mae.cache import (
     SHARD_ROWS,
     Entry,
@@ -35,8 +37,13 @@ from catchment_mae.cache import (
     write_row,
 )
 from catchment_mae.errors import BadRasterError, NoInputError
-from catchment_mae.preprocess import PreprocessSpec, load_resampled
-from catchment_mae.stats import RunningStats
+from catchment_mae.preprocess import PreprocessSpec, load_resampled, norm_coefficients
+from catchment_mae.stats import (
+    OUTLIER_FACTOR,
+    RunningStats,
+    far_outliers,
+    outlier_reason,
+)
 from catchment_mae.workers import ReaderPool, failure_reason
 
 log = logging.getLogger(__name__)
@@ -53,6 +60,8 @@ class Prepared:
         files: the usable rasters, in listing order.
         entries: their facts, aligned with ``files`` (``shard`` set when cached).
         failed: (path, reason) of every file that cannot be used.
+        screened: those of them read well but left out for their values (see
+            :func:`_screen`); --strict stops on them too.
         bands: the band count every usable raster has.
         stats: valid-pixel statistics over all usable rasters.
         cache: the cache, or None (``--no-cache``).
@@ -62,6 +71,7 @@ class Prepared:
     files: list[Path] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    screened: list[tuple[str, str]] = field(default_factory=list)  # also in failed
     bands: int | None = None
     stats: RunningStats = field(default_factory=RunningStats)
     cache: SampleCache | None = None
@@ -127,6 +137,8 @@ def prepare(
         if result.cache is not None:
             result.cache.close()
         raise
+    if result.files:
+        _screen(result, spec)
     if not result.files:
         if result.cache is not None:
             result.cache.close()
@@ -135,9 +147,53 @@ def prepare(
             f"none of the {len(files)} TIFF file(s) could be used "
             f"(first: {first[0]}: {first[1]})"
         )
-    for e in result.entries:
-        result.stats.merge(e.count, e.mean, e.std)
     return result
+
+
+def _screen(result: Prepared, spec: PreprocessSpec) -> None:
+    """Merges the norm statistics, leaving out rasters no normalisation can use.
+
+    With statistics computed from the data, a raster far outside the rest
+    (stats.far_outliers) is left out first, so that it cannot decide them. Then,
+    with fixed normalisation, a raster whose values would normalise to more than
+    OUTLIER_FACTOR (its mean that many stds from norm_mean, or its own std that
+    many times norm_std) is refused: one such raster turned the loss into NaN.
+    """
+    keep = np.ones(len(result.entries), bool)
+    reasons: dict[int, str] = {}
+    fixed = spec.norm == "fixed"
+    if fixed and spec.norm_mean is None and result.entries:
+        means = np.stack([e.mean for e in result.entries])
+        stds = np.stack([e.std for e in result.entries])
+        for i in np.flatnonzero(far_outliers(means, stds)):
+            reasons[int(i)] = outlier_reason(result.entries[i].mean, means)
+            keep[i] = False
+    for i, e in enumerate(result.entries):
+        if keep[i]:
+            result.stats.merge(e.count, e.mean, e.std)
+    if fixed and result.stats.count is not None:
+        norm = dataclasses.replace(
+            spec,
+            norm_mean=spec.norm_mean or tuple(result.mean),
+            norm_std=spec.norm_std or tuple(s if s > 0 else 1.0 for s in result.std),
+        )
+        for i, e in enumerate(result.entries):
+            a, b = norm_coefficients(e.mean, e.std, norm)
+            peak = max(float(np.abs(b).max()), float(a.max()))
+            if keep[i] and not peak <= OUTLIER_FACTOR:
+                reasons[i] = (
+                    f"its values would normalise to about {peak:.2g} with "
+                    f"norm_mean {list(norm.norm_mean)} and norm_std "
+                    f"{list(norm.norm_std)}; check its nodata value and scaling"
+                )
+                keep[i] = False
+    for i in sorted(reasons):
+        path = result.files[i]
+        result.screened.append((str(path), reasons[i]))
+        result.failed.append((str(path), reasons[i]))
+        log.warning("skipped %s: %s", path, reasons[i])
+    result.files = [p for p, k in zip(result.files, keep, strict=True) if k]
+    result.entries = [e for e, k in zip(result.entries, keep, strict=True) if k]
 
 
 def _prepare(

@@ -68,14 +68,53 @@ class RunningStats:
         return np.sqrt(self.m2 / self.count)
 
 
+# A raster whose mean lies this many times the data's spread from the median
+# raster's (or whose own std is this many times it) is not the same kind of data:
+# a float32 DEM whose header byte flipped holds values of 1e38, a mis-scaled one
+# 1e16. With its pixels, one file decides the statistics of all (mean 3.9e11,
+# std 3.2e13 over a directory of ordinary DEMs); it is left out, with a reason.
+OUTLIER_FACTOR = 1000.0
+
+
+def far_outliers(means: np.ndarray, stds: np.ndarray) -> np.ndarray:
+    """Which rasters (rows of ``means``/``stds``, (N, C)) lie absurdly far from
+    the rest: more than OUTLIER_FACTOR spreads from the median raster, the spread
+    being the larger of the median raster's std and the median absolute deviation
+    of the rasters' means (never 0). Boolean, shape (N,)."""
+    means, stds = np.asarray(means, float), np.asarray(stds, float)
+    if len(means) < 3:  # no "rest" to compare with
+        return np.zeros(len(means), bool)
+    centre = np.median(means, axis=0)
+    mad = np.median(np.abs(means - centre), axis=0)
+    spread = np.maximum(np.maximum(np.median(stds, axis=0), mad), 1e-12)
+    limit = OUTLIER_FACTOR * spread
+    return ((np.abs(means - centre) > limit) | (stds > limit)).any(axis=1)
+
+
+def outlier_reason(mean: np.ndarray, means: np.ndarray) -> str:
+    """Why a raster was left out of the statistics, in one line."""
+    shown = ", ".join(f"{v:.3g}" for v in np.asarray(mean, float))
+    median = ", ".join(f"{v:.3g}" for v in np.median(np.asarray(means, float), 0))
+    return (
+        f"its values lie far outside the rest of the data (mean {shown}, where "
+        f"the rasters' median is {median}); check its nodata value and scaling"
+    )
+
+
 @dataclass
 class ScanResult:
-    """What a pass over a directory found."""
+    """What a pass over a directory found.
+
+    ``stats`` merges every usable raster but the ``outliers`` (see
+    OUTLIER_FACTOR); ``per_file`` keeps each raster's (valid count, mean, std).
+    """
 
     files: list[Path] = field(default_factory=list)  # usable rasters, sorted
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     bands: int | None = None
     stats: RunningStats = field(default_factory=RunningStats)
+    per_file: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    outliers: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     @property
     def mean(self) -> list[float]:
@@ -86,17 +125,43 @@ class ScanResult:
     def std(self) -> list[float]:
         return [float(v) for v in self.stats.std]
 
+    def finish(self) -> None:
+        """Leaves the outliers out and merges the rest (in listing order)."""
+        if not self.per_file:
+            return
+        means = np.stack([m for _, m, _ in self.per_file])
+        stds = np.stack([s for _, _, s in self.per_file])
+        far = far_outliers(means, stds)
+        self.stats = RunningStats()
+        for path, (n, mean, std), out in zip(
+            self.files, self.per_file, far, strict=True
+        ):
+            if out:
+                reason = outlier_reason(mean, means)
+                self.outliers.append((str(path), reason))
+                log.warning("left out of the statistics %s: %s", path, reason)
+            else:
+                self.stats.merge(n, mean, std)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "files": len(self.files),
             "failed": len(self.failed),
             "bands": self.bands,
             "failures": [{"path": p, "reason": r} for p, r in self.failed],
+            "outliers": [{"path": p, "reason": r} for p, r in self.outliers],
         }
         if self.stats.count is not None:
             out.update(
                 mean=self.mean, std=self.std, valid_pixels=self.stats.count.tolist()
             )
+        if self.per_file:  # what no single raster can swing
+            out["median_mean"] = np.median(
+                np.stack([m for _, m, _ in self.per_file]), axis=0
+            ).tolist()
+            out["median_std"] = np.median(
+                np.stack([s for _, _, s in self.per_file]), axis=0
+            ).tolist()
         return out
 
 
@@ -133,7 +198,10 @@ def scan(
                 max_memory_mb=max_memory_mb,
             )
             check_usable(raster, in_chans if in_chans is not None else result.bands)
-            result.stats.update(raster.data, raster.valid)
+            one = RunningStats()
+            one.update(raster.data, raster.valid)
+            assert one.count is not None and one.mean is not None
+            result.per_file.append((int(one.count[0]), one.mean, one.std))
             result.files.append(path)
             result.bands = raster.data.shape[0]
         except BadRasterError as e:
@@ -142,6 +210,7 @@ def scan(
             log.warning("skipped %s", e)
         if on_file is not None:
             on_file(path, reason)
+    result.finish()
     return result
 
 

@@ -155,14 +155,20 @@ def train_one_epoch(
 ) -> dict[str, Any]:
     """One pass over the loader; returns averages and the files that failed.
 
-    ``on_batch_end`` is called every ``cfg.log_every`` steps and after the last
-    one, with the mean loss of the steps since its previous call.
+    A step whose loss is not finite changes nothing: the fused AdamW skips it on
+    the device (no host sync), and it is reported, naming its batch's files,
+    when the loss is next read. ``on_batch_end`` is called every
+    ``cfg.log_every`` steps and after the last one, with the mean loss of the
+    steps since its previous call.
+
+    Raises:
+        TrainingError: no step of the epoch had a finite loss.
     """
     model.train()
     steps = max(len(loader), 1)
     flip_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch) + 1)
     failed: list[tuple[str, str]] = []
-    meter = _LossMeter(device)
+    meter = _LossMeter(device, f"epoch {epoch + 1}")
     start = time.perf_counter()
     autocast = autocast_context(device, cfg.precision)
     for step, batch in enumerate(loader):
@@ -178,11 +184,12 @@ def train_one_epoch(
                 loss, _, _ = model(images, valid, scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            finite = meter.add(loss, images.shape[0], batch["path"], step + 1)
+            skip_unless_finite(optimizer, finite)
             optimizer.step()
-            meter.add(loss, images.shape[0], batch["path"])
         if (step + 1) % cfg.log_every and step + 1 < steps:
             continue
-        mean, n = meter.read(f"at epoch {epoch + 1}, step {step + 1}")
+        mean, n = meter.read()
         if on_batch_end is not None and n:
             elapsed = time.perf_counter() - start
             on_batch_end(
@@ -195,10 +202,16 @@ def train_one_epoch(
                     "images_per_s": meter.images / max(elapsed, 1e-9),
                 }
             )
+    if meter.skipped and not meter.images:
+        raise TrainingError(
+            f"the loss was not finite at any step of epoch {epoch + 1} (lower "
+            "--lr, or check the data's norm_mean/norm_std)"
+        )
     seconds = time.perf_counter() - start
     return {
         "train_loss": meter.mean,
         "images": meter.images,
+        "skipped_steps": meter.skipped,
         "seconds": seconds,
         "images_per_s": meter.images / max(seconds, 1e-9),
         "lr": lr_at(epoch + 1, cfg),
@@ -206,38 +219,61 @@ def train_one_epoch(
     }
 
 
+def skip_unless_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """Makes the next ``optimizer.step()`` a no-op unless ``finite`` (a device
+    bool): fused AdamW reads ``found_inf`` on the device, as GradScaler sets it,
+    so no host sync is needed. Other optimizers check on the host."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+    elif not bool(finite):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None  # an optimizer skips parameters without a gradient
+
+
 class _LossMeter:
-    """Sums the loss on the device; read back only when asked (one host sync)."""
+    """Sums the finite losses on the device; read back only when asked (one host
+    sync), when the steps whose loss was not finite are reported."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.since = torch.zeros((), dtype=torch.float64, device=device)
-        self.total, self.images, self.pending = 0.0, 0, 0
-        self.paths: list[str] = []  # the files of the steps since the last read
+    def __init__(self, device: torch.device, where: str) -> None:
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, n
+        self.where = where
+        self.steps: list[tuple[torch.Tensor, list[str], int]] = []
+        self.total, self.images, self.skipped = 0.0, 0, 0
 
-    def add(self, loss: torch.Tensor, n: int, paths: list[str]) -> None:
-        self.since += loss.detach().double() * n
-        self.pending += n
-        self.paths += paths
+    def add(self, loss: torch.Tensor, n: int, paths: list[str], step: int) -> Any:
+        """Counts one step; returns whether its loss is finite (on the device)."""
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        ok = finite.double()
+        self.sums += torch.stack([torch.where(finite, loss.double(), 0.0) * n, ok * n])
+        self.steps.append((finite, paths, step))
+        return finite
 
-    def read(self, where: str) -> tuple[float, int]:
-        """Mean loss and images since the last read; TrainingError if it is not
-        finite (naming the files of those steps)."""
-        n, self.pending = self.pending, 0
-        paths, self.paths = self.paths, []
-        if not n:
+    def read(self) -> tuple[float, int]:
+        """Mean loss and images since the last read (a warning names the files
+        of any step whose loss was not finite)."""
+        if not self.steps:
             return math.nan, 0
-        value = float(self.since.item())
-        self.since.zero_()
-        if not math.isfinite(value):
-            names = ", ".join(Path(p).name for p in paths[:8])
-            more = f" and {len(paths) - 8} more" if len(paths) > 8 else ""
-            raise TrainingError(
-                f"loss is {value} {where} (lower --lr, or check the data's "
-                f"norm_mean/norm_std; the batches held {names}{more})"
-            )
-        self.total += value
-        self.images += n
-        return value / n, n
+        flags = torch.stack([f for f, _, _ in self.steps]).tolist()
+        loss, n = self.sums.tolist()
+        self.sums.zero_()
+        bad = [(s, paths) for (_, paths, s), ok in zip(self.steps, flags, strict=True)
+               if not ok]  # fmt: skip
+        self.steps = []
+        if bad:
+            self.skipped += len(bad)
+            names = [Path(p).name for _, paths in bad for p in paths]
+            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+            log.warning(
+                "skipped %d step(s) of %s whose loss was not finite (step %s); "
+                "their batches held %s%s",
+                len(bad), self.where, ", ".join(str(s) for s, _ in bad),
+                ", ".join(names[:8]), more,
+            )  # fmt: skip
+        self.total += loss
+        self.images += int(n)
+        return (loss / n if n else math.nan), int(n)
 
     @property
     def mean(self) -> float:
@@ -253,15 +289,15 @@ def evaluate(
     None when no validation raster could be read.
     """
     model.eval()
-    meter = _LossMeter(device)
+    meter = _LossMeter(device, "the validation pass")
     with _seeded(epoch_seed(cfg.seed, 10**6)), autocast_context(device, cfg.precision):
-        for batch in loader:
+        for step, batch in enumerate(loader):
             if batch["z"] is None:
                 continue
             images, valid, scale = to_model_input(batch, device)
             loss, _, _ = model(images, valid, scale)
-            meter.add(loss, images.shape[0], batch["path"])
-    mean, n = meter.read("in the validation pass")
+            meter.add(loss, images.shape[0], batch["path"], step + 1)
+    mean, n = meter.read()
     return mean if n else None
 
 
@@ -469,6 +505,11 @@ def _prepare(cfg: TrainConfig, strict: bool, progress: bool) -> Prepared:
         raise NoInputError(f"{cfg.input_dir}: {e}") from e
     finally:
         bar.close()
+    if strict and prepared.screened:
+        if prepared.cache is not None:
+            prepared.cache.close()
+        path, reason = prepared.screened[0]
+        raise TrainingError(f"{path}: {reason} (--strict)")
     log.debug("%s", describe(prepared))
     return prepared
 
@@ -490,7 +531,10 @@ def _optimizer(model: ScaleAwareMAE, cfg: TrainConfig) -> torch.optim.Optimizer:
 
     # No weight decay on biases, norms, tokens and position embeddings (MAE).
     groups = param_groups_weight_decay(model, cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, 0.95))
+    # Fused: one kernel for all parameters, and it skips a step on the device
+    # when the loss is not finite (skip_unless_finite).
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, 0.95), fused=fused)
 
 
 def _loader(

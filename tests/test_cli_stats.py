@@ -74,3 +74,26 @@ def test_stats__errors(runner, tmp_path):
         result.exit_code == 1
         and "none of the 1 TIFF file(s) could be used" in result.stderr
     )
+
+
+def test_stats__one_raster_cannot_decide_the_statistics(runner, tmp_path, dem_dir):
+    import shutil
+
+    import numpy as np
+    import tifffile
+
+    d = tmp_path / "d"
+    shutil.copytree(dem_dir, d)
+    calm = runner.invoke(cli, ["stats", str(d), "--json"])
+    odd = np.random.default_rng(0).uniform(-6.5e15, 2.6e16, (216, 432))
+    tifffile.imwrite(d / "odd.tif", odd)
+    result = runner.invoke(cli, ["stats", str(d), "--json"])
+    assert result.exit_code == 0
+    out, before = json.loads(result.stdout), json.loads(calm.stdout)
+    assert out["mean"] == pytest.approx(before["mean"])  # as if it were not there
+    assert out["std"] == pytest.approx(before["std"])
+    assert [o["path"] for o in out["outliers"]] == [str(d / "odd.tif")]
+    assert "far outside the rest of the data" in result.stderr
+    assert abs(out["median_mean"][0]) < 1e5 and out["median_std"][0] < 1e5
+    text = runner.invoke(cli, ["stats", str(d)])
+    assert "1 raster(s) left out as far outside the rest" in text.stdout

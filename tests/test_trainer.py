@@ -132,12 +132,78 @@ def test_train__the_loss_is_read_every_log_every_steps(tiny_config):
     assert result.history[0]["images"] == sum(images)
 
 
-def test_train__a_non_finite_loss_names_the_files(tiny_config):
-    # A norm_std of 1e-30 turns altitudes into values whose squares overflow.
-    cfg = {**tiny_config, "norm_mean": [0.0], "norm_std": [1e-30], "log_every": 1}
-    with pytest.raises(TrainingError, match=r"loss is (inf|nan) at epoch 1, step 1 .*"
-                       r"the batches held catchment_\d+\.tif"):  # fmt: skip
-        train(cfg, progress=False)
+def test_train__a_non_finite_step_is_skipped_and_named(
+    tiny_config, monkeypatch, caplog
+):
+    """A step whose loss is not finite leaves the weights as they were (fused
+    AdamW skips it on the device), the run goes on, and a warning names the
+    files of that batch; an epoch with no finite step ends the run."""
+    from catchment_mae.model import ScaleAwareMAE
+
+    real = ScaleAwareMAE.forward
+    calls = {"n": 0}
+
+    def forward(self, images, valid, scale):
+        loss, pred, mask = real(self, images, valid, scale)
+        calls["n"] += 1
+        if self.training and calls["n"] == 2:
+            loss = loss * float("nan")
+        return loss, pred, mask
+
+    monkeypatch.setattr(ScaleAwareMAE, "forward", forward)
+    cfg = {**tiny_config, "max_epochs": 1, "log_every": 1}
+    with caplog.at_level("WARNING"):
+        result = train(cfg, progress=False)
+    stats = result.history[0]
+    assert stats["skipped_steps"] == 1 and math.isfinite(stats["train_loss"])
+    assert stats["images"] == 11 - 4  # the skipped batch of 4 does not count
+    assert "skipped 1 step(s) of epoch 1 whose loss was not finite (step 2)" in (
+        caplog.text
+    )
+    assert ".tif" in caplog.text.split("their batches held")[1]
+    weights = torch.load(result.weights_path, weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+    def always_nan(self, images, valid, scale):
+        loss, pred, mask = real(self, images, valid, scale)
+        return loss * float("nan"), pred, mask
+
+    monkeypatch.setattr(ScaleAwareMAE, "forward", always_nan)
+    out = str(tiny_config["model_output_path"]).replace("m.pth", "nan.pth")
+    with pytest.raises(TrainingError, match="not finite at any step of epoch 1"):
+        train({**cfg, "model_output_path": out}, progress=False)
+
+
+def test_train__a_raster_far_outside_the_rest_is_skipped(
+    tiny_config, tmp_path, dem_dir
+):
+    """A DEM-like float64 raster with values of 1e16 (its nodata masked) among
+    ordinary DEMs: computed statistics leave it out, given ones refuse it, the
+    run goes on and names it; --strict stops on it."""
+    import shutil
+
+    import numpy as np
+    import tifffile
+
+    d = tmp_path / "dems"
+    shutil.copytree(dem_dir, d)
+    odd = np.random.default_rng(0).uniform(-6.5e15, 2.6e16, (216, 432))
+    odd[:20] = -1.27e30
+    tifffile.imwrite(d / "odd.tif", odd, extratags=[(42113, "s", 0, "-1.27e30", True)])
+    base = {**tiny_config, "input_dir": str(d), "max_epochs": 1}
+    for extra in ({}, {"norm_mean": [2000.0], "norm_std": [1000.0]}):
+        out = str(tmp_path / f"m{len(extra)}.pth")
+        result = train({**base, **extra, "model_output_path": out}, progress=False)
+        assert result.files == 12 and math.isfinite(result.history[0]["train_loss"])
+        reasons = dict(result.skipped)
+        assert "far outside the rest" in reasons[str(d / "odd.tif")] or (
+            "would normalise to about" in reasons[str(d / "odd.tif")]
+        )
+        saved = json.loads(result.config_path.read_text())
+        assert 0 < saved["norm_mean"][0] < 10_000 and saved["norm_std"][0] < 10_000
+    with pytest.raises(TrainingError, match=r"odd\.tif: .*\(--strict\)"):
+        train({**base, "model_output_path": str(tmp_path / "s.pth")}, strict=True,
+              progress=False)  # fmt: skip
 
 
 def test_train__resume_refuses_another_config(trained, tiny_config):

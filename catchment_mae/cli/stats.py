@@ -76,6 +76,13 @@ def stats(
     rows = zip(out["mean"], out["std"], out["valid_pixels"], strict=True)
     for i, (m, s, n) in enumerate(rows, start=1):
         click.echo(f"band {i}: mean {m:.6g}  std {s:.6g}  ({n} valid pixels)")
+    if out["outliers"]:
+        click.echo(
+            f"{len(out['outliers'])} raster(s) left out as far outside the rest "
+            "(named above); the rasters' medians, which no one raster can swing: "
+            f"mean {','.join(f'{m:.6g}' for m in out['median_mean'])}, "
+            f"std {','.join(f'{s:.6g}' for s in out['median_std'])}"
+        )
     mean = ",".join(f"{m:.6g}" for m in out["mean"])
     # A flat band has std 0, which would divide by zero: use 1, as cmae train does.
     std = ",".join(f"{s if s > 0 else 1.0:.6g}" for s in out["std"])
