@@ -27,6 +27,7 @@ class Plan:
         previous: rows of an earlier run with the same model (or None).
         shard: (K, N): only the files whose sha1(relative path) % N == K - 1.
         recursive: search sub-directories.
+        within: skip files (symlinks included) that resolve outside it.
 
     Raises:
         NoInputError: ``root`` is not a directory (raised here, before any output).
@@ -38,18 +39,20 @@ class Plan:
         previous: pa.Table | None,
         shard: tuple[int, int] | None = None,
         recursive: bool = True,
+        within: Path | None = None,
     ) -> None:
         if not root.exists():
             raise NoInputError(f"{root}: input directory does not exist")
         if not root.is_dir():
             raise NoInputError(f"{root}: not a directory")
         self.root, self.shard, self.recursive = root, shard, recursive
+        self.within = within
         self.done = done_rows(previous)
         self.order: dict[str, int] = {}  # every file of the shard seen: position
         self.already_done = 0
 
     def __iter__(self) -> Iterator[str]:
-        for path in find_tiffs(self.root, recursive=self.recursive):
+        for path in find_tiffs(self.root, self.recursive, within=self.within):
             rel = relative(path, self.root)
             if not in_shard(rel, self.shard):
                 continue

@@ -96,6 +96,7 @@ def embed_dir(
     overwrite: bool = False,
     rows_per_part: int = ROWS_PER_PART,
     timeout: float | None = READ_TIMEOUT,
+    within: str | os.PathLike[str] | None = None,
     on_item: Callable[[Item], None] | None = None,
 ) -> RunSummary:
     """Embeds every TIFF under ``input_dir`` with the ``.onnx`` ``model``.
@@ -117,6 +118,8 @@ def embed_dir(
         rows_per_part: rows flushed to disk at a time (at most these are lost if
             the machine dies).
         timeout: seconds one file may take in a reader process (None: no limit).
+        within: skip files (symlinks included) that resolve outside this folder
+            (the web UI's --data-root).
         on_item: called for every raster read (progress bars).
 
     Raises:
@@ -143,7 +146,8 @@ def embed_dir(
             mapper = Mapper(model, device, threads=cores)
             summary.provider = mapper.provider
             previous = None if overwrite else read_previous(out, mapper.sha256)
-            plan = Plan(root, previous, shard, recursive)
+            fence = Path(within) if within is not None else None
+            plan = Plan(root, previous, shard, recursive, within=fence)
             if overwrite:
                 clear_parts(out)
             log.info("embedding with %s on %s", Path(model).name, mapper.device_name)

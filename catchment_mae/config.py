@@ -101,65 +101,102 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("resize", self.resize, RESIZE_RULES)
-        positive = ("image_size", "max_epochs", "batch_size", "max_pixels", "log_every")
         if self.max_memory_mb < 16:
-            raise ConfigError(f"max_memory_mb must be >= 16, got {self.max_memory_mb}")
-        for key in positive:
+            raise ConfigError(
+                f"max_memory_mb must be >= 16, got {self.max_memory_mb}",
+                key="max_memory_mb",
+            )
+        for key in (
+            "image_size",
+            "max_epochs",
+            "batch_size",
+            "max_pixels",
+            "log_every",
+        ):
             if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(
+                    f"{key} must be >= 1, got {getattr(self, key)}", key=key
+                )
         for key in ("patch_size", "embed_dim", "depth", "num_heads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(
+                    f"{key} must be >= 1, got {getattr(self, key)}", key=key
+                )
         if self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise ConfigError(
+                f"num_workers must be >= 0, got {self.num_workers}", key="num_workers"
+            )
         if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+            raise ConfigError(
+                f"mask_ratio must be in (0, 1), got {self.mask_ratio}", key="mask_ratio"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(
-                f"val_fraction must be in [0, 1), got {self.val_fraction}"
+                f"val_fraction must be in [0, 1), got {self.val_fraction}",
+                key="val_fraction",
             )
         if self.in_chans is not None and self.in_chans < 1:
-            raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
+            raise ConfigError(
+                f"in_chans must be >= 1, got {self.in_chans}", key="in_chans"
+            )
         if self.bands is not None:
             if not self.bands or any(b < 1 for b in self.bands):
-                raise ConfigError(f"bands are 1-based band numbers, got {self.bands}")
+                raise ConfigError(
+                    f"bands are 1-based band numbers, got {self.bands}", key="bands"
+                )
             if self.in_chans is not None and len(self.bands) != self.in_chans:
                 raise ConfigError(
                     f"bands selects {len(self.bands)} bands but in_chans is "
-                    f"{self.in_chans}"
+                    f"{self.in_chans}",
+                    key="bands",
                 )
         if (self.norm_mean is None) != (self.norm_std is None):
-            raise ConfigError("norm_mean and norm_std must be given together")
+            raise ConfigError(
+                "norm_mean and norm_std must be given together", key="norm_mean"
+            )
         if self.norm_mean is not None and self.norm_std is not None:
             if len(self.norm_mean) != len(self.norm_std):
                 raise ConfigError(
                     f"norm_mean has {len(self.norm_mean)} values, norm_std "
-                    f"{len(self.norm_std)}"
+                    f"{len(self.norm_std)}",
+                    key="norm_mean",
                 )
             if self.in_chans is not None and len(self.norm_mean) != self.in_chans:
                 raise ConfigError(
                     f"norm_mean/norm_std have {len(self.norm_mean)} values but "
-                    f"in_chans is {self.in_chans}"
+                    f"in_chans is {self.in_chans}",
+                    key="norm_mean",
                 )
             for i, s in enumerate(self.norm_std):
                 if not (math.isfinite(s) and s > 0):
-                    raise ConfigError(f"norm_std[{i}] must be > 0, got {s}")
+                    raise ConfigError(
+                        f"norm_std[{i}] must be > 0, got {s}", key="norm_std"
+                    )
             for i, m in enumerate(self.norm_mean):
                 if not math.isfinite(m):
-                    raise ConfigError(f"norm_mean[{i}] must be finite, got {m}")
+                    raise ConfigError(
+                        f"norm_mean[{i}] must be finite, got {m}", key="norm_mean"
+                    )
         if self.nodata is not None and math.isinf(self.nodata):
-            raise ConfigError("nodata must be a number (NaN and inf are always nodata)")
+            raise ConfigError(
+                "nodata must be a number (NaN and inf are always nodata)", key="nodata"
+            )
         if not self.scale_eps > 0:
-            raise ConfigError(f"scale_eps must be > 0, got {self.scale_eps}")
+            raise ConfigError(
+                f"scale_eps must be > 0, got {self.scale_eps}", key="scale_eps"
+            )
         for key in ("blr", "weight_decay", "warmup_epochs", "min_lr"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+                raise ConfigError(
+                    f"{key} must be >= 0, got {getattr(self, key)}", key=key
+                )
         if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+            raise ConfigError(f"lr must be > 0, got {self.lr}", key="lr")
         if self.patch_size is not None and self.image_size % self.patch_size:
             raise ConfigError(
                 f"image_size {self.image_size} is not a multiple of patch_size "
-                f"{self.patch_size}"
+                f"{self.patch_size}",
+                key="patch_size",
             )
 
     def preprocess_spec(self) -> PreprocessSpec:
@@ -178,7 +215,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in known:
-                raise ConfigError(f"Unknown config key: {key}")
+                raise ConfigError(f"Unknown config key: {key}", key=key)
         return cls(**data)
 
     @classmethod
@@ -195,7 +232,7 @@ class TrainConfig:
         try:
             return cls.from_dict(data)
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from e
+            raise ConfigError(f"{path}: {e}", key=e.key) from e
 
     def merged(self, overrides: dict[str, Any]) -> TrainConfig:
         """Returns a copy with the non-None overrides applied (CLI flags win)."""
@@ -240,7 +277,9 @@ class TrainConfig:
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise ConfigError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
+        raise ConfigError(
+            f"{key} must be one of {', '.join(valid)}; got {value!r}", key=key
+        )
 
 
 def _check_types(cfg: TrainConfig) -> None:
@@ -250,7 +289,8 @@ def _check_types(cfg: TrainConfig) -> None:
         if not _is_instance(value, hints[f.name]):
             raise ConfigError(
                 f"config key {f.name} must be {_type_name(hints[f.name])}, got "
-                f"{type(value).__name__} {value!r}"
+                f"{type(value).__name__} {value!r}",
+                key=f.name,
             )
         # JSON gives ints where floats are meant; store floats so NAME.json is stable.
         setattr(cfg, f.name, _coerce(value, hints[f.name]))

@@ -10,7 +10,11 @@ class CmaeError(Exception):
 
 
 class ConfigError(CmaeError, ValueError):
-    """A config key, value or type is wrong."""
+    """A config key, value or type is wrong; ``key`` names it (None: no one key)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class BadRasterError(CmaeError):

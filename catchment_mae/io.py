@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -85,17 +86,24 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def try_lock(path: str | os.PathLike[str]) -> IO[str] | None:
+def try_lock(path: str | os.PathLike[str], nofollow: bool = False) -> IO[str] | None:
     """Opens ``path`` and takes an exclusive ``flock`` on it without waiting.
 
     Returns the open file, which holds the lock until it is closed, or None when
     another open file (this process's or another's) holds it. Off POSIX there is
     no lock: the file is returned all the same.
 
+    Args:
+        nofollow: refuse a symlink at ``path`` (a lock in a shared directory).
+
     Raises:
-        OSError: the file cannot be opened.
+        OSError: the file cannot be opened (a directory, a symlink with
+            ``nofollow``, no permission).
     """
-    handle = open(path, "a")
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND
+    if nofollow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    handle = os.fdopen(os.open(path, flags, 0o600), "a")
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -106,3 +114,31 @@ def try_lock(path: str | os.PathLike[str]) -> IO[str] | None:
         handle.close()
         return None
     return handle
+
+
+def private_dir(name: str = "cmae") -> Path:
+    """A directory only this user can write, for locks: ``$XDG_RUNTIME_DIR/NAME``,
+    else ``TMPDIR/NAME-UID``, created with mode 0700.
+
+    Raises:
+        OSError: it cannot be created, or what is there is a symlink, not a
+            directory, another user's, or writable by others.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = (
+        Path(base) / name
+        if base
+        else Path(tempfile.gettempdir())
+        / (f"{name}-{uid}" if uid is not None else name)
+    )
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if (
+        not stat.S_ISDIR(st.st_mode)  # a symlink or a file planted there
+        or (uid is not None and st.st_uid != uid)
+        or st.st_mode & 0o022
+    ):
+        raise OSError(f"{path} is not a private directory of this user")
+    return path

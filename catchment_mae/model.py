@@ -30,6 +30,23 @@ from torch import Tensor, nn
 from catchment_mae.config import TrainConfig
 from catchment_mae.errors import ConfigError, ModelLoadError
 
+# The timm modules whose models are VisionTransformers: the one rule for what
+# cmae can wrap (the CLI's, a config's and the web form's vit_model_name).
+VIT_MODULES = ("vision_transformer", "deit")
+
+
+def vit_problem(name: str) -> str | None:
+    """Why ``name`` cannot be cmae's ViT (a message), or None when it can."""
+    import timm
+
+    if not timm.is_model(name):
+        return f"unknown timm model {name!r} (see timm.list_models('vit_*'))"
+    if name not in timm.list_models(module=VIT_MODULES):
+        return (
+            f"{name}: cmae needs a timm VisionTransformer (e.g. vit_small_patch16_224)"
+        )
+    return None
+
 
 def build_vit(cfg: TrainConfig, in_chans: int) -> nn.Module:
     """Creates the timm ViT named by ``cfg.vit_model_name`` (never downloads)."""
@@ -42,11 +59,9 @@ def build_vit(cfg: TrainConfig, in_chans: int) -> nn.Module:
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
-    if not timm.is_model(cfg.vit_model_name):
-        raise ConfigError(
-            f"vit_model_name: unknown timm model {cfg.vit_model_name!r} "
-            "(see timm.list_models('vit_*'))"
-        )
+    problem = vit_problem(cfg.vit_model_name)
+    if problem is not None:
+        raise ConfigError(f"vit_model_name: {problem}", key="vit_model_name")
     try:
         vit = timm.create_model(cfg.vit_model_name, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:

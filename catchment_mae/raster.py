@@ -105,11 +105,21 @@ def is_tiff_name(name: str) -> bool:
     return name.lower().endswith(TIFF_SUFFIXES)
 
 
-def find_tiffs(root: str | os.PathLike[str], recursive: bool = True) -> Iterator[Path]:
+def find_tiffs(
+    root: str | os.PathLike[str],
+    recursive: bool = True,
+    within: str | os.PathLike[str] | None = None,
+) -> Iterator[Path]:
     """Yields the TIFFs under ``root`` lazily, in sorted path order.
 
-    Follows symlinked directories once each (by device and inode), so a symlink
-    loop cannot hang the walk. Raises NoInputError when ``root`` is not a directory.
+    Symbolic links are followed, to files and to directories (a dataset is often
+    a folder of links), but a walk never enters a directory twice (by device and
+    inode) nor a directory that holds ``root`` (a link to ``/`` or to a parent
+    would walk the whole machine, or loop). With ``within`` (the web UI passes its
+    ``--data-root``), a file or directory that resolves outside it is skipped
+    with a warning, symlinks included.
+
+    Raises NoInputError when ``root`` is not a directory.
     """
     root = Path(root)
     if not root.exists():
@@ -117,11 +127,16 @@ def find_tiffs(root: str | os.PathLike[str], recursive: bool = True) -> Iterator
     if not root.is_dir():
         raise NoInputError(f"{root}: not a directory")
     seen: set[tuple[int, int]] = set()
-    yield from _walk(root, recursive, seen)
+    fence = Path(within).resolve() if within is not None else None
+    yield from _walk(root, recursive, seen, root.resolve(), fence)
 
 
 def _walk(
-    directory: Path, recursive: bool, seen: set[tuple[int, int]]
+    directory: Path,
+    recursive: bool,
+    seen: set[tuple[int, int]],
+    top: Path,
+    fence: Path | None,
 ) -> Iterator[Path]:
     try:
         st = directory.stat()
@@ -139,15 +154,30 @@ def _walk(
         log.warning("%s: cannot list directory: %s", directory, e.strerror or e)
         return
     for entry in entries:
+        path = Path(entry.path)
         try:
             is_dir = entry.is_dir()  # follows symlinks
-        except OSError:
+            target = path.resolve() if entry.is_symlink() else None
+        except (OSError, RuntimeError):  # a dangling link or a link loop
             continue
+        if is_dir and not recursive:
+            continue
+        if not is_dir and not is_tiff_name(entry.name):
+            continue
+        if target is not None:
+            if fence is not None and not target.is_relative_to(fence):
+                log.warning("skipped %s: a symlink that leads outside %s", path, fence)
+                continue
+            if is_dir and top.is_relative_to(target):
+                log.warning(
+                    "skipped %s: a symlink to a folder that holds %s (a loop)",
+                    path, top,
+                )  # fmt: skip
+                continue
         if is_dir:
-            if recursive:
-                yield from _walk(Path(entry.path), recursive, seen)
-        elif is_tiff_name(entry.name):
-            yield Path(entry.path)
+            yield from _walk(path, recursive, seen, top, fence)
+        else:
+            yield path
 
 
 # ----------------------------------------------------------------------- reading

@@ -309,6 +309,7 @@ def train(
     resume: str | Path | None = None,
     strict: bool = False,
     progress: bool = True,
+    within: str | Path | None = None,
     on_batch_end: Callable[[dict[str, Any]], None] | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
@@ -320,6 +321,8 @@ def train(
         resume: an epoch checkpoint (``NAME.ckpt.pth``) to continue from.
         strict: stop at the first bad file instead of skipping it.
         progress: show a progress bar on stderr.
+        within: skip rasters (symlinks included) that resolve outside this folder
+            (the web UI's --data-root).
         on_batch_end, on_epoch_end: progress hooks (web UI, tests).
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
@@ -332,7 +335,7 @@ def train(
     )
     device = pick_device(cfg.device)
     t0 = time.perf_counter()
-    prepared = _prepare(cfg, strict, progress)
+    prepared = _prepare(cfg, strict, progress, within)
     first_pass = time.perf_counter() - t0
     try:
         result = _train(
@@ -471,11 +474,13 @@ def split_indices(
 
 
 # -------------------------------------------------------------------- helpers
-def _prepare(cfg: TrainConfig, strict: bool, progress: bool) -> Prepared:
+def _prepare(
+    cfg: TrainConfig, strict: bool, progress: bool, within: str | Path | None
+) -> Prepared:
     """The first pass: every raster read once (into the cache), checked, measured."""
     from tqdm.auto import tqdm
 
-    files = list(find_tiffs(cfg.input_dir, recursive=cfg.recursive))
+    files = list(find_tiffs(cfg.input_dir, cfg.recursive, within=within))
     if not files:
         raise NoInputError(f"{cfg.input_dir}: no .tif/.tiff files found")
     bar = tqdm(

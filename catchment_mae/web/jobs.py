@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from catchment_mae.errors import CmaeError
-from catchment_mae.io import try_lock
+from catchment_mae.io import private_dir, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class Busy(CmaeError):
     """A job of the same kind is already running."""
 
 
+class LockUnavailable(CmaeError):
+    """The machine-wide training lock cannot be taken (not because it is held)."""
+
+
 class MachineLock:
     """An exclusive lock shared by every ``cmae serve`` on the machine (flock on
     a file in the temp directory), so one training runs at a time there."""
@@ -75,7 +79,19 @@ class MachineLock:
         self._handle: Any = None
 
     def acquire(self) -> bool:
-        self._handle = try_lock(self.path)
+        """True once held, False when another server holds it.
+
+        Raises:
+            LockUnavailable: the lock file cannot be opened (a directory or a
+                symlink planted there, no permission).
+        """
+        try:
+            self._handle = try_lock(self.path, nofollow=True)
+        except OSError as e:
+            raise LockUnavailable(
+                f"cannot take the machine's training lock {self.path}: "
+                f"{e.strerror or e}"
+            ) from e
         return self._handle is not None
 
     def release(self) -> None:
@@ -85,7 +101,14 @@ class MachineLock:
 
 
 def default_train_lock() -> Path:
-    return Path(tempfile.gettempdir()) / "cmae-serve-train.lock"
+    """In a directory only this user can write (io.private_dir), so nobody can
+    plant a symlink or a directory in its place; where that cannot be had, a
+    path whose opening fails and says why."""
+    try:
+        return private_dir() / "serve-train.lock"
+    except OSError as e:
+        log.warning("no private directory for the training lock: %s", e)
+        return Path(tempfile.gettempdir()) / "cmae-serve-train.lock"
 
 
 class JobManager:
