@@ -159,10 +159,15 @@ def test_guards__host_origin_and_token(roots):
         == 200
     )
     assert c.get("/api/health", headers={"X-Cmae-Token": "s3cret"}).status_code == 200
-    page = c.get("/?token=s3cret")
-    assert page.status_code == 200 and "cmae_token=s3cret" in page.headers["Set-Cookie"]
+    assert c.get("/api/health?token=s3cret").status_code == 401  # not in API URLs
+    page = c.get("/?token=s3cret&x=1")
+    # The printed URL: a cookie, then the same page without the token in the URL.
+    assert page.status_code == 303 and page.headers["Location"] == "/?x=1"
+    assert "cmae_token=s3cret" in page.headers["Set-Cookie"]
     assert "SameSite=Strict" in page.headers["Set-Cookie"]
+    assert c.get("/").status_code == 200
     assert c.get("/api/models").status_code == 200  # the cookie now
+    assert c.get("/?token=wrong").status_code == 401
 
 
 def test_guards__roots_must_exist(tmp_path):
@@ -219,16 +224,22 @@ def test_api_embed__bad_uploads(client, roots):
 def test_api_train__bad_values_name_the_field(client):
     base = {"dataset": "dems", "name": "t", "vit_model_name": "vit_tiny_patch16_224"}
     cases = [
-        ({"max_epochs": "-1"}, "max_epochs", "must be >= 1"),
+        ({"max_epochs": "-1"}, "max_epochs", "must be 1 to 10000"),
+        ({"image_size": "100000"}, "image_size", "must be 8 to 1024"),
+        ({"embed_dim": "65536"}, "embed_dim", "must be 8 to 2048"),
+        ({"depth": "500"}, "depth", "must be 1 to 48"),
+        ({"batch_size": "100000"}, "batch_size", "must be 1 to 1024"),
+        ({"num_workers": "1000"}, "num_workers", "must be 0 to"),
         ({"max_epochs": "two"}, "max_epochs", "whole number"),
         ({"mask_ratio": "1.5"}, "mask_ratio", "(0, 1)"),
         ({"mask_ratio": "0"}, "mask_ratio", "(0, 1)"),
         ({"norm": "median"}, "norm", "must be one of fixed, per-raster"),
-        ({"vit_model_name": "resnet50"}, "vit_model_name", "not a timm ViT"),
-        ({"vit_model_name": "vit_nonsense_1"}, "vit_model_name", "not a timm ViT"),
+        ({"vit_model_name": "resnet50"}, "vit_model_name", "needs a timm Vision"),
+        ({"vit_model_name": "vit_nonsense_1"}, "vit_model_name", "unknown timm"),
         ({"dataset": "../"}, "dataset", "outside"),
         ({"dataset": "dems/catchment_0000.tif"}, "dataset", "not a directory"),
         ({"name": "../escape"}, "name", "no folders"),
+        ({"name": "x\n.pth"}, "name", "no folders"),
         ({"norm_mean": "a,b"}, "norm_mean", "comma-separated"),
         ({"norm_mean": "1", "norm_std": "0"}, "norm_std", "> 0"),
         ({"name": "m"}, "name", "already exists"),
@@ -371,3 +382,128 @@ def test_jobs__one_training_per_machine(tmp_path):
     again = a.start("train", {}, lambda job: {})
     a.wait(again.id, 10)
     assert again.status == "done"
+
+
+# ------------------------------------------------------------------ hardening
+@pytest.fixture
+def fenced(tmp_path, dem_dir, onnx_model):
+    """Roots with links that lead out of them, and a file outside them."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(sorted(dem_dir.glob("*.tif"))[0], outside / "x.tif")
+    (outside / "secret.txt").write_text("SECRET")
+    data, models = tmp_path / "data", tmp_path / "models"
+    shutil.copytree(dem_dir, data / "dems")
+    (data / "dems" / "link.tif").symlink_to(outside / "x.tif")
+    (data / "dems" / "fake.tif").symlink_to(outside / "secret.txt")
+    (data / "dems" / "linkdir").symlink_to(outside)
+    (data / "dems" / "inside.tif").symlink_to(data / "dems" / "catchment_0001.tif")
+    models.mkdir()
+    shutil.copy(onnx_model, models / "m.onnx")
+    app = create_app(data, models)
+    with app.test_client() as c:
+        yield c, data, models, outside
+
+
+def test_embed_dir__walks_never_leave_the_data_root(fenced):
+    import pyarrow.parquet as pq
+
+    client, data, models, _ = fenced
+    r = _post(client, "/api/embed-dir",
+              json={"dataset": ".", "model_path": "m.onnx", "name": "t"})  # fmt: skip
+    assert r.status_code == 202, r.json
+    assert _wait(client, r.json["job"])["status"] == "done"
+    table = pq.read_table(models / "embeddings" / "t.parquet").to_pylist()
+    paths = {row["path"] for row in table}
+    assert "dems/inside.tif" in paths  # a link that stays inside is fine
+    assert not {p for p in paths if "link" in p or "fake" in p}
+    assert not any("SECRET" in str(row["error"]) for row in table)
+
+
+def test_outputs__never_written_through_a_symlink(fenced):
+    client, data, models, outside = fenced
+    (models / "embeddings").symlink_to(outside)
+    fields = {"dataset": "dems", "model_path": "m.onnx", "name": "t"}
+    r = _post(client, "/api/embed-dir", json=fields)
+    assert r.status_code == 400 and "outside --model-root" in r.json["message"]
+    (models / "embeddings").unlink()
+    (models / "t.pth").symlink_to(outside / "planted.pth")
+    r = _post(client, "/api/train", json={**TINY_FORM, "name": "t", "overwrite": "1"})
+    assert r.status_code == 400 and "outside --model-root" in r.json["message"]
+    (models / "t.pth").unlink()
+    (models / ".cache").symlink_to(outside)
+    r = _post(client, "/api/train", json={**TINY_FORM, "name": "t"})
+    assert r.status_code == 400 and r.json["field"] == "name"
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt", "x.tif"]
+
+
+def test_training_lock__a_planted_directory_or_link_is_a_clear_503(
+    fenced, tmp_path, monkeypatch
+):
+    import catchment_mae.web.jobs as jobs
+
+    client, _, models, outside = fenced
+    for planted in ("dir", "link"):
+        lock = tmp_path / f"lock-{planted}"
+        if planted == "dir":
+            lock.mkdir()
+        else:
+            lock.symlink_to(outside / "secret.txt")
+        manager = jobs.JobManager(lock_path=lock)
+        with pytest.raises(jobs.LockUnavailable, match="cannot take the machine"):
+            manager.start("train", {}, lambda job: {})
+        assert (outside / "secret.txt").read_text() == "SECRET"
+    monkeypatch.setattr(jobs, "default_train_lock", lambda: tmp_path / "lock-dir")
+    app = create_app(models.parent / "data", models)
+    r = _post(app.test_client(), "/api/train", json={**TINY_FORM, "name": "u"})
+    assert r.status_code == 503 and "training lock" in r.json["message"]
+
+
+def test_jobs__only_known_fields_kept_and_history_bounded(fenced):
+    import catchment_mae.web.jobs as jobs
+
+    client, *_ = fenced
+    junk = "x" * (30 << 10)
+    r = _post(client, "/api/embed-dir", json={
+        "dataset": "dems", "model_path": "m.onnx", "name": "j", "junk": junk,
+    })  # fmt: skip
+    assert r.status_code == 202
+    job = _wait(client, r.json["job"])
+    assert "junk" not in job["params"] and job["params"]["name"] == "j"
+    big = _post(client, "/api/embed-dir", data=json.dumps({"junk": "x" * (2 << 20)}),
+                content_type="application/json")  # fmt: skip
+    assert big.status_code == 413 and "JSON body larger than" in big.json["message"]
+    manager = jobs.JobManager()
+    for _ in range(jobs.MAX_FINISHED + 20):
+        j = manager.start("embed-dir", {}, lambda job: {})
+        manager.wait(j.id)
+    assert len(manager.all()) <= jobs.MAX_FINISHED + 1
+
+
+def test_requests__clear_answers_instead_of_500s(fenced):
+    client, data, _, _ = fenced
+    (data / "loop").symlink_to(data / "loop")
+    cases = [
+        {"model_path": "m.onnx", "image_path": "a" * 5000},
+        {"model_path": "m.onnx", "image_path": "x" * 300 + ".tif"},
+        {"model_path": "m.onnx", "image_path": "loop/x.tif"},
+    ]
+    for fields in cases:
+        r = _post(client, "/embed", data=fields)
+        assert r.status_code in (400, 404), (fields["image_path"][:20], r.json)
+        assert r.is_json and r.json["field"] == "image_path"
+    deep = "[" * 100_000 + "]" * 100_000
+    r = _post(client, "/api/train", data=deep, content_type="application/json")
+    assert r.status_code == 400 and "nested" in r.json["message"]
+    r = client.get("//api/health")
+    assert r.status_code == 404 and r.is_json
+    many = {f"f{i}": "1" for i in range(300)}  # multipart: an upload among them
+    r = _post(client, "/embed", data={**many, "image": (io.BytesIO(b"II*"), "x.tif")})
+    assert r.status_code == 413 and "more than 100 parts" in r.json["message"]
+    upload = (io.BytesIO(b"I"), "x")
+    r = _post(client, "/embed", data={"x": "y" * (100 << 10), "image": upload})
+    assert r.status_code == 413 and "larger than 64 kB" in r.json["message"]
+    api = client.get("/api/health")
+    assert api.headers["Cache-Control"] == "no-store"
+    assert api.headers["Referrer-Policy"] == "no-referrer"
+    assert "default-src 'self'" in client.get("/").headers["Content-Security-Policy"]

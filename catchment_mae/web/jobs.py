@@ -27,6 +27,10 @@ from catchment_mae.io import private_dir, try_lock
 log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
+# Finished jobs kept for GET /api/jobs (the oldest go first): a server that runs
+# for months must not keep every job it ever ran.
+MAX_FINISHED = 50
+MAX_CURVE = 1000  # points of a training job's loss curve kept
 
 
 @dataclass
@@ -44,6 +48,17 @@ class Job:
     started: float | None = None
     finished: float | None = None
     cancel_requested: bool = False
+
+    def add_point(self, step: float, loss: float) -> None:
+        """A point of the loss curve; past MAX_CURVE, every other one is dropped
+        (the last one kept)."""
+        self.curve.append([step, loss])
+        if len(self.curve) > MAX_CURVE:
+            last = self.curve[-1]
+            self.curve = self.curve[:-1:2] + [last]
+
+    def add_epoch(self, stats: dict[str, Any]) -> None:
+        self.history.append(stats)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,7 +170,8 @@ class JobManager:
                     f"another cmae serve on this machine is running a {kind} job "
                     f"(lock {self._machine.path}); wait for it"
                 )
-            job = Job(id=f"{kind}-{next(self._ids)}", kind=kind, params=params)
+            job = Job(id=f"{kind}-{next(self._ids)}", kind=kind, params=_short(params))
+            self._forget_old()
             self._jobs[job.id] = job
             thread = threading.Thread(
                 target=self._run,
@@ -189,6 +205,16 @@ class JobManager:
             job.result, job.error, job.finished = result, error, time.time()
             job.status = status
 
+    def _forget_old(self) -> None:
+        """Drops the oldest finished jobs beyond MAX_FINISHED (lock held)."""
+        finished = sorted(
+            (j for j in self._jobs.values() if j.status not in ("queued", "running")),
+            key=lambda j: j.created,
+        )
+        for j in finished[: max(0, len(finished) - MAX_FINISHED)]:
+            del self._jobs[j.id]
+            self._threads.pop(j.id, None)
+
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
@@ -205,6 +231,20 @@ class JobManager:
         thread = self._threads.get(job_id)
         if thread is not None:
             thread.join(timeout)
+
+
+def _short(params: dict[str, Any], most: int = 200) -> dict[str, Any]:
+    """A job's parameters as recorded: long strings and lists cut short."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, str) and len(v) > most:
+            v = v[:most] + "..."
+        elif isinstance(v, list):
+            v = v[:64]
+        elif not isinstance(v, int | float | bool | type(None)):
+            v = str(v)[:most]
+        out[str(k)[:64]] = v
+    return out
 
 
 def check_cancel(job: Job) -> None:

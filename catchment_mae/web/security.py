@@ -9,7 +9,10 @@
 - Cross-site requests: a state-changing request whose ``Origin`` (or
   ``Sec-Fetch-Site``) shows another site is refused. Scripts without a browser
   send neither and are let through (behind the token where one is required).
-- Token: required on every request when the server listens beyond loopback.
+- Token: required on every request when the server listens beyond loopback;
+  taken from a header or the cookie set when the printed URL is first opened
+  (the URL's ``?token=`` is then removed by a redirect, never accepted by the
+  API, so it does not linger in histories and logs).
 """
 
 from __future__ import annotations
@@ -57,14 +60,25 @@ def confine(
     raw = str(value).strip()
     if "\x00" in raw:
         raise Refused(400, f"{field}: not a valid path", field)
+    if len(raw) > 4096:
+        raise Refused(
+            400, f"{field}: a path of {len(raw)} characters is too long", field
+        )
     candidate = Path(raw) if os.path.isabs(raw) else root / raw
-    resolved = candidate.resolve(strict=False)  # follows symlinks, folds '..'
+    try:
+        resolved = candidate.resolve(strict=False)  # follows symlinks, folds '..'
+        exists = resolved.exists()
+        linked = _has_symlink(root, candidate)
+    except RuntimeError as e:  # a symlink loop
+        raise Refused(400, f"{field}: {raw!r} is a symlink loop", field) from e
+    except OSError as e:  # a name too long, ...
+        raise Refused(400, f"{field}: {raw!r}: {e.strerror or e}", field) from e
     if not resolved.is_relative_to(root):
-        why = "a symlink that leads" if _has_symlink(root, candidate) else "a path"
+        why = "a symlink that leads" if linked else "a path"
         raise Refused(
             400, f"{field}: {raw!r} is {why} outside {root_name} ({root})", field
         )
-    if must_exist and not resolved.exists():
+    if must_exist and not exists:
         raise Refused(404, f"{field}: {raw!r} does not exist under {root_name}", field)
     return resolved
 

@@ -252,3 +252,11 @@ const cmae = (() => {
 
   return { index, job };
 })();
+
+// The page says what it is (data-page); no inline script, so the
+// Content-Security-Policy can forbid them.
+document.addEventListener("DOMContentLoaded", () => {
+  const { page, job } = document.body.dataset;
+  if (page === "index") cmae.index();
+  else if (page === "job") cmae.job(job);
+});

@@ -1,0 +1,29 @@
+"""The web UI's HTML pages: the main page and one page per job."""
+
+from __future__ import annotations
+
+from flask import Blueprint, render_template
+
+from catchment_mae import __version__
+from catchment_mae.web.common import settings, state
+from catchment_mae.web.security import Refused
+
+bp = Blueprint("pages", __name__)
+
+
+@bp.get("/")
+def index() -> str:
+    s = settings()
+    return render_template(
+        "index.html",
+        version=__version__,
+        data_root=str(s.data_root),
+        model_root=str(s.model_root),
+    )
+
+
+@bp.get("/jobs/<job_id>")
+def job_page(job_id: str) -> str:
+    if state().jobs.get(job_id) is None:
+        raise Refused(404, f"no job {job_id!r}")
+    return render_template("job.html", version=__version__, job_id=job_id)
