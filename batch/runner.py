@@ -27,6 +27,7 @@ from catchment_mae.batch.writer import (
     merge,
     parts_dir,
     read_previous,
+    remove_stale_temps,
 )
 from catchment_mae.errors import CmaeError, NoInputError, OutputError
 from catchment_mae.interrupt import sigterm_as_interrupt
@@ -150,6 +151,7 @@ def embed_dir(
             plan = Plan(root, previous, shard, recursive, within=fence)
             if overwrite:
                 clear_parts(out)
+            remove_stale_temps(out)
             log.info("embedding with %s on %s", Path(model).name, mapper.device_name)
             sink = PartSink(out, mapper.dim, mapper.metadata, rows_per_part)
             try:

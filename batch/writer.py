@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -326,3 +327,14 @@ def clear_parts(out: Path) -> None:
     """--overwrite: forget the parts of an earlier run (the table is replaced at
     the end, atomically, so a failed new run still leaves the old one)."""
     shutil.rmtree(parts_dir(out), ignore_errors=True)
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Removes what a killed run left half-written: ``.OUT.*.tmp`` beside the
+    table (a kill -9 during the merge) and ``.part-*.tmp`` in its parts. Called
+    with the output's lock held, so no running writer owns them."""
+    stale = list(out.parent.glob(f".{glob.escape(out.name)}.*.tmp"))
+    stale += list(parts_dir(out).glob(".part-*.tmp"))
+    for path in stale:
+        with contextlib.suppress(OSError):
+            path.unlink()

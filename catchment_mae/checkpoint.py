@@ -61,20 +61,39 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def read_torch_file(path: str | Path, error: type[Exception]) -> Any:
+    """``torch.load(path, weights_only=True)``, failing with ``error`` in one line
+    that says what the file is instead (an ONNX encoder, not a checkpoint at all)
+    rather than torch's unpickling text."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives
+        hint = (
+            " but an ONNX encoder (cmae export wrote it; give the NAME.pth that "
+            "cmae train wrote)"
+            if path.suffix.lower() == ".onnx"
+            else ""
+        )
+        raise error(f"{path}: not a PyTorch checkpoint{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types: their first line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise error(
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {first})"
+        ) from e
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """An epoch checkpoint, checked to be one.
 
     Raises:
         TrainingError: missing, unreadable, or not a cmae epoch checkpoint.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise TrainingError(f"{path}: checkpoint does not exist") from e
-    except Exception as e:  # unpickling errors come in many types; keep the reason
-        raise TrainingError(
-            f"{path}: not a cmae checkpoint ({type(e).__name__}: {e})"
-        ) from e
+    ckpt = read_torch_file(path, TrainingError)
     if (
         not isinstance(ckpt, dict)
         or not {"model", "optimizer", "epoch", "config"} <= ckpt.keys()

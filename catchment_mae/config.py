@@ -225,6 +225,8 @@ class TrainConfig:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a text file (a config is JSON)") from e
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

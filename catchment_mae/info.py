@@ -120,7 +120,7 @@ def render(info: dict[str, Any]) -> str:
             f"  resize:     {meta.get('resize')}",
             f"  scale:      {meta.get('scale_definition')}, eps "
             f"{meta.get('scale_eps')}",
-            f"  nodata:     {meta.get('nodata_policy')}",
+            f"  nodata:     {str(meta.get('nodata_policy')).removeprefix('nodata: ')}",
             f"  weights:    sha256 {meta.get('weights_sha256')}",
             f"  file:       {info['file_size']} bytes, sha256 {info['sha256']}",
         ]

@@ -103,17 +103,25 @@ def try_lock(path: str | os.PathLike[str], nofollow: bool = False) -> IO[str] | 
     flags = os.O_RDWR | os.O_CREAT | os.O_APPEND
     if nofollow:
         flags |= getattr(os, "O_NOFOLLOW", 0)
-    handle = os.fdopen(os.open(path, flags, 0o600), "a")
     try:
         import fcntl
     except ImportError:  # not POSIX
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
+        return os.fdopen(os.open(path, flags, 0o600), "a")
+    for _ in range(10):
+        handle = os.fdopen(os.open(path, flags, 0o600), "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        try:  # the holder may have removed the file while we opened it
+            current = os.stat(path, follow_symlinks=not nofollow)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(handle.fileno())):
+            return handle
+        handle.close()  # we locked a removed file: lock the one there now
+    raise OSError(f"{path}: the lock file keeps being replaced")
 
 
 def private_dir(name: str = "cmae") -> Path:

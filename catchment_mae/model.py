@@ -384,13 +384,10 @@ def load_model(
         raise ModelLoadError(
             f"{cfg_path}: missing; cmae needs the NAME.json written beside NAME.pth"
         )
+    from catchment_mae.checkpoint import read_torch_file
+
+    state = read_torch_file(path, ModelLoadError)
     cfg = TrainConfig.from_json(cfg_path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling raises many types; keep the reason
-        raise ModelLoadError(
-            f"{path}: not a cmae weights file ({type(e).__name__}: {e})"
-        ) from e
     weights = state.get("model") if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise ModelLoadError(f"{path}: not a cmae weights file (no 'model' state dict)")

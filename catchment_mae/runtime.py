@@ -67,6 +67,7 @@ def create_session(
     providers = ["CPUExecutionProvider"]
     if want_cuda:
         providers.insert(0, "CUDAExecutionProvider")
+    _check_not_torch(path)
     opts = ort.SessionOptions()
     # A CUDA provider that cannot load (no GPU, no CUDA libraries) logs an error
     # per session; we report the fallback ourselves, in one line.
@@ -91,6 +92,18 @@ def create_session(
     if want_cuda and "CUDAExecutionProvider" not in used:
         log.debug("the CUDA provider did not load; running on the CPU")
     return sess
+
+
+def _check_not_torch(path: str | os.PathLike[str]) -> None:
+    """A .pth given where an .onnx is needed: say so, and how to get one."""
+    import zipfile
+
+    if os.path.isfile(path) and zipfile.is_zipfile(path):
+        stem = os.path.splitext(os.fspath(path))[0]
+        raise ModelFileError(
+            f"{path}: a PyTorch checkpoint, not an ONNX encoder; export it first: "
+            f"cmae export {path} --out {stem}.onnx"
+        )
 
 
 def run_encoder(session: Any, image: Any, scale: Any, valid: Any = None) -> Any:

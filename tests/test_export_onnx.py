@@ -190,6 +190,11 @@ def test_export__bad_inputs(trained, tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     shutil.copy(trained.config_path, tmp_path / "junk.json")
+    with pytest.raises(ModelLoadError, match=r"junk\.pth: not a PyTorch checkpoint"):
+        export_encoder(junk, tmp_path / "x.onnx")
+    import torch
+
+    torch.save({"something": "else"}, junk)  # a checkpoint, not cmae's
     with pytest.raises(ModelLoadError, match="not a cmae weights file"):
         export_encoder(junk, tmp_path / "x.onnx")
     # unwritable output, existing output

@@ -30,8 +30,10 @@ class CmaeGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort, click.UsageError):
             raise
+        except click.ClickException as e:  # a command's own: the one-line form too
+            raise _Failure(e.format_message(), e.exit_code) from e
         except CmaeError as e:
             code = getattr(e, "exit_code", 1)
             raise _Failure(str(e), code) from e

@@ -110,4 +110,10 @@ def serve(
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     click.echo(f"cmae serve: {url} (Ctrl-C to stop)", err=True)
     logging.getLogger("waitress").setLevel(logging.ERROR)
-    waitress.serve(app, host=host, port=port, threads=threads, ident="cmae")
+    try:
+        waitress.serve(app, host=host, port=port, threads=threads, ident="cmae")
+    except OSError as e:  # the port is taken, the address is not this machine's
+        raise click.ClickException(
+            f"cannot listen on {shown}:{port}: {e.strerror or e} (another server "
+            "there? choose another --port)"
+        ) from e
