@@ -32,13 +32,9 @@ from catchment_mae.batch.writer import (
 from catchment_mae.errors import CmaeError, NoInputError, OutputError
 from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import check_writable, try_lock
-from catchment_mae.workers import ReaderPool
+from catchment_mae.workers import READ_TIMEOUT, ReaderPool
 
 log = logging.getLogger(__name__)
-
-# Seconds one raster may take in a reader process (decoding a 1e8-pixel raster
-# takes seconds); past it, the reader is replaced and the file fails.
-READ_TIMEOUT = 600.0
 
 
 class NothingEmbeddedError(CmaeError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from collections.abc import Sequence
 
@@ -91,9 +92,15 @@ def loader_workers(requested: int, n_files: int) -> int:
 
 
 def _init_worker(worker_id: int) -> None:
-    """One thread per data-loading process: the cores are shared with training."""
+    """One thread per data-loading process (the cores are shared with training),
+    and quiet stops: a terminal's Ctrl-C or a ``timeout`` signals the whole
+    process group, workers included. A worker ignores SIGINT (the main process
+    stops it) and leaves at SIGTERM with exit code 0, which the DataLoader takes
+    for a clean exit (killed by a signal, it printed a traceback at shutdown)."""
     limit_worker_threads()
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 
 def to_model_input(

@@ -221,15 +221,18 @@ def resample(raster: Raster, spec: PreprocessSpec) -> Resampled:
     data, valid = raster.data, raster.valid
     check_usable(raster, spec.in_chans)
     scale = scale_vector(info, spec)
-    mean, std = valid_mean_std(data, valid)
-    safe = np.where(std > 0, std, 1.0)  # a flat raster stays flat, at 0
-    # Standardise before resizing: large offsets (altitudes, int32 counts) keep
-    # their precision in float32, and invalid pixels are zeroed exactly.
-    x = (data - mean[:, None, None].astype(np.float32)) / safe[:, None, None].astype(
-        np.float32
-    )
-    x = np.where(valid, x, np.float32(0.0)).astype(np.float32)  # NaN * 0 is NaN
-    num, den = resize_valid_weighted(x, valid.astype(np.float32), spec.image_size)
+    # Extreme values (1e38 in a damaged float32 file) may overflow on the way:
+    # such a raster is named by the caller's checks, not by numpy's warnings.
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = valid_mean_std(data, valid)
+        safe = np.where(std > 0, std, 1.0)  # a flat raster stays flat, at 0
+        # Standardise before resizing: large offsets (altitudes, int32 counts)
+        # keep their precision in float32, and invalid pixels are zeroed exactly.
+        x = (data - mean[:, None, None].astype(np.float32)) / safe[
+            :, None, None
+        ].astype(np.float32)
+        x = np.where(valid, x, np.float32(0.0)).astype(np.float32)  # NaN * 0: NaN
+        num, den = resize_valid_weighted(x, valid.astype(np.float32), spec.image_size)
     levels = np.rint(np.clip(den, 0.0, 1.0) * VALID_LEVELS).astype(np.uint8)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.where(levels > 0, num / den, 0.0)

@@ -49,6 +49,7 @@ from catchment_mae.model import ScaleAwareMAE, build_model
 from catchment_mae.prepare import Prepared, describe, prepare
 from catchment_mae.preprocess import PreprocessSpec
 from catchment_mae.raster import find_tiffs
+from catchment_mae.workers import READ_TIMEOUT
 
 log = logging.getLogger(__name__)
 __all__ = ["loader_workers", "random_flips"]  # re-exported for callers
@@ -505,6 +506,7 @@ def _prepare(
             cache_root=cache_root,
             workers=loader_workers(cfg.num_workers, len(files)),
             on_file=on_file,
+            timeout=READ_TIMEOUT,
         )
     except NoInputError as e:
         raise NoInputError(f"{cfg.input_dir}: {e}") from e

@@ -34,6 +34,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# Seconds one raster may take in a reader process (decoding a 1e8-pixel raster
+# takes seconds); past it, the reader is replaced and the file fails.
+READ_TIMEOUT = 600.0
 # Modules the forkserver imports once, so each new worker starts warm.
 PRELOAD = ["catchment_mae.batch.reader", "catchment_mae.prepare", "pyproj"]
 # Loggers whose levels workers copy from the main process (tifffile's chatter

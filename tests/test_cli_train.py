@@ -307,3 +307,34 @@ def test_train__signal_leaves_a_usable_checkpoint(tmp_path, dem_dir, sig):
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(out, weights_only=True)["epoch"] == done + 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_train__a_signal_to_the_whole_group_stops_quietly(tmp_path, dem_dir, sig):
+    """A terminal's Ctrl-C (and ``timeout``) signals every process of the group,
+    loader workers included: one line, exit 130, within seconds."""
+    out = tmp_path / "g.pth"
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--epochs") + 1] = "100000"
+    flags[flags.index("--num-workers") + 1] = "2"
+    cmd = [sys.executable, "-m", "catchment_mae.cli.main", "train", str(dem_dir),
+           "--out", str(out), *flags, "--no-cache",
+           "--config", str(_decoder_cfg(tmp_path))]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    ckpt = tmp_path / "g.ckpt.pth"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert ckpt.exists(), proc.communicate()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    os.killpg(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 10
+    assert proc.returncode == 130, stderr
+    lines = [ln for ln in stderr.splitlines() if not ln.startswith("epoch ")]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert lines[-1].startswith("cmae: error: interrupted after "), lines
