@@ -87,3 +87,14 @@ def test_geoparquet_metadata__shape():
     assert col["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
     empty = geoparquet_metadata(None)["columns"]["geometry"]
     assert empty["geometry_types"] == [] and "bbox" not in empty
+
+
+@pytest.mark.parametrize(
+    "crs", ['LOCAL_CS["x"]', "IAU_2015:49900", 'ENGCRS["local",EDATUM["x"]]']
+)
+def test_footprint__crs_proj_cannot_transform_is_null_not_a_failure(crs):
+    """A user-defined or planetary CRS: PROJ builds the CRS but no way to
+    lon/lat on Earth; the footprint is null and nothing raises."""
+    geo = GeoInfo(crs=crs, transform=(0.0, 1.0, 0.0, 2.0, 0.0, -1.0))
+    fp = footprint(geo, 2, 2)
+    assert fp.crs == crs and fp.wkb is None and fp.bbox is None
