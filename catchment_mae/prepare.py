@@ -38,12 +38,7 @@ from catchment_mae.cache import (
 )
 from catchment_mae.errors import BadRasterError, NoInputError
 from catchment_mae.preprocess import PreprocessSpec, load_resampled, norm_coefficients
-from catchment_mae.stats import (
-    OUTLIER_FACTOR,
-    RunningStats,
-    far_outliers,
-    outlier_reason,
-)
+from catchment_mae.stats import OUTLIER_FACTOR, ScanResult
 from catchment_mae.workers import ReaderPool, failure_reason
 
 log = logging.getLogger(__name__)
@@ -53,38 +48,23 @@ IN_FLIGHT_PER_WORKER = 16
 
 
 @dataclass
-class Prepared:
-    """What the first pass found.
+class Prepared(ScanResult):
+    """What the first pass found: a ScanResult (usable files in listing order,
+    failures with their reasons, band count, statistics) plus, per usable file,
+    its cache entry.
 
     Attributes:
-        files: the usable rasters, in listing order.
-        entries: their facts, aligned with ``files`` (``shard`` set when cached).
-        failed: (path, reason) of every file that cannot be used.
-        screened: those of them read well but left out for their values (see
-            :func:`_screen`); --strict stops on them too.
-        bands: the band count every usable raster has.
-        stats: valid-pixel statistics over all usable rasters.
+        entries: facts of ``files``, aligned (``shard`` set when cached).
+        screened: files read well but left out for their values (see
+            :func:`_screen`); they are in ``failed`` too; --strict stops on them.
         cache: the cache, or None (``--no-cache``).
         reused: rasters found in the cache; the others were read now.
     """
 
-    files: list[Path] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    screened: list[tuple[str, str]] = field(default_factory=list)  # also in failed
-    bands: int | None = None
-    stats: RunningStats = field(default_factory=RunningStats)
+    screened: list[tuple[str, str]] = field(default_factory=list)
     cache: SampleCache | None = None
     reused: int = 0
-
-    @property
-    def mean(self) -> list[float]:
-        assert self.stats.mean is not None
-        return [float(v) for v in self.stats.mean]
-
-    @property
-    def std(self) -> list[float]:
-        return [float(v) for v in self.stats.std]
 
 
 def build_one(
@@ -159,18 +139,11 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
     OUTLIER_FACTOR (its mean that many stds from norm_mean, or its own std that
     many times norm_std) is refused: one such raster turned the loss into NaN.
     """
-    keep = np.ones(len(result.entries), bool)
-    reasons: dict[int, str] = {}
     fixed = spec.norm == "fixed"
-    if fixed and spec.norm_mean is None and result.entries:
-        means = np.stack([e.mean for e in result.entries])
-        stds = np.stack([e.std for e in result.entries])
-        for i in np.flatnonzero(far_outliers(means, stds)):
-            reasons[int(i)] = outlier_reason(result.entries[i].mean, means)
-            keep[i] = False
-    for i, e in enumerate(result.entries):
-        if keep[i]:
-            result.stats.merge(e.count, e.mean, e.std)
+    result.per_file = [(e.count, e.mean, e.std) for e in result.entries]
+    keep = ~result.finish(leave_out=fixed and spec.norm_mean is None)
+    left_out = np.flatnonzero(~keep).tolist()
+    reasons = dict(zip(left_out, (r for _, r in result.outliers), strict=True))
     if fixed and result.stats.count is not None:
         norm = dataclasses.replace(
             spec,
@@ -187,13 +160,13 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
                     f"{list(norm.norm_std)}; check its nodata value and scaling"
                 )
                 keep[i] = False
+                log.warning("skipped %s: %s", result.files[i], reasons[i])
     for i in sorted(reasons):
-        path = result.files[i]
-        result.screened.append((str(path), reasons[i]))
-        result.failed.append((str(path), reasons[i]))
-        log.warning("skipped %s: %s", path, reasons[i])
-    result.files = [p for p, k in zip(result.files, keep, strict=True) if k]
-    result.entries = [e for e, k in zip(result.entries, keep, strict=True) if k]
+        result.screened.append((str(result.files[i]), reasons[i]))
+        result.failed.append((str(result.files[i]), reasons[i]))
+    for name in ("files", "entries", "per_file"):
+        items = getattr(result, name)
+        setattr(result, name, [x for x, k in zip(items, keep, strict=True) if k])
 
 
 def _prepare(

@@ -125,14 +125,17 @@ class ScanResult:
     def std(self) -> list[float]:
         return [float(v) for v in self.stats.std]
 
-    def finish(self) -> None:
-        """Leaves the outliers out and merges the rest (in listing order)."""
-        if not self.per_file:
-            return
-        means = np.stack([m for _, m, _ in self.per_file])
-        stds = np.stack([s for _, _, s in self.per_file])
-        far = far_outliers(means, stds)
+    def finish(self, leave_out: bool = True) -> np.ndarray:
+        """Merges the rasters' statistics (in listing order), leaving out the
+        rasters far outside the rest (``outliers``) unless not ``leave_out``.
+        Returns which rasters were left out, (N,) bool."""
+        far = np.zeros(len(self.per_file), bool)
         self.stats = RunningStats()
+        if not self.per_file:
+            return far
+        means = np.stack([m for _, m, _ in self.per_file])
+        if leave_out:
+            far = far_outliers(means, np.stack([s for _, _, s in self.per_file]))
         for path, (n, mean, std), out in zip(
             self.files, self.per_file, far, strict=True
         ):
@@ -142,6 +145,7 @@ class ScanResult:
                 log.warning("left out of the statistics %s: %s", path, reason)
             else:
                 self.stats.merge(n, mean, std)
+        return far
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
