@@ -52,7 +52,6 @@ from catchment_mae.raster import find_tiffs
 from catchment_mae.workers import READ_TIMEOUT
 
 log = logging.getLogger(__name__)
-__all__ = ["loader_workers", "random_flips"]  # re-exported for callers
 
 
 class TrainingInterrupted(TrainingError):
