@@ -32,7 +32,7 @@ from catchment_mae.batch.writer import (
 from catchment_mae.errors import CmaeError, NoInputError, OutputError
 from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import check_writable, try_lock
-from catchment_mae.workers import READ_TIMEOUT, ReaderPool
+from catchment_mae.workers import READ_TIMEOUT, ReaderPool, available_cores
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,6 @@ class RunSummary:
             return f"nothing new: all {self.already_done} raster(s) already embedded"
         done = f" ({self.already_done} already done)" if self.already_done else ""
         return f"{self.embedded} embedded, {self.failed} failed{done}"
-
-
-def available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def embed_dir(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from catchment_mae.raster import (
     find_tiffs,
     read_raster,
 )
+from catchment_mae.workers import ReaderPool, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +172,22 @@ class ScanResult:
         return out
 
 
+def scan_one(
+    path: str, read: dict[str, Any]
+) -> tuple[int, np.ndarray, np.ndarray, int] | str:
+    """Reader task: one raster's (valid count, mean, std, bands), or why it
+    cannot be used."""
+    try:
+        raster = read_raster(path, **read)
+        check_usable(raster, None)
+    except BadRasterError as e:
+        return e.reason
+    one = RunningStats()
+    one.update(raster.data, raster.valid)
+    assert one.count is not None and one.mean is not None
+    return int(one.count[0]), one.mean, one.std, raster.data.shape[0]
+
+
 def scan(
     paths: Iterable[str | os.PathLike[str]],
     *,
@@ -178,44 +197,67 @@ def scan(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_memory_mb: int = DEFAULT_MAX_MEMORY_MB,
     on_file: Callable[[Path, str | None], None] | None = None,
+    workers: int = 0,
+    timeout: float | None = None,
 ) -> ScanResult:
     """Reads every raster once: checks it, and merges its valid-pixel statistics.
 
-    Only one raster is in memory at a time. A bad file is recorded with its reason
-    and the pass goes on. ``in_chans`` (or, when None, the first good raster's band
-    count) is the band count every raster must have.
+    One raster per reader is in memory at a time. A bad file is recorded with
+    its reason and the pass goes on. ``in_chans`` (or, when None, the first good
+    raster's band count, in listing order) is the band count every raster must
+    have.
 
     Args:
-        on_file: called after each file with its path and the failure reason (or
-            None): progress bars and strict modes hook in here.
+        on_file: called after each file, in listing order, with its path and the
+            failure reason (or None): progress bars and strict modes hook in here.
+        workers: reader processes (0: read here).
+        timeout: seconds one raster may take in a reader process.
     """
+    read = dict(
+        bands=bands, nodata=nodata, max_pixels=max_pixels, max_memory_mb=max_memory_mb
+    )
     result = ScanResult()
-    for path in paths:
-        path = Path(path)
-        reason: str | None = None
-        try:
-            raster = read_raster(
-                path,
-                bands=bands,
-                nodata=nodata,
-                max_pixels=max_pixels,
-                max_memory_mb=max_memory_mb,
-            )
-            check_usable(raster, in_chans if in_chans is not None else result.bands)
-            one = RunningStats()
-            one.update(raster.data, raster.valid)
-            assert one.count is not None and one.mean is not None
-            result.per_file.append((int(one.count[0]), one.mean, one.std))
-            result.files.append(path)
-            result.bands = raster.data.shape[0]
-        except BadRasterError as e:
-            reason = e.reason
-            result.failed.append((str(path), e.reason))
-            log.warning("skipped %s", e)
-        if on_file is not None:
-            on_file(path, reason)
+    pending: deque[tuple[Path, Any]] = deque()
+    with ReaderPool(workers, timeout=timeout) as pool:
+        for path in itertools.chain(map(Path, paths), [None]):
+            if path is not None:
+                pending.append((path, pool.submit(scan_one, str(path), read)))
+            while pending and (path is None or len(pending) > 4 * max(workers, 1)):
+                done, future = pending.popleft()
+                try:
+                    got = future.result()
+                except Exception as e:  # timed out, or its reader died
+                    got = failure_reason(e, timeout)
+                _add(result, done, got, in_chans, on_file)
     result.finish()
     return result
+
+
+def _add(
+    result: ScanResult,
+    path: Path,
+    got: tuple[int, np.ndarray, np.ndarray, int] | str,
+    in_chans: int | None,
+    on_file: Callable[[Path, str | None], None] | None,
+) -> None:
+    reason = got if isinstance(got, str) else None
+    if reason is None:
+        n, mean, std, bands = got  # type: ignore[misc]
+        expected = in_chans if in_chans is not None else result.bands
+        if expected is not None and bands != expected:
+            reason = (
+                f"has {bands} band(s) but the model takes {expected} "
+                "(in_chans; choose bands with --bands)"
+            )
+        else:
+            result.per_file.append((n, mean, std))
+            result.files.append(path)
+            result.bands = bands
+    if reason is not None:
+        result.failed.append((str(path), reason))
+        log.warning("skipped %s: %s", path, reason)
+    if on_file is not None:
+        on_file(path, reason)
 
 
 def scan_dir(

@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 # takes seconds); past it, the reader is replaced and the file fails.
 READ_TIMEOUT = 600.0
 # Modules the forkserver imports once, so each new worker starts warm.
-PRELOAD = ["catchment_mae.batch.reader", "catchment_mae.prepare", "pyproj"]
+PRELOAD = [
+    "catchment_mae.batch.reader", "catchment_mae.prepare", "catchment_mae.stats",
+    "pyproj",
+]  # fmt: skip
 # Loggers whose levels workers copy from the main process (tifffile's chatter
 # stays off unless the user asked for it with -vv).
 _LOGGERS = ("catchment_mae", "tifffile")
@@ -304,6 +307,13 @@ def _worker_main(
             os._exit(0)
         except Exception as e:  # an unpicklable result: say so instead
             conn.send((task_id, False, TaskFailed(failure_reason(e))))
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity, where the OS tells)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def failure_reason(error: BaseException, timeout: float | None = None) -> str:

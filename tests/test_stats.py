@@ -59,3 +59,23 @@ def test_scan_dir__no_tiffs_and_all_bad(tmp_path):
         NoInputError, match=r"none of the 1 TIFF file\(s\) could be used"
     ):
         scan_dir(tmp_path)
+
+
+def test_scan__in_reader_processes_with_a_time_budget(tmp_path, dem_dir):
+    """The same statistics in reader processes as in this one; a raster past its
+    time budget is skipped with its reason, the pass goes on."""
+    import tifffile
+
+    for p in sorted(dem_dir.glob("*.tif"))[:4]:
+        shutil.copy(p, tmp_path / p.name)
+    inline = scan(sorted(tmp_path.glob("*.tif")))
+    big = np.random.default_rng(0).normal(size=(5000, 5000)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "zz_big.tif", big)  # seconds to read and reduce
+    del big
+    pooled = scan(sorted(tmp_path.glob("*.tif")), workers=2, timeout=0.2)
+    assert pooled.files == inline.files
+    np.testing.assert_allclose(pooled.mean, inline.mean)
+    np.testing.assert_allclose(pooled.std, inline.std)
+    assert pooled.failed == [
+        (str(tmp_path / "zz_big.tif"), "timed out after 0.2 s (the reader was stopped)")
+    ]

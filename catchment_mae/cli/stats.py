@@ -31,8 +31,9 @@ def stats(
 ) -> None:
     """Stream the TIFFs of INPUT_DIR and print per-channel mean/std of valid pixels.
 
-    One raster is in memory at a time. The figures are what `cmae train` computes
-    when --norm-mean/--norm-std are not given.
+    Reads on every core, one raster per reader process in memory at a time, each
+    with a time budget. The figures are what `cmae train` computes when
+    --norm-mean/--norm-std are not given.
 
     \b
     Examples:
@@ -42,6 +43,7 @@ def stats(
     from tqdm.auto import tqdm
 
     from catchment_mae.stats import scan_dir
+    from catchment_mae.workers import READ_TIMEOUT, available_cores
 
     verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
     bar = tqdm(
@@ -61,6 +63,8 @@ def stats(
             input_dir,
             recursive=recursive is not False,
             on_file=on_file,
+            workers=available_cores(),
+            timeout=READ_TIMEOUT,
             **options.drop_none(kw),
         )
     finally:
