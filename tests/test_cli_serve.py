@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,13 +33,16 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
 @pytest.fixture
 def serve(tmp_path):
     procs = []
+    temp = tmp_path / "temp"  # the server's TMPDIR: where its uploads go
+    temp.mkdir()
 
     def start(*args: str) -> tuple[str, subprocess.Popen]:
         port = _free_port()
         cmd = [sys.executable, "-m", "catchment_mae.cli.main", "serve",
                "--port", str(port), "--data-root", str(tmp_path),
                "--model-root", str(tmp_path), *args]  # fmt: skip
-        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        env = {**os.environ, "TMPDIR": str(temp)}
+        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
         procs.append(p)
         first = p.stderr.readline()  # the URL line, once bound
         for _ in range(100):
@@ -78,3 +83,17 @@ def test_serve__beyond_loopback_warns_and_requires_the_token(serve):
         f"http://127.0.0.1:{port}/api/health", {"Authorization": f"Bearer {token}"}
     )
     assert status == 200
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve__ctrl_c_or_sigterm_stops_cleanly(serve, tmp_path, sig):
+    """A service manager's SIGTERM stops the server like Ctrl-C: exit 0, one
+    line, and its upload folder is removed."""
+    _, proc, port = serve()
+    uploads = lambda: list((tmp_path / "temp").glob("cmae-uploads-*"))  # noqa: E731
+    assert len(uploads()) == 1
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0, stderr
+    assert stderr.strip() == "cmae serve: stopped"
+    assert uploads() == []

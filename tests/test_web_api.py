@@ -384,6 +384,30 @@ def test_jobs__one_training_per_machine(tmp_path):
     assert again.status == "done"
 
 
+def test_jobs__stop_cancels_running_jobs_and_waits(tmp_path):
+    """A server stopping cancels its jobs and waits for them; one that will
+    not end in time is named."""
+    import threading
+
+    from catchment_mae.web.jobs import JobManager, check_cancel
+
+    manager = JobManager(lock_path=tmp_path / "train.lock")
+
+    def polite(job):  # a training: checks for a cancel between batches
+        while True:
+            check_cancel(job)
+            time.sleep(0.01)
+
+    release = threading.Event()
+    a = manager.start("train", {}, polite)
+    b = manager.start("embed-dir", {}, lambda job: release.wait(10) and {})
+    assert manager.stop(timeout=0.5) == [b.id]
+    assert a.status == "cancelled" and a.error == "cancelled"
+    release.set()
+    assert manager.stop(timeout=5) == []
+    assert manager.start("train", {}, lambda job: {})  # the lock was released
+
+
 # ------------------------------------------------------------------ hardening
 @pytest.fixture
 def fenced(tmp_path, dem_dir, onnx_model):

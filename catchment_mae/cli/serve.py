@@ -8,7 +8,12 @@ from pathlib import Path
 
 import click
 
+from catchment_mae.interrupt import sigterm_as_interrupt
+
 log = logging.getLogger("catchment_mae")
+
+# How long a stop waits for running jobs to end at their next batch.
+STOP_TIMEOUT = 30
 
 
 @click.command(short_help="Web UI and JSON API: train, export, embed (Flask).")
@@ -111,9 +116,24 @@ def serve(
     click.echo(f"cmae serve: {url} (Ctrl-C to stop)", err=True)
     logging.getLogger("waitress").setLevel(logging.ERROR)
     try:
-        waitress.serve(app, host=host, port=port, threads=threads, ident="cmae")
+        # SIGTERM (systemd, docker stop) stops like Ctrl-C, so the upload
+        # folder's exit hook runs; a running training keeps its checkpoint.
+        # (waitress returns at KeyboardInterrupt.)
+        with sigterm_as_interrupt():
+            waitress.serve(app, host=host, port=port, threads=threads, ident="cmae")
     except OSError as e:  # the port is taken, the address is not this machine's
         raise click.ClickException(
             f"cannot listen on {shown}:{port}: {e.strerror or e} (another server "
             "there? choose another --port)"
         ) from e
+    jobs = app.extensions["cmae"].jobs
+    if any(j.status == "running" for j in jobs.all()):
+        click.echo("cmae serve: cancelling running jobs...", err=True)
+    left = jobs.stop(timeout=STOP_TIMEOUT)
+    if left:
+        log.warning(
+            "jobs still running after %d s, stopped with the server: %s",
+            STOP_TIMEOUT,
+            ", ".join(left),
+        )
+    click.echo("cmae serve: stopped", err=True)

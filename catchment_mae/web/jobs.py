@@ -232,6 +232,25 @@ class JobManager:
         if thread is not None:
             thread.join(timeout)
 
+    def stop(self, timeout: float = 30.0) -> list[str]:
+        """Cancels every running job and waits up to ``timeout`` s for them all.
+
+        A server that exits under a running job kills its thread mid-step:
+        torch aborts ("terminate called ...") and the loader workers' temp
+        folders stay behind. Cancelled here, a training ends at its next batch
+        with its last checkpoint intact. Returns the ids still running.
+        """
+        with self._lock:
+            running = [
+                j for j in self._jobs.values() if j.status in ("queued", "running")
+            ]
+            for job in running:
+                job.cancel_requested = True
+        deadline = time.monotonic() + timeout
+        for job in running:
+            self.wait(job.id, max(0.0, deadline - time.monotonic()))
+        return [j.id for j in running if j.status in ("queued", "running")]
+
 
 def _short(params: dict[str, Any], most: int = 200) -> dict[str, Any]:
     """A job's parameters as recorded: long strings and lists cut short."""
