@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from catchment_mae.errors import ConfigError
-from catchment_mae.preprocess import PreprocessSpec
+from catchment_mae.preprocess import SCALE_MODES, PreprocessSpec
 
 NORM_MODES = ("fixed", "per-raster")
-SCALE_MODES = ("pixels", "ground")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 # The one resize rule (see preprocess.resize_weights); recorded so that a later
@@ -49,7 +48,7 @@ class TrainConfig:
     bands: list[int] | None = None  # 1-based band selection and order
     nodata: float | None = None  # extra nodata value on top of the file's own
     norm: str = "fixed"  # fixed: norm_mean/norm_std; per-raster: each raster's own
-    scale: str = "pixels"  # pixels: log(H, W + eps); ground: extent in metres
+    scale: str = "pixels"  # pixels: log(H, W + eps); ground: in metres; none: zeros
     scale_eps: float = 1e-6
     resize: str = RESIZE_RULES[0]
     max_pixels: int = 100_000_000

@@ -13,7 +13,8 @@ and, later, in the ONNX metadata):
    the raster's own valid mean/std with ``norm="per-raster"``), an affine map of
    step 2's values; pixels with no valid input get 0, the channel mean;
 4. the scale vector ``log(H + eps), log(W + eps)`` of the original raster, in pixels
-   or, with ``scale="ground"``, in metres on the ground.
+   or, with ``scale="ground"``, in metres on the ground; with ``scale="none"``
+   (the ablation without the scale input) it is ``(0, 0)`` for every raster.
 
 Training caches step 2's :class:`Resampled` record (decoded once) and applies
 step 3 per batch; embedding runs all steps per file. Both round through the same
@@ -45,6 +46,9 @@ from catchment_mae.raster import (
 )
 
 RESIZE_RULE = "valid-weighted-antialias-triangle"
+# The scale input: the raster's size in pixels, its extent in metres, or nothing
+# (zeros: the ablation that trains the same model without it).
+SCALE_MODES = ("pixels", "ground", "none")
 NODATA_POLICY = (
     "nodata: GDAL_NODATA tag, user nodata, NaN/inf, alpha=0, internal mask=0; "
     "a pixel is invalid when any selected band is; invalid pixels are excluded "
@@ -79,7 +83,7 @@ class PreprocessSpec:
     norm: str = "fixed"  # "fixed" | "per-raster"
     norm_mean: tuple[float, ...] | None = None
     norm_std: tuple[float, ...] | None = None
-    scale: str = "pixels"  # "pixels" | "ground"
+    scale: str = "pixels"  # one of SCALE_MODES
     scale_eps: float = 1e-6
     bands: tuple[int, ...] | None = None
     nodata: float | None = None
@@ -92,8 +96,10 @@ class PreprocessSpec:
             raise ValueError(f"resize must be {RESIZE_RULE!r}, got {self.resize!r}")
         if self.norm not in ("fixed", "per-raster"):
             raise ValueError(f"norm must be fixed or per-raster, got {self.norm!r}")
-        if self.scale not in ("pixels", "ground"):
-            raise ValueError(f"scale must be pixels or ground, got {self.scale!r}")
+        if self.scale not in SCALE_MODES:
+            raise ValueError(
+                f"scale must be {', '.join(SCALE_MODES)}, got {self.scale!r}"
+            )
         if (self.norm_mean is None) != (self.norm_std is None):
             raise ValueError("norm_mean and norm_std must be given together")
         if self.norm_mean is not None and self.norm_std is not None:
@@ -315,7 +321,10 @@ def limit_worker_threads(*_: object) -> None:
 
 
 def scale_vector(info: RasterInfo, spec: PreprocessSpec) -> np.ndarray:
-    """``log(H + eps), log(W + eps)`` of the original raster (pixels or metres)."""
+    """``log(H + eps), log(W + eps)`` of the original raster (pixels or metres);
+    zeros with ``scale="none"``: every raster looks alike to ``scale_embed``."""
+    if spec.scale == "none":
+        return np.zeros(2, np.float32)
     if spec.scale == "ground":
         h, w = ground_extent_m(info)
     else:

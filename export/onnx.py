@@ -43,6 +43,12 @@ DEFAULT_OPSET = 18
 MAX_ABS_TOL = 1e-4  # fp32 parity: max |torch - onnxruntime|
 MIN_COS_TOL = 0.99999  # and minimum cosine similarity
 VALIDATION_BATCHES = (1, 8)
+SCALE_DEFINITIONS = {
+    "pixels": "log(H + eps), log(W + eps) of the original raster, H and W in pixels",
+    "ground": "log(H + eps), log(W + eps) of the original raster, H and W in "
+    "metres on the ground",
+    "none": "0, 0 for every raster (trained without the scale input)",
+}
 
 
 @dataclass
@@ -205,10 +211,7 @@ def build_metadata(
         "norm_std": dumps(list(spec.norm_std) if spec.norm_std else None),
         "resize": spec.resize,
         "scale": spec.scale,
-        "scale_definition": (
-            "log(H + eps), log(W + eps) of the original raster, H and W in "
-            + ("pixels" if spec.scale == "pixels" else "metres on the ground")
-        ),
+        "scale_definition": SCALE_DEFINITIONS[spec.scale],
         "scale_eps": repr(spec.scale_eps),
         "nodata": dumps(spec.nodata),
         "nodata_policy": NODATA_POLICY,

@@ -151,6 +151,16 @@ def test_preprocess__ground_scale_equal_for_one_catchment_at_two_resolutions(mak
     assert not np.allclose(load_sample(fine, pix).scale, load_sample(coarse, pix).scale)
 
 
+def test_preprocess__scale_none_is_zeros_whatever_the_raster():
+    """The ablation: no scale input, and no georeferencing needed for it."""
+    spec = _spec(scale="none")
+    for h, w in ((30, 500), (64, 64)):
+        s = preprocess(_raster(np.ones((1, h, w)), geo=GeoInfo()), spec)
+        assert s.scale.tolist() == [0.0, 0.0] and s.scale.dtype == np.float32
+    with pytest.raises(ValueError, match="scale must be pixels, ground, none"):
+        _spec(scale="metres")
+
+
 def test_preprocess__ground_scale_without_georeferencing_is_a_file_error():
     r = _raster(np.ones((1, 8, 8)), geo=GeoInfo())
     with pytest.raises(BadRasterError, match=r"mem\.tif: has no usable georeferencing"):

@@ -10,6 +10,7 @@ import click
 
 from catchment_mae.cli import options
 from catchment_mae.config import TrainConfig
+from catchment_mae.preprocess import SCALE_MODES
 
 
 @click.command(short_help="Train a scale-aware MAE on a directory of TIFFs.")
@@ -62,9 +63,9 @@ from catchment_mae.config import TrainConfig
 @options.norm_std_opt
 @click.option(
     "--scale",
-    type=click.Choice(["pixels", "ground"]),
-    help="Scale input: raster size in pixels, or its extent in metres "
-    "(needs georeferencing).",
+    type=click.Choice(SCALE_MODES),
+    help="Scale input: raster size in pixels, its extent in metres (needs "
+    "georeferencing), or none (zeros: the ablation without it).",
 )
 @click.option(
     "--epochs", "max_epochs", type=click.IntRange(min=1), help="Epochs (max_epochs)."
