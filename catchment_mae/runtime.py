@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from catchment_mae.errors import CmaeError
@@ -24,6 +26,16 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 
 class ModelFileError(CmaeError):
     """An .onnx file is missing, unreadable or not a cmae encoder."""
+
+
+def _reason(e: BaseException) -> str:
+    """onnxruntime's message without its status prefix and repeated path:
+    "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from X failed:Protobuf
+    parsing failed." becomes "Protobuf parsing failed."."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .* failed:\s*", "", text)
+    return text.strip() or type(e).__name__
 
 
 def create_session(
@@ -67,6 +79,9 @@ def create_session(
     providers = ["CPUExecutionProvider"]
     if want_cuda:
         providers.insert(0, "CUDAExecutionProvider")
+    if not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "no such file"
+        raise ModelFileError(f"{path}: {what} (an .onnx from cmae export)")
     _check_not_torch(path)
     opts = ort.SessionOptions()
     # A CUDA provider that cannot load (no GPU, no CUDA libraries) logs an error
@@ -81,8 +96,7 @@ def create_session(
             os.fspath(path), sess_options=opts, providers=providers
         )
     except Exception as e:  # onnxruntime raises its own exception types
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{path}: onnxruntime cannot load it: {msg}") from e
+        raise ModelFileError(f"{path}: onnxruntime cannot load it: {_reason(e)}") from e
     used = sess.get_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in used:
         raise CmaeError(

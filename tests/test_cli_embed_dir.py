@@ -189,7 +189,14 @@ def test_embed_dir__unreadable_earlier_output_and_bad_models(
     fake.write_bytes(b"nope")
     r = _run(runner, archive, "--model", fake, "--out", tmp_path / "p.parquet")
     assert r.exit_code == 1 and "onnxruntime cannot load it" in r.stderr
-    assert "Traceback" not in r.output
+    assert "Traceback" not in r.output and "[ONNXRuntimeError]" not in r.stderr
+    gone = tmp_path / "gone.onnx"
+    r = _run(runner, archive, "--model", gone, "--out", tmp_path / "p.parquet")
+    assert r.exit_code == 1
+    assert (
+        r.stderr.strip()
+        == f"cmae: error: {gone}: no such file (an .onnx from cmae export)"
+    )
 
 
 def _rows(out):
