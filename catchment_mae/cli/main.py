@@ -12,6 +12,7 @@ from catchment_mae import __version__
 from catchment_mae.cli.demo import demo
 from catchment_mae.cli.embed import embed
 from catchment_mae.cli.embed_dir import embed_dir
+from catchment_mae.cli.eval import eval_cmd
 from catchment_mae.cli.export import export
 from catchment_mae.cli.info import info
 from catchment_mae.cli.serve import serve
@@ -80,7 +81,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     configure_logging(verbose - quiet)
 
 
-COMMANDS = (demo, embed, embed_dir, export, info, serve, stats, synth, train)
+COMMANDS = (demo, embed, embed_dir, eval_cmd, export, info, serve, stats, synth, train)
 for _command in COMMANDS:
     cli.add_command(_command)
 

@@ -34,35 +34,85 @@ from catchment_mae.cli import options
     help="Largest side in pixels.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--labelled",
+    is_flag=True,
+    help="The labelled benchmark for cmae eval: COUNT terrains of four families, "
+    "each at 2-3 ground resolutions (5-90 m), and OUT_DIR/labels.csv.",
+)
+@click.option(
+    "--copies-of",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    metavar="DIR",
+    help="Instead: each georeferenced TIFF of DIR (first band) and its x2 and x4 "
+    "down-sampled copies, with labels.csv (group = the source).",
+)
 @options.json_opt
 def synth(
-    out_dir: Path, count: int, min_size: int, max_size: int, seed: int, as_json: bool
+    out_dir: Path,
+    count: int,
+    min_size: int,
+    max_size: int,
+    seed: int,
+    labelled: bool,
+    copies_of: Path | None,
+    as_json: bool,
 ) -> None:
     """Write COUNT fractal catchment DEMs (nodata outside an irregular outline,
     UTM-georeferenced, 5-90 m pixels, int16 or float32) to OUT_DIR.
 
+    With --labelled, a labelled benchmark instead (alpine, hills, plateau and
+    floodplain terrains; labels family, resolution_m, log_extent, group); with
+    --copies-of, down-sampled copies of real DEMs.
+
     \b
-    Example:
+    Examples:
       cmae synth dems/ --count 64 --max-size 512
+      cmae synth bench/ --labelled --count 96 --min-size 32 --max-size 512
+      cmae synth copies/ --copies-of ~/dems
     """
+    from catchment_mae import terrain
     from catchment_mae.synth import generate_dems
 
     if min_size > max_size:
         raise click.BadParameter(
             f"--min-size {min_size} is larger than --max-size {max_size}"
         )
+    if labelled and copies_of:
+        raise click.UsageError("--labelled and --copies-of exclude each other")
+    skipped: list[str] = []
     try:
-        paths = generate_dems(
-            out_dir, count, min_size=min_size, max_size=max_size, seed=seed
-        )
+        if labelled:
+            rows = terrain.generate_labelled(
+                out_dir, count, min_size=min_size, max_size=max_size, seed=seed
+            )
+            paths = [out_dir / r.path for r in rows]
+        elif copies_of:
+            labels, skipped = terrain.write_scale_copies(copies_of, out_dir)
+            paths = [out_dir / str(r["path"]) for r in labels]
+            for line in skipped:
+                click.echo(f"cmae: skipped {line}", err=True)
+            if not paths:
+                raise click.ClickException(f"{copies_of}: no TIFF could be copied")
+        else:
+            paths = generate_dems(
+                out_dir, count, min_size=min_size, max_size=max_size, seed=seed
+            )
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
     except OSError as e:
         raise click.ClickException(f"{out_dir}: cannot write: {e.strerror or e}") from e
     if as_json:
         click.echo(
             json.dumps(
-                {"out_dir": str(out_dir), "files": [str(p) for p in paths]},
+                {
+                    "out_dir": str(out_dir),
+                    "files": [str(p) for p in paths],
+                    "skipped": skipped,
+                },  # fmt: skip
                 sort_keys=True,
             )
         )
     else:
-        click.echo(f"wrote {len(paths)} DEM(s) to {out_dir}", err=True)
+        labels = " and labels.csv" if labelled or copies_of else ""
+        click.echo(f"wrote {len(paths)} DEM(s){labels} to {out_dir}", err=True)

@@ -1,0 +1,413 @@
+"""``cmae eval``: how much an embeddings table knows about labels (no torch).
+
+For each categorical label: kNN accuracy (cosine on mean-centred embeddings,
+``k`` neighbours, majority vote) and a linear probe (logistic regression on
+standardised embeddings), beside chance (the largest class's share). For each
+numeric label: the R² of a ridge probe (its strength chosen inside each training
+fold). All out of fold: group-disjoint folds when the labels have a ``group``
+column (the same terrain, catchment or region never on both sides: random splits
+flatter a model), stratified folds otherwise. With groups, also retrieval: how
+often a row's nearest neighbour is of its own group.
+
+scikit-learn does the statistics; this module joins, splits and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catchment_mae.errors import CmaeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 20  # kNN neighbours (Lightly's and DINO's kNN use 20 to 200)
+DEFAULT_FOLDS = 5
+MIN_PER_CLASS = 2  # a class with fewer rows cannot be both trained on and tested
+RIDGE_ALPHAS = np.logspace(-3, 4, 15)
+
+
+@dataclass
+class Embeddings:
+    """The usable rows of a table: paths and their (N, D) float32 embeddings."""
+
+    paths: list[str]
+    vectors: np.ndarray
+    failed: int = 0  # rows with an error (no embedding), left out
+
+
+@dataclass
+class Joined:
+    """Embeddings matched with labels, and what did not match."""
+
+    vectors: np.ndarray
+    labels: dict[str, np.ndarray]  # column -> values, one per row of vectors
+    kinds: dict[str, str]  # column -> "categorical" | "numeric"
+    groups: np.ndarray | None
+    counts: dict[str, int] = field(default_factory=dict)
+    labels_without_row: list[str] = field(default_factory=list)
+
+
+def read_embeddings(path: str | os.PathLike[str]) -> Embeddings:
+    """The rows of an embeddings table that have an embedding."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise CmaeError(f"{p}: no such file (an embeddings table from cmae embed-dir)")
+    try:
+        table = pq.read_table(p, columns=["path", "embedding", "error"])
+    except Exception as e:  # not Parquet, or not an embeddings table
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CmaeError(f"{p}: not an embeddings table: {first}") from e
+    ok = pc.is_null(table["error"])
+    failed = table.num_rows - int(pc.sum(ok.cast("int64")).as_py() or 0)
+    good = table.filter(ok).filter(pc.is_valid(table.filter(ok)["embedding"]))
+    paths = good["path"].to_pylist()
+    if not paths:
+        raise CmaeError(f"{p}: no row has an embedding ({failed} failed)")
+    emb = good["embedding"].combine_chunks()
+    dim = emb.type.list_size
+    vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(paths), dim)
+    return Embeddings(paths, vectors.astype(np.float32), failed)
+
+
+def read_labels(path: str | os.PathLike[str]) -> Any:
+    """A labels file (CSV or Parquet) as an Arrow table with a ``path`` column."""
+    import pyarrow.csv as pv
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise CmaeError(f"{p}: no such labels file")
+    try:
+        if p.suffix.lower() == ".parquet":
+            table = pq.read_table(p)
+        else:
+            table = pv.read_csv(p)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CmaeError(f"{p}: cannot read labels: {first}") from e
+    if "path" not in table.column_names:
+        raise CmaeError(f"{p}: labels need a 'path' column, found {table.column_names}")
+    paths = table["path"].to_pylist()
+    if len(set(paths)) != len(paths):
+        twice = sorted({x for x in paths if paths.count(x) > 1})[:3]
+        raise CmaeError(f"{p}: a path is labelled twice: {', '.join(map(str, twice))}")
+    if len(table.column_names) < 2:
+        raise CmaeError(f"{p}: no label column beside 'path'")
+    return table
+
+
+def join(emb: Embeddings, labels: Any, categorical: tuple[str, ...] = ()) -> Joined:
+    """Matches labels to embeddings by path; counts what is left out."""
+    import pyarrow as pa
+
+    index = {p: i for i, p in enumerate(emb.paths)}
+    label_paths = [str(p) for p in labels["path"].to_pylist()]
+    matched = [(j, index[p]) for j, p in enumerate(label_paths) if p in index]
+    missing = [p for p in label_paths if p not in index]
+    rows_l = np.array([j for j, _ in matched], dtype=np.int64)
+    rows_e = np.array([i for _, i in matched], dtype=np.int64)
+    columns = [c for c in labels.column_names if c not in ("path", "group")]
+    unknown = sorted(set(categorical) - set(columns))
+    if unknown:
+        raise CmaeError(f"--categorical: no label column {', '.join(unknown)}")
+    values, kinds = {}, {}
+    for name in columns:
+        col = labels[name].take(pa.array(rows_l)) if len(rows_l) else labels[name][:0]
+        numeric = pa.types.is_integer(col.type) or pa.types.is_floating(col.type)
+        kinds[name] = (
+            "numeric" if numeric and name not in categorical else "categorical"
+        )
+        if kinds[name] == "numeric":
+            values[name] = np.array(
+                [np.nan if v is None else float(v) for v in col.to_pylist()]
+            )
+        else:
+            values[name] = np.array(
+                [None if v is None else str(v) for v in col.to_pylist()], dtype=object
+            )
+    groups = None
+    if "group" in labels.column_names:
+        g = labels["group"].take(pa.array(rows_l)) if len(rows_l) else []
+        groups = np.array([str(v) for v in (g.to_pylist() if len(rows_l) else [])])
+    counts = {
+        "table_rows": len(emb.paths) + emb.failed,
+        "failed": emb.failed,
+        "unlabelled": len(emb.paths) - len(matched),
+        "used": len(matched),
+        "labels": len(label_paths),
+        "labels_without_row": len(missing),
+    }
+    return Joined(
+        vectors=emb.vectors[rows_e],
+        labels=values,
+        kinds=kinds,
+        groups=groups,
+        counts=counts,
+        labels_without_row=missing,
+    )
+
+
+def evaluate(
+    joined: Joined, *, k: int = DEFAULT_K, folds: int = DEFAULT_FOLDS, seed: int = 0
+) -> dict[str, Any]:
+    """Every label's metrics, out of fold; the JSON ``cmae eval`` prints."""
+    if joined.counts["used"] < 4:
+        raise CmaeError(
+            f"only {joined.counts['used']} labelled row(s) with an embedding: "
+            "need at least 4 to split"
+        )
+    out: dict[str, Any] = {"labels": {}}
+    for name, kind in joined.kinds.items():
+        y = joined.labels[name]
+        if kind == "categorical":
+            out["labels"][name] = _categorical(joined, y, k, folds, seed)
+        else:
+            out["labels"][name] = _numeric(joined, y, folds, seed)
+    if joined.groups is not None:
+        out["retrieval"] = retrieval(joined.vectors, joined.groups)
+    out["rows"] = {
+        **joined.counts,
+        "labels_without_row_examples": joined.labels_without_row[:5],
+    }
+    out["settings"] = {
+        "k": k,
+        "folds": folds,
+        "split": "group" if joined.groups is not None else "stratified",
+        "seed": seed,
+        "knn": "cosine on embeddings centred on the training fold's mean, "
+        "majority vote",
+        "linear": "logistic regression (L-BFGS, C=1) on standardised embeddings",
+        "ridge": "ridge on standardised embeddings, alpha by leave-one-out "
+        "within the training fold",
+    }
+    return out
+
+
+def _splits(
+    y: np.ndarray, groups: np.ndarray | None, folds: int, seed: int, stratify: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
+
+    n = len(y)
+    if groups is not None:
+        n_groups = len(set(groups.tolist()))
+        if n_groups < 2:
+            raise CmaeError("the 'group' column has one value: cannot split by group")
+        splitter: Any = GroupKFold(n_splits=min(folds, n_groups))
+        return list(splitter.split(np.zeros(n), y, groups))
+    if stratify:
+        smallest = min(np.unique(y, return_counts=True)[1])
+        splitter = StratifiedKFold(
+            n_splits=max(2, min(folds, smallest)), shuffle=True, random_state=seed
+        )
+        return list(splitter.split(np.zeros(n), y))
+    splitter = KFold(n_splits=min(folds, n), shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(n)))
+
+
+def _categorical(
+    joined: Joined, y_all: np.ndarray, k: int, folds: int, seed: int
+) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    keep = np.array([v is not None for v in y_all])
+    classes, counts = np.unique(y_all[keep].astype(str), return_counts=True)
+    rare = set(classes[counts < MIN_PER_CLASS].tolist())
+    keep &= np.array([v not in rare for v in y_all])
+    x, y = joined.vectors[keep], y_all[keep].astype(str)
+    groups = joined.groups[keep] if joined.groups is not None else None
+    result: dict[str, Any] = {
+        "kind": "categorical",
+        "rows": int(keep.sum()),
+        "left_out": int((~keep).sum()),
+        "classes": sorted(set(y.tolist())),
+    }
+    if len(result["classes"]) < 2:
+        result.update(knn_accuracy=None, linear_accuracy=None, chance=None,
+                      note="fewer than two classes with two rows each")  # fmt: skip
+        return result
+    knn_pred = np.empty(len(y), dtype=object)
+    lin_pred = np.empty(len(y), dtype=object)
+    for train, test in _splits(y, groups, folds, seed, stratify=True):
+        centre = x[train].mean(axis=0)
+        knn = KNeighborsClassifier(n_neighbors=min(k, len(train)), metric="cosine")
+        knn.fit(x[train] - centre, y[train])
+        knn_pred[test] = knn.predict(x[test] - centre)
+        if len(set(y[train].tolist())) < 2:  # a fold with one class: nothing to fit
+            lin_pred[test] = y[train][0]
+            continue
+        probe = make_pipeline(
+            StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)
+        )
+        probe.fit(x[train], y[train])
+        lin_pred[test] = probe.predict(x[test])
+    labels = result["classes"]
+    result.update(
+        knn_accuracy=_round(np.mean(knn_pred == y)),
+        linear_accuracy=_round(np.mean(lin_pred == y)),
+        chance=_round(max(np.unique(y, return_counts=True)[1]) / len(y)),
+        confusion=_confusion(y, lin_pred, labels),
+    )
+    return result
+
+
+def _numeric(
+    joined: Joined, y_all: np.ndarray, folds: int, seed: int
+) -> dict[str, Any]:
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    keep = np.isfinite(y_all)
+    x, y = joined.vectors[keep], y_all[keep]
+    groups = joined.groups[keep] if joined.groups is not None else None
+    result: dict[str, Any] = {
+        "kind": "numeric",
+        "rows": int(keep.sum()),
+        "left_out": int((~keep).sum()),
+    }
+    if len(y) < 4 or float(np.std(y)) == 0.0:
+        result.update(r2=None, note="fewer than 4 rows, or one value only")
+        return result
+    pred = np.empty(len(y))
+    for train, test in _splits(y, groups, folds, seed, stratify=False):
+        probe = make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS))
+        probe.fit(x[train], y[train])
+        pred[test] = probe.predict(x[test])
+    result["r2"] = _round(r2_score(y, pred))
+    result["_fit"] = (y, pred)  # for the report; not in the JSON
+    return result
+
+
+def retrieval(vectors: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    """Share of rows whose nearest neighbour (cosine, centred, itself excluded)
+    is of the same group, over rows whose group has another member; beside the
+    share a random neighbour would give."""
+    x = vectors - vectors.mean(axis=0)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sizes: dict[str, int] = {}
+    for g in groups.tolist():
+        sizes[g] = sizes.get(g, 0) + 1
+    rows = np.array([sizes[g] > 1 for g in groups.tolist()])
+    if rows.sum() == 0 or len(groups) < 2:
+        return {"top1_same_group": None, "rows": 0, "chance": None}
+    hits = 0
+    for start in range(0, len(x), 1024):  # (1024, N) similarities at a time
+        sim = x[start : start + 1024] @ x.T
+        for i in range(sim.shape[0]):
+            sim[i, start + i] = -np.inf
+        nearest = sim.argmax(axis=1)
+        block = slice(start, start + sim.shape[0])
+        hits += int(np.sum((groups[nearest] == groups[block]) & rows[block]))
+    n = len(groups)
+    chance = np.mean([(sizes[g] - 1) / (n - 1) for g in groups[rows].tolist()])
+    return {
+        "top1_same_group": _round(hits / int(rows.sum())),
+        "rows": int(rows.sum()),
+        "chance": _round(float(chance)),
+    }
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> list[list[int]]:
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(y.astype(str), pred.astype(str), labels=labels).tolist()
+
+
+def _round(v: float) -> float:
+    return round(float(v), 4) if math.isfinite(float(v)) else float("nan")
+
+
+def public(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` without its private entries (keys starting with ``_``)."""
+    if isinstance(result, dict):
+        return {k: public(v) for k, v in result.items() if not k.startswith("_")}
+    return result
+
+
+def write_report(joined: Joined, result: dict[str, Any], out: Path) -> None:
+    """A PNG: per label, the embeddings' PCA projection coloured by it, and the
+    linear probe's confusion matrix (categorical) or its out-of-fold predictions
+    (numeric). Temp file, then rename."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    xy = PCA(n_components=2, random_state=0).fit_transform(
+        joined.vectors - joined.vectors.mean(axis=0)
+    )
+    names = list(result["labels"])
+    fig, axes = plt.subplots(
+        len(names), 2, figsize=(11, 4.6 * len(names)), squeeze=False
+    )
+    for row, name in enumerate(names):
+        info, y = result["labels"][name], joined.labels[name]
+        ax = axes[row, 0]
+        if info["kind"] == "categorical":
+            for c in info["classes"]:
+                sel = y == c
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=9, label=str(c)[:24])
+            ax.legend(fontsize=7, markerscale=1.5, loc="best")
+        else:
+            sel = np.isfinite(y.astype(float))
+            dots = ax.scatter(xy[sel, 0], xy[sel, 1], s=9, c=y[sel], cmap="viridis")
+            fig.colorbar(dots, ax=ax, label=name)
+        ax.set_title(f"{name}: embeddings, first two principal components", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+        _second_panel(axes[row, 1], name, info)
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CmaeError(f"{out}: cannot write the report: {e.strerror or e}") from e
+    finally:
+        plt.close(fig)
+
+
+def _second_panel(ax: Any, name: str, info: dict[str, Any]) -> None:
+    if info["kind"] == "categorical" and info.get("confusion"):
+        m = np.array(info["confusion"], dtype=float)
+        share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        ticks = range(len(info["classes"]))
+        labels = [str(c)[:14] for c in info["classes"]]
+        ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(ticks, labels, fontsize=7)
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, int(v), ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+        ax.set_xlabel("linear probe (out of fold)"), ax.set_ylabel("true")
+        ax.set_title(
+            f"{name}: linear {info['linear_accuracy']:.3f}, kNN "
+            f"{info['knn_accuracy']:.3f}, chance {info['chance']:.3f}",
+            fontsize=9,
+        )
+    elif info["kind"] == "numeric" and "_fit" in info:
+        y, pred = info["_fit"]
+        ax.scatter(y, pred, s=9)
+        lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
+        ax.set_xlabel(f"{name}"), ax.set_ylabel("ridge probe (out of fold)")
+        ax.set_title(f"{name}: R² {info['r2']:.3f}", fontsize=9)
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, info.get("note", "no probe"), ha="center", va="center")
