@@ -137,8 +137,15 @@ def join(emb: Embeddings, labels: Any, categorical: tuple[str, ...] = ()) -> Joi
             )
     groups = None
     if "group" in labels.column_names:
-        g = labels["group"].take(pa.array(rows_l)) if len(rows_l) else []
-        groups = np.array([str(v) for v in (g.to_pylist() if len(rows_l) else [])])
+        g = labels["group"].take(pa.array(rows_l)).to_pylist() if len(rows_l) else []
+        # A row without a group (null, or empty in a CSV) is a group of its own.
+        groups = np.array(
+            [
+                f"\0row{j}" if v is None or v == "" else str(v)
+                for j, v in zip(rows_l, g, strict=True)
+            ],
+            dtype=object,
+        )
     counts = {
         "table_rows": len(emb.paths) + emb.failed,
         "failed": emb.failed,

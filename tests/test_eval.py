@@ -119,6 +119,10 @@ def test_eval__rows_left_out_are_counted_and_named(tmp_path):
     assert joined.labels_without_row == ["d/0.tif", "d/elsewhere.tif"]
     r = ev.evaluate(joined, k=3, folds=3)
     assert r["labels"]["kind"]["rows"] == 18 and r["settings"]["split"] == "group"
+    rows[2]["group"] = rows[4]["group"] = ""  # no group: each a group of its own
+    labels = write_labels(tmp_path / "labels.csv", rows)
+    joined = ev.join(ev.read_embeddings(table), ev.read_labels(labels))
+    assert len(set(joined.groups.tolist())) == 9 + 2  # g1-g9, two of their own
 
 
 def test_eval__bad_labels_are_clear_errors(tmp_path):
