@@ -138,22 +138,46 @@ def collate(items: Any) -> dict[str, Any]:
 class EpochSampler(Sampler[int]):
     """A permutation of the dataset drawn from ``(seed, epoch)`` (``set_epoch``),
     so loader workers can persist across epochs and a resumed run still sees
-    the same order (DistributedSampler's idea, on one process)."""
+    the same order (DistributedSampler's idea, on one process).
 
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+    Under torchrun (``world`` > 1), rank r takes the r-th ``batch`` of every
+    global batch of ``batch * world`` items of that permutation, so N processes
+    see the global batches one process would (the last one is filled up from the
+    start, as DistributedSampler pads): every rank takes the same number of steps.
+    """
+
+    def __init__(
+        self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1,
+        batch: int = 1,
+    ) -> None:  # fmt: skip
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.rank, self.world, self.batch = rank, world, batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         if not self.shuffle:
-            return iter(range(self.n))
-        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=gen).tolist())
+            order = list(range(self.n))
+        else:
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=gen).tolist()
+        if self.world == 1:
+            return iter(order)
+        size = self.batch * self.world
+        steps = -(-self.n // size)
+        padded = (order * (steps * size // max(self.n, 1) + 1))[: steps * size]
+        lo = self.rank * self.batch
+        return iter(
+            i
+            for s in range(steps)
+            for i in padded[s * size + lo : s * size + lo + self.batch]
+        )
 
     def __len__(self) -> int:
-        return self.n
+        if self.world == 1:
+            return self.n
+        return -(-self.n // (self.batch * self.world)) * self.batch
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

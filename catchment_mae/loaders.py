@@ -47,8 +47,13 @@ def make_loader(
     seed: int,
     num_workers: int,
     device: torch.device,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
-    """A loader whose workers persist; call ``loader.sampler.set_epoch(e)``."""
+    """A loader whose workers persist; call ``loader.sampler.set_epoch(e)``.
+
+    Under torchrun, ``batch_size`` is this rank's share of the global batch and
+    the sampler gives each rank its part of every global batch."""
     workers = loader_workers(num_workers, len(dataset))  # type: ignore[arg-type]
     # Off the main thread (a web UI job), the process has other threads: forking
     # it could copy a held lock into the workers; start them from a clean server.
@@ -56,7 +61,14 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed, shuffle),  # type: ignore[arg-type]
+        sampler=EpochSampler(
+            len(dataset),
+            seed,
+            shuffle,
+            rank,
+            world,
+            batch_size,  # type: ignore[arg-type]
+        ),
         num_workers=workers,
         persistent_workers=workers > 0,
         multiprocessing_context="forkserver" if workers and off_main else None,

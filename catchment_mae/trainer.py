@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from catchment_mae import distributed
 from catchment_mae.checkpoint import (
     check_resume_config,
     load_checkpoint,
@@ -35,6 +37,7 @@ from catchment_mae.checkpoint import (
 )
 from catchment_mae.config import TrainConfig
 from catchment_mae.data import epoch_seed
+from catchment_mae.distributed import Ranks, ranks_from_env
 from catchment_mae.errors import ConfigError, NoInputError, TrainingError
 from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import check_writable
@@ -152,6 +155,7 @@ def train_one_epoch(
     epoch: int,
     cfg: TrainConfig,
     on_batch_end: Callable[[dict[str, Any]], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """One pass over the loader; returns averages and the files that failed.
 
@@ -164,6 +168,7 @@ def train_one_epoch(
     Raises:
         TrainingError: no step of the epoch had a finite loss.
     """
+    ranks = ranks or Ranks()
     model.train()
     steps = max(len(loader), 1)
     flip_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch) + 1)
@@ -173,19 +178,29 @@ def train_one_epoch(
     autocast = autocast_context(device, cfg.precision)
     for step, batch in enumerate(loader):
         failed.extend(batch["failed"])
-        if batch["z"] is not None:
+        # Under torchrun every rank takes every step (gradients are averaged
+        # over the ranks): one whose files all failed steps with a zero loss.
+        ignored = batch["z"] is None and ranks.active
+        if batch["z"] is not None or ignored:
             lr = lr_at(epoch + step / steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images, valid, scale = to_model_input(batch, device)
+            if ignored:
+                images, valid, scale = _stand_in(cfg, device)
+            else:
+                images, valid, scale = to_model_input(batch, device)
             if cfg.flips:
                 images, valid = random_flips(images, valid, flip_gen)
             with autocast:
                 loss, _, _ = model(images, valid, scale)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            finite = meter.add(loss, images.shape[0], batch["path"], step + 1)
-            skip_unless_finite(optimizer, finite)
+            if ignored:
+                (loss * 0.0).backward()
+                finite = torch.ones((), dtype=torch.bool, device=device)
+            else:
+                loss.backward()
+                finite = meter.add(loss, images.shape[0], batch["path"], step + 1)
+            skip_unless_finite(optimizer, distributed.all_finite(finite, ranks))
             optimizer.step()
         if (step + 1) % cfg.log_every and step + 1 < steps:
             continue
@@ -202,21 +217,38 @@ def train_one_epoch(
                     "images_per_s": meter.images / max(elapsed, 1e-9),
                 }
             )
-    if meter.skipped and not meter.images:
+    seconds = time.perf_counter() - start
+    total, images, skipped = distributed.sum_over_ranks(
+        [meter.total, meter.images, meter.skipped], ranks, device
+    )
+    if skipped and not images:
         raise TrainingError(
             f"the loss was not finite at any step of epoch {epoch + 1} (lower "
             "--lr, or check the data's norm_mean/norm_std)"
         )
-    seconds = time.perf_counter() - start
     return {
-        "train_loss": meter.mean,
-        "images": meter.images,
-        "skipped_steps": meter.skipped,
+        "train_loss": total / images if images else float("nan"),
+        "images": int(images),
+        "skipped_steps": int(skipped),
         "seconds": seconds,
-        "images_per_s": meter.images / max(seconds, 1e-9),
+        "images_per_s": images / max(seconds, 1e-9),
         "lr": lr_at(epoch + 1, cfg),
         "failed": failed,
     }
+
+
+def _stand_in(
+    cfg: TrainConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A one-image batch of zeros, every pixel valid: a step's input on a rank
+    whose batch failed (its loss is multiplied by 0)."""
+    size, chans = cfg.image_size, int(cfg.in_chans or 1)
+    images = torch.zeros(1, chans, size, size, device=device)
+    return (
+        images,
+        torch.ones(1, 1, size, size, device=device),
+        torch.zeros(1, 2, device=device),
+    )
 
 
 def skip_unless_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
@@ -333,19 +365,36 @@ def train(
     check_writable(
         [cfg.weights_path, cfg.config_path], overwrite=overwrite or ckpt is not None
     )
-    device = pick_device(cfg.device)
-    t0 = time.perf_counter()
-    prepared = _prepare(cfg, strict, progress, within)
-    first_pass = time.perf_counter() - t0
-    try:
-        result = _train(
-            cfg, prepared, device, ckpt, resume, progress, on_batch_end, on_epoch_end
+    ranks = ranks_from_env()
+    if cfg.batch_size % ranks.world:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is the global batch: it must divide "
+            f"among the {ranks.world} processes",
+            key="batch_size",
         )
-        result.first_pass_seconds = first_pass
-        return result
+    device = distributed.start(ranks, pick_device(cfg.device))
+    try:
+        t0 = time.perf_counter()
+        # Under torchrun the first process of each machine reads every raster
+        # into the cache; the others then find it there.
+        if not ranks.local_main:
+            distributed.barrier(ranks)
+        prepared = _prepare(cfg, strict, progress and ranks.main, within)
+        if ranks.local_main:
+            distributed.barrier(ranks)
+        first_pass = time.perf_counter() - t0
+        try:
+            result = _train(
+                cfg, prepared, device, ckpt, resume, progress, on_batch_end,
+                on_epoch_end, ranks,
+            )  # fmt: skip
+            result.first_pass_seconds = first_pass
+            return result
+        finally:
+            if prepared.cache is not None:
+                prepared.cache.close()
     finally:
-        if prepared.cache is not None:
-            prepared.cache.close()
+        distributed.stop(ranks)
 
 
 def _train(
@@ -357,6 +406,7 @@ def _train(
     progress: bool,
     on_batch_end: Callable[[dict[str, Any]], None] | None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
+    ranks: Ranks,
 ) -> TrainResult:
     cfg = _complete_config(cfg, prepared)
     if ckpt is not None:
@@ -371,19 +421,25 @@ def _train(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, history = int(ckpt["epoch"]) + 1, list(ckpt["history"])
-        log.info("resuming %s at epoch %d", resume, start_epoch + 1)
+        if ranks.main:
+            log.info("resuming %s at epoch %d", resume, start_epoch + 1)
+    step_model = distributed.wrap(model, ranks, device)  # forward and backward
 
     train_idx, val_idx = split_indices(len(prepared.files), cfg.val_fraction, cfg.seed)
-    loader = _loader(prepared, train_idx, spec, cfg, device, shuffle=True)
+    loader = _loader(prepared, train_idx, spec, cfg, device, shuffle=True, ranks=ranks)
     val_loader = (
         _loader(prepared, val_idx, spec, cfg, device, shuffle=False)
         if val_idx
         else None
     )
     skipped = list(prepared.failed)
-    bar = _ProgressBar(progress, cfg, len(train_idx))
+    bar = _ProgressBar(progress and ranks.main, cfg, len(train_idx))
+    writes = ranks.main  # one process writes the outputs, logs and plots
     try:
-        with sigterm_as_interrupt(), open(cfg.metrics_path, "w") as metrics:
+        with (
+            sigterm_as_interrupt(),
+            open(cfg.metrics_path if writes else os.devnull, "w") as metrics,
+        ):
             for stats in history:  # a resumed run rewrites the finished epochs first
                 metrics.write(json.dumps(stats) + "\n")
             for epoch in range(start_epoch, cfg.max_epochs):
@@ -391,8 +447,10 @@ def _train(
                 with _seeded(epoch_seed(cfg.seed, epoch)):
                     bar.start_epoch(epoch)
                     stats = train_one_epoch(
-                        model, loader, optimizer, device, epoch, cfg,
-                        on_batch_end=_chain(bar.update, on_batch_end),
+                        step_model, loader, optimizer, device, epoch, cfg,
+                        on_batch_end=_chain(bar.update, on_batch_end)
+                        if writes else None,
+                        ranks=ranks,
                     )  # fmt: skip
                 _record_failures(stats.pop("failed"), skipped)
                 if stats["images"] == 0:
@@ -404,12 +462,13 @@ def _train(
                     evaluate(model, val_loader, device, cfg) if val_loader else None
                 )
                 history.append(stats)
-                save_checkpoint(cfg, model, optimizer, epoch, history)
-                metrics.write(json.dumps(stats) + "\n")
-                metrics.flush()
-                bar.end_epoch(stats)
-                if on_epoch_end is not None:
-                    on_epoch_end(stats)
+                if writes:
+                    save_checkpoint(cfg, model, optimizer, epoch, history)
+                    metrics.write(json.dumps(stats) + "\n")
+                    metrics.flush()
+                    bar.end_epoch(stats)
+                    if on_epoch_end is not None:
+                        on_epoch_end(stats)
     except KeyboardInterrupt as e:
         bar.close()
         done = len(history)
@@ -424,9 +483,11 @@ def _train(
     finally:
         bar.close()
         del loader, val_loader  # stop their workers before the plots
-    save_model(cfg, model, len(history))
-    files = [prepared.files[i] for i in (val_idx or train_idx)]
-    _save_plots(cfg, model, history, files, spec, device)
+    if writes:
+        save_model(cfg, model, len(history))
+        files = [prepared.files[i] for i in (val_idx or train_idx)]
+        _save_plots(cfg, model, history, files, spec, device)
+    distributed.barrier(ranks)  # the outputs are written when any rank returns
     return TrainResult(
         weights_path=cfg.weights_path,
         config_path=cfg.config_path,
@@ -550,14 +611,18 @@ def _loader(
     cfg: TrainConfig,
     device: torch.device,
     shuffle: bool,
+    ranks: Ranks | None = None,
 ) -> DataLoader:
+    ranks = ranks or Ranks()
     return make_loader(
         make_dataset(prepared, indices, spec),
-        cfg.batch_size,
+        cfg.batch_size // ranks.world,  # this rank's share of the global batch
         shuffle=shuffle,
         seed=cfg.seed,
         num_workers=cfg.num_workers,
         device=device,
+        rank=ranks.rank,
+        world=ranks.world,
     )
 
 

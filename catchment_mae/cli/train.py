@@ -157,7 +157,14 @@ def train(
     Examples:
       cmae train dems/ --out models/catchments.pth --epochs 50
       cmae train --config seed_config.json --epochs 5 --device cpu
+
+    Under torchrun it trains with DistributedDataParallel, --batch-size being
+    the global batch (gloo on CPUs, NCCL on GPUs; rank 0 writes the outputs):
+
+    \b
+      torchrun --nproc_per_node 2 -m catchment_mae.cli.main train dems/ --out m.pth
     """
+    from catchment_mae.distributed import is_main_process
     from catchment_mae.trainer import train as run_training
 
     cfg = TrainConfig.from_json(config_file) if config_file else TrainConfig()
@@ -171,6 +178,8 @@ def train(
     result = run_training(
         cfg, overwrite=overwrite, resume=resume, strict=strict, progress=verbosity >= 0
     )
+    if not is_main_process():  # under torchrun, rank 0 reports for all
+        return
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))

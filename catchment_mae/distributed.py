@@ -1,0 +1,118 @@
+"""Training under ``torchrun``: one process per device, DistributedDataParallel.
+
+``torchrun --nproc_per_node N -m catchment_mae.cli.main train ...`` starts N
+copies of ``cmae train``; each reads RANK, WORLD_SIZE and LOCAL_RANK from the
+environment torchrun sets, joins the group (gloo on CPUs, NCCL on GPUs) and
+trains on its share of every global batch. Without those variables nothing here
+does anything: one process trains as before.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# The first pass (reading every raster into the cache) runs on the first rank of
+# each machine while the others wait at a barrier; a large archive takes hours.
+FIRST_PASS_TIMEOUT = datetime.timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in the group (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """The process that writes outputs, logs and progress."""
+        return self.rank == 0
+
+    @property
+    def local_main(self) -> bool:
+        """The first process on this machine: it builds the machine's cache."""
+        return self.local_rank == 0
+
+
+def ranks_from_env() -> Ranks:
+    """The ranks torchrun set, or a single process."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        return Ranks()
+    return Ranks(rank, world, local) if world > 1 else Ranks()
+
+
+def is_main_process() -> bool:
+    """False in every torchrun process but rank 0 (which prints the results)."""
+    return ranks_from_env().main
+
+
+def start(ranks: Ranks, device: torch.device) -> torch.device:
+    """Joins the process group; returns this rank's device (``cuda:LOCAL_RANK``
+    on GPUs)."""
+    if not ranks.active:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=FIRST_PASS_TIMEOUT
+        )
+    return device
+
+
+def stop(ranks: Ranks) -> None:
+    if ranks.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.active:
+        dist.barrier()
+
+
+def all_finite(finite: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """True where every rank's loss was finite: gradients are averaged over the
+    ranks, so one rank's non-finite loss spoils every rank's step."""
+    if not ranks.active:
+        return finite
+    flag = finite.to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag[0].bool()
+
+
+def sum_over_ranks(
+    values: list[float], ranks: Ranks, device: torch.device
+) -> list[float]:
+    """Element-wise sums over the ranks (one small all-reduce)."""
+    if not ranks.active:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> Any:
+    """The model in DistributedDataParallel (every parameter takes part in every
+    step, the scale MLP included: no unused-parameter search)."""
+    if not ranks.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
