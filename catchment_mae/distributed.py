@@ -116,3 +116,44 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> Any:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Runs ``cmae ARGV`` in ``nproc`` processes on this machine, as ``torchrun
+    --standalone --nproc_per_node NPROC -m catchment_mae.cli.main ARGV`` does;
+    returns the exit code (the first failing rank's, 130 when interrupted).
+
+    Each process gets an equal share of the cores as its torch threads. The
+    processes report their own errors (rank 0 alone for an interruption), so
+    torchrun's warnings and its traceback on Ctrl-C are not shown.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from catchment_mae.workers import available_cores
+
+    for name in list(logging.root.manager.loggerDict):  # each sets its own level
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // nproc)))
+    args = get_args_parser().parse_args(
+        [
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "--module",
+            "catchment_mae.cli.main",
+            *argv,
+        ]  # fmt: skip
+    )
+    try:
+        run(args)
+    except SignalException:
+        return 130
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        return 130 if 130 in codes else next((c for c in codes if c), 1)
+    return 0

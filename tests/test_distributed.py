@@ -45,7 +45,7 @@ def dems(tmp_path_factory):
     return out
 
 
-def _train(tmp_path, dem_dir, name, nproc):
+def _train(tmp_path, dem_dir, name, nproc, extra=()):
     out = tmp_path / name / "m.pth"
     cfg = tmp_path / "dec.json"
     cfg.write_text(json.dumps({"decoder_dim": 32, "decoder_depth": 1,
@@ -56,14 +56,15 @@ def _train(tmp_path, dem_dir, name, nproc):
         "1", "--num-heads", "2", "--batch-size", "4", "--num-workers", "0",
         "--val-fraction", "0.25", "--epochs", "3", "--lr", "1e-3", "--device",
         "cpu", "--cache", str(tmp_path / "cache"), "--config", str(cfg), "--json",
+        "--overwrite",
     ]  # fmt: skip
-    launcher = [sys.executable, "-m", "catchment_mae.cli.main"]
-    if nproc > 1:
-        launcher = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(nproc), "-m", "catchment_mae.cli.main",
-        ]  # fmt: skip
-    p = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=240)
+    args += extra
+    if nproc > 1:  # what `torchrun --nproc_per_node N -m catchment_mae.cli.main` runs
+        args += ["--nproc", str(nproc)]
+    p = subprocess.run(
+        [sys.executable, "-m", "catchment_mae.cli.main", *args],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     return out, p
 
@@ -95,3 +96,10 @@ def test_train__two_processes_match_one(tmp_path, dems):
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=0.05)
         assert y["val_loss"] == pytest.approx(x["val_loss"], rel=0.02)
     assert b[-1]["train_loss"] < b[0]["train_loss"]  # it learns
+    # A checkpoint of 2 processes resumes in 1 (and the other way round).
+    ckpt = str(two.with_suffix(".ckpt.pth"))
+    _, p = _train(tmp_path, dems, "two", 1, ["--epochs", "4", "--resume", ckpt])
+    assert json.loads(p.stdout)["epochs_run"] == 1
+    _train(tmp_path, dems, "two", 2, ["--epochs", "5", "--resume", ckpt])
+    history = (two.parent / "m.metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in history] == [1, 2, 3, 4, 5]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from typing import Any
 
@@ -63,6 +64,8 @@ class _Failure(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
+        if self.exit_code == 130 and os.environ.get("RANK", "0") != "0":
+            return  # under torchrun, rank 0 alone says it was interrupted
         click.echo(f"cmae: error: {self.format_message()}", err=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,14 @@ from catchment_mae.preprocess import SCALE_MODES
     type=click.Path(dir_okay=False, path_type=Path),
     help="Continue from an epoch checkpoint (NAME.ckpt.pth).",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Training processes on this machine (DistributedDataParallel: one per "
+    "GPU, or a few on a many-core CPU); --batch-size is the global batch.",
+)
 @options.overwrite_opt
 @options.strict_opt
 @options.json_opt
@@ -146,6 +155,7 @@ def train(
     strict: bool,
     as_json: bool,
     no_cache: bool,
+    nproc: int,
     **flags: Any,
 ) -> None:
     """Train a scale-aware MAE on INPUT_DIR and write NAME.pth + NAME.json.
@@ -158,14 +168,23 @@ def train(
       cmae train dems/ --out models/catchments.pth --epochs 50
       cmae train --config seed_config.json --epochs 5 --device cpu
 
-    Under torchrun it trains with DistributedDataParallel, --batch-size being
-    the global batch (gloo on CPUs, NCCL on GPUs; rank 0 writes the outputs):
+    With --nproc N (or under torchrun, for several machines) it trains with
+    DistributedDataParallel, --batch-size being the global batch (gloo on CPUs,
+    NCCL on GPUs; rank 0 writes the outputs):
 
     \b
-      torchrun --nproc_per_node 2 -m catchment_mae.cli.main train dems/ --out m.pth
+      cmae train dems/ --out m.pth --nproc 4 --device cuda
+      torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29400 -m catchment_mae.cli.main train dems/ --out m.pth
     """
-    from catchment_mae.distributed import is_main_process
+    from catchment_mae.distributed import is_main_process, launch, ranks_from_env
     from catchment_mae.trainer import train as run_training
+
+    if nproc > 1 and not ranks_from_env().active:
+        code = launch(nproc, _without_nproc(sys.argv[1:]))
+        if code:
+            ctx.exit(code)  # each process said why (rank 0 for an interruption)
+        return
 
     cfg = TrainConfig.from_json(config_file) if config_file else TrainConfig()
     overrides = options.drop_none(flags)
@@ -190,3 +209,16 @@ def train(
             f"wrote {summary['weights']} and {summary['config']}",
             err=True,
         )
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line without its --nproc option (what each process runs)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
