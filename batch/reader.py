@@ -27,6 +27,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from catchment_mae.batch.ring import RingLayout, SlotRing
 from catchment_mae.batch.writer import Row
 from catchment_mae.errors import BadRasterError
@@ -100,6 +102,18 @@ def read_into_slot(
 ) -> tuple[Row, float]:
     """Reads and preprocesses one file into ``slot`` of the ring: its row and the
     seconds it took. A file that cannot be used is a row with its reason."""
+    row, sample, seconds = read_one(root, rel, spec)
+    if sample is not None:
+        ring = _ring(layout)
+        ring.image[slot], ring.valid[slot], ring.scale[slot] = sample
+    return row, seconds
+
+
+def read_one(
+    root: str, rel: str, spec: PreprocessSpec
+) -> tuple[Row, tuple[np.ndarray, np.ndarray, np.ndarray] | None, float]:
+    """One file's row and its model input (normalised image, valid levels as
+    uint8, scale), or None with the row's reason; and the seconds it took."""
     t0 = time.perf_counter()
     path = Path(root) / rel
     size = mtime = None
@@ -108,20 +122,17 @@ def read_into_slot(
         if stat.S_ISREG(st.st_mode):
             size, mtime = st.st_size, st.st_mtime
         r = load_resampled(path, spec)
-        ring = _ring(layout)
-        ring.image[slot] = normalise(r, spec).image
+        image = normalise(r, spec).image
     except BadRasterError as e:
         row = Row(path=rel, file_size=size, mtime=mtime, error=e.reason)
-        return row, time.perf_counter() - t0
+        return row, None, time.perf_counter() - t0
     except Exception as e:  # a reader must report, not die: keep the reason
         row = Row(path=rel, file_size=size, mtime=mtime, error=failure_reason(e))
-        return row, time.perf_counter() - t0
-    ring.valid[slot] = r.valid
-    ring.scale[slot] = r.scale
+        return row, None, time.perf_counter() - t0
     info = r.info
     where = footprint(info.geo, info.height, info.width)
     row = Row.of_raster(rel, info, 1.0 - r.valid_fraction, where, (size, mtime))
-    return row, time.perf_counter() - t0
+    return row, (image, r.valid, r.scale), time.perf_counter() - t0
 
 
 @dataclass

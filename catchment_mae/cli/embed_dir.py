@@ -75,6 +75,15 @@ def _shard(
     help="Seconds one raster may take in a reader process; past it the reader is "
     "replaced and the file gets a row saying so.",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    metavar="[ADDRESS]",
+    help="Run on Ray Data: a local Ray with --ray alone, or the cluster at ADDRESS "
+    "(HOST:6379, ray://HOST:10001, auto). Needs the ray extra.",
+)
 @options.recursive_opt
 @click.option(
     "--overwrite", is_flag=True, help="Start over instead of continuing an earlier run."
@@ -95,6 +104,7 @@ def embed_dir(
     recursive: bool | None,
     overwrite: bool,
     as_json: bool,
+    ray_address: str | None,
 ) -> None:
     """Embed every TIFF under INPUT_DIR with MODEL and write one row per raster to
     OUT: path, embedding, height, width, bands, dtype, nodata_fraction, file_size,
@@ -108,6 +118,7 @@ def embed_dir(
     Examples:
       cmae embed-dir dems/ --model catchments.onnx --out embeddings.parquet
       cmae embed-dir /archive --model m.onnx --out part2.parquet --shard 2/8 --json
+      cmae embed-dir /shared/archive --model m.onnx --out e.parquet --ray auto
     """
     import pyarrow as pa
     from tqdm.auto import tqdm
@@ -125,12 +136,24 @@ def embed_dir(
         desc="embedding", unit="raster", disable=None if verbosity >= 0 else True
     )
     try:
-        summary = run(
-            input_dir, model, out, batch_size=batch_size, num_workers=num_workers,
-            device=device, shard=shard, recursive=recursive is not False,
-            overwrite=overwrite, rows_per_part=rows_per_part, timeout=timeout,
-            on_item=lambda item: bar.update(1),
-        )  # fmt: skip
+        if ray_address is not None:
+            from catchment_mae.batch.ray_runner import embed_dir_ray
+
+            summary = embed_dir_ray(
+                input_dir, model, out, batch_size=batch_size, device=device,
+                address=None if ray_address == "local" else ray_address,
+                num_cpus=num_workers, shard=shard, recursive=recursive is not False,
+                overwrite=overwrite, rows_per_part=rows_per_part,
+                on_row=lambda row: bar.update(1),
+            )  # fmt: skip
+        else:
+            summary = run(
+                input_dir, model, out, batch_size=batch_size,
+                num_workers=num_workers, device=device, shard=shard,
+                recursive=recursive is not False, overwrite=overwrite,
+                rows_per_part=rows_per_part, timeout=timeout,
+                on_item=lambda item: bar.update(1),
+            )  # fmt: skip
     finally:
         bar.close()
     if as_json:

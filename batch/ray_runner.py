@@ -1,0 +1,298 @@
+"""embed-dir on a Ray cluster: Ray Data reads, an actor pool embeds (no torch).
+
+The plan (what to embed, what an earlier table already holds) and the writer
+(Parquet parts, then one merged table) are the plain runner's, on the driver;
+Ray Data reads and preprocesses each file in a task with the reader's own
+:func:`~catchment_mae.batch.reader.read_one`, and embeds batches in actors that
+each hold one onnxruntime session (a GPU each where the cluster has them). The
+table is the same: columns, metadata, failures as rows, one row per raster, and a
+re-run after a crash embeds only what is missing.
+
+Every machine of the cluster needs cmae installed and the input directory and
+the model at the same paths (a shared file system).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catchment_mae.batch.mapper import Mapper
+from catchment_mae.batch.plan import Plan
+from catchment_mae.batch.reader import read_one
+from catchment_mae.batch.runner import (
+    EmbedInterrupted,
+    NothingEmbeddedError,
+    RunSummary,
+    _lock,
+    _nothing_new,
+)
+from catchment_mae.batch.writer import (
+    ROWS_PER_PART,
+    PartSink,
+    Row,
+    clear_parts,
+    merge,
+    parts_dir,
+    read_previous,
+    remove_stale_temps,
+)
+from catchment_mae.errors import CmaeError, NoInputError
+from catchment_mae.interrupt import sigterm_as_interrupt
+from catchment_mae.io import check_writable
+from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec
+from catchment_mae.runtime import run_encoder
+from catchment_mae.workers import failure_reason
+
+log = logging.getLogger(__name__)
+
+
+def _read(item: dict[str, Any], root: str, spec: PreprocessSpec) -> dict[str, Any]:
+    """A Ray Data task: one path -> its row (pickled) and model input."""
+    row, sample, seconds = read_one(root, item["path"], spec)
+    s, c = spec.image_size, int(spec.in_chans or 1)
+    image, valid, scale = sample or (
+        np.zeros((c, s, s), np.float32), np.zeros((s, s), np.uint8),
+        np.zeros(2, np.float32),
+    )  # fmt: skip
+    return {
+        "row": pickle.dumps(row),
+        "ok": sample is not None,
+        "image": image,
+        "valid": valid,
+        "scale": scale,
+        "seconds": seconds,
+    }
+
+
+class _Embed:
+    """A Ray Data actor: one onnxruntime session, batches of model inputs ->
+    embeddings (zeros where the read failed; ``ok`` says which)."""
+
+    settings: tuple[str, str, int | None]  # model, device, threads
+
+    def __init__(self) -> None:
+        self.mapper = Mapper(*self.settings)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        ok = batch["ok"].astype(bool)
+        n, dim = len(ok), self.mapper.dim
+        emb = np.zeros((n, dim), np.float32)
+        error = np.array([""] * n, dtype=object)
+        if ok.any():
+            names = self.mapper.names
+            valid = None
+            if "valid" in names:
+                valid = batch["valid"][ok].astype(np.float32) / VALID_LEVELS
+            try:
+                emb[ok] = run_encoder(
+                    self.mapper.session,
+                    np.ascontiguousarray(batch["image"][ok], np.float32),
+                    np.ascontiguousarray(batch["scale"][ok], np.float32),
+                    valid,
+                )
+            except Exception as e:  # onnxruntime's error types vary; record them
+                error[ok] = f"onnxruntime failed: {failure_reason(e)}"
+        return {
+            "row": batch["row"],
+            "ok": ok,
+            "embedding": emb,
+            "error": error,
+            "seconds": batch["seconds"],
+        }
+
+
+def embed_dir_ray(
+    input_dir: str | os.PathLike[str],
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    address: str | None = None,
+    batch_size: int = 32,
+    actors: int | None = None,
+    device: str = "auto",
+    shard: tuple[int, int] | None = None,
+    recursive: bool = True,
+    overwrite: bool = False,
+    rows_per_part: int = ROWS_PER_PART,
+    within: str | os.PathLike[str] | None = None,
+    num_cpus: int | None = None,
+    on_row: Callable[[Row], None] | None = None,
+) -> RunSummary:
+    """:func:`catchment_mae.batch.runner.embed_dir` on Ray Data.
+
+    Args:
+        address: a running cluster (``ray://HOST:10001``, ``HOST:6379`` or
+            ``auto``); None starts a local Ray for this run.
+        actors: embedding actors (default: one per GPU with CUDA, else 1, each
+            with onnxruntime's threads; the other CPUs read).
+        num_cpus: CPUs of the local Ray started when ``address`` is None.
+        The other arguments are embed_dir's.
+    """
+    # Ray Data reads its logging set-up when imported: errors only on stderr;
+    # Ray's C++ core logs only what is fatal (its hints are not for our users).
+    os.environ.setdefault(
+        "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_logging.yaml"))
+    )
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise CmaeError("--ray needs Ray Data: pip install 'catchment-mae[ray]'") from e
+    root, out = Path(input_dir), Path(out)
+    start = time.perf_counter()
+    check_writable([out], overwrite=True)
+    summary = RunSummary(out=str(out))
+    probe = Mapper(model, "cpu", threads=1)  # the spec, width and metadata
+    summary.provider = "ray"
+    started = not ray.is_initialized()
+    try:
+        with _lock(out), sigterm_as_interrupt():
+            previous = None if overwrite else read_previous(out, probe.sha256)
+            fence = Path(within) if within is not None else None
+            plan = Plan(root, previous, shard, recursive, within=fence)
+            if overwrite:
+                clear_parts(out)
+            remove_stale_temps(out)
+            sink = PartSink(out, probe.dim, probe.metadata, rows_per_part)
+            todo = list(plan)
+            if todo:
+                if started:
+                    _start_ray(ray, address, num_cpus)
+                try:
+                    for row, embedding, seconds in _stream(
+                        ray, root, model, probe.spec, todo, batch_size, actors, device
+                    ):
+                        summary.read_seconds += seconds
+                        _count(summary, row)
+                        sink.add(row, embedding)
+                        if on_row is not None:
+                            on_row(row)
+                except KeyboardInterrupt as e:
+                    sink.flush()
+                    raise EmbedInterrupted(
+                        f"interrupted: {summary.embedded + summary.failed} "
+                        f"raster(s) of this run are saved in {sink.dir}; run the "
+                        "same command to continue"
+                    ) from e
+            sink.flush()
+            summary.already_done = plan.already_done
+            if not plan.order:
+                clear_parts(out)
+                raise NoInputError(f"{root}: no .tif/.tiff files found{plan.where()}")
+            if _nothing_new(out, previous, plan.order, sink, summary):
+                clear_parts(out)
+                summary.nothing_new, summary.rows = True, len(plan.order)
+            else:
+                summary.rows = merge(
+                    out, previous, plan.order, probe.dim, probe.metadata
+                )
+    except KeyboardInterrupt as e:
+        raise EmbedInterrupted(
+            f"interrupted: the rows written so far are kept in {parts_dir(out)}; "
+            "run the same command to continue"
+        ) from e
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+    summary.seconds = time.perf_counter() - start
+    if summary.embedded + summary.already_done == 0:
+        raise NothingEmbeddedError(
+            f"nothing embedded: all {summary.failed} file(s) failed; their reasons "
+            f"are in the error column of {out}"
+        )
+    return summary
+
+
+def _start_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
+    """Joins ``address`` or starts a local Ray, quietly."""
+    try:
+        with _stderr_silenced():  # the C++ core's start-up lines
+            ray.init(
+                address=address,
+                num_cpus=num_cpus if address is None else None,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                configure_logging=True,
+            )
+    except Exception as e:  # a wrong address, a cluster of another version
+        raise CmaeError(f"cannot start or join Ray ({address or 'local'}): "
+                        f"{failure_reason(e)}") from e  # fmt: skip
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null within the block (C++ writes there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _stream(
+    ray: Any,
+    root: Path,
+    model: str | os.PathLike[str],
+    spec: PreprocessSpec,
+    todo: list[str],
+    batch_size: int,
+    actors: int | None,
+    device: str,
+) -> Any:
+    """(row, embedding or None, read seconds) of every path, as they finish."""
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if device != "cpu" else 0
+    n_actors = actors or max(1, gpus)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = max(1, cpus // (n_actors + 1)) if not gpus else None
+    ds = ray.data.from_items([{"path": rel} for rel in todo])
+    # Reads are tasks of their own (their resources differ from the actors', so
+    # Ray does not fuse them into the actors, which would read one file at a time).
+    ds = ds.map(_read, fn_kwargs={"root": str(root), "spec": spec}, num_cpus=0.5)
+    # The actors' settings travel in their class, not as constructor arguments
+    # (Ray warns that those cannot be restored if an actor restarts).
+    settings = (str(Path(model).resolve()), "cuda" if gpus else "cpu", threads)
+    ds = ds.map_batches(
+        type("Embed", (_Embed,), {"settings": settings}),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_gpus=1 if gpus else 0,
+        num_cpus=0 if gpus else threads,
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for k in range(len(batch["ok"])):
+            row: Row = pickle.loads(batch["row"][k])
+            embedding = None
+            if batch["ok"][k] and not batch["error"][k]:
+                embedding = batch["embedding"][k]
+            elif batch["error"][k]:
+                row.error = str(batch["error"][k])
+            yield row, embedding, float(batch["seconds"][k])
+
+
+def _count(summary: RunSummary, row: Row) -> None:
+    if row.error is None:
+        summary.embedded += 1
+    else:
+        summary.failed += 1
+        summary.failures.append({"path": row.path, "error": row.error})
+        log.warning("failed %s: %s", row.path, row.error)

@@ -1,0 +1,64 @@
+"""``cmae embed-dir --ray``: the same table as the plain run, on a local Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from catchment_mae.cli.main import cli
+from tests.test_cli_embed_dir import archive  # noqa: F401 (a fixture)
+
+pytest.importorskip("ray.data", reason="embed-dir --ray needs the ray extra")
+
+# The driver imports no torch (Ray's workers run cmae's reader and onnxruntime).
+NO_TORCH = (
+    "import sys; sys.modules.update(torch=None, timm=None, lightly=None); "
+    "from catchment_mae.cli.main import main; sys.argv = ['cmae'] + sys.argv[1:]; "
+    "main()"
+)
+
+
+def test_embed_dir_ray__same_table_as_the_plain_run(
+    runner,
+    archive,  # noqa: F811
+    onnx_model,
+    tmp_path,
+):
+    plain = tmp_path / "plain.parquet"
+    r = runner.invoke(cli, ["embed-dir", str(archive), "--model", str(onnx_model),
+                            "--out", str(plain)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "ray.parquet"
+    args = ["embed-dir", archive, "--model", onnx_model, "--out", out, "--ray",
+            "--num-workers", "2", "--batch-size", "4", "--json"]  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout)
+    assert summary["embedded"] == 13 and summary["failed"] == 4
+    assert p.stderr.count("\n") <= 5, p.stderr  # failures named, no Ray chatter
+    a, b = pq.read_table(plain), pq.read_table(out)
+    assert a.schema == b.schema
+    assert b.num_rows == len(set(b["path"].to_pylist())) == a.num_rows  # one each
+    assert set(a.schema.metadata) == set(b.schema.metadata)
+    assert a.schema.metadata[b"geo"] == b.schema.metadata[b"geo"]  # same footprints
+    rows_a = {r["path"]: r for r in a.to_pylist()}
+    for row in b.to_pylist():
+        ref = rows_a[row["path"]]
+        assert row["error"] == ref["error"]
+        assert row["geometry"] == ref["geometry"] and row["height"] == ref["height"]
+        if ref["embedding"] is None:
+            assert row["embedding"] is None
+        else:
+            np.testing.assert_allclose(row["embedding"], ref["embedding"], atol=1e-5)
+    # A second run finds everything done (resume is the plain runner's plan).
+    p = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = json.loads(p.stdout)
+    assert again["embedded"] == 0 and again["already_done"] == 13
