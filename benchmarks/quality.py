@@ -158,8 +158,8 @@ def summary_line(mode: str, pool: str, run: dict) -> str:
     return (
         f"scale {mode:<6} pool {pool:<4}: family kNN {fam['knn_accuracy']:.3f} linear "
         f"{fam['linear_accuracy']:.3f} (chance {fam['chance']:.3f}); R2 log extent "
-        f"{lab['log_extent']['r2']:.3f}, log resolution {lab['log_resolution']['r2']:.3f}"
-        f"; trained in {run['train_seconds']:.0f} s"
+        f"{lab['log_extent']['r2']:.3f}, log resolution "
+        f"{lab['log_resolution']['r2']:.3f}; trained in {run['train_seconds']:.0f} s"
     )
 
 
