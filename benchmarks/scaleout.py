@@ -37,8 +37,8 @@ def run(data: Path, out: Path, nproc: int, args: argparse.Namespace) -> float:
     if p.returncode:
         sys.exit(p.stderr[-2000:])
     metrics = out.with_suffix(".metrics.jsonl").read_text().splitlines()
-    rates = [json.loads(ln)["images_per_s"] for ln in metrics][1:]
-    return statistics.median(rates)
+    rates = [json.loads(ln)["images_per_s"] for ln in metrics]
+    return statistics.median(rates[1:] or rates)
 
 
 def main() -> None:
