@@ -192,16 +192,24 @@ class Sample:
 
 
 def load_sample(
-    path: str | os.PathLike[str], spec: PreprocessSpec, maxworkers: int | None = 1
+    path: str | os.PathLike[str],
+    spec: PreprocessSpec,
+    maxworkers: int | None = 1,
+    window: tuple[int, int, int, int] | None = None,
 ) -> Sample:
-    """Reads and preprocesses one TIFF. Raises BadRasterError naming file and reason."""
-    return normalise(load_resampled(path, spec, maxworkers), spec)
+    """Reads and preprocesses one TIFF (or one chip of it: ``window`` is x0, y0,
+    width, height). Raises BadRasterError naming file and reason."""
+    return normalise(load_resampled(path, spec, maxworkers, window), spec)
 
 
 def load_resampled(
-    path: str | os.PathLike[str], spec: PreprocessSpec, maxworkers: int | None = 1
+    path: str | os.PathLike[str],
+    spec: PreprocessSpec,
+    maxworkers: int | None = 1,
+    window: tuple[int, int, int, int] | None = None,
 ) -> Resampled:
-    """Reads one TIFF and resamples it (steps 1, 2 and 4 of the module docstring)."""
+    """Reads one TIFF (or one chip of it) and resamples it (steps 1, 2 and 4 of
+    the module docstring). A chip's scale vector is the chip's own size."""
     raster = read_raster(
         path,
         bands=spec.bands,
@@ -211,6 +219,7 @@ def load_resampled(
         max_memory_mb=spec.max_memory_mb,
         in_chans=spec.in_chans if spec.bands is None else None,
         maxworkers=maxworkers,
+        window=window,
     )
     return resample(raster, spec)
 

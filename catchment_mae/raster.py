@@ -5,6 +5,7 @@ numpy and tifffile (+ imagecodecs) only: the batch runner imports this without t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -78,6 +79,9 @@ class RasterInfo:
     has_mask: bool = False
     photometric: str = ""
     geo: GeoInfo = field(default_factory=GeoInfo)
+    # A chip: (x0, y0, width, height) of the file's full-resolution pixels; then
+    # height, width and geo are the chip's own.
+    window: tuple[int, int, int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +195,7 @@ def read_raster(
     max_memory_mb: int = DEFAULT_MAX_MEMORY_MB,
     in_chans: int | None = None,
     maxworkers: int | None = 1,
+    window: tuple[int, int, int, int] | None = None,
 ) -> Raster:
     """Reads a TIFF into a float32 ``(C, H, W)`` array and a validity mask.
 
@@ -206,6 +211,9 @@ def read_raster(
         in_chans: the band count the caller needs; another count is refused
             before anything is decoded.
         maxworkers: unused; strips and tiles are decoded one at a time.
+        window: (x0, y0, width, height) in full-resolution pixels: read only this
+            chip (the strips or tiles it touches), clipped to the raster; the
+            result describes the chip (its size, its georeferencing).
 
     Raises:
         BadRasterError: naming the file and the reason.
@@ -216,8 +224,9 @@ def read_raster(
     try:
         with tifffile.TiffFile(path) as tif:
             return _read(
-                tif, path, bands, nodata, min_size, max_pixels, budget, in_chans
-            )
+                tif, path, bands, nodata, min_size, max_pixels, budget, in_chans,
+                window,
+            )  # fmt: skip
     except BadRasterError:
         raise
     except MemoryError as e:
@@ -298,6 +307,7 @@ def _read(
     max_pixels: int,
     budget: Budget,
     in_chans: int | None,
+    window: tuple[int, int, int, int] | None = None,
 ) -> Raster:
     pages = _list_pages(tif)
     if not pages:
@@ -342,8 +352,17 @@ def _read(
         and p.dtype == full.dtype
     ]
     limit = min(max_pixels, budget.pixels(spp, dtype.itemsize, len(band_idx)))
-    page, level, (ky, kx) = _choose_level(full, overviews, min_size, limit, path)
-    arr, present = _read_page(page, ky, kx, budget, path)
+    if window is not None:
+        window = _clip_window(window, height, width, path)
+        page, level = full, 0
+        ky, kx = (
+            (1, 1)
+            if window[2] * window[3] <= limit
+            else _steps(window[3], window[2], limit)
+        )
+    else:
+        page, level, (ky, kx) = _choose_level(full, overviews, min_size, limit, path)
+    arr, present = _read_page(page, ky, kx, budget, path, window)
     if not present.any():
         raise BadRasterError(path, "holds no pixel data (every strip or tile is empty)")
     rh, rw = arr.shape[1:]
@@ -355,7 +374,7 @@ def _read(
         (m for m in masks if _page_hw(m, path) == _page_hw(page, path)), None
     )
     if mask_page is not None:
-        m, m_present = _read_page(mask_page, ky, kx, budget, path)
+        m, m_present = _read_page(mask_page, ky, kx, budget, path, window)
         valid &= (m[0] != 0) & m_present
         has_mask = True
     if alpha_index is not None:
@@ -374,6 +393,10 @@ def _read(
         valid &= np.isfinite(data).all(axis=0)
 
     photometric = full.photometric
+    geo = _geo_info(full, height, width)
+    if window is not None:
+        geo = _chip_geo(geo, window)
+        width, height = window[2], window[3]
     info = RasterInfo(
         path=str(path),
         height=height,
@@ -387,9 +410,38 @@ def _read(
         has_alpha=alpha_index is not None,
         has_mask=has_mask,
         photometric=getattr(photometric, "name", str(photometric or "")),
-        geo=_geo_info(full, height, width),
+        geo=geo,
+        window=window,
     )
     return Raster(data=data, valid=valid, info=info)
+
+
+def _clip_window(
+    window: tuple[int, int, int, int], height: int, width: int, path: Path
+) -> tuple[int, int, int, int]:
+    """The window within the raster; BadRasterError when nothing of it is."""
+    x0, y0, w, h = (int(v) for v in window)
+    if w < 1 or h < 1 or x0 < 0 or y0 < 0 or x0 >= width or y0 >= height:
+        raise BadRasterError(
+            path, f"window {window} lies outside its {width}x{height} pixels"
+        )
+    return x0, y0, min(w, width - x0), min(h, height - y0)
+
+
+def _chip_geo(geo: GeoInfo, window: tuple[int, int, int, int]) -> GeoInfo:
+    """The georeferencing of a chip: the transform moved to its corner."""
+    if geo.transform is None:
+        return geo
+    x0, y0, w, h = window
+    c, a, b, f, d, e = geo.transform
+    c, f = c + a * x0 + b * y0, f + d * x0 + e * y0
+    xs = [c + a * i + b * j for i, j in ((0, 0), (w, 0), (0, h), (w, h))]
+    ys = [f + d * i + e * j for i, j in ((0, 0), (w, 0), (0, h), (w, h))]
+    return dataclasses.replace(
+        geo,
+        transform=(c, a, b, f, d, e),
+        bounds=(min(xs), min(ys), max(xs), max(ys)),
+    )
 
 
 def _list_pages(tif: tifffile.TiffFile) -> list[Any]:
@@ -491,15 +543,23 @@ def _pixels(page: Any, path: Path) -> int:
 
 
 def _read_page(
-    page: Any, ky: int, kx: int, budget: Budget, path: Path
+    page: Any,
+    ky: int,
+    kx: int,
+    budget: Budget,
+    path: Path,
+    window: tuple[int, int, int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every ky-th row and kx-th column of a page, as (samples, rows, cols), and
-    where the file holds pixel data (False under an empty strip or tile).
+    """Every ky-th row and kx-th column of a page (of ``window``: x0, y0, width,
+    height, clipped to the page, when given), as (samples, rows, cols), and where
+    the file holds pixel data (False under an empty strip or tile).
 
     Only the strips or tiles that hold a sampled pixel are read, one at a time;
     their declared decoded sizes are checked against ``budget`` first.
     """
     h, w = _page_hw(page, path)
+    wx0, wy0, ww, wh = window or (0, 0, w, h)
+    wx1, wy1 = min(w, wx0 + ww), min(h, wy0 + wh)
     spp = _single_int(page.samplesperpixel, "SamplesPerPixel", path)
     itemsize = np.dtype(page.dtype).itemsize
     separate = page.planarconfig == 2 and spp > 1
@@ -531,8 +591,8 @@ def _read_page(
     needed = [
         i
         for i in range(planes * per_plane)
-        if _sampled(((i % per_plane) // cols_of) * th, th, ky)
-        and _sampled((i % cols_of) * tw, tw, kx)
+        if _hits(((i % per_plane) // cols_of) * th, th, wy0, wy1, ky)
+        and _hits((i % cols_of) * tw, tw, wx0, wx1, kx)
     ]
     if len(needed) * seg_bytes > budget.decoded:
         raise BadRasterError(
@@ -540,7 +600,7 @@ def _read_page(
             f"reading it would decode {_mb(len(needed) * seg_bytes)}, above the "
             f"{_mb(budget.decoded)} a raster may (four times --max-memory)",
         )
-    oh, ow = -(-h // ky), -(-w // kx)
+    oh, ow = -(-(wy1 - wy0) // ky), -(-(wx1 - wx0) // kx)
     out = np.zeros((spp, oh, ow), dtype=page.dtype)
     present = np.zeros((oh, ow), dtype=bool)
     data = [i for i in needed if offsets[i] and counts[i]]
@@ -569,15 +629,15 @@ def _read_page(
         plane, r = divmod(i, per_plane)
         y0, x0 = (r // cols_of) * th, (r % cols_of) * tw
         block = np.asarray(decoded).reshape(shape)[0]  # (rows, cols, contig)
-        ys = range((-y0) % ky, min(th, h - y0), ky)  # rows of the block sampled
-        xs = range((-x0) % kx, min(tw, w - x0), kx)
+        ys = _picked(y0, th, wy0, wy1, ky)  # rows of the block sampled
+        xs = _picked(x0, tw, wx0, wx1, kx)
         if not len(ys) or not len(xs):
             continue
         if block.shape[0] <= ys[-1] or block.shape[1] <= xs[-1]:
             raise BadRasterError(
                 path, "a strip or tile holds fewer pixels than the file declares"
             )
-        oy, ox = (y0 + ys[0]) // ky, (x0 + xs[0]) // kx
+        oy, ox = (y0 + ys[0] - wy0) // ky, (x0 + xs[0] - wx0) // kx
         part = block[ys.start : ys.stop : ky, xs.start : xs.stop : kx]  # a view
         s0 = plane if separate else 0
         target = out[s0 : s0 + part.shape[2], oy : oy + len(ys), ox : ox + len(xs)]
@@ -586,9 +646,17 @@ def _read_page(
     return out, present
 
 
-def _sampled(start: int, length: int, step: int) -> bool:
-    """Whether [start, start + length) holds a multiple of ``step``."""
-    return -(-start // step) * step < start + length
+def _picked(start: int, length: int, lo: int, hi: int, step: int) -> range:
+    """Offsets within the segment [start, start + length) of the pixels of the
+    window [lo, hi) that are read: lo, lo + step, ..."""
+    first = max(start, lo)
+    first += (lo - first) % step  # the next pixel on the window's grid
+    return range(first - start, min(start + length, hi) - start, step)
+
+
+def _hits(start: int, length: int, lo: int, hi: int, step: int) -> bool:
+    """Whether the segment [start, start + length) holds a pixel that is read."""
+    return len(_picked(start, length, lo, hi, step)) > 0
 
 
 def _mb(n: int) -> str:

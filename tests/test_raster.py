@@ -248,6 +248,70 @@ def test_read_raster__decimated_read_above_max_pixels(make_tiff, layout):
     assert (r.info.height, r.info.width) == (300, 200)
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(planarconfig="contig", tile=(32, 32)),
+        dict(planarconfig="contig", rowsperstrip=7),
+        dict(planarconfig="separate", tile=(32, 48)),
+    ],
+)
+def test_read_raster__a_window_reads_its_chip_only(make_tiff, layout):
+    hwc = np.arange(300 * 200 * 3, dtype=np.int32).reshape(300, 200, 3)
+    data = np.moveaxis(hwc, -1, 0) if layout.get("planarconfig") == "separate" else hwc
+    path = make_tiff("big.tif", data, photometric="minisblack", **layout)
+    full = np.moveaxis(hwc, -1, 0).astype(np.float32)
+    for x0, y0, w, h in ((0, 0, 64, 64), (37, 101, 50, 70), (150, 250, 64, 64)):
+        r = read_raster(path, window=(x0, y0, w, h))
+        w, h = min(w, 200 - x0), min(h, 300 - y0)  # clipped at the edge
+        np.testing.assert_array_equal(r.data, full[:, y0 : y0 + h, x0 : x0 + w])
+        assert r.valid.all() and r.info.window == (x0, y0, w, h)
+        assert (r.info.height, r.info.width) == (h, w)
+    # Above max_pixels, the chip is decimated like a whole raster.
+    r = read_raster(path, window=(10, 20, 100, 100), max_pixels=2_500)
+    np.testing.assert_array_equal(r.data, full[:, 20:120:2, 10:110:2])
+    with pytest.raises(BadRasterError, match=r"big\.tif: window .* lies outside"):
+        read_raster(path, window=(200, 0, 10, 10))
+
+
+def test_read_raster__a_chip_of_a_huge_tiled_raster_fits_the_budget(tmp_path):
+    """8192 x 8192 int16 (128 MB decoded) with a 4 MB budget: the whole raster
+    is refused before decoding, a 256 px chip reads the 4 tiles it touches."""
+    path = tmp_path / "huge.tif"
+    tiles = (np.full((256, 256), i, np.int16) for i in range(32 * 32))
+    tifffile.imwrite(path, tiles, shape=(8192, 8192), dtype=np.int16,
+                     tile=(256, 256), compression="deflate")  # fmt: skip
+    with pytest.raises(BadRasterError, match="above the"):
+        read_raster(path, max_memory_mb=4)
+    r = read_raster(path, max_memory_mb=4, window=(4000, 4000, 256, 256))
+    assert r.data.shape == (1, 256, 256)
+    # Tile (row 15, col 15) is number 495; the chip's last pixel lies in (16, 16).
+    assert r.data[0, 0, 0] == 15 * 32 + 15 and r.data[0, -1, -1] == 16 * 32 + 16
+
+
+def test_read_raster__chips_have_their_own_georeferencing(make_dem):
+    path = make_dem("utm.tif", height=120, width=160, pixel=30.0)
+    whole = read_raster(path)
+    c, a, _, f, _, e = whole.info.geo.transform
+    left = read_raster(path, window=(0, 0, 80, 64))
+    right = read_raster(path, window=(80, 0, 80, 64))
+    below = read_raster(path, window=(0, 64, 80, 64))  # clipped to 56 rows
+    assert left.info.geo.transform[0] == c and right.info.geo.transform[0] == c + 80 * a
+    assert left.info.geo.bounds[2] == right.info.geo.bounds[0]  # shared edges
+    assert left.info.geo.bounds[1] == below.info.geo.bounds[3]
+    assert below.info.geo.bounds[1] == whole.info.geo.bounds[1]
+    assert ground_extent_m(below.info) == pytest.approx((56 * 30.0, 80 * 30.0))
+    np.testing.assert_array_equal(right.data, whole.data[:, :64, 80:])
+    np.testing.assert_array_equal(right.valid, whole.valid[:64, 80:])
+    # The scale input follows the chip: its own size, in pixels or on the ground.
+    from catchment_mae.preprocess import PreprocessSpec, load_sample
+
+    for scale, size in (("pixels", (56, 80)), ("ground", (56 * 30.0, 80 * 30.0))):
+        spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster", scale=scale)
+        chip = load_sample(path, spec, window=(0, 64, 80, 64))
+        np.testing.assert_allclose(chip.scale, np.log(size), rtol=1e-6)
+
+
 def test_read_raster__absurd_dimensions_refused_before_reading(tmp_path):
     path = tmp_path / "absurd.tif"
     tifffile.imwrite(path, np.zeros((16, 16), np.uint8))
