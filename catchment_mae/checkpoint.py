@@ -14,6 +14,7 @@ import torch
 from catchment_mae import __version__
 from catchment_mae.config import TrainConfig
 from catchment_mae.errors import TrainingError
+from catchment_mae.interrupt import deferred_interrupts
 from catchment_mae.io import atomic_torch_save, atomic_write_text
 
 CHECKPOINT_FORMAT = 1
@@ -33,7 +34,8 @@ def save_model(cfg: TrainConfig, model: torch.nn.Module, epochs: int) -> None:
         "cmae_version": __version__,
         "format_version": CHECKPOINT_FORMAT,
     }
-    atomic_torch_save(state, cfg.weights_path)
+    with deferred_interrupts():  # a stop waits for the file to be whole
+        atomic_torch_save(state, cfg.weights_path)
     atomic_write_text(cfg.config_path, cfg.to_json())
 
 
@@ -54,7 +56,8 @@ def save_checkpoint(
         "cmae_version": __version__,
         "format_version": CHECKPOINT_FORMAT,
     }
-    atomic_torch_save(state, cfg.checkpoint_path)
+    with deferred_interrupts():  # a stop waits for the file to be whole
+        atomic_torch_save(state, cfg.checkpoint_path)
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

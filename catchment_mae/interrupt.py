@@ -7,6 +7,8 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
@@ -24,3 +26,31 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM wait: they are raised as
+    KeyboardInterrupt when it ends (main thread only).
+
+    For writes that must not be cut: a KeyboardInterrupt raised inside
+    torch.save's zip writer became "RuntimeError: unexpected pos" and a failed
+    run instead of a stop (seen once in CI under SIGTERM).
+    """
+    received: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, hold) for sig in SIGNALS}
+    except ValueError:  # not the main thread: nothing to defer
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt

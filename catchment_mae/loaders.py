@@ -107,12 +107,27 @@ def _init_worker(worker_id: int) -> None:
     """One thread per data-loading process (the cores are shared with training),
     and quiet stops: a terminal's Ctrl-C or a ``timeout`` signals the whole
     process group, workers included. A worker ignores SIGINT (the main process
-    stops it) and leaves at SIGTERM with exit code 0, which the DataLoader takes
-    for a clean exit (killed by a signal, it printed a traceback at shutdown)."""
+    stops it) and leaves WORKER_GRACE seconds after SIGTERM, with exit code 0.
+
+    Killed by the signal, a worker made the DataLoader print a traceback; leaving
+    at once, it raced the main process, which could fail with "DataLoader worker
+    exited unexpectedly" instead of stopping (once in CI, under load); ignoring
+    SIGTERM, it outlived a main process that exits (multiprocessing stops
+    daemon workers with SIGTERM).
+    """
     limit_worker_threads()
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, _leave_soon)
+
+
+WORKER_GRACE = 2.0  # seconds a worker keeps serving after SIGTERM
+
+
+def _leave_soon(*_: object) -> None:
+    timer = threading.Timer(WORKER_GRACE, os._exit, (0,))
+    timer.daemon = True
+    timer.start()
 
 
 def to_model_input(

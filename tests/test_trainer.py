@@ -274,3 +274,23 @@ def test_train__cuda_requested_without_a_gpu(tiny_config):
         ConfigError, match="cuda was asked for but torch sees no CUDA GPU"
     ):
         train({**tiny_config, "device": "cuda"}, progress=False)
+
+
+def test_deferred_interrupts__a_stop_waits_for_the_write():
+    import os
+    import signal
+    import time
+
+    from catchment_mae.interrupt import deferred_interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal arrives here, and waits
+            done.append("written")
+    assert done == ["written"] and signal.getsignal(signal.SIGINT) is before
+    with deferred_interrupts():  # no signal: nothing raised
+        done.append("again")
+    assert done == ["written", "again"]
