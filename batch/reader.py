@@ -26,9 +26,11 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from catchment_mae.batch.chips import Chip
 from catchment_mae.batch.ring import RingLayout, SlotRing
 from catchment_mae.batch.writer import Row
 from catchment_mae.errors import BadRasterError
@@ -48,6 +50,7 @@ class Item:
     row: Row
     slot: int | None = None  # None: the file failed (``row.error`` says why)
     read_seconds: float = 0.0
+    chip: Chip | None = None  # embed-dir --tile: which chip of the file
 
     @property
     def path(self) -> str:
@@ -98,11 +101,17 @@ def _ring(layout: RingLayout) -> SlotRing:
 
 
 def read_into_slot(
-    root: str, rel: str, spec: PreprocessSpec, layout: RingLayout, slot: int
+    root: str,
+    rel: str,
+    spec: PreprocessSpec,
+    layout: RingLayout,
+    slot: int,
+    chip: Chip | None = None,
 ) -> tuple[Row, float]:
-    """Reads and preprocesses one file into ``slot`` of the ring: its row and the
-    seconds it took. A file that cannot be used is a row with its reason."""
-    row, sample, seconds = read_one(root, rel, spec)
+    """Reads and preprocesses one file (or chip) into ``slot`` of the ring: its
+    row and the seconds it took. A file that cannot be used is a row with its
+    reason."""
+    row, sample, seconds = read_one(root, rel, spec, chip)
     if sample is not None:
         ring = _ring(layout)
         ring.image[slot], ring.valid[slot], ring.scale[slot] = sample
@@ -110,10 +119,12 @@ def read_into_slot(
 
 
 def read_one(
-    root: str, rel: str, spec: PreprocessSpec
+    root: str, rel: str, spec: PreprocessSpec, chip: Chip | None = None
 ) -> tuple[Row, tuple[np.ndarray, np.ndarray, np.ndarray] | None, float]:
-    """One file's row and its model input (normalised image, valid levels as
-    uint8, scale), or None with the row's reason; and the seconds it took."""
+    """One file's (or chip's) row and its model input (normalised image, valid
+    levels as uint8, scale), or None with the row's reason; and the seconds it
+    took. A chip's row has the raster's size and the chip's window, footprint
+    and nodata fraction."""
     t0 = time.perf_counter()
     path = Path(root) / rel
     size = mtime = None
@@ -121,18 +132,30 @@ def read_one(
         st = path.stat()
         if stat.S_ISREG(st.st_mode):
             size, mtime = st.st_size, st.st_mtime
-        r = load_resampled(path, spec)
+        r = load_resampled(path, spec, window=chip.window if chip else None)
         image = normalise(r, spec).image
     except BadRasterError as e:
         row = Row(path=rel, file_size=size, mtime=mtime, error=e.reason)
-        return row, None, time.perf_counter() - t0
+        return _chip_row(row, chip, None), None, time.perf_counter() - t0
     except Exception as e:  # a reader must report, not die: keep the reason
         row = Row(path=rel, file_size=size, mtime=mtime, error=failure_reason(e))
-        return row, None, time.perf_counter() - t0
+        return _chip_row(row, chip, None), None, time.perf_counter() - t0
     info = r.info
     where = footprint(info.geo, info.height, info.width)
     row = Row.of_raster(rel, info, 1.0 - r.valid_fraction, where, (size, mtime))
-    return row, (image, r.valid, r.scale), time.perf_counter() - t0
+    return _chip_row(row, chip, r), (image, r.valid, r.scale), time.perf_counter() - t0
+
+
+def _chip_row(row: Row, chip: Chip | None, r: Any) -> Row:
+    """A chip's row: its window, and the raster's own size (not the chip's)."""
+    if chip is None:
+        return row
+    row.tile_row, row.tile_col = chip.row, chip.col
+    row.x0, row.y0 = chip.x0, chip.y0
+    row.tile_width, row.tile_height = chip.width, chip.height
+    if r is not None and r.info.raster_size is not None:
+        row.height, row.width = r.info.raster_size
+    return row
 
 
 @dataclass
@@ -140,7 +163,7 @@ class _Pending:
     """A batch whose files are being read into ring batch ``index``."""
 
     index: int
-    jobs: list[tuple[str, Future]]
+    jobs: list[tuple[str, Chip | None, Future]]
 
 
 class Reader:
@@ -181,9 +204,9 @@ class Reader:
         )
         _rings[self.ring.layout.name] = self.ring  # reading inline finds it
 
-    def batches(self, rel_paths: Iterable[str]) -> Iterator[Batch]:
-        """Batches in the order of ``rel_paths``; a batch's slots stay the
-        caller's until it asks for the next batch."""
+    def batches(self, rel_paths: Iterable[str | tuple[str, Chip]]) -> Iterator[Batch]:
+        """Batches in the order of ``rel_paths`` (paths, or (path, chip) pairs);
+        a batch's slots stay the caller's until it asks for the next batch."""
         rels = iter(rel_paths)
         free = deque(range(self.n_batches))
         pending: deque[_Pending] = deque()
@@ -200,34 +223,38 @@ class Reader:
                 return
             if not self.overlap:  # the whole wave read before the model runs
                 for p in pending:
-                    for _, future in p.jobs:
+                    for *_, future in p.jobs:
                         future.exception()
             p = pending.popleft()
             yield self._collect(p)
             free.append(p.index)
 
-    def _submit(self, index: int, rels: list[str]) -> _Pending:
+    def _submit(self, index: int, rels: list[str | tuple[str, Chip]]) -> _Pending:
         base = index * self.batch_size
         root, spec, layout = str(self.root), self.spec, self.ring.layout
-        jobs = [
-            (rel, self.pool.submit(read_into_slot, root, rel, spec, layout, base + j))
-            for j, rel in enumerate(rels)
-        ]
+        jobs = []
+        for j, item in enumerate(rels):
+            rel, chip = item if isinstance(item, tuple) else (item, None)
+            future = self.pool.submit(
+                read_into_slot, root, rel, spec, layout, base + j, chip
+            )
+            jobs.append((rel, chip, future))
         return _Pending(index, jobs)
 
     def _collect(self, p: _Pending) -> Batch:
         """Waits for a batch's files; moves good slots down into failures' gaps."""
         base = p.index * self.batch_size
         items = []
-        for j, (rel, future) in enumerate(p.jobs):
+        for j, (rel, chip, future) in enumerate(p.jobs):
             try:
                 row, seconds = future.result()
             except Exception as e:  # timed out, reader died, ...: the file's row
                 reason = failure_reason(e, self.pool.timeout)
-                items.append(Item(Row(rel, error=reason)))
+                row = _chip_row(Row(rel, error=reason), chip, None)
+                items.append(Item(row, chip=chip))
                 continue
             slot = base + j if row.error is None else None
-            items.append(Item(row, slot, seconds))
+            items.append(Item(row, slot, seconds, chip))
         good = [it for it in items if it.slot is not None]
         for k, it in enumerate(good):
             if it.slot != base + k:

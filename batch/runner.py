@@ -12,17 +12,19 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catchment_mae.batch.chips import chips
 from catchment_mae.batch.mapper import Mapper
 from catchment_mae.batch.plan import Plan
 from catchment_mae.batch.reader import Item, Reader
 from catchment_mae.batch.writer import (
     ROWS_PER_PART,
     PartSink,
+    Row,
     clear_parts,
     merge,
     parts_dir,
@@ -32,6 +34,7 @@ from catchment_mae.batch.writer import (
 from catchment_mae.errors import CmaeError, NoInputError, OutputError
 from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import check_writable, try_lock
+from catchment_mae.preprocess import ALL_NODATA
 from catchment_mae.workers import READ_TIMEOUT, ReaderPool, available_cores
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class RunSummary:
     inference_seconds: float = 0.0
     write_seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
+    chips_skipped: int = 0  # --tile: chips above --max-nodata (all nodata)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +93,9 @@ def embed_dir(
     timeout: float | None = READ_TIMEOUT,
     within: str | os.PathLike[str] | None = None,
     on_item: Callable[[Item], None] | None = None,
+    tile: int | None = None,
+    stride: int | None = None,
+    max_nodata: float = 1.0,
 ) -> RunSummary:
     """Embeds every TIFF under ``input_dir`` with the ``.onnx`` ``model``.
 
@@ -111,7 +118,13 @@ def embed_dir(
         timeout: seconds one file may take in a reader process (None: no limit).
         within: skip files (symlinks included) that resolve outside this folder
             (the web UI's --data-root).
-        on_item: called for every raster read (progress bars).
+        on_item: called for every raster (or chip) read (progress bars).
+        tile: embed chips of ``tile`` x ``tile`` pixels (full resolution), one
+            row each, instead of whole rasters; edge chips are shifted inside,
+            a raster smaller than a tile is one chip.
+        stride: pixels between chips (default ``tile``: no overlap).
+        max_nodata: chips whose nodata fraction is above this are skipped and
+            counted (all-nodata chips always are).
 
     Raises:
         NoInputError: no input directory or no TIFF in it (nothing is written).
@@ -136,19 +149,21 @@ def embed_dir(
             # limit of 11.4 (benchmarks/README.md).
             mapper = Mapper(model, device, threads=cores)
             summary.provider = mapper.provider
-            previous = None if overwrite else read_previous(out, mapper.sha256)
+            tiled = tile is not None
+            previous = None if overwrite else read_previous(out, mapper.sha256, tiled)
             fence = Path(within) if within is not None else None
             plan = Plan(root, previous, shard, recursive, within=fence)
             if overwrite:
                 clear_parts(out)
             remove_stale_temps(out)
             log.info("embedding with %s on %s", Path(model).name, mapper.device_name)
-            sink = PartSink(out, mapper.dim, mapper.metadata, rows_per_part)
+            sink = PartSink(out, mapper.dim, mapper.metadata, rows_per_part, tiled)
+            work = plan if tile is None else chips(plan, root, tile, stride or tile)
             try:
                 with Reader(
                     root, mapper.spec, pool, batch_size, overlap=mapper.on_gpu
                 ) as reader:
-                    _embed_all(plan, reader, mapper, sink, summary, on_item)
+                    _embed_all(work, reader, mapper, sink, summary, on_item, max_nodata)
             except KeyboardInterrupt as e:
                 pool.close(kill=True)
                 sink.flush()
@@ -171,7 +186,7 @@ def embed_dir(
                 summary.nothing_new, summary.rows = True, len(plan.order)
             else:
                 summary.rows = merge(
-                    out, previous, plan.order, mapper.dim, mapper.metadata
+                    out, previous, plan.order, mapper.dim, mapper.metadata, tiled
                 )
             summary.write_seconds += time.perf_counter() - t0
     except KeyboardInterrupt as e:  # between batches, while merging, ...
@@ -189,28 +204,44 @@ def embed_dir(
 
 
 def _embed_all(
-    plan: Plan,
+    work: Iterable[Any],
     reader: Reader,
     mapper: Mapper,
     sink: PartSink,
     summary: RunSummary,
     on_item: Callable[[Item], None] | None,
+    max_nodata: float = 1.0,
 ) -> None:
-    for batch in reader.batches(plan):
+    for batch in reader.batches(work):
         rows = mapper.rows(batch, reader.ring)
         t0 = time.perf_counter()
         for item, (row, embedding) in zip(batch.items, rows, strict=True):
             summary.read_seconds += item.read_seconds
+            chip = item.chip
+            if chip is not None and _empty_chip(row, max_nodata):
+                summary.chips_skipped += 1
+                if chip.last:
+                    sink.end_raster()
+                if on_item is not None:
+                    on_item(item)
+                continue
             if row.error is None:
                 summary.embedded += 1
             else:
                 summary.failed += 1
                 summary.failures.append({"path": row.path, "error": row.error})
                 log.warning("failed %s: %s", row.path, row.error)
-            sink.add(row, embedding)
+            sink.add(row, embedding, last_of_raster=chip is None or chip.last)
             if on_item is not None:
                 on_item(item)
         summary.write_seconds += time.perf_counter() - t0
+
+
+def _empty_chip(row: Row, max_nodata: float) -> bool:
+    """A chip with nothing (or too little) to embed: skipped, not a failure."""
+    if row.error is not None:
+        return row.error == ALL_NODATA
+    return row.nodata_fraction is not None and row.nodata_fraction > max_nodata
 
 
 def _nothing_new(

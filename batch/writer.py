@@ -47,6 +47,14 @@ class Row:
     """
 
     path: str  # relative to the input directory, forward slashes
+    # A chip (embed-dir --tile): its place in the raster's grid and its pixel
+    # window (full resolution); None in a table of whole rasters.
+    tile_row: int | None = None
+    tile_col: int | None = None
+    x0: int | None = None
+    y0: int | None = None
+    tile_width: int | None = None
+    tile_height: int | None = None
     height: int | None = None  # of the original raster
     width: int | None = None
     bands: int | None = None  # as stored, alpha excluded
@@ -57,7 +65,7 @@ class Row:
     crs: str | None = None  # the native CRS as the file states it
     pixel_size_x: float | None = None  # native CRS units
     pixel_size_y: float | None = None
-    geometry: bytes | None = None  # WKB Polygon in OGC:CRS84
+    geometry: bytes | None = None  # WKB Polygon in OGC:CRS84 (a chip's own)
     bbox: tuple[float, float, float, float] | None = None  # of geometry
     error: str | None = None  # why the file failed
 
@@ -91,6 +99,12 @@ class Row:
 # Arrow types of Row's fields, in the table's order, with the embedding second.
 _TYPES: dict[str, pa.DataType] = {
     "path": pa.string(),
+    "tile_row": pa.int32(),
+    "tile_col": pa.int32(),
+    "x0": pa.int64(),
+    "y0": pa.int64(),
+    "tile_width": pa.int32(),
+    "tile_height": pa.int32(),
     "height": pa.int64(),
     "width": pa.int64(),
     "bands": pa.int32(),
@@ -107,13 +121,19 @@ _TYPES: dict[str, pa.DataType] = {
 }
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Row))
 assert ROW_FIELDS == tuple(_TYPES), "Row and the schema must list the same columns"
+TILE_FIELDS = ("tile_row", "tile_col", "x0", "y0", "tile_width", "tile_height")
 
 
-def schema(dim: int) -> pa.Schema:
-    """The table's columns, in order (documented in the README)."""
+def schema(dim: int, tiled: bool = False) -> pa.Schema:
+    """The table's columns, in order (documented in the README); a table of
+    chips has the tile columns after ``embedding``."""
     fields = [pa.field("path", pa.string(), nullable=False)]
     fields.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
-    fields += [pa.field(name, _TYPES[name]) for name in ROW_FIELDS[1:]]
+    fields += [
+        pa.field(name, _TYPES[name])
+        for name in ROW_FIELDS[1:]
+        if tiled or name not in TILE_FIELDS
+    ]
     return pa.schema(fields)
 
 
@@ -149,9 +169,10 @@ class PartSink:
         dim: int,
         metadata: dict[str, Any],
         rows_per_part: int = ROWS_PER_PART,
+        tiled: bool = False,
     ) -> None:
         self.out, self.dim, self.rows_per_part = out, dim, rows_per_part
-        self.schema = schema(dim).with_metadata(
+        self.schema = schema(dim, tiled).with_metadata(
             {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
         )
         self.dir = parts_dir(out)
@@ -165,9 +186,17 @@ class PartSink:
         self.rows: list[tuple[Row, np.ndarray | None]] = []
         self.flushed = 0
 
-    def add(self, row: Row, embedding: np.ndarray | None) -> None:
-        """Buffers a row (``embedding`` None for a failed file)."""
+    def add(
+        self, row: Row, embedding: np.ndarray | None, last_of_raster: bool = True
+    ) -> None:
+        """Buffers a row (``embedding`` None for a failed file). A part ends
+        only after a raster's last row, so a raster's chips land together."""
         self.rows.append((row, embedding))
+        if last_of_raster and len(self.rows) >= self.rows_per_part:
+            self.flush()
+
+    def end_raster(self) -> None:
+        """A raster's rows are complete: a part may end here."""
         if len(self.rows) >= self.rows_per_part:
             self.flush()
 
@@ -200,7 +229,7 @@ class PartSink:
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
 
-def read_previous(out: Path, model_sha256: str) -> pa.Table | None:
+def read_previous(out: Path, model_sha256: str, tiled: bool = False) -> pa.Table | None:
     """Rows of an earlier run (the table and any parts), oldest first.
 
     Raises:
@@ -210,7 +239,7 @@ def read_previous(out: Path, model_sha256: str) -> pa.Table | None:
         parts_dir(out).glob("part-*.parquet")
     )
     tables = []
-    schema_names = schema(1).names
+    schema_names = schema(1, tiled).names
     for path in sources:
         try:
             pf = pq.ParquetFile(path)
@@ -222,6 +251,15 @@ def read_previous(out: Path, model_sha256: str) -> pa.Table | None:
                 "use --overwrite to start over"
             ) from e
         if table.schema.names != schema_names:
+            if set(TILE_FIELDS) & set(table.schema.names) != set(TILE_FIELDS) & set(
+                schema_names
+            ):
+                chips = "chips" if tiled else "whole rasters"
+                raise CmaeError(
+                    f"{path}: holds {'whole rasters' if tiled else 'chips'}, this "
+                    f"run embeds {chips}; use --overwrite to start over, or "
+                    "another --out"
+                )
             raise CmaeError(
                 f"{path}: has other columns than this version of cmae writes (an "
                 "older table?); use --overwrite to start over, or another --out"
@@ -245,16 +283,20 @@ def merge(
     order: dict[str, int],
     dim: int,
     metadata: dict[str, Any],
+    tiled: bool = False,
 ) -> int:
-    """Writes ``out`` from the previous rows and all parts; one row per path.
+    """Writes ``out`` from the previous rows and all parts; one row per path
+    (per chip with ``tiled``).
 
-    The newest row of a path wins; paths not in ``order`` (files gone, or in
-    another shard) are dropped; rows follow ``order`` (the listing). Returns the
-    number of rows written.
+    The newest rows of a path win (a raster's chips come from the newest source
+    that holds the raster); paths not in ``order`` (files gone, or in another
+    shard) are dropped; rows follow ``order`` (the listing), chips in grid
+    order. Returns the number of rows written.
     """
     tables = [previous] if previous is not None else []
     tables += [pq.read_table(p) for p in sorted(parts_dir(out).glob("part-*.parquet"))]
-    sch = schema(dim).with_metadata(
+    sources = [k for k, t in enumerate(tables) for _ in range(t.num_rows)]
+    sch = schema(dim, tiled).with_metadata(
         {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     )
     if tables:
@@ -262,10 +304,20 @@ def merge(
     else:
         table = sch.empty_table()
     paths = table.column("path").to_pylist()
-    newest = {p: i for i, p in enumerate(paths)}  # later rows overwrite earlier
-    keep = sorted(
-        (i for p, i in newest.items() if p in order), key=lambda i: order[paths[i]]
-    )
+    if not tiled:
+        newest = {p: i for i, p in enumerate(paths)}  # later rows overwrite earlier
+        keep = sorted(
+            (i for p, i in newest.items() if p in order),
+            key=lambda i: order[paths[i]],
+        )
+    else:
+        latest = {p: src for p, src in zip(paths, sources, strict=True)}
+        rows = table.column("tile_row").fill_null(-1).to_pylist()
+        cols = table.column("tile_col").fill_null(-1).to_pylist()
+        keep = sorted(
+            (i for i, p in enumerate(paths) if p in order and sources[i] == latest[p]),
+            key=lambda i: (order[paths[i]], rows[i], cols[i]),
+        )
     result = table.take(pa.array(keep, pa.int64()))
     meta = dict(sch.metadata)
     meta[b"geo"] = json.dumps(geoparquet_metadata(_bbox(result))).encode()

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from catchment_mae.errors import CmaeError
 
 
@@ -87,6 +89,8 @@ def describe_table(path: Path) -> dict[str, Any]:
             geo=_maybe_json(meta["geo"]) if "geo" in meta else None,
             schema=[{"name": f.name, "type": str(f.type)} for f in pf.schema_arrow],
         )
+        if "tile_row" in pf.schema_arrow.names:
+            out["chips"] = _chips(pf.read(columns=["path", "tile_row", "error"]))
     else:
         out.update(rows=0, note="no table yet: an unfinished run's parts only")
     if parts:
@@ -137,6 +141,14 @@ def render(info: dict[str, Any]) -> str:
             "  columns:    "
             + ", ".join(f"{c['name']} {c['type']}" for c in info["schema"]),
         ]
+        if "chips" in info:
+            c = info["chips"]
+            lines.insert(
+                2,
+                f"  chips:      {c['chips']} of {c['rasters']} raster(s), "
+                f"{c['min_per_raster']}-{c['max_per_raster']} per raster "
+                f"(median {c['median_per_raster']:g})",
+            )
         bbox = ((info.get("geo") or {}).get("columns", {}).get("geometry", {})).get(
             "bbox"
         )
@@ -153,6 +165,24 @@ def render(info: dict[str, Any]) -> str:
             f"{u['hint']}"
         )
     return "\n".join(lines)
+
+
+def _chips(table: Any) -> dict[str, Any]:
+    """Chips per raster of a table written with --tile (failed rasters left out)."""
+    import pyarrow.compute as pc
+
+    good = table.filter(pc.is_valid(table["tile_row"]))
+    counts = pc.value_counts(good["path"]).field("counts").to_numpy()
+    if not len(counts):
+        return {"chips": 0, "rasters": 0, "min_per_raster": 0, "max_per_raster": 0,
+                "median_per_raster": 0}  # fmt: skip
+    return {
+        "chips": int(counts.sum()),
+        "rasters": len(counts),
+        "min_per_raster": int(counts.min()),
+        "max_per_raster": int(counts.max()),
+        "median_per_raster": float(np.median(counts)),
+    }
 
 
 def _norm(meta: dict[str, Any]) -> str:

@@ -46,6 +46,7 @@ from catchment_mae.raster import (
 )
 
 RESIZE_RULE = "valid-weighted-antialias-triangle"
+ALL_NODATA = "has no valid pixels (all nodata)"
 # The scale input: the raster's size in pixels, its extent in metres, or nothing
 # (zeros: the ablation that trains the same model without it).
 SCALE_MODES = ("pixels", "ground", "none")
@@ -313,7 +314,7 @@ def check_usable(raster: Raster, in_chans: int | None) -> None:
             f"(at least {MIN_PIXELS} pixels)",
         )
     if not raster.valid.any():
-        raise BadRasterError(info.path, "has no valid pixels (all nodata)")
+        raise BadRasterError(info.path, ALL_NODATA)
 
 
 def limit_worker_threads(*_: object) -> None:

@@ -82,6 +82,7 @@ class RasterInfo:
     # A chip: (x0, y0, width, height) of the file's full-resolution pixels; then
     # height, width and geo are the chip's own.
     window: tuple[int, int, int, int] | None = None
+    raster_size: tuple[int, int] | None = None  # a chip's raster: height, width
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -396,6 +397,7 @@ def _read(
     geo = _geo_info(full, height, width)
     if window is not None:
         geo = _chip_geo(geo, window)
+        raster_size = (height, width)
         width, height = window[2], window[3]
     info = RasterInfo(
         path=str(path),
@@ -412,6 +414,7 @@ def _read(
         photometric=getattr(photometric, "name", str(photometric or "")),
         geo=geo,
         window=window,
+        raster_size=raster_size if window is not None else None,
     )
     return Raster(data=data, valid=valid, info=info)
 
@@ -825,3 +828,26 @@ def ground_extent_m(info: RasterInfo) -> tuple[float, float]:
         lat = 2 * math.atan(math.exp(y / 6378137.0)) - math.pi / 2
         h_m, w_m = h_m * math.cos(lat), w_m * math.cos(lat)
     return h_m, w_m
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(height, width) of a TIFF's full-resolution image, from its header only.
+
+    Raises:
+        BadRasterError: the file is missing, not a TIFF, or holds no image.
+    """
+    path = Path(path)
+    check_file(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            images = [p for p in _list_pages(tif) if not p.subfiletype & _FILETYPE_MASK]
+            full = next(
+                (p for p in images if not p.subfiletype & _FILETYPE_REDUCED), None
+            )
+            if full is None:
+                raise BadRasterError(path, "TIFF holds no image")
+            return _page_hw(full, path)
+    except BadRasterError:
+        raise
+    except Exception as e:  # tifffile raises many types; keep the reason
+        raise BadRasterError(path, f"cannot decode TIFF: {_reason(e)}") from e

@@ -76,6 +76,28 @@ def _shard(
     "replaced and the file gets a row saying so.",
 )
 @click.option(
+    "--tile",
+    type=click.IntRange(min=8),
+    metavar="PIXELS",
+    help="Embed chips of PIXELS x PIXELS (full resolution) instead of whole "
+    "rasters: one row per chip with tile_row, tile_col, x0, y0, tile_width, "
+    "tile_height and the chip's own footprint. Edge chips are shifted inside.",
+)
+@click.option(
+    "--stride",
+    type=click.IntRange(min=1),
+    metavar="PIXELS",
+    help="Pixels between chips (default: --tile, no overlap).",
+)
+@click.option(
+    "--max-nodata",
+    type=click.FloatRange(0, 1),
+    default=1.0,
+    show_default=True,
+    help="With --tile: skip (and count) chips with more nodata than this share; "
+    "all-nodata chips are always skipped.",
+)
+@click.option(
     "--ray",
     "ray_address",
     is_flag=False,
@@ -104,6 +126,9 @@ def embed_dir(
     recursive: bool | None,
     overwrite: bool,
     as_json: bool,
+    tile: int | None,
+    stride: int | None,
+    max_nodata: float,
     ray_address: str | None,
 ) -> None:
     """Embed every TIFF under INPUT_DIR with MODEL and write one row per raster to
@@ -119,6 +144,7 @@ def embed_dir(
       cmae embed-dir dems/ --model catchments.onnx --out embeddings.parquet
       cmae embed-dir /archive --model m.onnx --out part2.parquet --shard 2/8 --json
       cmae embed-dir /shared/archive --model m.onnx --out e.parquet --ray auto
+      cmae embed-dir scenes/ --model m.onnx --out chips.parquet --tile 512
     """
     import pyarrow as pa
     from tqdm.auto import tqdm
@@ -135,6 +161,10 @@ def embed_dir(
     bar = tqdm(
         desc="embedding", unit="raster", disable=None if verbosity >= 0 else True
     )
+    if ray_address is not None and tile is not None:
+        raise click.UsageError("--tile runs without --ray (for now)")
+    if stride is not None and tile is None:
+        raise click.UsageError("--stride needs --tile")
     try:
         if ray_address is not None:
             from catchment_mae.batch.ray_runner import embed_dir_ray
@@ -152,7 +182,8 @@ def embed_dir(
                 num_workers=num_workers, device=device, shard=shard,
                 recursive=recursive is not False, overwrite=overwrite,
                 rows_per_part=rows_per_part, timeout=timeout,
-                on_item=lambda item: bar.update(1),
+                on_item=lambda item: bar.update(1), tile=tile, stride=stride,
+                max_nodata=max_nodata,
             )  # fmt: skip
     finally:
         bar.close()

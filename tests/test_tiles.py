@@ -1,0 +1,159 @@
+"""``cmae embed-dir --tile``: chips of large scenes, one row each."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from catchment_mae.batch.chips import grid
+from catchment_mae.cli.main import cli
+from catchment_mae.preprocess import load_sample
+from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
+from tests.conftest import dem_spec
+
+
+def test_grid__edge_chips_shift_inside():
+    assert grid(250, 96, 96) == [0, 96, 154]  # the last one ends at the edge
+    assert grid(192, 96, 96) == [0, 96]
+    assert grid(50, 96, 96) == [0]  # smaller than a tile: one chip, the raster
+    assert grid(200, 100, 50) == [0, 50, 100]  # overlapping stride
+
+
+@pytest.fixture
+def scenes(tmp_path):
+    """A UTM DEM of 200 x 300 px whose right third is nodata, and a broken file."""
+    from catchment_mae.synth import dem_array, write_dem
+
+    d = tmp_path / "scenes"
+    d.mkdir()
+    spec = dem_spec(height=200, width=300, pixel=10.0, seed=4)
+    data = dem_array(spec)
+    data[:, 200:] = spec.nodata
+    write_dem(d / "big.tif", spec, data)
+    (d / "broken.tif").write_bytes(b"II*\x00garbage")
+    return d
+
+
+def _embed(runner, scenes, model, out, *extra):
+    args = ["embed-dir", str(scenes), "--model", str(model), "--out", str(out),
+            "--tile", "100", "--json", *extra]  # fmt: skip
+    r = runner.invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_embed_dir_tile__one_row_per_chip(runner, scenes, onnx_model, tmp_path):
+    out = tmp_path / "chips.parquet"
+    summary = _embed(runner, scenes, onnx_model, out)
+    # 2 x 3 chips; the right column is all nodata: skipped and counted.
+    assert summary["embedded"] == 4 and summary["chips_skipped"] == 2
+    assert summary["failed"] == 1  # broken.tif: one row with its reason
+    rows = pq.read_table(out).to_pylist()
+    chips = [r for r in rows if r["path"] == "big.tif"]
+    assert [(r["tile_row"], r["tile_col"]) for r in chips] == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
+    assert [(r["x0"], r["y0"]) for r in chips] == [
+        (0, 0),
+        (100, 0),
+        (0, 100),
+        (100, 100),
+    ]
+    assert all((r["height"], r["width"]) == (200, 300) for r in chips)  # the raster's
+    assert all((r["tile_height"], r["tile_width"]) == (100, 100) for r in chips)
+    info = runner.invoke(cli, ["info", str(out), "--json"])
+    assert json.loads(info.stdout)["chips"] == {
+        "chips": 4, "rasters": 1, "min_per_raster": 4, "max_per_raster": 4,
+        "median_per_raster": 4.0,
+    }  # fmt: skip
+    assert (
+        "chips:      4 of 1 raster(s)" in runner.invoke(cli, ["info", str(out)]).stdout
+    )
+    broken = next(r for r in rows if r["path"] == "broken.tif")
+    assert (
+        broken["error"] and broken["tile_row"] is None and broken["embedding"] is None
+    )
+    # Each chip's embedding is the ONNX encoder on that chip, read on its own.
+    sess = create_session(onnx_model, "cpu")
+    spec = spec_from_metadata(read_metadata(sess, onnx_model))
+    for r in chips:
+        s = load_sample(scenes / "big.tif", spec, window=(r["x0"], r["y0"], 100, 100))
+        (ref,) = sess.run(
+            ["embedding"], {"image": s.image[None], "scale": s.scale[None]}
+        )
+        np.testing.assert_allclose(r["embedding"], ref[0], atol=1e-5)
+
+
+def test_embed_dir_tile__footprints_are_the_chips(runner, scenes, onnx_model, tmp_path):
+    """On a UTM raster: each chip's centre lies inside its footprint, and
+    neighbouring chips share their edge."""
+    from pyproj import Transformer
+    from shapely import wkb
+    from shapely.geometry import Point
+
+    out = tmp_path / "chips.parquet"
+    _embed(runner, scenes, onnx_model, out)
+    chips = {(r["tile_row"], r["tile_col"]): r for r in pq.read_table(out).to_pylist()
+             if r["path"] == "big.tif"}  # fmt: skip
+    spec = dem_spec(height=200, width=300, pixel=10.0, seed=4)
+    to_lonlat = Transformer.from_crs(spec.epsg, 4326, always_xy=True)
+    shapes = {k: wkb.loads(r["geometry"]) for k, r in chips.items()}
+    for (i, j), r in chips.items():
+        x = spec.origin[0] + (r["x0"] + 50) * 10.0
+        y = spec.origin[1] - (r["y0"] + 50) * 10.0
+        assert shapes[i, j].contains(Point(*to_lonlat.transform(x, y)))
+    shared = shapes[0, 0].intersection(shapes[0, 1])
+    assert shared.length > 0 and shared.area < 1e-12  # an edge, not an overlap
+    assert shapes[0, 0].intersection(shapes[1, 0]).length > 0
+
+
+def test_embed_dir_tile__resume_and_a_changed_raster(
+    runner, scenes, onnx_model, tmp_path
+):
+    out = tmp_path / "chips.parquet"
+    _embed(runner, scenes, onnx_model, out)
+    before = pq.read_table(out)
+    again = _embed(runner, scenes, onnx_model, out)
+    assert again["embedded"] == 0 and again["already_done"] == 1
+    assert pq.read_table(out).equals(before)
+    # The raster changes (smaller now): its chips are replaced, none left over.
+    from catchment_mae.synth import write_dem
+
+    write_dem(scenes / "big.tif", dem_spec(height=120, width=150, pixel=10.0, seed=5))
+    third = _embed(runner, scenes, onnx_model, out)
+    assert third["embedded"] == 4
+    rows = [r for r in pq.read_table(out).to_pylist() if r["path"] == "big.tif"]
+    assert [(r["x0"], r["y0"]) for r in rows] == [(0, 0), (50, 0), (0, 20), (50, 20)]
+    # A table of whole rasters is not continued as chips (nor the other way).
+    whole = tmp_path / "whole.parquet"
+    r = runner.invoke(cli, ["embed-dir", str(scenes), "--model", str(onnx_model),
+                            "--out", str(whole)])  # fmt: skip
+    assert r.exit_code == 0  # broken.tif fails, big.tif is embedded
+    r = runner.invoke(cli, ["embed-dir", str(scenes), "--model", str(onnx_model),
+                            "--out", str(whole), "--tile", "100"])  # fmt: skip
+    assert r.exit_code == 1 and "holds whole rasters, this run embeds chips" in r.stderr
+
+
+def test_readme__chip_queries_run(runner, scenes, onnx_model, tmp_path):
+    """The README's DuckDB block for chips, run as it stands there."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _embed(runner, scenes, onnx_model, tmp_path / "chips.parquet")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- test:read-chips -->\n```python\n(.*?)```", readme, re.S)
+    assert block is not None
+    r = subprocess.run([sys.executable, "-c", block.group(1)], cwd=tmp_path,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    nearest, per_raster = r.stdout.splitlines()
+    assert nearest.count("'big.tif'") == 3
+    assert per_raster == "[('big.tif', 32)]"
