@@ -67,6 +67,11 @@ def read_embeddings(path: str | os.PathLike[str]) -> Embeddings:
     except Exception as e:  # not Parquet, or not an embeddings table
         first = (str(e).strip().splitlines() or [""])[0]
         raise CmaeError(f"{p}: not an embeddings table: {first}") from e
+    if "tile_row" in pq.read_schema(p).names:
+        raise CmaeError(
+            f"{p}: a table of chips (--tile); cmae eval takes one row per raster "
+            "(the README shows how to average a raster's chips)"
+        )
     ok = pc.is_null(table["error"])
     failed = table.num_rows - int(pc.sum(ok.cast("int64")).as_py() or 0)
     good = table.filter(ok).filter(pc.is_valid(table.filter(ok)["embedding"]))

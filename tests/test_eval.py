@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catchment_mae import evaluate as ev
-from catchment_mae.batch.writer import ROW_FIELDS, schema
+from catchment_mae.batch.writer import schema
 from catchment_mae.cli.main import cli
 from catchment_mae.errors import CmaeError
 
@@ -24,12 +24,13 @@ def write_table(path, paths, vectors, errors=None):
     filled in)."""
     n, dim = len(paths), vectors.shape[1]
     errors = errors or [None] * n
-    cols = {name: pa.nulls(n, schema(dim).field(name).type) for name in ROW_FIELDS}
+    sch = schema(dim)
+    cols = {f.name: pa.nulls(n, f.type) for f in sch}
     cols["path"] = pa.array(paths, pa.string())
     cols["error"] = pa.array(errors, pa.string())
     emb = [None if e else v.tolist() for v, e in zip(vectors, errors, strict=True)]
-    cols["embedding"] = pa.array(emb, schema(dim).field("embedding").type)
-    pq.write_table(pa.table(cols, schema=schema(dim)), path)
+    cols["embedding"] = pa.array(emb, sch.field("embedding").type)
+    pq.write_table(pa.table(cols, schema=sch), path)
     return path
 
 

@@ -75,6 +75,8 @@ def test_embed_dir_tile__one_row_per_chip(runner, scenes, onnx_model, tmp_path):
     assert (
         "chips:      4 of 1 raster(s)" in runner.invoke(cli, ["info", str(out)]).stdout
     )
+    r = runner.invoke(cli, ["eval", str(out), "--labels", str(out)])
+    assert r.exit_code == 1 and "a table of chips" in r.stderr
     broken = next(r for r in rows if r["path"] == "broken.tif")
     assert (
         broken["error"] and broken["tile_row"] is None and broken["embedding"] is None
