@@ -94,7 +94,13 @@ class Mapper:
 
     def embed(self, ring: SlotRing, rows: slice) -> np.ndarray:
         """(n, D) embeddings of ring slots ``rows``, fed as views of the ring."""
+        return self.encode(ring.image[rows], ring.scale[rows], ring.valid[rows])
+
+    def encode(
+        self, image: np.ndarray, scale: np.ndarray, valid_levels: np.ndarray
+    ) -> np.ndarray:
+        """(n, D) embeddings of model inputs (``valid_levels`` as uint8)."""
         valid = None
         if "valid" in self.names:  # a --pool mean encoder weighs by validity
-            valid = ring.valid[rows].astype(np.float32) / VALID_LEVELS
-        return run_encoder(self.session, ring.image[rows], ring.scale[rows], valid)
+            valid = valid_levels.astype(np.float32) / VALID_LEVELS
+        return run_encoder(self.session, image, scale, valid)

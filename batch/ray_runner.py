@@ -27,30 +27,26 @@ from typing import Any
 import numpy as np
 
 from catchment_mae.batch.mapper import Mapper
-from catchment_mae.batch.plan import Plan
 from catchment_mae.batch.reader import read_one
 from catchment_mae.batch.runner import (
-    EmbedInterrupted,
-    NothingEmbeddedError,
     RunSummary,
     _lock,
-    _nothing_new,
+    checked,
+    count,
+    finish,
+    interrupted_kept,
+    interrupted_saving,
+    start_plan,
 )
 from catchment_mae.batch.writer import (
     ROWS_PER_PART,
     PartSink,
     Row,
-    clear_parts,
-    merge,
-    parts_dir,
-    read_previous,
-    remove_stale_temps,
 )
-from catchment_mae.errors import CmaeError, NoInputError
+from catchment_mae.errors import CmaeError
 from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import check_writable
-from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec
-from catchment_mae.runtime import run_encoder
+from catchment_mae.preprocess import PreprocessSpec
 from catchment_mae.workers import failure_reason
 
 log = logging.getLogger(__name__)
@@ -89,16 +85,11 @@ class _Embed:
         emb = np.zeros((n, dim), np.float32)
         error = np.array([""] * n, dtype=object)
         if ok.any():
-            names = self.mapper.names
-            valid = None
-            if "valid" in names:
-                valid = batch["valid"][ok].astype(np.float32) / VALID_LEVELS
             try:
-                emb[ok] = run_encoder(
-                    self.mapper.session,
+                emb[ok] = self.mapper.encode(
                     np.ascontiguousarray(batch["image"][ok], np.float32),
                     np.ascontiguousarray(batch["scale"][ok], np.float32),
-                    valid,
+                    batch["valid"][ok],
                 )
             except Exception as e:  # onnxruntime's error types vary; record them
                 error[ok] = f"onnxruntime failed: {failure_reason(e)}"
@@ -158,12 +149,9 @@ def embed_dir_ray(
     started = not ray.is_initialized()
     try:
         with _lock(out), sigterm_as_interrupt():
-            previous = None if overwrite else read_previous(out, probe.sha256)
-            fence = Path(within) if within is not None else None
-            plan = Plan(root, previous, shard, recursive, within=fence)
-            if overwrite:
-                clear_parts(out)
-            remove_stale_temps(out)
+            previous, plan = start_plan(
+                root, out, probe.sha256, overwrite, shard, recursive, within, False
+            )
             sink = PartSink(out, probe.dim, probe.metadata, rows_per_part)
             todo = list(plan)
             if todo:
@@ -174,44 +162,19 @@ def embed_dir_ray(
                         ray, root, model, probe.spec, todo, batch_size, actors, device
                     ):
                         summary.read_seconds += seconds
-                        _count(summary, row)
+                        count(summary, row)
                         sink.add(row, embedding)
                         if on_row is not None:
                             on_row(row)
                 except KeyboardInterrupt as e:
-                    sink.flush()
-                    raise EmbedInterrupted(
-                        f"interrupted: {summary.embedded + summary.failed} "
-                        f"raster(s) of this run are saved in {sink.dir}; run the "
-                        "same command to continue"
-                    ) from e
-            sink.flush()
-            summary.already_done = plan.already_done
-            if not plan.order:
-                clear_parts(out)
-                raise NoInputError(f"{root}: no .tif/.tiff files found{plan.where()}")
-            if _nothing_new(out, previous, plan.order, sink, summary):
-                clear_parts(out)
-                summary.nothing_new, summary.rows = True, len(plan.order)
-            else:
-                summary.rows = merge(
-                    out, previous, plan.order, probe.dim, probe.metadata
-                )
+                    raise interrupted_saving(sink, summary) from e
+            finish(out, root, previous, plan, sink, summary, probe.metadata, False)
     except KeyboardInterrupt as e:
-        raise EmbedInterrupted(
-            f"interrupted: the rows written so far are kept in {parts_dir(out)}; "
-            "run the same command to continue"
-        ) from e
+        raise interrupted_kept(out) from e
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
-    summary.seconds = time.perf_counter() - start
-    if summary.embedded + summary.already_done == 0:
-        raise NothingEmbeddedError(
-            f"nothing embedded: all {summary.failed} file(s) failed; their reasons "
-            f"are in the error column of {out}"
-        )
-    return summary
+    return checked(summary, start)
 
 
 def _start_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
@@ -292,12 +255,3 @@ def _stream(
             elif batch["error"][k]:
                 row.error = str(batch["error"][k])
             yield row, embedding, float(batch["seconds"][k])
-
-
-def _count(summary: RunSummary, row: Row) -> None:
-    if row.error is None:
-        summary.embedded += 1
-    else:
-        summary.failed += 1
-        summary.failures.append({"path": row.path, "error": row.error})
-        log.warning("failed %s: %s", row.path, row.error)

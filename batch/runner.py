@@ -150,12 +150,9 @@ def embed_dir(
             mapper = Mapper(model, device, threads=cores)
             summary.provider = mapper.provider
             tiled = tile is not None
-            previous = None if overwrite else read_previous(out, mapper.sha256, tiled)
-            fence = Path(within) if within is not None else None
-            plan = Plan(root, previous, shard, recursive, within=fence)
-            if overwrite:
-                clear_parts(out)
-            remove_stale_temps(out)
+            previous, plan = start_plan(
+                root, out, mapper.sha256, overwrite, shard, recursive, within, tiled
+            )
             log.info("embedding with %s on %s", Path(model).name, mapper.device_name)
             sink = PartSink(out, mapper.dim, mapper.metadata, rows_per_part, tiled)
             work = plan if tile is None else chips(plan, root, tile, stride or tile)
@@ -166,39 +163,107 @@ def embed_dir(
                     _embed_all(work, reader, mapper, sink, summary, on_item, max_nodata)
             except KeyboardInterrupt as e:
                 pool.close(kill=True)
-                sink.flush()
-                n = summary.embedded + summary.failed
-                raise EmbedInterrupted(
-                    f"interrupted: {n} raster(s) of this run are saved in "
-                    f"{sink.dir}; run the same command to continue"
-                ) from e
+                raise interrupted_saving(sink, summary) from e
             pool.close(kill=True)  # all read: nothing of theirs is left to lose
-            sink.flush()
-            summary.already_done = plan.already_done
             summary.inference_seconds = mapper.inference_seconds
-            if not plan.order:
-                clear_parts(out)
-                raise NoInputError(f"{root}: no .tif/.tiff files found{plan.where()}")
-            t0 = time.perf_counter()
-            if _nothing_new(out, previous, plan.order, sink, summary):
-                # Only failures that failed again, for the same reasons: keep the table.
-                clear_parts(out)
-                summary.nothing_new, summary.rows = True, len(plan.order)
-            else:
-                summary.rows = merge(
-                    out, previous, plan.order, mapper.dim, mapper.metadata, tiled
-                )
-            summary.write_seconds += time.perf_counter() - t0
+            finish(out, root, previous, plan, sink, summary, mapper.metadata, tiled)
     except KeyboardInterrupt as e:  # between batches, while merging, ...
-        raise EmbedInterrupted(
-            f"interrupted: the rows written so far are kept in {parts_dir(out)}; "
-            "run the same command to continue"
-        ) from e
+        raise interrupted_kept(out) from e
+    return checked(summary, start)
+
+
+# -------------------------------------------------- shared with ray_runner.py
+def start_plan(
+    root: Path,
+    out: Path,
+    model_sha256: str,
+    overwrite: bool,
+    shard: tuple[int, int] | None,
+    recursive: bool,
+    within: str | os.PathLike[str] | None,
+    tiled: bool,
+) -> tuple[Any, Plan]:
+    """The rows an earlier run left (None with ``overwrite``) and the plan;
+    parts of an earlier run are dropped with ``overwrite``, stale temps always."""
+    previous = None if overwrite else read_previous(out, model_sha256, tiled)
+    fence = Path(within) if within is not None else None
+    plan = Plan(root, previous, shard, recursive, within=fence)
+    if overwrite:
+        clear_parts(out)
+    remove_stale_temps(out)
+    return previous, plan
+
+
+def count(summary: RunSummary, row: Row) -> None:
+    """Counts one row of this run (a failure is named in the log)."""
+    if row.error is None:
+        summary.embedded += 1
+    else:
+        summary.failed += 1
+        summary.failures.append({"path": row.path, "error": row.error})
+        log.warning("failed %s: %s", row.path, row.error)
+
+
+def finish(
+    out: Path,
+    root: Path,
+    previous: Any,
+    plan: Plan,
+    sink: PartSink,
+    summary: RunSummary,
+    metadata: dict[str, Any],
+    tiled: bool,
+) -> None:
+    """Flushes the last rows and merges the table (or keeps it, when nothing
+    changed).
+
+    Raises:
+        NoInputError: the listing held no TIFF.
+    """
+    sink.flush()
+    summary.already_done = plan.already_done
+    if not plan.order:
+        clear_parts(out)
+        raise NoInputError(f"{root}: no .tif/.tiff files found{plan.where()}")
+    t0 = time.perf_counter()
+    if _nothing_new(out, previous, plan.order, sink, summary):
+        # Only failures that failed again, for the same reasons: keep the table.
+        clear_parts(out)
+        summary.nothing_new, summary.rows = True, len(plan.order)
+    else:
+        summary.rows = merge(out, previous, plan.order, sink.dim, metadata, tiled)
+    summary.write_seconds += time.perf_counter() - t0
+
+
+def interrupted_saving(sink: PartSink, summary: RunSummary) -> EmbedInterrupted:
+    """Flushes what this run embedded; the error that says where it is."""
+    sink.flush()
+    n = summary.embedded + summary.failed
+    return EmbedInterrupted(
+        f"interrupted: {n} raster(s) of this run are saved in {sink.dir}; run the "
+        "same command to continue"
+    )
+
+
+def interrupted_kept(out: Path) -> EmbedInterrupted:
+    return EmbedInterrupted(
+        f"interrupted: the rows written so far are kept in {parts_dir(out)}; "
+        "run the same command to continue"
+    )
+
+
+def checked(summary: RunSummary, start: float) -> RunSummary:
+    """The summary with its time, unless every file failed.
+
+    Raises:
+        NothingEmbeddedError: nothing embedded now or before (the table holds
+            the failures' reasons).
+    """
     summary.seconds = time.perf_counter() - start
     if summary.embedded + summary.already_done == 0:
         raise NothingEmbeddedError(
             f"nothing embedded: all {summary.failed} file(s) failed; their reasons "
-            f"are in the error column of {out}"
+            f"are in the error column of {summary.out}"
         )
     return summary
 
@@ -225,12 +290,7 @@ def _embed_all(
                 if on_item is not None:
                     on_item(item)
                 continue
-            if row.error is None:
-                summary.embedded += 1
-            else:
-                summary.failed += 1
-                summary.failures.append({"path": row.path, "error": row.error})
-                log.warning("failed %s: %s", row.path, row.error)
+            count(summary, row)
             sink.add(row, embedding, last_of_raster=chip is None or chip.last)
             if on_item is not None:
                 on_item(item)
