@@ -150,6 +150,19 @@ def write_dem(
     )
 
 
+def check_request(
+    out_dir: str | os.PathLike[str], count: int, min_size: int, max_size: int
+) -> Path:
+    """Checks a request for generated rasters; returns the created ``out_dir``."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if not 8 <= min_size <= max_size:
+        raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def generate_dems(
     out_dir: str | os.PathLike[str],
     count: int = 32,
@@ -165,12 +178,7 @@ def generate_dems(
     ``bands`` > 1 stacks independent fractal surfaces inside one catchment outline
     (multi-band test and validation data).
     """
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    if not 8 <= min_size <= max_size:
-        raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_request(out_dir, count, min_size, max_size)
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):

@@ -33,7 +33,13 @@ import tifffile
 from catchment_mae.errors import BadRasterError, OutputError
 from catchment_mae.preprocess import resize_weights
 from catchment_mae.raster import Raster, find_tiffs, read_raster
-from catchment_mae.synth import DemSpec, catchment_mask, fractal_surface, write_dem
+from catchment_mae.synth import (
+    DemSpec,
+    catchment_mask,
+    check_request,
+    fractal_surface,
+    write_dem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +121,7 @@ def generate_labelled(
 ) -> list[Rendering]:
     """Writes ``count`` terrains (families in turn), each at 2-3 resolutions, and
     ``labels.csv``; returns the rows of ``labels.csv``."""
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    if not 8 <= min_size <= max_size:
-        raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_request(out_dir, count, min_size, max_size)
     rng = np.random.default_rng(seed)
     rows: list[Rendering] = []
     for t in range(count):
