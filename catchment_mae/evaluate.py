@@ -63,11 +63,12 @@ def read_embeddings(path: str | os.PathLike[str]) -> Embeddings:
     if not p.is_file():
         raise CmaeError(f"{p}: no such file (an embeddings table from cmae embed-dir)")
     try:
-        table = pq.read_table(p, columns=["path", "embedding", "error"])
+        pf = pq.ParquetFile(p)
+        table = pf.read(columns=["path", "embedding", "error"])
     except Exception as e:  # not Parquet, or not an embeddings table
         first = (str(e).strip().splitlines() or [""])[0]
         raise CmaeError(f"{p}: not an embeddings table: {first}") from e
-    if "tile_row" in pq.read_schema(p).names:
+    if "tile_row" in pf.schema_arrow.names:
         raise CmaeError(
             f"{p}: a table of chips (--tile); cmae eval takes one row per raster "
             "(the README shows how to average a raster's chips)"

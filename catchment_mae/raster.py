@@ -395,6 +395,7 @@ def _read(
 
     photometric = full.photometric
     geo = _geo_info(full, height, width)
+    raster_size = None
     if window is not None:
         geo = _chip_geo(geo, window)
         raster_size = (height, width)
@@ -414,7 +415,7 @@ def _read(
         photometric=getattr(photometric, "name", str(photometric or "")),
         geo=geo,
         window=window,
-        raster_size=raster_size if window is not None else None,
+        raster_size=raster_size,
     )
     return Raster(data=data, valid=valid, info=info)
 

@@ -227,14 +227,15 @@ def test_read_raster__max_pixels_takes_an_overview(pyramid):
     assert r.info.level == 1 and r.data.shape == (1, 128, 128)
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        dict(planarconfig="contig", tile=(32, 32)),
-        dict(planarconfig="contig", rowsperstrip=7),
-        dict(planarconfig="separate", tile=(32, 48)),
-    ],
-)
+# Strips and tiles, pixel- and band-interleaved: how a file may lay out pixels.
+LAYOUTS = [
+    dict(planarconfig="contig", tile=(32, 32)),
+    dict(planarconfig="contig", rowsperstrip=7),
+    dict(planarconfig="separate", tile=(32, 48)),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_read_raster__decimated_read_above_max_pixels(make_tiff, layout):
     hwc = np.arange(300 * 200 * 3, dtype=np.int32).reshape(300, 200, 3)
     data = np.moveaxis(hwc, -1, 0) if layout.get("planarconfig") == "separate" else hwc
@@ -248,14 +249,7 @@ def test_read_raster__decimated_read_above_max_pixels(make_tiff, layout):
     assert (r.info.height, r.info.width) == (300, 200)
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        dict(planarconfig="contig", tile=(32, 32)),
-        dict(planarconfig="contig", rowsperstrip=7),
-        dict(planarconfig="separate", tile=(32, 48)),
-    ],
-)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_read_raster__a_window_reads_its_chip_only(make_tiff, layout):
     hwc = np.arange(300 * 200 * 3, dtype=np.int32).reshape(300, 200, 3)
     data = np.moveaxis(hwc, -1, 0) if layout.get("planarconfig") == "separate" else hwc
