@@ -353,17 +353,17 @@ def _read(
         and p.dtype == full.dtype
     ]
     limit = min(max_pixels, budget.pixels(spp, dtype.itemsize, len(band_idx)))
+    read_window = None
     if window is not None:
         window = _clip_window(window, height, width, path)
-        page, level = full, 0
-        ky, kx = (
-            (1, 1)
-            if window[2] * window[3] <= limit
-            else _steps(window[3], window[2], limit)
+        page, level, read_window = _window_level(
+            full, overviews, window, min_size, path
         )
+        rw_, rh_ = read_window[2], read_window[3]
+        ky, kx = (1, 1) if rw_ * rh_ <= limit else _steps(rh_, rw_, limit)
     else:
         page, level, (ky, kx) = _choose_level(full, overviews, min_size, limit, path)
-    arr, present = _read_page(page, ky, kx, budget, path, window)
+    arr, present = _read_page(page, ky, kx, budget, path, read_window)
     if not present.any():
         raise BadRasterError(path, "holds no pixel data (every strip or tile is empty)")
     rh, rw = arr.shape[1:]
@@ -375,7 +375,7 @@ def _read(
         (m for m in masks if _page_hw(m, path) == _page_hw(page, path)), None
     )
     if mask_page is not None:
-        m, m_present = _read_page(mask_page, ky, kx, budget, path, window)
+        m, m_present = _read_page(mask_page, ky, kx, budget, path, read_window)
         valid &= (m[0] != 0) & m_present
         has_mask = True
     if alpha_index is not None:
@@ -418,6 +418,38 @@ def _read(
         raster_size=raster_size,
     )
     return Raster(data=data, valid=valid, info=info)
+
+
+def _window_level(
+    full: Any,
+    overviews: list[Any],
+    window: tuple[int, int, int, int],
+    min_size: int | None,
+    path: Path,
+) -> tuple[Any, int, tuple[int, int, int, int]]:
+    """Returns (page, overview level, the window in that page's pixels).
+
+    With ``min_size``, the smallest overview on which the window still spans at
+    least that many pixels a side (a 2,048 px chip for a 224 px model reads the
+    overview a quarter as large, never a level that would be upsampled); else,
+    or when none is, the full image. On an overview the window grows to whole
+    overview pixels (at most one more on each side).
+    """
+    h, w = _page_hw(full, path)
+    x0, y0, ww, wh = window
+    best: tuple[Any, int, tuple[int, int, int, int]] = (full, 0, window)
+    if min_size is None:
+        return best
+    levels = sorted([full, *overviews], key=lambda p: -_pixels(p, path))
+    for level, page in enumerate(levels):
+        oh, ow = _page_hw(page, path)
+        fy, fx = h / oh, w / ow
+        ox0, oy0 = int(x0 / fx), int(y0 / fy)
+        ox1 = min(ow, max(ox0 + 1, math.ceil((x0 + ww) / fx)))
+        oy1 = min(oh, max(oy0 + 1, math.ceil((y0 + wh) / fy)))
+        if min(ox1 - ox0, oy1 - oy0) >= min(min_size, ww, wh):
+            best = (page, level, (ox0, oy0, ox1 - ox0, oy1 - oy0))
+    return best
 
 
 def _clip_window(

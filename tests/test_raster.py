@@ -227,6 +227,37 @@ def test_read_raster__max_pixels_takes_an_overview(pyramid):
     assert r.info.level == 1 and r.data.shape == (1, 128, 128)
 
 
+@pytest.mark.parametrize(
+    "window,min_size,level,read",
+    [
+        ((64, 32, 128, 128), None, 0, (128, 128)),
+        ((64, 32, 128, 128), 64, 1, (64, 64)),  # a 128 px chip, a 64 px model
+        ((64, 32, 128, 128), 32, 2, (32, 32)),
+        ((64, 32, 100, 100), 64, 0, (100, 100)),  # level 1 would give 50 px
+        ((64, 32, 40, 40), 224, 0, (40, 40)),  # a small chip: never upsampled
+    ],
+)
+def test_read_raster__a_window_reads_the_overview_its_detail_needs(
+    tmp_path, window, min_size, level, read
+):
+    path = tmp_path / "ramp.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for k, size in enumerate((256, 128, 64)):
+            f = 256 // size  # each overview pixel: the mean of f x f full pixels
+            ramp = np.arange(size, dtype=np.float32) * f + (f - 1) / 2
+            tw.write(
+                np.tile(ramp, (size, 1)), photometric="minisblack", tile=(32, 32),
+                subfiletype=1 if k else 0,
+            )  # fmt: skip
+    r = read_raster(path, window=window, min_size=min_size)
+    assert r.info.level == level and r.data.shape[1:] == read
+    assert (r.info.height, r.info.width) == window[3:1:-1]  # the chip's full size
+    x0, w = window[0], window[2]
+    # The chip's left and right columns hold the full image's x there.
+    assert abs(r.data[0, 0, 0] - x0) <= 2**level
+    assert abs(r.data[0, 0, -1] - (x0 + w - 1)) <= 2**level
+
+
 # Strips and tiles, pixel- and band-interleaved: how a file may lay out pixels.
 LAYOUTS = [
     dict(planarconfig="contig", tile=(32, 32)),
