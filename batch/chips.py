@@ -56,8 +56,16 @@ def chips(
         except BadRasterError:
             yield rel
             continue
-        ys, xs = grid(h, tile, stride), grid(w, tile, stride)
-        for i, y0 in enumerate(ys):
-            for j, x0 in enumerate(xs):
-                last = i == len(ys) - 1 and j == len(xs) - 1
-                yield rel, Chip(i, j, x0, y0, min(tile, w), min(tile, h), last)
+        for chip in chip_grid(h, w, tile, stride):
+            yield rel, chip
+
+
+def chip_grid(height: int, width: int, tile: int, stride: int) -> list[Chip]:
+    """The chips of a ``height`` x ``width`` raster, row by row (see grid)."""
+    ys, xs = grid(height, tile, stride), grid(width, tile, stride)
+    return [
+        Chip(i, j, x0, y0, min(tile, width), min(tile, height),
+             last=i == len(ys) - 1 and j == len(xs) - 1)
+        for i, y0 in enumerate(ys)
+        for j, x0 in enumerate(xs)
+    ]  # fmt: skip

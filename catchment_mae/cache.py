@@ -52,7 +52,7 @@ from catchment_mae.preprocess import PreprocessSpec, Resampled
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: chips (a window in the key)
 # Rasters per shard: 51 MB of float16 at one band and 224 px.
 SHARD_ROWS = 512
 
@@ -61,6 +61,7 @@ _INDEX = pa.schema(
         pa.field("path", pa.string(), nullable=False),
         pa.field("file_size", pa.int64()),
         pa.field("mtime_ns", pa.int64()),
+        pa.field("window", pa.list_(pa.int64(), 4)),  # a chip's x0, y0, w, h
         pa.field("row", pa.int32()),
         pa.field("height", pa.int64()),
         pa.field("width", pa.int64()),
@@ -86,17 +87,27 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class FileKey:
-    """What identifies a raster's content for the cache."""
+    """What identifies a raster's (or a chip's) content for the cache."""
 
     path: str  # absolute
     size: int
     mtime_ns: int
+    window: tuple[int, int, int, int] | None = None  # a chip: x0, y0, w, h
 
     @classmethod
-    def of(cls, path: str | os.PathLike[str]) -> FileKey:
+    def of(
+        cls,
+        path: str | os.PathLike[str],
+        window: tuple[int, int, int, int] | None = None,
+    ) -> FileKey:
         absolute = os.path.abspath(path)
         st = os.stat(absolute)
-        return cls(absolute, st.st_size, st.st_mtime_ns)
+        return cls(absolute, st.st_size, st.st_mtime_ns, window)
+
+    @property
+    def item(self) -> tuple[str, tuple[int, int, int, int] | None]:
+        """What is read: the path and the chip's window (None: the raster)."""
+        return self.path, self.window
 
 
 @dataclass
@@ -200,11 +211,11 @@ class SampleCache:
         builds that died.
         """
         wanted = set(keys)
-        newest: dict[str, Entry] = {}
+        newest: dict[tuple[str, Any], Entry] = {}
         shards = self._complete_shards()
         for stem in shards:
             for entry in shards[stem]:
-                newest[entry.key.path] = entry  # shards are in time order
+                newest[entry.key.item] = entry  # shards are in time order
         found = {
             e.key: e
             for e in newest.values()
@@ -272,7 +283,10 @@ class SampleCache:
         return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
 
     def _prune(
-        self, shards: dict[str, list[Entry]], newest: dict[str, Entry], bad: set[str]
+        self,
+        shards: dict[str, list[Entry]],
+        newest: dict[tuple[str, Any], Entry],
+        bad: set[str],
     ) -> None:
         live_stems = {
             e.shard for e in newest.values() if _still(e.key) and e.shard not in bad
@@ -369,6 +383,7 @@ def _index_row(e: Entry) -> dict[str, Any]:
         "path": e.key.path,
         "file_size": e.key.size,
         "mtime_ns": e.key.mtime_ns,
+        "window": list(e.key.window) if e.key.window else None,
         "row": e.row,
         "height": e.height,
         "width": e.width,
@@ -391,7 +406,12 @@ def _read_index(path: Path, stem: str) -> Iterator[Entry]:
         raise ValueError("another cache format")
     for r in table.to_pylist():
         yield Entry(
-            key=FileKey(r["path"], r["file_size"], r["mtime_ns"]),
+            key=FileKey(
+                r["path"],
+                r["file_size"],
+                r["mtime_ns"],
+                tuple(r["window"]) if r["window"] else None,
+            ),
             height=r["height"],
             width=r["width"],
             bands=r["bands"],
@@ -410,7 +430,7 @@ def _read_index(path: Path, stem: str) -> Iterator[Entry]:
 def _still(key: FileKey) -> bool:
     """Whether the file still has the content the cache holds for it."""
     try:
-        return FileKey.of(key.path) == key
+        return FileKey.of(key.path, key.window) == key
     except OSError:
         return False
 

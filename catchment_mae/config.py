@@ -58,6 +58,12 @@ class TrainConfig:
     # in the user's cache directory ($CMAE_CACHE_DIR, else $XDG_CACHE_HOME/cmae).
     cache: bool = True
     cache_dir: str | None = None
+    # Chips of large rasters (--tile): rasters larger than ``tile`` pixels on a
+    # side train as a grid of chips ``tile_stride`` apart (None: tile), each a
+    # sample; chips with more nodata than ``max_nodata`` are left out.
+    tile: int | None = None
+    tile_stride: int | None = None
+    max_nodata: float = 1.0
 
     # --- model ------------------------------------------------------------------
     # None keeps the timm model's own value; set them for small custom ViTs.
@@ -121,6 +127,20 @@ class TrainConfig:
                 raise ConfigError(
                     f"{key} must be >= 1, got {getattr(self, key)}", key=key
                 )
+        for key in ("tile", "tile_stride"):
+            if getattr(self, key) is not None and getattr(self, key) < 8:
+                raise ConfigError(
+                    f"{key} must be >= 8 pixels, got {getattr(self, key)}", key=key
+                )
+        if self.tile_stride is not None and self.tile is None:
+            raise ConfigError(
+                "tile_stride (--stride) needs tile (--tile)", key="tile_stride"
+            )
+        if not 0.0 <= self.max_nodata <= 1.0:
+            raise ConfigError(
+                f"max_nodata must be in [0, 1], got {self.max_nodata}",
+                key="max_nodata",
+            )
         if self.num_workers < 0:
             raise ConfigError(
                 f"num_workers must be >= 0, got {self.num_workers}", key="num_workers"

@@ -88,16 +88,23 @@ class CachedDataset(Dataset):
 
 
 class RasterDataset(Dataset):
-    """Rasters read from their TIFFs every time (``--no-cache``); a file that
-    fails yields its reason instead of a crash.
+    """Rasters (or chips) read from their TIFFs every time (``--no-cache``); a
+    file that fails yields its reason instead of a crash.
 
     Args:
         paths: the TIFF files.
         spec: how to preprocess them (shared with embedding).
+        windows: per path, a chip's window (x0, y0, width, height) or None.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], spec: PreprocessSpec):
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        spec: PreprocessSpec,
+        windows: Sequence[tuple[int, int, int, int] | None] | None = None,
+    ):
         self.paths = [os.fspath(p) for p in paths]
+        self.windows = list(windows) if windows is not None else [None] * len(paths)
         self.spec = spec
 
     def __len__(self) -> int:
@@ -106,7 +113,9 @@ class RasterDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
         try:
-            r = load_resampled(path, self.spec, maxworkers=1)
+            r = load_resampled(
+                path, self.spec, maxworkers=1, window=self.windows[index]
+            )
         except BadRasterError as e:
             return {"failed": (path, e.reason)}
         return {

@@ -36,7 +36,10 @@ def make_dataset(
     if prepared.cache is not None:
         entries = [prepared.entries[i] for i in indices]
         return CachedDataset(entries, spec, prepared.cache.dir)
-    return RasterDataset([prepared.files[i] for i in indices], spec)
+    items = prepared.items
+    return RasterDataset(
+        [items[i][0] for i in indices], spec, [items[i][1] for i in indices]
+    )
 
 
 def make_loader(

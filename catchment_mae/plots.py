@@ -46,13 +46,14 @@ def save_loss_curve(
 
 def save_reconstructions(
     model: Any,
-    files: list[Path],
+    files: list[Path] | list[tuple[Path, Any]],
     spec: Any,
     device: Any,
     path: str | os.PathLike[str],
     seed: int = 0,
 ) -> None:
-    """For a few rasters: input, what the encoder saw, reconstruction (channel 1)."""
+    """For a few rasters (or (path, chip window) pairs): input, what the
+    encoder saw, reconstruction (channel 1)."""
     import torch
     from lightly.models import utils
 
@@ -60,8 +61,9 @@ def save_reconstructions(
 
     samples = []
     for f in files:
+        f, window = f if isinstance(f, tuple) else (f, None)
         try:
-            samples.append(load_sample(f, spec))
+            samples.append(load_sample(f, spec, window=window))
         except Exception:  # a preview must never fail a finished run
             continue
     if not samples:
@@ -108,7 +110,9 @@ def save_reconstructions(
             if i == 0:
                 ax.set_title(title)
             if j == 0:
-                ax.set_ylabel(Path(s.info.path).name, fontsize=7)
+                name, w = Path(s.info.path).name, s.info.window
+                where = f"\nchip x {w[0]}, y {w[1]}" if w else ""
+                ax.set_ylabel(name + where, fontsize=7)
     _save(fig, path)
 
 

@@ -9,6 +9,12 @@ raster's own (count, mean, std), which the cache keeps. A later run over the sam
 files with the same reading settings reads no TIFF at all. Without a cache
 (``--no-cache``) it only checks and measures; the epochs then read the files.
 
+With ``--tile`` (:func:`chip_items`), a raster larger than the tile is a grid of
+chips, each a sample of its own read through its window (only the strips or
+tiles it touches): chips are cached, measured and screened like rasters, and
+those with no valid pixel (or more nodata than ``max_nodata``) are left out and
+counted, not reported one by one.
+
 The statistics are those of the pixels as read for the model: for a COG with
 overviews, the smallest overview still at least ``image_size``, as embedding
 reads it. No torch here.
@@ -37,7 +43,13 @@ from catchment_mae.cache import (
     write_row,
 )
 from catchment_mae.errors import BadRasterError, NoInputError
-from catchment_mae.preprocess import PreprocessSpec, load_resampled, norm_coefficients
+from catchment_mae.preprocess import (
+    ALL_NODATA,
+    PreprocessSpec,
+    load_resampled,
+    norm_coefficients,
+)
+from catchment_mae.raster import image_size
 from catchment_mae.stats import OUTLIER_FACTOR, ScanResult
 from catchment_mae.workers import ReaderPool, failure_reason
 
@@ -45,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # Files being read at once, per reader process (bounds the futures held).
 IN_FLIGHT_PER_WORKER = 16
+
+Window = tuple[int, int, int, int]  # a chip's x0, y0, width, height
+Item = tuple[Path, Window | None]  # a raster, or one chip of it
 
 
 @dataclass
@@ -59,12 +74,46 @@ class Prepared(ScanResult):
             :func:`_screen`); they are in ``failed`` too; --strict stops on them.
         cache: the cache, or None (``--no-cache``).
         reused: rasters found in the cache; the others were read now.
+        chips_skipped: chips left out for nodata (``--tile``).
+
+    With chips, ``files`` holds a raster's path once per chip, and each entry's
+    ``key.window`` says which.
     """
 
     entries: list[Entry] = field(default_factory=list)
     screened: list[tuple[str, str]] = field(default_factory=list)
     cache: SampleCache | None = None
     reused: int = 0
+    chips_skipped: int = 0
+
+    @property
+    def items(self) -> list[Item]:
+        """Each sample's path and chip window (None: the whole raster)."""
+        return [
+            (p, e.key.window) for p, e in zip(self.files, self.entries, strict=True)
+        ]
+
+
+def chip_items(
+    files: Sequence[Path], tile: int, stride: int | None = None
+) -> list[Item]:
+    """Samples for ``--tile``: each raster larger than ``tile`` on a side as its
+    grid of chips (embed-dir's grid: ``stride`` apart, default ``tile``, edge
+    chips shifted inside), the others whole. A file whose header cannot be read
+    stays whole, and reading it gives its reason."""
+    from catchment_mae.batch.chips import chip_grid
+
+    items: list[Item] = []
+    for path in files:
+        try:
+            h, w = image_size(path)
+        except BadRasterError:
+            h = w = 0
+        if h <= tile and w <= tile:
+            items.append((path, None))
+            continue
+        items += [(path, c.window) for c in chip_grid(h, w, tile, stride or tile)]
+    return items
 
 
 def build_one(
@@ -73,7 +122,7 @@ def build_one(
     """Reader-process task: reads one raster, writes it into its shard row (if
     caching); returns its entry and CRC, or its failure reason."""
     try:
-        r = load_resampled(path, spec)
+        r = load_resampled(path, spec, window=key.window)
     except BadRasterError as e:
         return None, 0, e.reason
     except Exception as e:  # a reader must report, not die: keep the reason
@@ -83,13 +132,14 @@ def build_one(
 
 
 def prepare(
-    files: Sequence[Path],
+    files: Sequence[Path | Item],
     spec: PreprocessSpec,
     *,
     cache_root: str | os.PathLike[str] | None,
     workers: int,
     on_file: Callable[[Path, str | None], None] | None = None,
     timeout: float | None = None,
+    max_nodata: float = 1.0,
 ) -> Prepared:
     """Checks, measures and (with ``cache_root``) caches every raster of ``files``.
 
@@ -97,13 +147,14 @@ def prepare(
     band count every raster must have.
 
     Args:
-        files: the rasters, in listing order.
+        files: the rasters, in listing order, or chips of them (:func:`chip_items`).
         spec: the preprocessing; its normalisation is not needed yet.
         cache_root: the cache's root directory, or None for no cache.
         workers: reader processes (0: read here).
         on_file: called after each file with its path and failure reason (or
             None); progress bars and --strict hook in here (it may raise).
         timeout: seconds one raster may take in a reader process.
+        max_nodata: chips with more nodata than this share are left out.
 
     Raises:
         NoInputError: no file could be used.
@@ -111,8 +162,9 @@ def prepare(
     result = Prepared()
     if cache_root is not None:
         result.cache = SampleCache(cache_root, spec)
+    items = [f if isinstance(f, tuple) else (Path(f), None) for f in files]
     try:
-        _prepare(result, list(files), spec, workers, on_file, timeout)
+        _prepare(result, items, spec, workers, on_file, timeout, max_nodata)
     except BaseException:
         if result.cache is not None:
             result.cache.close()
@@ -123,8 +175,11 @@ def prepare(
         if result.cache is not None:
             result.cache.close()
         first = result.failed[0] if result.failed else ("", "no files")
+        if not result.failed and result.chips_skipped:
+            first = ("", f"all {result.chips_skipped} chip(s) are nodata")
+        rasters = len({path for path, _ in items})
         raise NoInputError(
-            f"none of the {len(files)} TIFF file(s) could be used "
+            f"none of the {rasters} TIFF file(s) could be used "
             f"(first: {first[0]}: {first[1]})"
         )
     return result
@@ -171,17 +226,19 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
 
 def _prepare(
     result: Prepared,
-    files: list[Path],
+    items: list[Item],
     spec: PreprocessSpec,
     workers: int,
     on_file: Callable[[Path, str | None], None] | None,
     timeout: float | None,
+    max_nodata: float,
 ) -> None:
-    outcome: dict[int, Entry | str] = {}  # file index -> entry or reason
+    outcome: dict[int, Entry | str] = {}  # item index -> entry or reason
     keys: dict[int, FileKey] = {}
-    for i, path in enumerate(files):
+    files = [path for path, _ in items]
+    for i, (path, window) in enumerate(items):
         try:
-            keys[i] = FileKey.of(path)
+            keys[i] = FileKey.of(path, window)
         except OSError as e:
             outcome[i] = f"cannot open: {e.strerror or e}"
     found = result.cache.lookup(keys.values()) if result.cache is not None else {}
@@ -204,7 +261,8 @@ def _prepare(
                 break
             outcome[todo.pop(0)] = str(reason)
     result.bands = bands
-    report = _Reporter(result, files, outcome, bands, on_file)
+    windows = {i: w for i, (_, w) in enumerate(items) if w is not None}
+    report = _Reporter(result, files, outcome, bands, on_file, windows, max_nodata)
     report()
     if todo:
         spec = dataclasses.replace(spec, in_chans=bands)
@@ -214,9 +272,11 @@ def _prepare(
 
 
 class _Reporter:
-    """Settles files in listing order as their outcome becomes known: a file
+    """Settles items in listing order as their outcome becomes known: a raster
     with another band count fails, each is reported once (``on_file``), and
-    ``result`` collects them."""
+    ``result`` collects them. A chip with no valid pixels (or above
+    ``max_nodata``) is only counted; a raster's failing chips are warned about
+    once."""
 
     def __init__(
         self,
@@ -225,27 +285,43 @@ class _Reporter:
         outcome: dict[int, Entry | str],
         bands: int | None,
         on_file: Callable[[Path, str | None], None] | None,
+        windows: dict[int, Window] | None = None,
+        max_nodata: float = 1.0,
     ) -> None:
         self.result, self.files, self.outcome = result, files, outcome
         self.bands, self.on_file, self.next = bands, on_file, 0
+        self.windows, self.max_nodata = windows or {}, max_nodata
+        self.warned: set[Path] = set()
 
     def __call__(self) -> None:
         while self.next in self.outcome:
-            path, got = self.files[self.next], self.outcome.pop(self.next)
+            i, got = self.next, self.outcome.pop(self.next)
+            path = self.files[i]
             self.next += 1
             if isinstance(got, Entry) and len(got.mean) != self.bands:
                 got = (
                     f"has {len(got.mean)} band(s) but the model takes {self.bands} "
                     "(in_chans; choose bands with --bands)"
                 )
-            if isinstance(got, Entry):
+            chip = self.windows.get(i)
+            if chip is not None and (
+                got == ALL_NODATA
+                or isinstance(got, Entry)
+                and got.nodata_fraction > self.max_nodata
+            ):
+                self.result.chips_skipped += 1
+                got = None
+            elif isinstance(got, Entry):
                 self.result.files.append(path)
                 self.result.entries.append(got)
             else:
-                self.result.failed.append((str(path), got))
-                log.warning("skipped %s: %s", path, got)
+                name = f"{path} (chip at x {chip[0]}, y {chip[1]})" if chip else path
+                self.result.failed.append((str(name), got))
+                if path not in self.warned:
+                    log.warning("skipped %s: %s", name, got)
+                    self.warned.add(path)
             if self.on_file is not None:
-                self.on_file(path, None if isinstance(got, Entry) else got)
+                self.on_file(path, got if isinstance(got, str) else None)
 
 
 def _build(
@@ -335,9 +411,14 @@ def describe(prepared: Prepared) -> str:
     cache = prepared.cache
     if cache is None:
         return "cache: none (--no-cache); every epoch reads the TIFFs"
-    total = len(prepared.files) + len(prepared.failed)
+    total = len(prepared.files) + len(prepared.failed) + prepared.chips_skipped
+    what = (
+        "raster(s) and chip(s)"
+        if prepared.chips_skipped or any(e.key.window for e in prepared.entries)
+        else "raster(s)"
+    )
     size = cache.nbytes() / 2**20
     return (
-        f"cache: {prepared.reused} of {total} raster(s) reused, "
+        f"cache: {prepared.reused} of {total} {what} reused, "
         f"{total - prepared.reused} read now; {size:.1f} MB in {cache.dir}"
     )

@@ -49,7 +49,7 @@ from catchment_mae.loaders import (
     to_model_input,
 )
 from catchment_mae.model import ScaleAwareMAE, build_model
-from catchment_mae.prepare import Prepared, describe, prepare
+from catchment_mae.prepare import Prepared, chip_items, describe, prepare
 from catchment_mae.preprocess import PreprocessSpec
 from catchment_mae.raster import find_tiffs
 from catchment_mae.workers import READ_TIMEOUT
@@ -74,7 +74,9 @@ class TrainResult:
     config: TrainConfig
     epochs_run: int
     history: list[dict[str, Any]] = field(default_factory=list)
-    files: int = 0
+    files: int = 0  # samples: rasters, or chips with --tile
+    rasters: int = 0
+    chips_skipped: int = 0  # --tile: chips left out for nodata
     skipped: list[tuple[str, str]] = field(default_factory=list)
     cache: str = ""  # one line: what the cache held, where, how big
     first_pass_seconds: float = 0.0  # reading, checking, caching every raster
@@ -88,6 +90,8 @@ class TrainResult:
             "metrics": str(self.metrics_path),
             "epochs_run": self.epochs_run,
             "files": self.files,
+            "rasters": self.rasters,
+            "chips_skipped": self.chips_skipped,
             "skipped": len(self.skipped),
             "train_loss": last.get("train_loss"),
             "val_loss": last.get("val_loss"),
@@ -425,7 +429,7 @@ def _train(
             log.info("resuming %s at epoch %d", resume, start_epoch + 1)
     step_model = distributed.wrap(model, ranks, device)  # forward and backward
 
-    train_idx, val_idx = split_indices(len(prepared.files), cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = split_items(prepared.files, cfg.val_fraction, cfg.seed)
     loader = _loader(prepared, train_idx, spec, cfg, device, shuffle=True, ranks=ranks)
     val_loader = (
         _loader(prepared, val_idx, spec, cfg, device, shuffle=False)
@@ -485,8 +489,8 @@ def _train(
         del loader, val_loader  # stop their workers before the plots
     if writes:
         save_model(cfg, model, len(history))
-        files = [prepared.files[i] for i in (val_idx or train_idx)]
-        _save_plots(cfg, model, history, files, spec, device)
+        items = [prepared.items[i] for i in (val_idx or train_idx)]
+        _save_plots(cfg, model, history, items, spec, device)
     distributed.barrier(ranks)  # the outputs are written when any rank returns
     return TrainResult(
         weights_path=cfg.weights_path,
@@ -497,6 +501,8 @@ def _train(
         epochs_run=cfg.max_epochs - start_epoch,
         history=history,
         files=len(prepared.files),
+        rasters=len(set(prepared.files)),
+        chips_skipped=prepared.chips_skipped,
         skipped=skipped,
         cache=describe(prepared),
     )
@@ -522,6 +528,20 @@ def split_files(
     return [files[i] for i in train], [files[i] for i in val]
 
 
+def split_items(
+    paths: list[Path], val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """:func:`split_indices` by raster: the chips of one raster (``--tile``)
+    all fall on the same side, so validation never sees a training raster."""
+    rasters = list(dict.fromkeys(paths))
+    train, val = split_indices(len(rasters), val_fraction, seed)
+    in_val = {rasters[i] for i in val}
+    return (
+        [i for i, p in enumerate(paths) if p not in in_val],
+        [i for i, p in enumerate(paths) if p in in_val],
+    )
+
+
 def split_indices(
     n: int, val_fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
@@ -544,8 +564,9 @@ def _prepare(
     files = list(find_tiffs(cfg.input_dir, cfg.recursive, within=within))
     if not files:
         raise NoInputError(f"{cfg.input_dir}: no .tif/.tiff files found")
+    items = chip_items(files, cfg.tile, cfg.tile_stride) if cfg.tile else files
     bar = tqdm(
-        total=len(files), desc="reading", unit="file",
+        total=len(items), desc="reading", unit="chip" if cfg.tile else "file",
         disable=None if progress else True, leave=False,
     )  # fmt: skip
 
@@ -561,12 +582,13 @@ def _prepare(
         cache_root = cfg.cache_dir or default_cache_dir()
     try:
         prepared = prepare(
-            files,
+            items,
             cfg.preprocess_spec(),
             cache_root=cache_root,
-            workers=loader_workers(cfg.num_workers, len(files)),
+            workers=loader_workers(cfg.num_workers, len(items)),
             on_file=on_file,
             timeout=READ_TIMEOUT,
+            max_nodata=cfg.max_nodata,
         )
     except NoInputError as e:
         raise NoInputError(f"{cfg.input_dir}: {e}") from e
@@ -691,7 +713,7 @@ def _save_plots(
     cfg: TrainConfig,
     model: ScaleAwareMAE,
     history: list[dict[str, Any]],
-    files: list[Path],
+    items: list[tuple[Path, Any]],
     spec: PreprocessSpec,
     device: torch.device,
 ) -> None:
@@ -701,7 +723,7 @@ def _save_plots(
     save_loss_curve(history, stem.with_name(stem.name + ".loss.png"))
     save_reconstructions(
         model,
-        files[:4],
+        items[:4],
         spec,
         device,
         stem.with_name(stem.name + ".preview.png"),

@@ -159,3 +159,83 @@ def test_readme__chip_queries_run(runner, scenes, onnx_model, tmp_path):
     nearest, per_raster = r.stdout.splitlines()
     assert nearest.count("'big.tif'") == 3
     assert per_raster == "[('big.tif', 32)]"
+
+
+# ------------------------------------------------------------ training on chips
+def test_chip_items__large_rasters_as_chips_others_whole(scenes, dem_dir):
+    from catchment_mae.prepare import chip_items
+
+    small = sorted(dem_dir.glob("*.tif"))[0]  # at most 96 px a side
+    items = chip_items([scenes / "big.tif", small, scenes / "broken.tif"], 100)
+    big = [w for p, w in items if p.name == "big.tif"]
+    # 200 x 300 in 100 px chips: 2 rows of 3, each the chip's full-size window.
+    assert big == [(x, y, 100, 100) for y in (0, 100) for x in (0, 100, 200)]
+    assert (small, None) in items and (scenes / "broken.tif", None) in items
+    overlapping = chip_items([scenes / "big.tif"], 100, stride=50)
+    assert len(overlapping) == 3 * 5
+
+
+def test_train_tile__a_sample_per_chip_nodata_chips_left_out(scenes, tmp_path):
+    """The scene trains as its chips (its nodata third left out and counted),
+    cached with their windows; each cached chip is the chip as read from the
+    file, and a second run reads no chip again."""
+    from catchment_mae.cache import FileKey, SampleCache
+    from catchment_mae.data import CachedDataset, RasterDataset
+    from catchment_mae.trainer import train
+    from tests.conftest import TINY
+
+    (scenes / "broken.tif").unlink()
+    cfg = dict(
+        TINY, input_dir=str(scenes), model_output_path=str(tmp_path / "m.pth"),
+        max_epochs=1, tile=100, cache_dir=str(tmp_path / "cache"), val_fraction=0.0,
+    )  # fmt: skip
+    result = train(cfg, progress=False)
+    assert (result.files, result.rasters, result.chips_skipped) == (4, 1, 2)
+    assert "0 of 6 raster(s) and chip(s) reused" in result.cache
+    spec = result.config.preprocess_spec()
+    with SampleCache(tmp_path / "cache", spec) as cache:
+        keys = [
+            FileKey.of(scenes / "big.tif", (x, y, 100, 100))
+            for y in (0, 100)
+            for x in (0, 100)
+        ]
+        found = cache.lookup(keys)
+        assert set(found) == set(keys)  # the four chips with valid pixels
+        entries = [found[k] for k in keys]
+        cached = CachedDataset(entries, spec, cache.dir).__getitems__(range(4))
+    read = RasterDataset([scenes / "big.tif"] * 4, spec, [k.window for k in keys])
+    for i in range(len(keys)):
+        item = read[i]
+        assert np.array_equal(cached["z"][i].numpy(), item["z"])
+        assert np.array_equal(cached["valid"][i].numpy(), item["valid"])
+        # A chip's scale input is its own size, not the scene's.
+        assert np.allclose(item["scale"], np.log([100 + 1e-6] * 2))
+    again = train(cfg, progress=False, overwrite=True)
+    assert "4 of 6 raster(s) and chip(s) reused, 2 read now" in again.cache
+
+
+def test_split_items__a_rasters_chips_stay_on_one_side(tmp_path):
+    from catchment_mae.trainer import split_items
+
+    paths = [tmp_path / f"r{i}.tif" for i in range(20) for _ in range(i % 4 + 1)]
+    train_idx, val_idx = split_items(paths, 0.25, seed=3)
+    assert sorted(train_idx + val_idx) == list(range(len(paths)))
+    assert val_idx and not {paths[i] for i in train_idx} & {paths[i] for i in val_idx}
+    assert len({paths[i] for i in val_idx}) == 5  # a quarter of the 20 rasters
+
+
+def test_cli_train_tile__counts_and_refusals(runner, scenes, tmp_path):
+    from tests.test_cli_train import _train
+
+    r = _train(runner, tmp_path, scenes, "--tile", "100", "--max-nodata", "0.2",
+               "--json", "--no-cache")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    # broken.tif is skipped with its reason; the nodata third and the chips
+    # half nodata at the border are left out and counted.
+    assert summary["skipped"] == 1 and summary["rasters"] == 1
+    assert summary["files"] + summary["chips_skipped"] == 6
+    assert summary["chips_skipped"] >= 2
+    r = _train(runner, tmp_path, scenes, "--stride", "50", out="n.pth")
+    assert r.exit_code == 1
+    assert "tile_stride (--stride) needs tile (--tile)" in r.output

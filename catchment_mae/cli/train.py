@@ -125,6 +125,28 @@ from catchment_mae.preprocess import SCALE_MODES
     help="Read the TIFFs every epoch instead (nothing written to disk).",
 )
 @click.option(
+    "--tile",
+    type=click.IntRange(min=8),
+    metavar="PIXELS",
+    help="Train on chips: a raster larger than PIXELS on a side becomes its grid "
+    "of PIXELS x PIXELS chips (full resolution, edge chips shifted inside), each a "
+    "sample, so one huge DEM is not one sample; smaller rasters stay whole.",
+)
+@click.option(
+    "--stride",
+    "tile_stride",
+    type=click.IntRange(min=8),
+    metavar="PIXELS",
+    help="With --tile: pixels between chips (default: --tile; less gives "
+    "overlapping chips, more samples of the same ground).",
+)
+@click.option(
+    "--max-nodata",
+    type=click.FloatRange(0, 1),
+    help="With --tile: leave out (and count) chips with more nodata than this "
+    "share (default 1: only chips with no valid pixel).",
+)
+@click.option(
     "--log-every",
     type=click.IntRange(min=1),
     help="Steps between reading the loss back (a GPU sync); default 20.",
@@ -204,8 +226,15 @@ def train(
         click.echo(json.dumps(summary, sort_keys=True))
     elif verbosity >= 0:
         click.echo(summary["cache"], err=True)
+        what = f"{summary['files']} raster(s)"
+        if result.config.tile:
+            what = (
+                f"{summary['files']} chip(s) and whole raster(s) of "
+                f"{summary['rasters']} raster(s) ({summary['chips_skipped']} "
+                "nodata chip(s) left out)"
+            )
         click.echo(
-            f"trained on {summary['files']} raster(s), {summary['skipped']} skipped; "
+            f"trained on {what}, {summary['skipped']} skipped; "
             f"wrote {summary['weights']} and {summary['config']}",
             err=True,
         )
