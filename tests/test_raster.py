@@ -299,6 +299,18 @@ def test_read_raster__a_window_reads_its_chip_only(make_tiff, layout):
         read_raster(path, window=(200, 0, 10, 10))
 
 
+def test_read_raster__a_rewritten_file_is_never_read_from_decoded_tiles(tmp_path):
+    """Chips keep decoded tiles for their neighbours; a file written again (same
+    path, same size) gives its new pixels."""
+    path = tmp_path / "scene.tif"
+    for value in (1, 2):
+        tifffile.imwrite(path, np.full((128, 128), value, np.int16), tile=(64, 64))
+        os.utime(path, ns=(value * 10**18, value * 10**18))
+        for x0 in (0, 40):  # overlapping chips: the second reuses tiles
+            r = read_raster(path, window=(x0, 0, 64, 64))
+            assert (r.data == value).all()
+
+
 def test_read_raster__a_chip_of_a_huge_tiled_raster_fits_the_budget(tmp_path):
     """8192 x 8192 int16 (128 MB decoded) with a 4 MB budget: the whole raster
     is refused before decoding, a 256 px chip reads the 4 tiles it touches."""

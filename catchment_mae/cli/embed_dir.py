@@ -159,7 +159,9 @@ def embed_dir(
 
     verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
     bar = tqdm(
-        desc="embedding", unit="raster", disable=None if verbosity >= 0 else True
+        desc="embedding",
+        unit="chip" if tile else "raster",
+        disable=None if verbosity >= 0 else True,
     )
     if ray_address is not None and tile is not None:
         raise click.UsageError("--tile runs without --ray (for now)")
