@@ -122,6 +122,23 @@ def write_dem(
         data = dem_array(spec)
     if data.ndim == 3 and data.shape[0] == 1:
         data = data[0]  # one band: a plain 2-D image
+    tiled = min(data.shape[-2:]) >= 256
+    tifffile.imwrite(
+        path,
+        data,
+        photometric="minisblack",
+        planarconfig="separate" if data.ndim == 3 else None,
+        compression="deflate" if spec.seed % 2 else "lzw",
+        predictor=True,
+        tile=(256, 256) if tiled else None,
+        extratags=geotiff_tags(spec),
+        metadata=None,
+    )
+
+
+def geotiff_tags(spec: DemSpec) -> list[tuple]:
+    """tifffile extratags of a DemSpec: GeoKeys (its UTM zone), pixel scale, tie
+    point at its origin, GDAL_NODATA."""
     geokeys = [
         1, 1, 0, 4,  # directory header: version, revision, minor, number of keys
         1024, 0, 1, 1,  # GTModelTypeGeoKey = projected
@@ -136,18 +153,7 @@ def write_dem(
         (34735, "H", len(geokeys), tuple(geokeys), True),
         (42113, "s", 0, f"{spec.nodata:g}", True),
     ]
-    tiled = min(data.shape[-2:]) >= 256
-    tifffile.imwrite(
-        path,
-        data,
-        photometric="minisblack",
-        planarconfig="separate" if data.ndim == 3 else None,
-        compression="deflate" if spec.seed % 2 else "lzw",
-        predictor=True,
-        tile=(256, 256) if tiled else None,
-        extratags=extratags,
-        metadata=None,
-    )
+    return extratags
 
 
 def check_request(
