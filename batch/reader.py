@@ -132,6 +132,8 @@ def read_one(
         st = path.stat()
         if stat.S_ISREG(st.st_mode):
             size, mtime = st.st_size, st.st_mtime
+        if chip is not None and chip.error is not None:
+            raise BadRasterError(path, chip.error)
         r = load_resampled(path, spec, window=chip.window if chip else None)
         image = normalise(r, spec).image
     except BadRasterError as e:
@@ -148,7 +150,7 @@ def read_one(
 
 def _chip_row(row: Row, chip: Chip | None, r: Any) -> Row:
     """A chip's row: its window, and the raster's own size (not the chip's)."""
-    if chip is None:
+    if chip is None or chip.error is not None:  # not cut: no window
         return row
     row.tile_row, row.tile_col = chip.row, chip.col
     row.x0, row.y0 = chip.x0, chip.y0

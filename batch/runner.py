@@ -96,6 +96,8 @@ def embed_dir(
     tile: int | None = None,
     stride: int | None = None,
     max_nodata: float = 1.0,
+    tile_m: float | None = None,
+    stride_m: float | None = None,
 ) -> RunSummary:
     """Embeds every TIFF under ``input_dir`` with the ``.onnx`` ``model``.
 
@@ -125,6 +127,11 @@ def embed_dir(
         stride: pixels between chips (default ``tile``: no overlap).
         max_nodata: chips whose nodata fraction is above this are skipped and
             counted (all-nodata chips always are).
+        tile_m, stride_m: chips of ``tile_m`` ground metres instead (each
+            raster's pixels per metre from its georeferencing; a raster without
+            it gets a row saying so), ``stride_m`` apart (default ``tile_m``).
+            The grid is recorded in the table: a re-run with another grid is
+            refused (start over with ``overwrite``).
 
     Raises:
         NoInputError: no input directory or no TIFF in it (nothing is written).
@@ -149,13 +156,21 @@ def embed_dir(
             # limit of 11.4 (benchmarks/README.md).
             mapper = Mapper(model, device, threads=cores)
             summary.provider = mapper.provider
-            tiled = tile is not None
-            previous, plan = start_plan(
-                root, out, mapper.sha256, overwrite, shard, recursive, within, tiled
+            grid = chip_grid_of(tile, stride, tile_m, stride_m)
+            tiled = grid is not None
+            metadata = (
+                {**mapper.metadata, "chip_grid": grid} if grid else mapper.metadata
             )
+            previous, plan = start_plan(
+                root, out, mapper.sha256, overwrite, shard, recursive, within, tiled,
+                grid,
+            )  # fmt: skip
             log.info("embedding with %s on %s", Path(model).name, mapper.device_name)
-            sink = PartSink(out, mapper.dim, mapper.metadata, rows_per_part, tiled)
-            work = plan if tile is None else chips(plan, root, tile, stride or tile)
+            sink = PartSink(out, mapper.dim, metadata, rows_per_part, tiled)
+            work: Iterable[Any] = plan
+            if grid is not None:
+                metres = grid["unit"] == "m"
+                work = chips(plan, root, grid["tile"], grid["stride"], metres)
             try:
                 with Reader(
                     root, mapper.spec, pool, batch_size, overlap=mapper.on_gpu
@@ -166,7 +181,7 @@ def embed_dir(
                 raise interrupted_saving(sink, summary) from e
             pool.close(kill=True)  # all read: nothing of theirs is left to lose
             summary.inference_seconds = mapper.inference_seconds
-            finish(out, root, previous, plan, sink, summary, mapper.metadata, tiled)
+            finish(out, root, previous, plan, sink, summary, metadata, tiled)
     except KeyboardInterrupt as e:  # between batches, while merging, ...
         raise interrupted_kept(out) from e
     return checked(summary, start)
@@ -182,16 +197,33 @@ def start_plan(
     recursive: bool,
     within: str | os.PathLike[str] | None,
     tiled: bool,
+    grid: dict[str, Any] | None = None,
 ) -> tuple[Any, Plan]:
     """The rows an earlier run left (None with ``overwrite``) and the plan;
     parts of an earlier run are dropped with ``overwrite``, stale temps always."""
-    previous = None if overwrite else read_previous(out, model_sha256, tiled)
+    previous = None if overwrite else read_previous(out, model_sha256, tiled, grid)
     fence = Path(within) if within is not None else None
     plan = Plan(root, previous, shard, recursive, within=fence)
     if overwrite:
         clear_parts(out)
     remove_stale_temps(out)
     return previous, plan
+
+
+def chip_grid_of(
+    tile: int | None,
+    stride: int | None,
+    tile_m: float | None,
+    stride_m: float | None,
+) -> dict[str, Any] | None:
+    """The chip grid asked for, as recorded in the table (None: whole rasters)."""
+    if tile is not None and tile_m is not None:
+        raise ValueError("tile and tile_m exclude each other")
+    if tile is not None:
+        return {"tile": tile, "stride": stride or tile, "unit": "px"}
+    if tile_m is not None:
+        return {"tile": tile_m, "stride": stride_m or tile_m, "unit": "m"}
+    return None
 
 
 def count(summary: RunSummary, row: Row) -> None:

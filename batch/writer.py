@@ -229,11 +229,17 @@ class PartSink:
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
 
-def read_previous(out: Path, model_sha256: str, tiled: bool = False) -> pa.Table | None:
+def read_previous(
+    out: Path,
+    model_sha256: str,
+    tiled: bool = False,
+    grid: dict[str, Any] | None = None,
+) -> pa.Table | None:
     """Rows of an earlier run (the table and any parts), oldest first.
 
     Raises:
-        CmaeError: a file was written with another model, or is unreadable.
+        CmaeError: a file was written with another model or another chip
+            ``grid``, or is unreadable.
     """
     sources = ([out] if out.exists() else []) + sorted(
         parts_dir(out).glob("part-*.parquet")
@@ -271,10 +277,21 @@ def read_previous(out: Path, model_sha256: str, tiled: bool = False) -> pa.Table
                 f"{sha[:12] or '?'}...); use --overwrite to start over, or another "
                 "--out"
             )
+        recorded = json.loads(meta.get(b"chip_grid", b"null"))
+        if grid is not None and recorded is not None and recorded != grid:
+            raise CmaeError(
+                f"{path}: holds chips of {_grid_text(recorded)}, this run cuts "
+                f"{_grid_text(grid)}; use --overwrite to start over, or another --out"
+            )
         tables.append(table)
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="none")
+
+
+def _grid_text(grid: dict[str, Any]) -> str:
+    unit = " m" if grid.get("unit") == "m" else " px"
+    return f"{grid.get('tile'):g}{unit} every {grid.get('stride'):g}{unit}"
 
 
 def merge(

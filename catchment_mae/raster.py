@@ -933,7 +933,29 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     Raises:
         BadRasterError: the file is missing, not a TIFF, or holds no image.
     """
+    return _header(Path(path), with_geo=False)[:2]  # type: ignore[return-value]
+
+
+def pixel_metres(path: str | os.PathLike[str]) -> tuple[int, int, float, float]:
+    """(height, width, metres per pixel down, metres per pixel across) of a TIFF,
+    from its header: the ground size rule of ``--scale ground``
+    (:func:`ground_extent_m`) divided by the pixel counts.
+
+    Raises:
+        BadRasterError: as image_size, or without usable georeferencing.
+    """
     path = Path(path)
+    h, w, geo = _header(path, with_geo=True)
+    info = RasterInfo(str(path), h, w, 0, "", None, h, w, geo=geo)  # type: ignore[arg-type]
+    try:
+        h_m, w_m = ground_extent_m(info)
+    except BadRasterError as e:
+        reason = e.reason.replace("--scale ground", "sizes in metres")
+        raise BadRasterError(path, reason) from e
+    return h, w, h_m / h, w_m / w
+
+
+def _header(path: Path, with_geo: bool) -> tuple[int, int, GeoInfo | None]:
     check_file(path)
     try:
         with tifffile.TiffFile(path) as tif:
@@ -943,7 +965,8 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
             )
             if full is None:
                 raise BadRasterError(path, "TIFF holds no image")
-            return _page_hw(full, path)
+            h, w = _page_hw(full, path)
+            return h, w, _geo_info(full, h, w) if with_geo else None
     except BadRasterError:
         raise
     except Exception as e:  # tifffile raises many types; keep the reason

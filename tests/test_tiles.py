@@ -239,3 +239,39 @@ def test_cli_train_tile__counts_and_refusals(runner, scenes, tmp_path):
     r = _train(runner, tmp_path, scenes, "--stride", "50", out="n.pth")
     assert r.exit_code == 1
     assert "tile_stride (--stride) needs tile (--tile)" in r.output
+
+
+def test_embed_dir_tile_m__chips_in_ground_metres(runner, scenes, onnx_model, tmp_path):
+    """1,000 m on a 10 m DEM are the 100 px chips of --tile 100; a raster without
+    georeferencing gets a row saying why; another grid on the same table is
+    refused, naming both."""
+    import tifffile
+
+    tifffile.imwrite(scenes / "plain.tif", np.ones((50, 50), np.float32))
+    by_px = tmp_path / "px.parquet"
+    by_m = tmp_path / "m.parquet"
+    _embed(runner, scenes, onnx_model, by_px)
+    args = ["embed-dir", str(scenes), "--model", str(onnx_model), "--out", str(by_m),
+            "--tile-m", "1000", "--json"]  # fmt: skip
+    r = runner.invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    px = {(r["path"], r["x0"], r["y0"]): r for r in pq.read_table(by_px).to_pylist()}
+    m = {(r["path"], r["x0"], r["y0"]): r for r in pq.read_table(by_m).to_pylist()}
+    big = sorted(k for k in m if k[0] == "big.tif")
+    assert big and big == sorted(k for k in px if k[0] == "big.tif")
+    for k in big:
+        assert (m[k]["tile_width"], m[k]["tile_height"]) == (100, 100)
+        np.testing.assert_allclose(m[k]["embedding"], px[k]["embedding"], atol=1e-6)
+    plain = m["plain.tif", None, None]
+    assert plain["embedding"] is None
+    assert "no usable georeferencing (needed for sizes in metres)" in plain["error"]
+    meta = pq.read_schema(by_m).metadata
+    assert json.loads(meta[b"chip_grid"]) == {"tile": 1000.0, "stride": 1000.0,
+                                              "unit": "m"}  # fmt: skip
+    r = runner.invoke(cli, [*args[:-1], "--stride-m", "500"])
+    assert r.exit_code == 1
+    assert "holds chips of 1000 m every 1000 m, this run cuts 1000 m every 500 m" in (
+        r.output
+    )
+    r = runner.invoke(cli, [*args, "--tile", "100"])
+    assert r.exit_code == 2 and "choose one" in r.output

@@ -90,6 +90,20 @@ def _shard(
     help="Pixels between chips (default: --tile, no overlap).",
 )
 @click.option(
+    "--tile-m",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="METRES",
+    help="Like --tile, in ground metres: each raster's chips are as many of its "
+    "pixels as cover METRES (by its georeferencing, the rule of --scale ground); a "
+    "raster without georeferencing gets a row saying so.",
+)
+@click.option(
+    "--stride-m",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="METRES",
+    help="With --tile-m: metres between chips (default: --tile-m).",
+)
+@click.option(
     "--max-nodata",
     type=click.FloatRange(0, 1),
     default=1.0,
@@ -129,6 +143,8 @@ def embed_dir(
     tile: int | None,
     stride: int | None,
     max_nodata: float,
+    tile_m: float | None,
+    stride_m: float | None,
     ray_address: str | None,
 ) -> None:
     """Embed every TIFF under INPUT_DIR with MODEL and write one row per raster to
@@ -160,13 +176,17 @@ def embed_dir(
     verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
     bar = tqdm(
         desc="embedding",
-        unit="chip" if tile else "raster",
+        unit="chip" if tile or tile_m else "raster",
         disable=None if verbosity >= 0 else True,
     )
-    if ray_address is not None and tile is not None:
-        raise click.UsageError("--tile runs without --ray (for now)")
+    if ray_address is not None and (tile is not None or tile_m is not None):
+        raise click.UsageError("--tile and --tile-m run without --ray (for now)")
+    if tile is not None and tile_m is not None:
+        raise click.UsageError("--tile (pixels) and --tile-m (metres): choose one")
     if stride is not None and tile is None:
-        raise click.UsageError("--stride needs --tile")
+        raise click.UsageError("--stride needs --tile (--stride-m goes with --tile-m)")
+    if stride_m is not None and tile_m is None:
+        raise click.UsageError("--stride-m needs --tile-m")
     try:
         if ray_address is not None:
             from catchment_mae.batch.ray_runner import embed_dir_ray
@@ -185,7 +205,7 @@ def embed_dir(
                 recursive=recursive is not False, overwrite=overwrite,
                 rows_per_part=rows_per_part, timeout=timeout,
                 on_item=lambda item: bar.update(1), tile=tile, stride=stride,
-                max_nodata=max_nodata,
+                max_nodata=max_nodata, tile_m=tile_m, stride_m=stride_m,
             )  # fmt: skip
     finally:
         bar.close()
