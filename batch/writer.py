@@ -280,8 +280,8 @@ def read_previous(
         recorded = json.loads(meta.get(b"chip_grid", b"null"))
         if grid is not None and recorded is not None and recorded != grid:
             raise CmaeError(
-                f"{path}: holds chips of {_grid_text(recorded)}, this run cuts "
-                f"{_grid_text(grid)}; use --overwrite to start over, or another --out"
+                f"{path}: holds chips of {grid_text(recorded)}, this run cuts "
+                f"{grid_text(grid)}; use --overwrite to start over, or another --out"
             )
         tables.append(table)
     if not tables:
@@ -289,7 +289,8 @@ def read_previous(
     return pa.concat_tables(tables, promote_options="none")
 
 
-def _grid_text(grid: dict[str, Any]) -> str:
+def grid_text(grid: dict[str, Any]) -> str:
+    """A chip grid as read by people: "224 px every 112 px"."""
     unit = " m" if grid.get("unit") == "m" else " px"
     return f"{grid.get('tile'):g}{unit} every {grid.get('stride'):g}{unit}"
 

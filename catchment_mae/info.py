@@ -91,6 +91,7 @@ def describe_table(path: Path) -> dict[str, Any]:
         )
         if "tile_row" in pf.schema_arrow.names:
             out["chips"] = _chips(pf.read(columns=["path", "tile_row", "error"]))
+            out["chips"]["grid"] = _maybe_json(meta.get("chip_grid", "null"))
     else:
         out.update(rows=0, note="no table yet: an unfinished run's parts only")
     if parts:
@@ -129,6 +130,8 @@ def render(info: dict[str, Any]) -> str:
             f"  file:       {info['file_size']} bytes, sha256 {info['sha256']}",
         ]
         return "\n".join(lines)
+    from catchment_mae.batch.writer import grid_text
+
     lines = [f"{info['path']}: cmae embeddings table"]
     if "rows" in info and "schema" in info:
         lines += [
@@ -147,7 +150,8 @@ def render(info: dict[str, Any]) -> str:
                 2,
                 f"  chips:      {c['chips']} of {c['rasters']} raster(s), "
                 f"{c['min_per_raster']}-{c['max_per_raster']} per raster "
-                f"(median {c['median_per_raster']:g})",
+                f"(median {c['median_per_raster']:g})"
+                + (f"; {grid_text(c['grid'])}" if c.get("grid") else ""),
             )
         bbox = ((info.get("geo") or {}).get("columns", {}).get("geometry", {})).get(
             "bbox"

@@ -71,9 +71,11 @@ def test_embed_dir_tile__one_row_per_chip(runner, scenes, onnx_model, tmp_path):
     assert json.loads(info.stdout)["chips"] == {
         "chips": 4, "rasters": 1, "min_per_raster": 4, "max_per_raster": 4,
         "median_per_raster": 4.0,
+        "grid": {"tile": 100, "stride": 100, "unit": "px"},
     }  # fmt: skip
     assert (
-        "chips:      4 of 1 raster(s)" in runner.invoke(cli, ["info", str(out)]).stdout
+        "chips:      4 of 1 raster(s), 4-4 per raster (median 4); 100 px every 100 px"
+        in runner.invoke(cli, ["info", str(out)]).stdout
     )
     r = runner.invoke(cli, ["eval", str(out), "--labels", str(out)])
     assert r.exit_code == 1 and "a table of chips" in r.stderr
