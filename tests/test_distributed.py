@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from catchment_mae.data import EpochSampler
@@ -103,3 +107,44 @@ def test_train__two_processes_match_one(tmp_path, dems):
     _train(tmp_path, dems, "two", 2, ["--epochs", "5", "--resume", ckpt])
     history = (two.parent / "m.metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["epoch"] for ln in history] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="torch built without gloo")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_train__a_signal_stops_every_rank(tmp_path, dems, sig):
+    """Ctrl-C in a terminal (or ``timeout``) signals the launcher and both ranks:
+    one line from rank 0, exit 130, a usable checkpoint, no process left."""
+    import psutil
+
+    out = tmp_path / "s" / "m.pth"
+    cfg = tmp_path / "dec.json"
+    cfg.write_text(json.dumps({"decoder_dim": 32, "decoder_depth": 1,
+                               "decoder_num_heads": 2}))  # fmt: skip
+    cmd = [sys.executable, "-m", "catchment_mae.cli.main", "train", str(dems),
+           "--out", str(out), "--model", "vit_tiny_patch16_224", "--image-size",
+           "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "1",
+           "--num-heads", "2", "--batch-size", "4", "--num-workers", "0",
+           "--epochs", "100000", "--device", "cpu", "--config", str(cfg),
+           "--cache", str(tmp_path / "cache"), "--nproc", "2"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    ckpt = out.with_suffix(".ckpt.pth")
+    deadline = time.monotonic() + 180
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert ckpt.exists(), proc.stderr.read() if proc.poll() is not None else "slow"
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(True)]
+    os.killpg(proc.pid, sig)
+    t0 = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode == 130, stderr
+    said = [ln for ln in stderr.strip().splitlines() if not ln.startswith("epoch ")]
+    assert "Traceback" not in stderr and len(said) == 1, stderr  # rank 0's line
+    assert said[0].startswith("cmae: error: interrupted after ")
+    assert torch.load(ckpt, weights_only=True)["epoch"] >= 0  # whole, plain data
+    time.sleep(1)
+    assert not [p for p in family if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]  # fmt: skip
