@@ -5,8 +5,11 @@ The plan (what to embed, what an earlier table already holds) and the writer
 Ray Data reads and preprocesses each file in a task with the reader's own
 :func:`~catchment_mae.batch.reader.read_one`, and embeds batches in actors that
 each hold one onnxruntime session (a GPU each where the cluster has them). The
-table is the same: columns, metadata, failures as rows, one row per raster, and a
-re-run after a crash embeds only what is missing.
+table is the same: columns, metadata, failures as rows, one row per raster (or
+per chip, with the plain runner's grid), and a re-run after a crash embeds only
+what is missing. Chips come back from Ray in any order; the driver holds a
+raster's rows until all its chips are in, then writes them together in grid
+order, as the plain runner does.
 
 Every machine of the cluster needs cmae installed and the input directory and
 the model at the same paths (a shared file system).
@@ -26,17 +29,19 @@ from typing import Any
 
 import numpy as np
 
+from catchment_mae.batch.chips import Chip, chips
 from catchment_mae.batch.mapper import Mapper
 from catchment_mae.batch.reader import read_one
 from catchment_mae.batch.runner import (
     RunSummary,
     _lock,
     checked,
-    count,
+    chip_grid_of,
     finish,
     interrupted_kept,
     interrupted_saving,
     start_plan,
+    take,
 )
 from catchment_mae.batch.writer import (
     ROWS_PER_PART,
@@ -53,8 +58,9 @@ log = logging.getLogger(__name__)
 
 
 def _read(item: dict[str, Any], root: str, spec: PreprocessSpec) -> dict[str, Any]:
-    """A Ray Data task: one path -> its row (pickled) and model input."""
-    row, sample, seconds = read_one(root, item["path"], spec)
+    """A Ray Data task: one path (or chip) -> its row (pickled) and model input."""
+    chip = pickle.loads(item["chip"]) if item["chip"] else None
+    row, sample, seconds = read_one(root, item["path"], spec, chip)
     s, c = spec.image_size, int(spec.in_chans or 1)
     image, valid, scale = sample or (
         np.zeros((c, s, s), np.float32), np.zeros((s, s), np.uint8),
@@ -62,6 +68,7 @@ def _read(item: dict[str, Any], root: str, spec: PreprocessSpec) -> dict[str, An
     )  # fmt: skip
     return {
         "row": pickle.dumps(row),
+        "chip": item["chip"],
         "ok": sample is not None,
         "image": image,
         "valid": valid,
@@ -95,6 +102,7 @@ class _Embed:
                 error[ok] = f"onnxruntime failed: {failure_reason(e)}"
         return {
             "row": batch["row"],
+            "chip": batch["chip"],
             "ok": ok,
             "embedding": emb,
             "error": error,
@@ -118,6 +126,11 @@ def embed_dir_ray(
     within: str | os.PathLike[str] | None = None,
     num_cpus: int | None = None,
     on_row: Callable[[Row], None] | None = None,
+    tile: int | None = None,
+    stride: int | None = None,
+    max_nodata: float = 1.0,
+    tile_m: float | None = None,
+    stride_m: float | None = None,
 ) -> RunSummary:
     """:func:`catchment_mae.batch.runner.embed_dir` on Ray Data.
 
@@ -127,6 +140,7 @@ def embed_dir_ray(
         actors: embedding actors (default: one per GPU with CUDA, else 1, each
             with onnxruntime's threads; the other CPUs read).
         num_cpus: CPUs of the local Ray started when ``address`` is None.
+        on_row: called for every raster (or chip) read.
         The other arguments are embed_dir's.
     """
     # Ray Data reads its logging set-up when imported: errors only on stderr;
@@ -149,32 +163,65 @@ def embed_dir_ray(
     started = not ray.is_initialized()
     try:
         with _lock(out), sigterm_as_interrupt():
+            grid = chip_grid_of(tile, stride, tile_m, stride_m)
+            tiled = grid is not None
+            metadata = {**probe.metadata, "chip_grid": grid} if grid else probe.metadata
             previous, plan = start_plan(
-                root, out, probe.sha256, overwrite, shard, recursive, within, False
-            )
-            sink = PartSink(out, probe.dim, probe.metadata, rows_per_part)
-            todo = list(plan)
+                root, out, probe.sha256, overwrite, shard, recursive, within, tiled,
+                grid,
+            )  # fmt: skip
+            sink = PartSink(out, probe.dim, metadata, rows_per_part, tiled)
+            todo: list[str | tuple[str, Chip]] = list(plan)
+            if grid is not None:
+                metres = grid["unit"] == "m"
+                todo = list(chips(plan, root, grid["tile"], grid["stride"], metres))
             if todo:
                 if started:
                     _start_ray(ray, address, num_cpus)
+                rasters = _Rasters(todo)
                 try:
-                    for row, embedding, seconds in _stream(
+                    for row, embedding, seconds, chip in _stream(
                         ray, root, model, probe.spec, todo, batch_size, actors, device
                     ):
                         summary.read_seconds += seconds
-                        count(summary, row)
-                        sink.add(row, embedding)
+                        for got in rasters.complete(row, embedding, chip):
+                            take(summary, sink, *got, max_nodata)
                         if on_row is not None:
                             on_row(row)
                 except KeyboardInterrupt as e:
                     raise interrupted_saving(sink, summary) from e
-            finish(out, root, previous, plan, sink, summary, probe.metadata, False)
+            finish(out, root, previous, plan, sink, summary, metadata, tiled)
     except KeyboardInterrupt as e:
         raise interrupted_kept(out) from e
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
     return checked(summary, start)
+
+
+class _Rasters:
+    """Holds each raster's chip rows until all of them are in (Ray returns
+    them in any order), then gives them in grid order; whole rasters pass
+    through."""
+
+    def __init__(self, todo: list[str | tuple[str, Chip]]) -> None:
+        self.expected: dict[str, int] = {}
+        for item in todo:
+            if isinstance(item, tuple):
+                self.expected[item[0]] = self.expected.get(item[0], 0) + 1
+        self.held: dict[str, list[tuple[Row, Any, Chip]]] = {}
+
+    def complete(
+        self, row: Row, embedding: Any, chip: Chip | None
+    ) -> list[tuple[Row, Any, Chip | None]]:
+        if chip is None:
+            return [(row, embedding, None)]
+        held = self.held.setdefault(row.path, [])
+        held.append((row, embedding, chip))
+        if len(held) < self.expected[row.path]:
+            return []
+        del self.held[row.path]
+        return sorted(held, key=lambda r: (r[2].row, r[2].col))
 
 
 def _start_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
@@ -216,12 +263,13 @@ def _stream(
     root: Path,
     model: str | os.PathLike[str],
     spec: PreprocessSpec,
-    todo: list[str],
+    todo: list[str | tuple[str, Chip]],
     batch_size: int,
     actors: int | None,
     device: str,
 ) -> Any:
-    """(row, embedding or None, read seconds) of every path, as they finish."""
+    """(row, embedding or None, read seconds, chip or None) of every path or
+    chip, as they finish."""
     gpus = int(ray.cluster_resources().get("GPU", 0)) if device != "cpu" else 0
     n_actors = actors or max(1, gpus)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -229,9 +277,13 @@ def _stream(
     # Blocks of a few dozen files: a task per file cost more than its read
     # (300 DEMs: 9 img/s with a block per file on 2 cores).
     blocks = max(1, min(len(todo), 4 * cpus, len(todo) // 16))
-    ds = ray.data.from_items(
-        [{"path": rel} for rel in todo], override_num_blocks=blocks
-    )
+    items = [
+        {"path": t[0], "chip": pickle.dumps(t[1])}
+        if isinstance(t, tuple)
+        else {"path": t, "chip": b""}
+        for t in todo
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     # Reads are tasks of their own (their resources differ from the actors', so
     # Ray does not fuse them into the actors, which would read one file at a time).
     ds = ds.map(_read, fn_kwargs={"root": str(root), "spec": spec}, num_cpus=0.5)
@@ -254,4 +306,6 @@ def _stream(
                 embedding = batch["embedding"][k]
             elif batch["error"][k]:
                 row.error = str(batch["error"][k])
-            yield row, embedding, float(batch["seconds"][k])
+            raw = batch["chip"][k]
+            chip = pickle.loads(raw) if raw else None
+            yield row, embedding, float(batch["seconds"][k]), chip

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catchment_mae.batch.chips import chips
+from catchment_mae.batch.chips import Chip, chips
 from catchment_mae.batch.mapper import Mapper
 from catchment_mae.batch.plan import Plan
 from catchment_mae.batch.reader import Item, Reader
@@ -314,19 +314,30 @@ def _embed_all(
         t0 = time.perf_counter()
         for item, (row, embedding) in zip(batch.items, rows, strict=True):
             summary.read_seconds += item.read_seconds
-            chip = item.chip
-            if chip is not None and _empty_chip(row, max_nodata):
-                summary.chips_skipped += 1
-                if chip.last:
-                    sink.end_raster()
-                if on_item is not None:
-                    on_item(item)
-                continue
-            count(summary, row)
-            sink.add(row, embedding, last_of_raster=chip is None or chip.last)
+            take(summary, sink, row, embedding, item.chip, max_nodata)
             if on_item is not None:
                 on_item(item)
         summary.write_seconds += time.perf_counter() - t0
+
+
+def take(
+    summary: RunSummary,
+    sink: PartSink,
+    row: Row,
+    embedding: Any,
+    chip: Chip | None,
+    max_nodata: float,
+) -> None:
+    """Counts a row of this run and hands it to the sink; a chip with nothing
+    (or too little) to embed is counted as skipped instead. A raster's rows
+    end with its last chip (they must come in grid order)."""
+    if chip is not None and _empty_chip(row, max_nodata):
+        summary.chips_skipped += 1
+        if chip.last:
+            sink.end_raster()
+        return
+    count(summary, row)
+    sink.add(row, embedding, last_of_raster=chip is None or chip.last)
 
 
 def _empty_chip(row: Row, max_nodata: float) -> bool:

@@ -62,3 +62,30 @@ def test_embed_dir_ray__same_table_as_the_plain_run(
     assert p.returncode == 0, p.stderr[-3000:]
     again = json.loads(p.stdout)
     assert again["embedded"] == 0 and again["already_done"] == 13
+    # Chips: the same rows as the plain runner's, each raster's together.
+    chips_plain, chips_ray = tmp_path / "cp.parquet", tmp_path / "cr.parquet"
+    tile = ["--tile", "40", "--stride", "30", "--max-nodata", "0.9"]
+    r = runner.invoke(cli, ["embed-dir", str(archive), "--model", str(onnx_model),
+                            "--out", str(chips_plain), "--json", *tile])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    args = [*args[:5], chips_ray, *args[6:], *tile]
+    p = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary, ref = json.loads(p.stdout), json.loads(r.stdout)
+    for key in ("embedded", "failed", "chips_skipped"):
+        assert summary[key] == ref[key], key
+    assert summary["embedded"] > 13  # some rasters are cut into several chips
+    a, b = pq.read_table(chips_plain), pq.read_table(chips_ray)
+    assert a.schema == b.schema
+    key = ("path", "tile_row", "tile_col")
+    a_rows = {tuple(r[k] for k in key): r for r in a.to_pylist()}
+    b_rows = {tuple(r[k] for k in key): r for r in b.to_pylist()}
+    assert a_rows.keys() == b_rows.keys() and b.num_rows == len(b_rows)
+    for k, row in b_rows.items():
+        assert (row["x0"], row["y0"], row["error"]) == (
+            a_rows[k]["x0"], a_rows[k]["y0"], a_rows[k]["error"])  # fmt: skip
+        if row["embedding"] is not None:
+            np.testing.assert_allclose(
+                row["embedding"], a_rows[k]["embedding"], atol=1e-5
+            )

@@ -179,8 +179,6 @@ def embed_dir(
         unit="chip" if tile or tile_m else "raster",
         disable=None if verbosity >= 0 else True,
     )
-    if ray_address is not None and (tile is not None or tile_m is not None):
-        raise click.UsageError("--tile and --tile-m run without --ray (for now)")
     if tile is not None and tile_m is not None:
         raise click.UsageError("--tile (pixels) and --tile-m (metres): choose one")
     if stride is not None and tile is None:
@@ -196,7 +194,8 @@ def embed_dir(
                 address=None if ray_address == "local" else ray_address,
                 num_cpus=num_workers, shard=shard, recursive=recursive is not False,
                 overwrite=overwrite, rows_per_part=rows_per_part,
-                on_row=lambda row: bar.update(1),
+                on_row=lambda row: bar.update(1), tile=tile, stride=stride,
+                max_nodata=max_nodata, tile_m=tile_m, stride_m=stride_m,
             )  # fmt: skip
         else:
             summary = run(
