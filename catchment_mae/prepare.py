@@ -116,6 +116,11 @@ def chip_items(
     return items
 
 
+def item_name(path: Path, window: Window | None) -> str:
+    """How a raster or chip is named in warnings and failure lists."""
+    return f"{path} (chip at x {window[0]}, y {window[1]})" if window else str(path)
+
+
 def build_one(
     path: str, key: FileKey, spec: PreprocessSpec, target: ShardTarget | None
 ) -> tuple[Entry | None, int, str | None]:
@@ -205,6 +210,7 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
             norm_mean=spec.norm_mean or tuple(result.mean),
             norm_std=spec.norm_std or tuple(s if s > 0 else 1.0 for s in result.std),
         )
+        warned: set[Path] = set()
         for i, e in enumerate(result.entries):
             a, b = norm_coefficients(e.mean, e.std, norm)
             peak = max(float(np.abs(b).max()), float(a.max()))
@@ -215,10 +221,13 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
                     f"{list(norm.norm_std)}; check its nodata value and scaling"
                 )
                 keep[i] = False
-                log.warning("skipped %s: %s", result.files[i], reasons[i])
+                if result.files[i] not in warned:  # a raster's chips: one line
+                    log.warning("skipped %s: %s", result.files[i], reasons[i])
+                    warned.add(result.files[i])
     for i in sorted(reasons):
-        result.screened.append((str(result.files[i]), reasons[i]))
-        result.failed.append((str(result.files[i]), reasons[i]))
+        name = item_name(result.files[i], result.entries[i].key.window)
+        result.screened.append((name, reasons[i]))
+        result.failed.append((name, reasons[i]))
     for name in ("files", "entries", "per_file"):
         items = getattr(result, name)
         setattr(result, name, [x for x, k in zip(items, keep, strict=True) if k])
@@ -315,8 +324,8 @@ class _Reporter:
                 self.result.files.append(path)
                 self.result.entries.append(got)
             else:
-                name = f"{path} (chip at x {chip[0]}, y {chip[1]})" if chip else path
-                self.result.failed.append((str(name), got))
+                name = item_name(path, chip)
+                self.result.failed.append((name, got))
                 if path not in self.warned:
                     log.warning("skipped %s: %s", name, got)
                     self.warned.add(path)

@@ -139,13 +139,16 @@ class ScanResult:
         means = np.stack([m for _, m, _ in self.per_file])
         if leave_out:
             far = far_outliers(means, np.stack([s for _, _, s in self.per_file]))
+        warned = set()  # chips of one raster (train --tile): one line for all
         for path, (n, mean, std), out in zip(
             self.files, self.per_file, far, strict=True
         ):
             if out:
                 reason = outlier_reason(mean, means)
                 self.outliers.append((str(path), reason))
-                log.warning("left out of the statistics %s: %s", path, reason)
+                if path not in warned:
+                    log.warning("left out of the statistics %s: %s", path, reason)
+                    warned.add(path)
             else:
                 self.stats.merge(n, mean, std)
         return far

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -277,3 +278,30 @@ def test_embed_dir_tile_m__chips_in_ground_metres(runner, scenes, onnx_model, tm
     )
     r = runner.invoke(cli, [*args, "--tile", "100"])
     assert r.exit_code == 2 and "choose one" in r.output
+
+
+def test_train_tile__an_outlier_scene_is_named_once(dem_dir, tmp_path, caplog):
+    """A mis-scaled scene among ordinary DEMs: each of its chips is left out (and
+    listed with its window), one warning names the scene."""
+    import shutil
+
+    from catchment_mae.synth import dem_array, write_dem
+    from catchment_mae.trainer import train
+    from tests.conftest import TINY
+
+    data = tmp_path / "d"
+    shutil.copytree(dem_dir, data)
+    spec = dem_spec(height=200, width=300, pixel=10.0, seed=4)
+    spec = dataclasses.replace(spec, dtype="float32")
+    write_dem(data / "scaled.tif", spec, dem_array(spec).astype(np.float32) * 1e15)
+    cfg = dict(
+        TINY, input_dir=str(data), model_output_path=str(tmp_path / "m.pth"),
+        max_epochs=1, tile=100, cache=False, val_fraction=0.0,
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="catchment_mae"):
+        result = train(cfg, progress=False)
+    scaled = [(p, r) for p, r in result.skipped if "scaled.tif" in p]
+    assert len(scaled) == 6 and all("(chip at x " in p for p, _ in scaled)
+    lines = [r.getMessage() for r in caplog.records if "scaled.tif" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert result.files == 12  # the ordinary DEMs, whole
