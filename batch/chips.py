@@ -19,6 +19,8 @@ from pathlib import Path
 from catchment_mae.errors import BadRasterError
 from catchment_mae.raster import image_size, pixel_metres
 
+MIN_TILE = 8  # pixels a side, as --tile's minimum
+
 
 @dataclass(frozen=True)
 class Chip:
@@ -71,6 +73,14 @@ def chips(
                 yield rel, Chip(0, 0, 0, 0, 0, 0, last=True, error=e.reason)
                 continue
             sizes = _pixels(tile, my, mx), _pixels(stride, my, mx)
+            if min(sizes[0]) < MIN_TILE:
+                reason = (
+                    f"a {tile:g} m chip is {sizes[0][1]}x{sizes[0][0]} of its pixels "
+                    f"({mx:.3g} x {my:.3g} m), below the {MIN_TILE} px a chip needs"
+                )
+                yield rel, Chip(0, 0, 0, 0, 0, 0, last=True, error=reason)
+                continue
+            sizes = sizes[0], (max(1, sizes[1][0]), max(1, sizes[1][1]))
         for chip in chip_grid(h, w, *sizes):
             yield rel, chip
 

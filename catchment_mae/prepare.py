@@ -180,13 +180,11 @@ def prepare(
         if result.cache is not None:
             result.cache.close()
         first = result.failed[0] if result.failed else ("", "no files")
-        if not result.failed and result.chips_skipped:
-            first = ("", f"all {result.chips_skipped} chip(s) are nodata")
         rasters = len({path for path, _ in items})
-        raise NoInputError(
-            f"none of the {rasters} TIFF file(s) could be used "
-            f"(first: {first[0]}: {first[1]})"
-        )
+        why = f"first: {first[0]}: {first[1]}"
+        if not result.failed and result.chips_skipped:
+            why = f"all {result.chips_skipped} chip(s) are nodata or above --max-nodata"
+        raise NoInputError(f"none of the {rasters} TIFF file(s) could be used ({why})")
     return result
 
 

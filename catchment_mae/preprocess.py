@@ -36,6 +36,7 @@ import numpy as np
 
 from catchment_mae.errors import BadRasterError
 from catchment_mae.raster import (
+    ALL_NODATA,
     DEFAULT_MAX_MEMORY_MB,
     DEFAULT_MAX_PIXELS,
     MIN_PIXELS,
@@ -46,7 +47,6 @@ from catchment_mae.raster import (
 )
 
 RESIZE_RULE = "valid-weighted-antialias-triangle"
-ALL_NODATA = "has no valid pixels (all nodata)"
 # The scale input: the raster's size in pixels, its extent in metres, or nothing
 # (zeros: the ablation that trains the same model without it).
 SCALE_MODES = ("pixels", "ground", "none")

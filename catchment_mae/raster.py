@@ -22,6 +22,8 @@ import tifffile
 
 from catchment_mae.errors import BadRasterError, NoInputError
 
+ALL_NODATA = "has no valid pixels (all nodata)"  # a raster or chip with no value
+
 log = logging.getLogger(__name__)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -367,6 +369,8 @@ def _read(
         page, level, (ky, kx) = _choose_level(full, overviews, min_size, limit, path)
     arr, present = _read_page(page, ky, kx, budget, path, read_window)
     if not present.any():
+        if window is not None:  # a chip over empty tiles of a sparse file
+            raise BadRasterError(path, ALL_NODATA)
         raise BadRasterError(path, "holds no pixel data (every strip or tile is empty)")
     rh, rw = arr.shape[1:]
 
@@ -445,10 +449,9 @@ def _window_level(
     levels = sorted([full, *overviews], key=lambda p: -_pixels(p, path))
     for level, page in enumerate(levels):
         oh, ow = _page_hw(page, path)
-        fy, fx = h / oh, w / ow
-        ox0, oy0 = int(x0 / fx), int(y0 / fy)
-        ox1 = min(ow, max(ox0 + 1, math.ceil((x0 + ww) / fx)))
-        oy1 = min(oh, max(oy0 + 1, math.ceil((y0 + wh) / fy)))
+        ox0, oy0 = x0 * ow // w, y0 * oh // h  # whole numbers: no rounding slips
+        ox1 = min(ow, max(ox0 + 1, -(-(x0 + ww) * ow // w)))
+        oy1 = min(oh, max(oy0 + 1, -(-(y0 + wh) * oh // h)))
         if min(ox1 - ox0, oy1 - oy0) >= min(min_size, ww, wh):
             best = (page, level, (ox0, oy0, ox1 - ox0, oy1 - oy0))
     return best
@@ -742,7 +745,8 @@ class _SegmentCache:
             self.nbytes -= old.nbytes
 
 
-# 32 MB a process: two rows of 256 px int16 tiles across a 65,000 px scene.
+# 32 MB a process: one row of 256 px int16 tiles across a 65,000 px scene
+# (two rows up to 32,000 px, where a chip row reuses the row above).
 _SEGMENTS = _SegmentCache(32 << 20)
 
 

@@ -489,7 +489,8 @@ def _train(
         del loader, val_loader  # stop their workers before the plots
     if writes:
         save_model(cfg, model, len(history))
-        items = [prepared.items[i] for i in (val_idx or train_idx)]
+        every = prepared.items  # built once: a list of every sample
+        items = [every[i] for i in (val_idx or train_idx)[:4]]
         _save_plots(cfg, model, history, items, spec, device)
     distributed.barrier(ranks)  # the outputs are written when any rank returns
     return TrainResult(
@@ -532,10 +533,26 @@ def split_items(
     paths: list[Path], val_fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
     """:func:`split_indices` by raster: the chips of one raster (``--tile``)
-    all fall on the same side, so validation never sees a training raster."""
+    all fall on the same side, so validation never sees a training raster.
+    Whole rasters, in a seeded order, go to validation until it holds about
+    ``val_fraction`` of the samples (one scene of 1,000 chips among nine small
+    rasters is not drawn as the whole validation set); never all of them."""
     rasters = list(dict.fromkeys(paths))
-    train, val = split_indices(len(rasters), val_fraction, seed)
-    in_val = {rasters[i] for i in val}
+    if len(rasters) == len(paths):  # no chips: the plain split
+        train, val = split_indices(len(paths), val_fraction, seed)
+        return train, val
+    sizes = {r: 0 for r in rasters}
+    for p in paths:
+        sizes[p] += 1
+    in_val: set[Path] = set()
+    want, taken = val_fraction * len(paths), 0
+    for k in np.random.default_rng(seed).permutation(len(rasters)):
+        r = rasters[k]
+        if taken >= want or len(in_val) == len(rasters) - 1:
+            break
+        if taken + sizes[r] <= 1.5 * want:  # a raster far above the share waits
+            in_val.add(r)
+            taken += sizes[r]
     return (
         [i for i, p in enumerate(paths) if p not in in_val],
         [i for i, p in enumerate(paths) if p in in_val],

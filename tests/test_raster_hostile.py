@@ -335,3 +335,15 @@ def test_geokeys__ten_thousand_keys_one_line_at_most(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert len(r.stderr.splitlines()) <= 1, r.stderr[:2000]
+
+
+def test_a_chip_over_empty_strips_is_nodata_not_broken(tmp_path):
+    """A sparse file: a chip that lies in its empty strip has no valid pixel (a
+    chip to skip), the chip over its data reads it."""
+    data = bytes(range(64)) * 32  # strip 2: 32 rows of 64 px
+    path = craft(tmp_path / "sparse.tif", gray(64, 64, [0, 8], [0, len(data)], rps=32),
+                 data)  # fmt: skip
+    with pytest.raises(BadRasterError, match=r"has no valid pixels \(all nodata\)"):
+        read_raster(path, window=(0, 0, 32, 32))
+    r = read_raster(path, window=(0, 32, 32, 32))
+    assert r.valid.all() and r.data[0, 0, :4].tolist() == [0, 1, 2, 3]

@@ -224,7 +224,16 @@ def test_split_items__a_rasters_chips_stay_on_one_side(tmp_path):
     train_idx, val_idx = split_items(paths, 0.25, seed=3)
     assert sorted(train_idx + val_idx) == list(range(len(paths)))
     assert val_idx and not {paths[i] for i in train_idx} & {paths[i] for i in val_idx}
-    assert len({paths[i] for i in val_idx}) == 5  # a quarter of the 20 rasters
+    assert 0.25 * len(paths) <= len(val_idx) <= 0.375 * len(paths)  # of the samples
+    # One scene of 1,000 chips among nine small rasters is never the whole
+    # validation set, and one raster alone has no validation.
+    for seed in range(5):
+        lop = [tmp_path / "scene.tif"] * 1000 + [
+            tmp_path / f"s{i}.tif" for i in range(9)
+        ]
+        train_idx, val_idx = split_items(lop, 0.1, seed)
+        assert len(train_idx) > len(val_idx) and len(val_idx) <= 150
+    assert split_items([tmp_path / "scene.tif"] * 50, 0.1, 0) == (list(range(50)), [])
 
 
 def test_cli_train_tile__counts_and_refusals(runner, scenes, tmp_path):
@@ -305,3 +314,11 @@ def test_train_tile__an_outlier_scene_is_named_once(dem_dir, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if "scaled.tif" in r.getMessage()]
     assert len(lines) == 1, lines
     assert result.files == 12  # the ordinary DEMs, whole
+
+
+def test_chips_in_metres__too_few_pixels_is_a_row_saying_so(scenes):
+    from catchment_mae.batch.chips import chips
+
+    (got,) = chips(["big.tif"], scenes, 50.0, 50.0, metres=True)  # 5 px of 10 m
+    assert got[1].error.startswith("a 50 m chip is 5x5 of its pixels")
+    assert len(list(chips(["big.tif"], scenes, 1000.0, 500.0, metres=True))) == 3 * 5
