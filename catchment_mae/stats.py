@@ -128,6 +128,23 @@ class ScanResult:
     def std(self) -> list[float]:
         return [float(v) for v in self.stats.std]
 
+    def _far_by_raster(self, means: np.ndarray) -> np.ndarray:
+        """far_outliers per raster: the chips of one raster (train --tile) are
+        pooled first, so a scene whose chips are mostly flat (sea stored as 0)
+        does not make its land chips look far from the rest."""
+        rasters = list(dict.fromkeys(self.files))
+        if len(rasters) == len(self.files):
+            return far_outliers(means, np.stack([s for _, _, s in self.per_file]))
+        pooled = {r: RunningStats() for r in rasters}
+        for path, (n, mean, std) in zip(self.files, self.per_file, strict=True):
+            pooled[path].merge(n, mean, std)
+        far = far_outliers(
+            np.stack([pooled[r].mean for r in rasters]),
+            np.stack([pooled[r].std for r in rasters]),
+        )
+        at = {r: k for k, r in enumerate(rasters)}
+        return np.array([far[at[p]] for p in self.files], bool)
+
     def finish(self, leave_out: bool = True) -> np.ndarray:
         """Merges the rasters' statistics (in listing order), leaving out the
         rasters far outside the rest (``outliers``) unless not ``leave_out``.
@@ -138,7 +155,7 @@ class ScanResult:
             return far
         means = np.stack([m for _, m, _ in self.per_file])
         if leave_out:
-            far = far_outliers(means, np.stack([s for _, _, s in self.per_file]))
+            far = self._far_by_raster(means)
         warned = set()  # chips of one raster (train --tile): one line for all
         for path, (n, mean, std), out in zip(
             self.files, self.per_file, far, strict=True

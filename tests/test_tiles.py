@@ -322,3 +322,21 @@ def test_chips_in_metres__too_few_pixels_is_a_row_saying_so(scenes):
     (got,) = chips(["big.tif"], scenes, 50.0, 50.0, metres=True)  # 5 px of 10 m
     assert got[1].error.startswith("a 50 m chip is 5x5 of its pixels")
     assert len(list(chips(["big.tif"], scenes, 1000.0, 500.0, metres=True))) == 3 * 5
+
+
+def test_outlier_screen__a_scene_of_flat_sea_chips_keeps_its_land():
+    """60 flat chips (sea stored as 0) and 40 land chips of one scene, beside
+    five DEMs: chip by chip, every land chip looked far from the flat median;
+    pooled per raster, nothing is left out."""
+    from pathlib import Path
+
+    from catchment_mae.stats import ScanResult
+
+    r = ScanResult()
+    scene = Path("scene.tif")
+    r.files = [scene] * 100 + [Path(f"s{i}.tif") for i in range(5)]
+    flat, land = (100, np.zeros(1), np.zeros(1)), (100, np.full(1, 500.0), np.ones(1))
+    r.per_file = [flat] * 60 + [land] * 40 + [(100, np.full(1, 400.0), np.ones(1))] * 5
+    assert not r.finish().any()
+    r.per_file[-1] = (100, np.full(1, 4e15), np.ones(1))  # a mis-scaled DEM still is
+    assert r.finish().tolist() == [False] * 104 + [True]
