@@ -23,6 +23,8 @@ import tifffile
 from catchment_mae.errors import BadRasterError, NoInputError
 
 ALL_NODATA = "has no valid pixels (all nodata)"  # a raster or chip with no value
+# Samples per pixel a raster may declare (hyperspectral cubes have a few hundred).
+MAX_SAMPLES = 4096
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +339,12 @@ def _read(
             path, f"complex data ({dtype}) is not a real-valued raster"
         )
     spp = _single_int(full.samplesperpixel, "SamplesPerPixel", path)
+    if not 1 <= spp <= MAX_SAMPLES:  # a damaged count once listed 4e8 bands
+        raise BadRasterError(
+            path, f"declares {spp} samples per pixel (at most {MAX_SAMPLES} are read)"
+        )
+    if height < 1 or width < 1:
+        raise BadRasterError(path, f"declares an empty image ({width}x{height} pixels)")
     if getattr(full, "imagedepth", 1) not in (0, 1):
         raise BadRasterError(path, "is a 3-D volume (ImageDepth > 1), not a raster")
     alpha_index = _alpha_index(full)
@@ -637,6 +645,8 @@ def _read_page(
         for r in range(wy0 // th, (wy1 - 1) // th + 1)
         if _hits(r * th, th, wy0, wy1, ky)
     ]
+    if not rows:  # nothing to read (and a 0-row page must not walk its columns)
+        return np.zeros((spp, 0, 0), page.dtype), np.zeros((0, 0), bool)
     cols = [
         c
         for c in range(wx0 // tw, (wx1 - 1) // tw + 1)
@@ -926,8 +936,14 @@ def ground_extent_m(info: RasterInfo) -> tuple[float, float]:
     h_m, w_m = h_units * geo.linear_unit_m, w_units * geo.linear_unit_m
     if geo.epsg in _WEB_MERCATOR:
         y = (miny + maxy) / 2 * geo.linear_unit_m
-        lat = 2 * math.atan(math.exp(y / 6378137.0)) - math.pi / 2
+        y = min(max(y / 6378137.0, -700.0), 700.0)  # math.exp overflows past ~709
+        lat = 2 * math.atan(math.exp(y)) - math.pi / 2
         h_m, w_m = h_m * math.cos(lat), w_m * math.cos(lat)
+    if not (math.isfinite(h_m) and math.isfinite(w_m) and h_m > 0 and w_m > 0):
+        raise BadRasterError(
+            info.path, "has a ground size that is not a positive number (damaged "
+            "georeferencing; needed for --scale ground)"
+        )  # fmt: skip
     return h_m, w_m
 
 

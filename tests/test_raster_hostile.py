@@ -347,3 +347,37 @@ def test_a_chip_over_empty_strips_is_nodata_not_broken(tmp_path):
         read_raster(path, window=(0, 0, 32, 32))
     r = read_raster(path, window=(0, 32, 32, 32))
     assert r.valid.all() and r.data[0, 0, :4].tolist() == [0, 1, 2, 3]
+
+
+def test_found_by_fuzzing__empty_images_and_absurd_band_counts(tmp_path):
+    """A 0-row image once walked 2.6e8 tile columns (seconds, then minutes); a
+    SamplesPerPixel of 2^31 once listed every band (3 GB). Both are one line."""
+    data = bytes(64 * 64)
+    empty = craft(tmp_path / "empty.tif", gray(64, 0, [8], [len(data)]), data)
+    with pytest.raises(BadRasterError, match=r"declares an empty image \(64x0"):
+        read_raster(empty)
+    tags = gray(64, 64, [8], [len(data)])
+    tags[277] = (LONG, [2**31 + 3])
+    bands = craft(tmp_path / "bands.tif", tags, data)
+    with pytest.raises(BadRasterError, match="declares 2147483651 samples per pixel"):
+        read_raster(bands)
+
+
+def test_found_by_fuzzing__web_mercator_far_off_the_globe(tmp_path):
+    """A Web Mercator tie point at 1e300 m overflowed math.exp in the ground
+    size (--scale ground): now a size from the clamped latitude, or a reason."""
+
+    path = tmp_path / "merc.tif"
+    keys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 3857]
+    tifffile.imwrite(path, np.ones((16, 16), np.float32), extratags=[
+        (33550, "d", 3, (10.0, 10.0, 0.0), True),
+        (33922, "d", 6, (0.0, 0.0, 0.0, 0.0, 1e300, 0.0), True),
+        (34735, "H", len(keys), tuple(keys), True),
+    ])  # fmt: skip
+    spec = PreprocessSpec(
+        image_size=16, in_chans=None, scale="ground", norm="per-raster"
+    )
+    try:
+        assert np.isfinite(load_sample(path, spec).scale).all()
+    except BadRasterError as e:
+        assert "ground size" in e.reason
