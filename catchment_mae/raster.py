@@ -11,7 +11,9 @@ import itertools
 import logging
 import math
 import os
+import re
 import stat
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -270,11 +272,32 @@ _PARSER_ERRORS = (AttributeError, TypeError, IndexError, KeyError, AssertionErro
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, _PARSER_ERRORS):
-        log.debug("tifffile: %s: %s", type(e).__name__, e)
+    """A decoding failure in words, without the library's class names (a fuzz
+    run met DeflateError, ZstdError, JpegNError, TiffFileError, ZeroDivisionError
+    ... from damaged files)."""
+    name = type(e).__name__
+    log.debug("tifffile/imagecodecs: %s: %s", name, e)
+    if isinstance(e, _PARSER_ERRORS + (ArithmeticError, struct.error)):
         return "malformed TIFF structure"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    if type(e).__module__.startswith("imagecodecs"):
+        inner = re.search(r"imcd_(\w+?)_decode", msg)
+        codec = inner.group(1) if inner else name.removesuffix("Error").lower()
+        return f"damaged compressed data ({codec.rstrip('n') or 'codec'})"
+    if name == "TiffFileError":
+        return msg or "malformed TIFF structure"
+    if isinstance(e, ValueError):  # tifffile's enums and sample checks
+        known = re.match(r"(.+) is not a (?:known|valid) (\w+)", msg)
+        if known:
+            return f"unknown {known.group(2)} value {known.group(1)[:40]}"
+        if msg.endswith("not supported") or "do not match" in msg:
+            return msg
+        return "malformed TIFF structure"
+    if isinstance(e, NotImplementedError):
+        return msg or "a layout this reader does not support"
+    if isinstance(e, OSError):
+        return f"cannot read the file ({e.strerror or 'I/O error'})"
+    return f"{name}: {msg}" if msg else name
 
 
 @dataclass(frozen=True)
@@ -626,7 +649,8 @@ def _read_page(
     if len(offsets) < planes * per_plane or len(counts) < planes * per_plane:
         raise BadRasterError(
             path,
-            f"declares {len(offsets)} strip(s)/tile(s) where its size needs "
+            f"declares {min(len(offsets), len(counts))} strip(s)/tile(s) (with "
+            f"their byte counts) where its size needs "
             f"{planes * per_plane}",
         )
     seg_bytes = th * tw * contig * itemsize  # decoded, tiles at full size

@@ -9,6 +9,7 @@ says what is wrong with it, quickly.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -381,3 +382,24 @@ def test_found_by_fuzzing__web_mercator_far_off_the_globe(tmp_path):
         assert np.isfinite(load_sample(path, spec).scale).all()
     except BadRasterError as e:
         assert "ground size" in e.reason
+
+
+def test_found_by_fuzzing__decoder_failures_in_words(tmp_path):
+    """Damaged compressed data and unknown tag values are named in words, never
+    by the library's class names (DeflateError, ValueError, struct.error ...)."""
+    path = tmp_path / "deflate.tif"
+    tifffile.imwrite(path, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64),
+                     compression="deflate")  # fmt: skip
+    with tifffile.TiffFile(path) as tif:
+        at = tif.pages[0].dataoffsets[0]
+    raw = bytearray(path.read_bytes())
+    raw[at : at + 16] = b"\xff" * 16
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BadRasterError) as e:
+        read_raster(path)
+    assert "damaged compressed data (deflate)" in e.value.reason
+    (tmp_path / "head.tif").write_bytes(b"II*\x00")  # a header and nothing more
+    for name in ("head.tif",):
+        with pytest.raises(BadRasterError) as e:
+            read_raster(tmp_path / name)
+        assert not re.search(r"\w*(Error|error):", e.value.reason), e.value.reason
