@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from catchment_mae.batch.chips import Chip, chips
+from catchment_mae.batch.chips import Chip
 from catchment_mae.batch.mapper import Mapper
 from catchment_mae.batch.reader import read_one
 from catchment_mae.batch.runner import (
@@ -40,12 +40,11 @@ from catchment_mae.batch.runner import (
     finish,
     interrupted_kept,
     interrupted_saving,
-    start_plan,
+    start_run,
     take,
 )
 from catchment_mae.batch.writer import (
     ROWS_PER_PART,
-    PartSink,
     Row,
 )
 from catchment_mae.errors import CmaeError
@@ -163,18 +162,12 @@ def embed_dir_ray(
     started = not ray.is_initialized()
     try:
         with _lock(out), sigterm_as_interrupt():
-            grid = chip_grid_of(tile, stride, tile_m, stride_m)
-            tiled = grid is not None
-            metadata = {**probe.metadata, "chip_grid": grid} if grid else probe.metadata
-            previous, plan = start_plan(
-                root, out, probe.sha256, overwrite, shard, recursive, within, tiled,
-                grid,
+            run = start_run(
+                root, out, probe, overwrite, shard, recursive, within,
+                rows_per_part, chip_grid_of(tile, stride, tile_m, stride_m),
             )  # fmt: skip
-            sink = PartSink(out, probe.dim, metadata, rows_per_part, tiled)
-            todo: list[str | tuple[str, Chip]] = list(plan)
-            if grid is not None:
-                metres = grid["unit"] == "m"
-                todo = list(chips(plan, root, grid["tile"], grid["stride"], metres))
+            sink = run.sink
+            todo = list(run.work)
             if todo:
                 if started:
                     _start_ray(ray, address, num_cpus)
@@ -190,7 +183,7 @@ def embed_dir_ray(
                             on_row(row)
                 except KeyboardInterrupt as e:
                     raise interrupted_saving(sink, summary) from e
-            finish(out, root, previous, plan, sink, summary, metadata, tiled)
+            finish(out, root, run, summary)
     except KeyboardInterrupt as e:
         raise interrupted_kept(out) from e
     finally:

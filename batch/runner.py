@@ -156,58 +156,78 @@ def embed_dir(
             # limit of 11.4 (benchmarks/README.md).
             mapper = Mapper(model, device, threads=cores)
             summary.provider = mapper.provider
-            grid = chip_grid_of(tile, stride, tile_m, stride_m)
-            tiled = grid is not None
-            metadata = (
-                {**mapper.metadata, "chip_grid": grid} if grid else mapper.metadata
-            )
-            previous, plan = start_plan(
-                root, out, mapper.sha256, overwrite, shard, recursive, within, tiled,
-                grid,
+            run = start_run(
+                root, out, mapper, overwrite, shard, recursive, within,
+                rows_per_part, chip_grid_of(tile, stride, tile_m, stride_m),
             )  # fmt: skip
             log.info("embedding with %s on %s", Path(model).name, mapper.device_name)
-            sink = PartSink(out, mapper.dim, metadata, rows_per_part, tiled)
-            work: Iterable[Any] = plan
-            if grid is not None:
-                metres = grid["unit"] == "m"
-                work = chips(plan, root, grid["tile"], grid["stride"], metres)
+            sink = run.sink
             try:
                 with Reader(
                     root, mapper.spec, pool, batch_size, overlap=mapper.on_gpu
                 ) as reader:
-                    _embed_all(work, reader, mapper, sink, summary, on_item, max_nodata)
+                    _embed_all(
+                        run.work, reader, mapper, sink, summary, on_item, max_nodata
+                    )
             except KeyboardInterrupt as e:
                 pool.close(kill=True)
                 raise interrupted_saving(sink, summary) from e
             pool.close(kill=True)  # all read: nothing of theirs is left to lose
             summary.inference_seconds = mapper.inference_seconds
-            finish(out, root, previous, plan, sink, summary, metadata, tiled)
+            finish(out, root, run, summary)
     except KeyboardInterrupt as e:  # between batches, while merging, ...
         raise interrupted_kept(out) from e
     return checked(summary, start)
 
 
 # -------------------------------------------------- shared with ray_runner.py
-def start_plan(
+@dataclass
+class Run:
+    """What a run starts from (plain or Ray): the rows an earlier run left, the
+    plan, the sink for this run's rows, the work (paths, or (path, chip) with a
+    chip ``grid``) and the table's metadata."""
+
+    previous: Any
+    plan: Plan
+    sink: PartSink
+    work: Iterable[str | tuple[str, Chip]]
+    metadata: dict[str, Any]
+    grid: dict[str, Any] | None
+
+    @property
+    def tiled(self) -> bool:
+        return self.grid is not None
+
+
+def start_run(
     root: Path,
     out: Path,
-    model_sha256: str,
+    mapper: Mapper,
     overwrite: bool,
     shard: tuple[int, int] | None,
     recursive: bool,
     within: str | os.PathLike[str] | None,
-    tiled: bool,
-    grid: dict[str, Any] | None = None,
-) -> tuple[Any, Plan]:
-    """The rows an earlier run left (None with ``overwrite``) and the plan;
-    parts of an earlier run are dropped with ``overwrite``, stale temps always."""
-    previous = None if overwrite else read_previous(out, model_sha256, tiled, grid)
+    rows_per_part: int,
+    grid: dict[str, Any] | None,
+) -> Run:
+    """Reads what an earlier run left (nothing with ``overwrite``), plans, and
+    opens the sink; parts of an earlier run are dropped with ``overwrite``, stale
+    temps always. With ``grid`` (chip_grid_of), the work is each file's chips
+    and the grid is recorded in the table."""
+    tiled = grid is not None
+    metadata = {**mapper.metadata, "chip_grid": grid} if tiled else mapper.metadata
+    previous = None if overwrite else read_previous(out, mapper.sha256, tiled, grid)
     fence = Path(within) if within is not None else None
     plan = Plan(root, previous, shard, recursive, within=fence)
     if overwrite:
         clear_parts(out)
     remove_stale_temps(out)
-    return previous, plan
+    sink = PartSink(out, mapper.dim, metadata, rows_per_part, tiled)
+    work: Iterable[str | tuple[str, Chip]] = plan
+    if grid is not None:
+        metres = grid["unit"] == "m"
+        work = chips(plan, root, grid["tile"], grid["stride"], metres)
+    return Run(previous, plan, sink, work, metadata, grid)
 
 
 def chip_grid_of(
@@ -236,22 +256,14 @@ def count(summary: RunSummary, row: Row) -> None:
         log.warning("failed %s: %s", row.path, row.error)
 
 
-def finish(
-    out: Path,
-    root: Path,
-    previous: Any,
-    plan: Plan,
-    sink: PartSink,
-    summary: RunSummary,
-    metadata: dict[str, Any],
-    tiled: bool,
-) -> None:
+def finish(out: Path, root: Path, run: Run, summary: RunSummary) -> None:
     """Flushes the last rows and merges the table (or keeps it, when nothing
     changed).
 
     Raises:
         NoInputError: the listing held no TIFF.
     """
+    previous, plan, sink = run.previous, run.plan, run.sink
     sink.flush()
     summary.already_done = plan.already_done
     if not plan.order:
@@ -263,7 +275,9 @@ def finish(
         clear_parts(out)
         summary.nothing_new, summary.rows = True, len(plan.order)
     else:
-        summary.rows = merge(out, previous, plan.order, sink.dim, metadata, tiled)
+        summary.rows = merge(
+            out, previous, plan.order, sink.dim, run.metadata, run.tiled
+        )
     summary.write_seconds += time.perf_counter() - t0
 
 
