@@ -216,7 +216,7 @@ def start_run(
     and the grid is recorded in the table."""
     tiled = grid is not None
     metadata = {**mapper.metadata, "chip_grid": grid} if tiled else mapper.metadata
-    previous = None if overwrite else read_previous(out, mapper.sha256, tiled, grid)
+    previous = None if overwrite else read_previous(out, mapper.sha256, grid)
     fence = Path(within) if within is not None else None
     plan = Plan(root, previous, shard, recursive, within=fence)
     if overwrite:

@@ -230,12 +230,10 @@ class PartSink:
 
 
 def read_previous(
-    out: Path,
-    model_sha256: str,
-    tiled: bool = False,
-    grid: dict[str, Any] | None = None,
+    out: Path, model_sha256: str, grid: dict[str, Any] | None = None
 ) -> pa.Table | None:
-    """Rows of an earlier run (the table and any parts), oldest first.
+    """Rows of an earlier run (the table and any parts), oldest first; with a
+    chip ``grid``, of a table of chips cut the same way.
 
     Raises:
         CmaeError: a file was written with another model or another chip
@@ -245,6 +243,7 @@ def read_previous(
         parts_dir(out).glob("part-*.parquet")
     )
     tables = []
+    tiled = grid is not None
     schema_names = schema(1, tiled).names
     for path in sources:
         try:
@@ -278,7 +277,7 @@ def read_previous(
                 "--out"
             )
         recorded = json.loads(meta.get(b"chip_grid", b"null"))
-        if grid is not None and recorded is not None and recorded != grid:
+        if tiled and recorded is not None and recorded != grid:
             raise CmaeError(
                 f"{path}: holds chips of {grid_text(recorded)}, this run cuts "
                 f"{grid_text(grid)}; use --overwrite to start over, or another --out"
