@@ -18,7 +18,8 @@ a negligible model (ViT depth 1, width 32) and vit_small, all at 224 px:
 Then the peak memory of ``cmae embed-dir`` over N files and over 10 N (the same
 files hard-linked ten times, so the work per file is the same): within 10 %.
 
-Training (vit_tiny at 224 px, batch 32, the CPU):
+Training (vit_tiny at 224 px, batch 32, the CPU; ``--train-model``,
+``--train-batch``, ``--precision`` and ``--epochs`` for a GPU):
 
   (s) the in-memory step rate: forward, backward and AdamW on a batch already
       in memory, images/s;
@@ -26,13 +27,23 @@ Training (vit_tiny at 224 px, batch 32, the CPU):
   first epoch with the cache: the pass that reads every raster into the cache,
   then the epoch, images/s over both (model set-up and checkpoint writing left
   out); target >= 0.9 min(d, s), on a CPU at most 1/(1/s + 1/d);
-  cached epoch: a later epoch, from the memory-mapped cache; target >= 0.9 s.
+  cached epoch: a later epoch, from the memory-mapped cache (on a GPU, held
+      in its memory when it fits); target >= 0.9 s.
+
+With ``--device cuda`` the same figures on a GPU: (a) and (b) on onnxruntime's
+CUDA provider, training on the GPU, and how busy the GPU was (NVML's
+utilisation, sampled every 50 ms: the share of time a kernel ran) during (b) and
+during the cached epochs; targets: embed-dir b >= 0.9 d, GPU busy >= 80 % while
+training from the cache. ``benchmarks/gpu.sh`` installs what it needs and runs
+it on a GPU machine; ``--embed-models`` and ``--train-runs`` run less of it (a
+short device lease).
 
 Usage:
     python benchmarks/pipeline.py                          # everything
     python benchmarks/pipeline.py --parts embed --files 600
     python benchmarks/pipeline.py --parts train --train-files 96
     python benchmarks/pipeline.py --data /tmp/dems         # reuse generated files
+    bash benchmarks/gpu.sh train|embed                     # on a GPU machine
 """
 
 from __future__ import annotations
@@ -119,11 +130,11 @@ def make_encoder(name: str, out: Path, **override: int) -> Path:
     return onnx
 
 
-def bare_rate(onnx: Path, batch: int, repeats: int = 5) -> float:
-    """(a): onnxruntime alone, all cores, on ready tensors."""
+def bare_rate(onnx: Path, batch: int, device: str, repeats: int = 5) -> float:
+    """(a): onnxruntime alone (all cores, or the GPU), on ready tensors."""
     from catchment_mae.runtime import create_session, run_encoder
 
-    sess = create_session(onnx, "cpu", threads=cores())
+    sess = create_session(onnx, device, threads=cores())
     rng = np.random.default_rng(0)
     image = rng.standard_normal((batch, 1, 224, 224)).astype(np.float32)
     scale = np.log(rng.uniform(64, 1024, (batch, 2))).astype(np.float32)
@@ -136,19 +147,24 @@ def bare_rate(onnx: Path, batch: int, repeats: int = 5) -> float:
     return batch / statistics.median(times)
 
 
-def embed_rate(root: Path, onnx: Path, out: Path, batch: int) -> float:
-    """(b): embed_dir() in this process, start to finish, images/s."""
+def embed_rate(
+    root: Path, onnx: Path, out: Path, batch: int, device: str
+) -> tuple[float, float]:
+    """(b): embed_dir() in this process, start to finish: images/s, and the
+    share of the run spent in onnxruntime's calls."""
     from catchment_mae.batch.runner import embed_dir
 
     t0 = time.perf_counter()
-    s = embed_dir(root, onnx, out, batch_size=batch, overwrite=True)
-    return s.embedded / (time.perf_counter() - t0)
+    s = embed_dir(root, onnx, out, batch_size=batch, overwrite=True, device=device)
+    seconds = time.perf_counter() - t0
+    return s.embedded / seconds, s.inference_seconds / seconds
 
 
-def command_rate(root: Path, onnx: Path, out: Path, batch: int) -> float:
+def command_rate(root: Path, onnx: Path, out: Path, batch: int, device: str) -> float:
     """(b) as a user runs it: the command's wall time (interpreter start too)."""
     cmd = [*CMAE, "-q", "embed-dir", str(root), "--model", str(onnx), "--out",
-           str(out), "--batch-size", str(batch), "--json", "--overwrite"]  # fmt: skip
+           str(out), "--batch-size", str(batch), "--json", "--overwrite",
+           "--device", device]  # fmt: skip
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -158,34 +174,82 @@ def command_rate(root: Path, onnx: Path, out: Path, batch: int) -> float:
 
 
 def bench_embed(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa: ANN001
-    models = {
-        "negligible (depth 1, width 32)": make_encoder(
+    models = {}
+    if "negligible" in args.embed_models:
+        models["negligible (depth 1, width 32)"] = make_encoder(
             "vit_tiny_patch16_224", tmp, depth=1, embed_dim=32, num_heads=2
-        ),
-        "vit_small_patch16_224": make_encoder("vit_small_patch16_224", tmp),
-    }
+        )
+    if "vit_small" in args.embed_models:
+        models["vit_small_patch16_224"] = make_encoder("vit_small_patch16_224", tmp)
+    busy = GpuBusy.start() if args.device == "cuda" else None
     for label, onnx in models.items():
-        a = bare_rate(onnx, args.batch_size)
+        a = bare_rate(onnx, args.batch_size, args.device)
         runs = []
         for _ in range(args.repeats):  # interleaved: this VM's speed drifts by 20 %
             d = read_rate(files, _pixels_only)
             dp = read_rate(files, _pixels_and_row)
-            b = embed_rate(root, onnx, tmp / "b.parquet", args.batch_size)
-            c = command_rate(root, onnx, tmp / "c.parquet", args.batch_size)
+            t0 = time.monotonic()
+            b, in_ort = embed_rate(
+                root, onnx, tmp / "b.parquet", args.batch_size, args.device
+            )
+            gpu = busy.mean(t0, time.monotonic()) if busy else None
+            c = command_rate(
+                root, onnx, tmp / "c.parquet", args.batch_size, args.device
+            )
             limit = 1 / (1 / a + 1 / d)
-            runs.append((d, dp, b, c, b / d, b / dp, b / limit, c / limit))
-        med = [statistics.median(r[k] for r in runs) for k in range(8)]
-        d, dp, b, c, bd, bdp, bl, cl = med
-        print(f"{label} ({len(files)} files, medians of {args.repeats} runs):")
+            runs.append((d, dp, b, c, b / d, b / dp, b / limit, c / limit, in_ort, gpu))
+        med = [statistics.median(r[k] for r in runs) for k in range(9)]
+        d, dp, b, c, bd, bdp, bl, cl, in_ort = med
+        print(f"{label} ({len(files)} files, {args.device}, medians of "
+              f"{args.repeats} runs):")  # fmt: skip
         print(f"  (a) bare onnxruntime {a:.1f} img/s; (d) readers {d:.1f}/s, "
               f"(d+) with footprints {dp:.1f}/s; L = 1/(1/a + 1/d)")  # fmt: skip
         print(f"  (b) embed_dir() {b:.1f} img/s: b/d {bd:.2f}, b/d+ {bdp:.2f}, "
               f"b/L {bl:.2f}; the command {c:.1f} img/s (its /L {cl:.2f})")  # fmt: skip
         print("      per run b/d: " + " ".join(f"{r[4]:.2f}" for r in runs))
+        print(f"      in onnxruntime's calls: {in_ort:.0%} of (b)" + (
+            "; GPU busy during (b) (NVML): "
+            + " ".join(f"{r[9]:.0%}" for r in runs if r[9] is not None)
+            if busy else ""))  # fmt: skip
         if args.original:
             o = original_rate(onnx.with_suffix(".pth"), files[: args.original])
             print(f"  (c) the original tool's way (load the .pth per image, torch): "
                   f"{o:.2f} img/s; b/c {b / o:.1f}")  # fmt: skip
+
+
+class GpuBusy:
+    """NVML's GPU utilisation (the share of its last sample period in which a
+    kernel ran), polled every 50 ms with the time, so that any window of the
+    run can be averaged afterwards."""
+
+    def __init__(self, nvml, handle) -> None:  # noqa: ANN001
+        self.nvml, self.handle = nvml, handle
+        self.samples: list[tuple[float, int]] = []
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    @classmethod
+    def start(cls) -> GpuBusy | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            pynvml.nvmlDeviceGetUtilizationRates(handle)
+        except Exception as e:  # no nvidia-ml-py, no driver, not supported
+            print(f"(GPU busy not measured: NVML {type(e).__name__}: {e})")
+            return None
+        return cls(pynvml, handle)
+
+    def _poll(self) -> None:
+        while True:
+            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            self.samples.append((time.monotonic(), util))
+            time.sleep(0.05)
+
+    def mean(self, t0: float, t1: float) -> float | None:
+        """Mean utilisation (0..1) of the samples taken between t0 and t1."""
+        inside = [u for t, u in self.samples if t0 <= t <= t1]
+        return statistics.fmean(inside) / 100 if inside else None
 
 
 def original_rate(pth: Path, files: list[Path]) -> float:
@@ -287,35 +351,48 @@ def _hwm(pid: int) -> int:
 
 
 # ------------------------------------------------------------------- training
-def step_rate(cfg, repeats: int = 5) -> float:  # noqa: ANN001
-    """(s): train steps on one batch already in memory, images/s."""
+def step_rate(cfg, steps: int = 1, repeats: int = 5, busy=None) -> float:  # noqa: ANN001
+    """(s): train steps on one batch already in memory (on the device), images/s:
+    the median of ``repeats`` blocks of ``steps`` steps. With ``busy`` (GpuBusy),
+    also prints how busy these steps keep the GPU: the ceiling of the epochs'."""
     import torch
 
     from catchment_mae.model import build_model
-    from catchment_mae.trainer import _optimizer
+    from catchment_mae.trainer import _optimizer, autocast_context
 
+    device = torch.device(cfg.device)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     opt = _optimizer(model, cfg)
     b, s = cfg.batch_size, cfg.image_size
-    images = torch.randn(b, 1, s, s)
-    valid = torch.ones(b, 1, s, s)
-    scale = torch.log(torch.full((b, 2), 300.0))
+    images = torch.randn(b, 1, s, s, device=device)
+    valid = torch.ones(b, 1, s, s, device=device)
+    scale = torch.log(torch.full((b, 2), 300.0, device=device))
     model.train()
+    autocast = autocast_context(device, cfg.precision)
 
     def step() -> None:
-        loss, _, _ = model(images, valid, scale)
+        with autocast:
+            loss, _, _ = model(images, valid, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step()
-    times = []
-    for _ in range(repeats):
+    def block() -> float:
         t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return b / statistics.median(times)
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    block()
+    t0 = time.monotonic()
+    times = [block() for _ in range(repeats)]
+    share = busy.mean(t0, time.monotonic()) if busy else None
+    if share is not None:
+        print(f"      GPU busy during the in-memory steps (NVML): {share:.0%}")
+    return b * steps / statistics.median(times)
 
 
 def bench_train(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa: ANN001
@@ -326,43 +403,85 @@ def bench_train(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
     data.mkdir()
     for p in files[: args.train_files]:
         os.link(p, data / p.name)
+    gpu = args.device == "cuda"
+    workers = args.workers or (cores() - 1 if gpu else cores())
     base = dict(
-        input_dir=str(data), vit_model_name="vit_tiny_patch16_224", image_size=224,
-        norm="per-raster", batch_size=32, val_fraction=0.0, num_workers=cores(),
-        device="cpu", max_epochs=3, warmup_epochs=1.0,
+        input_dir=str(data), vit_model_name=args.train_model, image_size=224,
+        norm="per-raster", batch_size=args.train_batch, val_fraction=0.0,
+        num_workers=workers, device=args.device, max_epochs=args.epochs,
+        warmup_epochs=1.0, precision=args.precision,
     )  # fmt: skip
-    print(f"training vit_tiny @ 224, batch 32, {args.train_files} DEMs, "
-          f"{cores()} loader workers, 3 epochs a run:")  # fmt: skip
+    steps = 20 if gpu else 1  # a GPU step is queued, not waited for: time blocks
+    busy = GpuBusy.start() if gpu else None
+    print(f"training {args.train_model} @ 224, {args.precision}, batch "
+          f"{args.train_batch}, {args.train_files} DEMs, {workers} loader "
+          f"workers, {args.device}, {args.epochs} epochs a run:")  # fmt: skip
     for rep in range(args.repeats):  # the step rate is measured beside each pair
         d = read_rate(files[: args.train_files], _pixels_only)
-        s = step_rate(TrainConfig(**base, in_chans=1))
+        s = step_rate(TrainConfig(**base, in_chans=1), steps, busy=busy)
         runs = {}
         for label, extra in (
             ("no cache", {"cache": False}),
             ("cache", {"cache_dir": str(tmp / f"cache{rep}")}),
         ):
+            if label not in args.train_runs:
+                continue
             cfg = TrainConfig(
                 **base, **extra, model_output_path=str(tmp / f"{label}.pth")
             )
-            result = train(cfg, overwrite=True, progress=False)
+            ends: list[float] = []  # each epoch's end (after its checkpoint)
+            result = train(
+                cfg, overwrite=True, progress=False,
+                on_epoch_end=lambda _, ends=ends: ends.append(time.monotonic()),
+            )  # fmt: skip
             first = result.history[0]
             # The first pass (reading every raster, into the cache) and epoch 1.
             seconds = result.first_pass_seconds + first["seconds"]
-            runs[label] = (first["images"] / seconds, result.history)
-        s = (s + step_rate(TrainConfig(**base, in_chans=1))) / 2
-        first = runs["cache"][0]
-        cached = statistics.median(h["images_per_s"] for h in runs["cache"][1][1:])
-        plain = statistics.median(h["images_per_s"] for h in runs["no cache"][1][1:])
+            # Each later epoch runs from the previous one's end for its seconds.
+            windows = [
+                (t, t + h["seconds"])
+                for t, h in zip(ends, result.history[1:], strict=False)
+            ]
+            runs[label] = (first["images"] / seconds, result.history, windows)
+        s = (s + step_rate(TrainConfig(**base, in_chans=1), steps)) / 2
         limit = 1 / (1 / s + 1 / d)
         print(f"  run {rep + 1}: (s) in-memory step {s:.1f} img/s, (d) readers "
-              f"{d:.1f}/s; uncached epoch {plain:.1f} ({plain / s:.2f} s); first "
-              f"epoch with the cache (read in, then the epoch) {first:.1f} "
-              f"({first / min(d, s):.2f} min(d, s), {first / limit:.2f} "
-              f"1/(1/s + 1/d)); cached epoch {cached:.1f} ({cached / s:.2f} s, "
-              f"target >= 0.9)")  # fmt: skip
+              f"{d:.1f}/s")  # fmt: skip
+        if "no cache" in runs:
+            plain = statistics.median(
+                h["images_per_s"] for h in runs["no cache"][1][1:]
+            )
+            print(f"    uncached epoch {plain:.1f} ({plain / s:.2f} s)")
+        if "cache" in runs:
+            first = runs["cache"][0]
+            cached = statistics.median(h["images_per_s"] for h in runs["cache"][1][1:])
+            print(f"    first epoch with the cache (read in, then the epoch) "
+                  f"{first:.1f} ({first / min(d, s):.2f} min(d, s), "
+                  f"{first / limit:.2f} 1/(1/s + 1/d)); cached epoch {cached:.1f} "
+                  f"({cached / s:.2f} s, target >= 0.9)")  # fmt: skip
+        if busy is not None:
+            for label, (_, _, windows) in runs.items():
+                shares = [busy.mean(t0, t1) for t0, t1 in windows]
+                print(f"      GPU busy in the later epochs, {label} (NVML): "
+                      + " ".join(f"{x:.0%}" for x in shares if x is not None)
+                      + " (target >= 80 % from the cache)")  # fmt: skip
 
 
 # ----------------------------------------------------------------------- main
+def _generate_part(job: tuple[Path, int, int, int]) -> None:
+    root, part, parts, n = job
+    count = len(range(part, n, parts))
+    generate_dems(root, count, min_size=64, max_size=1024, seed=3 + part,
+                  prefix=f"dem{part:02d}")  # fmt: skip
+
+
+def generate(root: Path, n: int) -> None:
+    """``n`` DEMs, 64-1024 px, written by one process per core."""
+    parts = min(cores(), n)
+    with mp.get_context("forkserver").Pool(parts) as pool:
+        pool.map(_generate_part, [(root, k, parts, n) for k in range(parts)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="embed,memory,train")
@@ -375,6 +494,14 @@ def main() -> None:
         "--original", type=int, default=0, help="files for (c), the original way"
     )
     ap.add_argument("--data", type=Path, help="reuse (or create) DEMs here")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--train-model", default="vit_tiny_patch16_224")
+    ap.add_argument("--train-batch", type=int, default=32)
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--epochs", type=int, default=3, help="a training run's")
+    ap.add_argument("--workers", type=int, help="loader workers (default: a core each)")
+    ap.add_argument("--embed-models", default="negligible,vit_small")
+    ap.add_argument("--train-runs", default="no cache,cache")
     args = ap.parse_args()
     import onnxruntime
     import torch
@@ -388,7 +515,7 @@ def main() -> None:
         root = args.data or tmp / "dems"
         if not root.exists() or len(list(root.glob("*.tif"))) < args.files:
             t0 = time.perf_counter()
-            generate_dems(root, args.files, min_size=64, max_size=1024, seed=3)
+            generate(root, args.files)
             print(f"generated {args.files} DEMs in {time.perf_counter() - t0:.0f} s")
         files = sorted(root.glob("*.tif"))[: args.files]
         archive = tmp / "archive"
