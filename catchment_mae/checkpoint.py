@@ -21,7 +21,7 @@ CHECKPOINT_FORMAT = 1
 # Keys that may differ between the original run and its resumption.
 RESUME_FREE_KEYS = {
     "max_epochs", "num_workers", "device", "extra", "input_dir", "cache", "cache_dir",
-    "log_every",
+    "cache_on_gpu", "log_every",
 }  # fmt: skip
 
 

@@ -58,6 +58,9 @@ class TrainConfig:
     # in the user's cache directory ($CMAE_CACHE_DIR, else $XDG_CACHE_HOME/cmae).
     cache: bool = True
     cache_dir: str | None = None
+    # Hold the cached rasters in the GPU's memory and batch them there (None:
+    # when they take at most a quarter of its free memory; loaders.py).
+    cache_on_gpu: bool | None = None
     # Chips of large rasters (--tile): rasters larger than ``tile`` pixels on a
     # side train as a grid of chips ``tile_stride`` apart (None: tile), each a
     # sample; chips with more nodata than ``max_nodata`` are left out.

@@ -49,6 +49,14 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def nbytes(self) -> int:
+        """What its images and validity take in memory."""
+        if not self.paths:
+            return 0
+        z, valid = self._arrays(0)
+        return len(self) * (z[0].nbytes + valid[0].nbytes)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
 

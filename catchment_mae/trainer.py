@@ -662,6 +662,7 @@ def _loader(
         device=device,
         rank=ranks.rank,
         world=ranks.world,
+        on_gpu=cfg.cache_on_gpu,
     )
 
 

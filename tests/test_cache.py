@@ -12,7 +12,7 @@ import torch
 
 import catchment_mae.prepare as prepare_mod
 from catchment_mae.cache import SampleCache
-from catchment_mae.data import CachedDataset, RasterDataset, collate
+from catchment_mae.data import CachedDataset, EpochSampler, RasterDataset, collate
 from catchment_mae.loaders import make_loader, to_model_input
 from catchment_mae.prepare import prepare
 from catchment_mae.preprocess import PreprocessSpec, load_sample
@@ -207,4 +207,58 @@ def test_loader__workers_persist_across_epochs_and_the_order_follows_the_epoch(
         orders.append([p for batch in loader for p in batch["path"]])
     assert sorted(orders[0]) == sorted(ds.paths)
     assert orders[0] == orders[2] != orders[1]
+    got.cache.close()
+
+
+def test_device_loader__gives_the_batches_of_the_worker_loader(
+    dems, tmp_path, monkeypatch
+):
+    """The cache held on the device (here the CPU stands in for the GPU) batches
+    exactly as the DataLoader over the same dataset, epoch by epoch."""
+    from catchment_mae.loaders import DeviceLoader
+
+    got = _prepare(dems, tmp_path / "c")
+    spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
+    ds = CachedDataset(got.entries, spec, got.cache.dir)
+    cpu = torch.device("cpu")
+    loader = make_loader(ds, 3, shuffle=True, seed=5, num_workers=0, device=cpu)
+    held = DeviceLoader(ds, 3, EpochSampler(len(ds), 5, True, batch=3), cpu)
+    monkeypatch.setattr(DeviceLoader, "CHUNK", 2)  # several chunks on the way in
+    held_small = DeviceLoader(ds, 3, EpochSampler(len(ds), 5, True, batch=3), cpu)
+    assert ds.nbytes == len(ds) * (32 * 32 * 2 + 32 * 32)
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        held.sampler.set_epoch(epoch)
+        held_small.sampler.set_epoch(epoch)
+        want = list(loader)
+        assert len(held) == len(want) == len(loader)
+        for other in (held, held_small):
+            for a, b in zip(want, other, strict=True):
+                assert a["path"] == b["path"] and b["failed"] == []
+                for key in ("z", "valid", "coef", "scale"):
+                    torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    got.cache.close()
+
+
+def test_cache_on_gpu__when_it_fits_and_a_clear_error_when_forced(
+    dems, tmp_path, monkeypatch
+):
+    """Auto holds the cache on the GPU only within a quarter of its free memory;
+    --cache-on-gpu with too little free memory is refused in words (no CUDA is
+    touched here: the free memory is given)."""
+    from catchment_mae.errors import ConfigError
+    from catchment_mae.loaders import fits_on_gpu
+
+    got = _prepare(dems, tmp_path / "c")
+    spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
+    ds = CachedDataset(got.entries, spec, got.cache.dir)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (4 * ds.nbytes, 0))
+    assert fits_on_gpu(ds, cuda)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (ds.nbytes, 0))
+    assert not fits_on_gpu(ds, cuda)
+    with pytest.raises(ConfigError, match="more than the GPU's .* --no-cache-on-gpu"):
+        make_loader(
+            ds, 3, shuffle=True, seed=0, num_workers=0, device=cuda, on_gpu=True
+        )
     got.cache.close()

@@ -125,6 +125,13 @@ from catchment_mae.preprocess import SCALE_MODES
     help="Read the TIFFs every epoch instead (nothing written to disk).",
 )
 @click.option(
+    "--cache-on-gpu/--no-cache-on-gpu",
+    default=None,
+    help="Hold the cached rasters in the GPU's memory and batch them there, so "
+    "the GPU never waits for loader workers (default: when they take at most a "
+    "quarter of its free memory).",
+)
+@click.option(
     "--tile",
     type=click.IntRange(min=8),
     metavar="PIXELS",
