@@ -205,6 +205,7 @@ class Reader:
             shared=pool.workers > 0,
         )
         _rings[self.ring.layout.name] = self.ring  # reading inline finds it
+        self.first_batch_at: float | None = None  # perf_counter() at its handing over
 
     def batches(self, rel_paths: Iterable[str | tuple[str, Chip]]) -> Iterator[Batch]:
         """Batches in the order of ``rel_paths`` (paths, or (path, chip) pairs);
@@ -228,7 +229,10 @@ class Reader:
                     for *_, future in p.jobs:
                         future.exception()
             p = pending.popleft()
-            yield self._collect(p)
+            batch = self._collect(p)
+            if self.first_batch_at is None:
+                self.first_batch_at = time.perf_counter()
+            yield batch
             free.append(p.index)
 
     def _submit(self, index: int, rels: list[str | tuple[str, Chip]]) -> _Pending:

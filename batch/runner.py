@@ -62,9 +62,11 @@ class RunSummary:
     nothing_new: bool = False
     provider: str = ""
     seconds: float = 0.0
+    session_seconds: float = 0.0  # loading the model (onnxruntime's session)
+    first_batch_seconds: float = 0.0  # from the start to the first batch read
     read_seconds: float = 0.0  # summed over workers
     inference_seconds: float = 0.0
-    write_seconds: float = 0.0
+    write_seconds: float = 0.0  # rows to Parquet parts, and the final merge
     failures: list[dict[str, str]] = field(default_factory=list)
     chips_skipped: int = 0  # --tile: chips above --max-nodata (all nodata)
 
@@ -154,7 +156,9 @@ def embed_dir(
             # each); on the CPU they take turns (reader.py). With one onnxruntime
             # thread beside the readers, vit_small ran at 7.2 img/s against a
             # limit of 11.4 (benchmarks/README.md).
+            t0 = time.perf_counter()
             mapper = Mapper(model, device, threads=cores)
+            summary.session_seconds = time.perf_counter() - t0
             summary.provider = mapper.provider
             run = start_run(
                 root, out, mapper, overwrite, shard, recursive, within,
@@ -169,6 +173,7 @@ def embed_dir(
                     _embed_all(
                         run.work, reader, mapper, sink, summary, on_item, max_nodata
                     )
+                summary.first_batch_seconds = (reader.first_batch_at or start) - start
             except KeyboardInterrupt as e:
                 pool.close(kill=True)
                 raise interrupted_saving(sink, summary) from e

@@ -150,14 +150,13 @@ def bare_rate(onnx: Path, batch: int, device: str, repeats: int = 5) -> float:
 def embed_rate(
     root: Path, onnx: Path, out: Path, batch: int, device: str
 ) -> tuple[float, float]:
-    """(b): embed_dir() in this process, start to finish: images/s, and the
-    share of the run spent in onnxruntime's calls."""
+    """(b): embed_dir() in this process, start to finish: images/s, and where
+    its time went (the run's summary)."""
     from catchment_mae.batch.runner import embed_dir
 
     t0 = time.perf_counter()
     s = embed_dir(root, onnx, out, batch_size=batch, overwrite=True, device=device)
-    seconds = time.perf_counter() - t0
-    return s.embedded / seconds, s.inference_seconds / seconds
+    return s.embedded / (time.perf_counter() - t0), s
 
 
 def command_rate(root: Path, onnx: Path, out: Path, batch: int, device: str) -> float:
@@ -189,10 +188,16 @@ def bench_embed(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
             d = read_rate(files, _pixels_only)
             dp = read_rate(files, _pixels_and_row)
             t0 = time.monotonic()
-            b, in_ort = embed_rate(
+            b, summary = embed_rate(
                 root, onnx, tmp / "b.parquet", args.batch_size, args.device
             )
             gpu = busy.mean(t0, time.monotonic()) if busy else None
+            in_ort = summary.inference_seconds / summary.seconds
+            print(f"      (b) {summary.seconds:.2f} s: model loaded in "
+                  f"{summary.session_seconds:.2f} s, first batch read at "
+                  f"{summary.first_batch_seconds:.2f} s, onnxruntime's calls "
+                  f"{summary.inference_seconds:.2f} s, rows and the table "
+                  f"{summary.write_seconds:.2f} s")  # fmt: skip
             c = command_rate(
                 root, onnx, tmp / "c.parquet", args.batch_size, args.device
             )

@@ -55,6 +55,9 @@ def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_pat
     summary = json.loads(result.stdout)
     assert summary["embedded"] == 13 and summary["failed"] == 4
     assert summary["provider"] == "CPUExecutionProvider"
+    # Where the run's time went: loading the model, then the first batch read.
+    assert 0 < summary["session_seconds"] < summary["first_batch_seconds"]
+    assert summary["first_batch_seconds"] < summary["seconds"]
     table = pq.read_table(out)
     assert table.num_rows == 17
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
