@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -218,6 +219,19 @@ def _init_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _leave_soon)
+    sys.excepthook = _quiet_report
+
+
+def _quiet_report(kind: type[BaseException], error: BaseException, _: Any) -> None:
+    """What a worker's background threads report, logged in one line at debug.
+
+    A worker hands each batch's shared memory over through multiprocessing's
+    resource sharer, whose thread reports its errors to ``sys.excepthook``;
+    stopped in the middle of a hand-over, the main process reset the connection
+    and the worker printed that thread's traceback under the one-line message
+    (once in CI, under load). Errors of the work itself reach the main process
+    through the DataLoader, as before."""
+    log.debug("loader worker: %s: %s", kind.__name__, error)
 
 
 WORKER_GRACE = 2.0  # seconds a worker keeps serving after SIGTERM

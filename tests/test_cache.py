@@ -262,3 +262,25 @@ def test_cache_on_gpu__when_it_fits_and_a_clear_error_when_forced(
             ds, 3, shuffle=True, seed=0, num_workers=0, device=cuda, on_gpu=True
         )
     got.cache.close()
+
+
+def test_loader_worker__reports_of_its_threads_print_no_traceback():
+    """A Ctrl-C in the middle of a batch's hand-over reset the resource sharer's
+    connection, and the worker printed that thread's traceback under the
+    one-line message: its reports are now logged at debug."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from catchment_mae.loaders import _init_worker\n"
+        "_init_worker(0)\n"
+        "try:\n"
+        "    raise ConnectionResetError(104, 'Connection reset by peer')\n"
+        "except ConnectionResetError:\n"
+        "    sys.excepthook(*sys.exc_info())\n"
+        "print('went on')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "went on\n", r.stderr
+    assert "Traceback" not in r.stderr and "Connection reset" not in r.stderr
