@@ -78,11 +78,11 @@ def make_loader(
         and (on_gpu or (on_gpu is None and fits_on_gpu(dataset, device)))
     ):
         free, _ = torch.cuda.mem_get_info(device)
-        if dataset.nbytes > 0.9 * free:  # asked for with --cache-on-gpu
+        if dataset.nbytes > GPU_CACHE_MOST * free:  # asked for with --cache-on-gpu
             raise ConfigError(
                 f"cache_on_gpu: the cached rasters take {dataset.nbytes / 2**20:.0f}"
-                f" MB, more than the GPU's {free / 2**20:.0f} MB free can hold "
-                "beside the model; train with --no-cache-on-gpu",
+                f" MB, more than half of the GPU's {free / 2**20:.0f} MB free (the "
+                "rest is the model's); train with --no-cache-on-gpu",
                 key="cache_on_gpu",
             )
         return DeviceLoader(dataset, batch_size, sampler, device)
@@ -106,8 +106,10 @@ def make_loader(
 
 
 # The share of the GPU's free memory a cache may take to be held there; the rest
-# stays the model's (its activations grow with the batch).
+# stays the model's (its activations grow with the batch). Asked for with
+# --cache-on-gpu, it may take up to GPU_CACHE_MOST; beyond, it is refused.
 GPU_CACHE_SHARE = 0.25
+GPU_CACHE_MOST = 0.5
 
 
 def fits_on_gpu(dataset: CachedDataset, device: torch.device) -> bool:
@@ -222,8 +224,9 @@ def _init_worker(worker_id: int) -> None:
     sys.excepthook = _quiet_report
 
 
-def _quiet_report(kind: type[BaseException], error: BaseException, _: Any) -> None:
-    """What a worker's background threads report, logged in one line at debug.
+def _quiet_report(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+    """What a worker's background threads report, logged in one line at debug
+    (its main thread's errors are reported as before).
 
     A worker hands each batch's shared memory over through multiprocessing's
     resource sharer, whose thread reports its errors to ``sys.excepthook``;
@@ -231,7 +234,10 @@ def _quiet_report(kind: type[BaseException], error: BaseException, _: Any) -> No
     and the worker printed that thread's traceback under the one-line message
     (once in CI, under load). Errors of the work itself reach the main process
     through the DataLoader, as before."""
-    log.debug("loader worker: %s: %s", kind.__name__, error)
+    if threading.current_thread() is threading.main_thread():
+        sys.__excepthook__(kind, error, tb)
+    else:
+        log.debug("loader worker: %s: %s", kind.__name__, error)
 
 
 WORKER_GRACE = 2.0  # seconds a worker keeps serving after SIGTERM

@@ -399,6 +399,8 @@ def train(
                 prepared.cache.close()
     finally:
         distributed.stop(ranks)
+        if device.type == "cuda":  # a server's next job sees the memory free
+            torch.cuda.empty_cache()
 
 
 def _train(

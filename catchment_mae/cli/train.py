@@ -127,9 +127,9 @@ from catchment_mae.preprocess import SCALE_MODES
 @click.option(
     "--cache-on-gpu/--no-cache-on-gpu",
     default=None,
-    help="Hold the cached rasters in the GPU's memory and batch them there, so "
-    "the GPU never waits for loader workers (default: when they take at most a "
-    "quarter of its free memory).",
+    help="On CUDA, hold the cached rasters in the GPU's memory and batch them "
+    "there, so the GPU never waits for loader workers (default: when they take "
+    "at most a quarter of its free memory; asked for, up to half).",
 )
 @click.option(
     "--tile",
