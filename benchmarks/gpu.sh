@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # benchmarks/pipeline.py's GPU figures, on a machine with an NVIDIA GPU, python3
-# with torch (CUDA), timm, onnx, tifffile, pyarrow, click, psutil and
-# nvidia-ml-py, and no internet. What else it needs comes as wheels in WHEELS
+# with torch (CUDA), timm, onnx, onnxruntime, tifffile, pyarrow, click, psutil
+# and nvidia-ml-py, and no internet. What else it needs comes as wheels in WHEELS
 # (default .whl): lightly, imagecodecs, pyproj, catchment-mae itself, and
 # onnxruntime-gpu for the embed part, either as its wheel or as the installed
 # package packed into ortgpu.tar.xz and split into pieces (ORT_PIECES, default
@@ -15,6 +15,10 @@
 set -euo pipefail
 part=${1:-all}
 shift || true
+case $part in
+train | embed | all) ;;
+*) echo "usage: bash benchmarks/gpu.sh train|embed|all [pipeline.py options]" >&2; exit 2 ;;
+esac
 repo=$(pwd)
 wheels=$(realpath "${WHEELS:-.whl}")
 pieces=${ORT_PIECES:-/tmp/ort}
@@ -22,14 +26,16 @@ site=/tmp/cmae-site
 data=/tmp/cmae-dems # kept between calls on the same machine: generated once
 log=${OUT:-/tmp}/gpu-$part.log
 
-if [ ! -e "$site/.installed" ]; then
+# Installed once per machine, again when the wheels change (a rebuilt cmae).
+wheels_sum=$(cat "$wheels"/*.whl | sha256sum)
+if [ "$(cat "$site/.installed" 2>/dev/null)" != "$wheels_sum" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target "$site" "$wheels"/*.whl
-    touch "$site/.installed"
+    echo "$wheels_sum" >"$site/.installed"
 fi
 export PYTHONPATH=$site PYTHONUNBUFFERED=1
 
-if [ "$part" != train ] && ! python3 -c "import onnxruntime as o, sys; \
+if [ "$part" != train ] && [ "${DEVICE:-cuda}" = cuda ] && ! python3 -c "import onnxruntime as o, sys; \
         sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
     (cd "$pieces" && cat ortgpu.tar.xz.* | sha256sum --quiet -c ortgpu.sha256)
     cat "$pieces"/ortgpu.tar.xz.* | python3 -c "import sys, tarfile; \

@@ -416,6 +416,7 @@ def bench_train(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
         norm="per-raster", batch_size=args.train_batch, val_fraction=0.0,
         num_workers=workers, device=args.device, max_epochs=args.epochs,
         warmup_epochs=1.0, precision=args.precision,
+        cache_on_gpu={"auto": None, "on": True, "off": False}[args.cache_on_gpu],
     )  # fmt: skip
     steps = 20 if gpu else 1  # a GPU step is queued, not waited for: time blocks
     busy = GpuBusy.start() if gpu else None
@@ -510,6 +511,10 @@ def main() -> None:
         "--embed-models", default="negligible,vit_small", help="comma-separated"
     )
     ap.add_argument("--train-runs", default="no cache,cache", help="comma-separated")
+    ap.add_argument(
+        "--cache-on-gpu", choices=["auto", "on", "off"], default="auto",
+        help="off: the loader workers feed the GPU (cmae train --no-cache-on-gpu)",
+    )  # fmt: skip
     args = ap.parse_args()
     import onnxruntime
     import torch
