@@ -206,6 +206,7 @@ class Reader:
         )
         _rings[self.ring.layout.name] = self.ring  # reading inline finds it
         self.first_batch_at: float | None = None  # perf_counter() at its handing over
+        self.wait_seconds = 0.0  # the caller's time spent waiting for the readers
 
     def batches(self, rel_paths: Iterable[str | tuple[str, Chip]]) -> Iterator[Batch]:
         """Batches in the order of ``rel_paths`` (paths, or (path, chip) pairs);
@@ -224,12 +225,14 @@ class Reader:
                     pending.append(self._submit(free.popleft(), chunk))
             if not pending:
                 return
+            t0 = time.perf_counter()
             if not self.overlap:  # the whole wave read before the model runs
                 for p in pending:
                     for *_, future in p.jobs:
                         future.exception()
             p = pending.popleft()
             batch = self._collect(p)
+            self.wait_seconds += time.perf_counter() - t0
             if self.first_batch_at is None:
                 self.first_batch_at = time.perf_counter()
             yield batch

@@ -30,6 +30,7 @@ from catchment_mae.batch.writer import (
     parts_dir,
     read_previous,
     remove_stale_temps,
+    warm_up,
 )
 from catchment_mae.errors import CmaeError, NoInputError, OutputError
 from catchment_mae.interrupt import sigterm_as_interrupt
@@ -64,6 +65,7 @@ class RunSummary:
     seconds: float = 0.0
     session_seconds: float = 0.0  # loading the model (onnxruntime's session)
     first_batch_seconds: float = 0.0  # from the start to the first batch read
+    wait_seconds: float = 0.0  # waiting for the readers (the first batch's included)
     read_seconds: float = 0.0  # summed over workers
     inference_seconds: float = 0.0
     write_seconds: float = 0.0  # rows to Parquet parts, and the final merge
@@ -151,6 +153,7 @@ def embed_dir(
             _lock(out),
             sigterm_as_interrupt(),
             ReaderPool(workers, timeout=timeout) as pool,
+            _warming(),
         ):
             # onnxruntime gets every core, and so do the readers (one BLAS thread
             # each); on the CPU they take turns (reader.py). With one onnxruntime
@@ -174,6 +177,7 @@ def embed_dir(
                         run.work, reader, mapper, sink, summary, on_item, max_nodata
                     )
                 summary.first_batch_seconds = (reader.first_batch_at or start) - start
+                summary.wait_seconds = reader.wait_seconds
             except KeyboardInterrupt as e:
                 pool.close(kill=True)
                 raise interrupted_saving(sink, summary) from e
@@ -269,12 +273,12 @@ def finish(out: Path, root: Path, run: Run, summary: RunSummary) -> None:
         NoInputError: the listing held no TIFF.
     """
     previous, plan, sink = run.previous, run.plan, run.sink
+    t0 = time.perf_counter()
     sink.flush()
     summary.already_done = plan.already_done
     if not plan.order:
         clear_parts(out)
         raise NoInputError(f"{root}: no .tif/.tiff files found{plan.where()}")
-    t0 = time.perf_counter()
     if _nothing_new(out, previous, plan.order, sink, summary):
         # Only failures that failed again, for the same reasons: keep the table.
         clear_parts(out)
@@ -386,6 +390,16 @@ def _nothing_new(
         )
     )
     return all(errors.get(f["path"]) == f["error"] for f in summary.failures)
+
+
+@contextlib.contextmanager
+def _warming() -> Iterator[None]:
+    """pyarrow warmed up in a thread for the block (writer.warm_up)."""
+    thread = warm_up()
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 @contextlib.contextmanager

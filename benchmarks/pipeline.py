@@ -182,6 +182,7 @@ def bench_embed(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
     if "vit_small" in args.embed_models.split(","):
         models["vit_small_patch16_224"] = make_encoder("vit_small_patch16_224", tmp)
     busy = GpuBusy.start() if args.device == "cuda" else None
+    readers = cores()  # embed_dir's default
     for label, onnx in models.items():
         a = bare_rate(onnx, args.batch_size, args.device)
         runs = []
@@ -194,11 +195,14 @@ def bench_embed(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
             )
             gpu = busy.mean(t0, time.monotonic()) if busy else None
             in_ort = summary.inference_seconds / summary.seconds
+            busy_readers = summary.read_seconds / (summary.seconds * readers)
             print(f"      (b) {summary.seconds:.2f} s: model loaded in "
                   f"{summary.session_seconds:.2f} s, first batch read at "
-                  f"{summary.first_batch_seconds:.2f} s, onnxruntime's calls "
+                  f"{summary.first_batch_seconds:.2f} s, waiting for the readers "
+                  f"{summary.wait_seconds:.2f} s, onnxruntime's calls "
                   f"{summary.inference_seconds:.2f} s, rows and the table "
-                  f"{summary.write_seconds:.2f} s")  # fmt: skip
+                  f"{summary.write_seconds:.2f} s; readers reading "
+                  f"{busy_readers:.0%} of (b)")  # fmt: skip
             c = command_rate(
                 root, onnx, tmp / "c.parquet", args.batch_size, args.device
             )
@@ -410,7 +414,9 @@ def bench_train(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
     for p in files[: args.train_files]:
         os.link(p, data / p.name)
     gpu = args.device == "cuda"
-    workers = args.workers or (cores() - 1 if gpu else cores())
+    workers = (
+        args.workers if args.workers is not None else (cores() - 1 if gpu else cores())
+    )
     base = dict(
         input_dir=str(data), vit_model_name=args.train_model, image_size=224,
         norm="per-raster", batch_size=args.train_batch, val_fraction=0.0,

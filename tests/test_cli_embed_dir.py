@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +39,22 @@ def _run(runner, *args):
     return runner.invoke(cli, ["embed-dir", *map(str, args)])
 
 
+def test_writer_warm_up__takes_pyarrows_first_call_off_the_rows_path():
+    """pyarrow imports pandas at its first pa.array (a quarter of a second):
+    warm_up does it in its thread, so the first flush of rows does not."""
+    pytest.importorskip("pandas", reason="pyarrow imports pandas only if installed")
+    code = (
+        "import sys\n"
+        "from catchment_mae.batch.writer import warm_up\n"
+        "assert 'pandas' not in sys.modules\n"
+        "warm_up().join()\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"
+
+
 def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_path):
     out = tmp_path / "emb.parquet"
     result = _run(
@@ -58,6 +75,9 @@ def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_pat
     # Where the run's time went: loading the model, then the first batch read.
     assert 0 < summary["session_seconds"] < summary["first_batch_seconds"]
     assert summary["first_batch_seconds"] < summary["seconds"]
+    # The wait for the readers includes the first batch's, within the run.
+    assert 0 < summary["wait_seconds"] < summary["seconds"]
+    assert not [t for t in threading.enumerate() if t.name == "cmae-warm-up"]
     table = pq.read_table(out)
     assert table.num_rows == 17
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
