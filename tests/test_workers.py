@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -80,6 +82,29 @@ def test_pool__a_task_past_its_budget_is_stopped_and_the_rest_go_on():
         assert failure_reason(TimeoutError(), 0.5) == (
             "timed out after 0.5 s (the reader was stopped)"
         )
+
+
+def test_pool__a_task_s_budget_starts_when_its_worker_is_up():
+    """Tasks go to each worker as soon as it is started, and their time budget
+    runs from when it is up: a slow start is not the task's time."""
+    with ReaderPool(2, initializer=time.sleep, initargs=(1.0,), timeout=0.5) as pool:
+        futures = [pool.submit(square, i) for i in range(4)]
+        assert [f.result(timeout=30) for f in futures] == [0, 1, 4, 9]
+
+
+def test_prestart__the_forkserver_starts_in_a_thread():
+    """cmae embed-dir starts the readers' forkserver before its own imports."""
+    code = (
+        "import threading\n"
+        "import multiprocessing.forkserver as fs\n"
+        "from catchment_mae.workers import prestart\n"
+        "prestart()\n"
+        "[t.join() for t in threading.enumerate() if t.name == 'cmae-forkserver']\n"
+        "print(fs._forkserver._forkserver_pid is not None)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"
 
 
 def test_pool__an_exception_is_a_one_line_reason():

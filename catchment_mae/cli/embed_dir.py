@@ -162,6 +162,10 @@ def embed_dir(
       cmae embed-dir /shared/archive --model m.onnx --out e.parquet --ray auto
       cmae embed-dir scenes/ --model m.onnx --out chips.parquet --tile 512
     """
+    if ray_address is None and num_workers != 0:
+        from catchment_mae.workers import prestart
+
+        prestart()  # beside the imports below
     import pyarrow as pa
     from tqdm.auto import tqdm
 
