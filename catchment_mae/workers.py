@@ -179,9 +179,9 @@ class ReaderPool:
         """The pool's one thread: starts and replaces workers, hands out tasks,
         collects answers, notices deaths and time budgets."""
         try:
-            # Each worker takes tasks as soon as it is up, not once all are: on
-            # 2 cores, starting 16 took 0.32 s after the forkserver's first (an
-            # emulated 16-core embed-dir, benchmarks/feed.py).
+            # Each worker is handed tasks as soon as it is started, not once all
+            # are: on 2 cores, starting 16 took 0.32 s after the forkserver's
+            # first (an emulated 16-core embed-dir, benchmarks/feed.py).
             while len(self._pool) < self.workers and not self._closed:
                 self._pool.append(_Worker(self._ctx, self._args))
                 self._dispatch()

@@ -6,6 +6,8 @@ import atexit
 import csv
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,14 @@ def real_dir() -> Path:
 def runner() -> CliRunner:
     """rasterio's runner fixture; Click >= 8.2 keeps stderr apart."""
     return CliRunner()
+
+
+def python_out(code: str) -> str:
+    """What ``code`` prints, run in a fresh interpreter (its imports are its own);
+    it must succeed."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
 
 
 def write_tiff(path: Path, data: np.ndarray, **kwargs: Any) -> Path:

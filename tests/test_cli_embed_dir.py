@@ -16,7 +16,7 @@ import pytest
 from catchment_mae.cli.main import cli
 from catchment_mae.preprocess import load_sample
 from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
-from tests.conftest import DATA
+from tests.conftest import DATA, python_out
 
 
 @pytest.fixture
@@ -50,9 +50,7 @@ def test_writer_warm_up__takes_pyarrows_first_call_off_the_rows_path():
         "warm_up().join()\n"
         "print('pandas' in sys.modules)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "True"
+    assert python_out(code) == "True"
 
 
 def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_path):

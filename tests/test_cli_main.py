@@ -12,6 +12,7 @@ import pytest
 import catchment_mae
 import catchment_mae.cli
 from catchment_mae.cli.main import cli
+from tests.conftest import python_out
 
 # Makes `import torch` (and timm, lightly) fail, as in a base install without torch.
 NO_TORCH = (
@@ -83,8 +84,7 @@ def test_torch_free_modules_do_not_import_torch():
         "bad = [m for m in ('torch', 'timm', 'lightly') if m in sys.modules]; "
         "assert not bad, bad"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    python_out(code)
 
 
 def test_unexpected_errors_are_one_line(runner, monkeypatch):

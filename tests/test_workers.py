@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from catchment_mae.workers import ReaderDied, ReaderPool, TaskFailed, failure_reason
+from tests.conftest import python_out
 
 
 def square(x: int) -> int:
@@ -102,9 +101,7 @@ def test_prestart__the_forkserver_starts_in_a_thread():
         "[t.join() for t in threading.enumerate() if t.name == 'cmae-forkserver']\n"
         "print(fs._forkserver._forkserver_pid is not None)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "True"
+    assert python_out(code) == "True"
 
 
 def test_pool__an_exception_is_a_one_line_reason():
