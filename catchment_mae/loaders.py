@@ -62,8 +62,7 @@ def make_loader(
 
     Under torchrun, ``batch_size`` is this rank's share of the global batch and
     the sampler gives each rank its part of every global batch. On CUDA, a
-    cached dataset is held in the GPU's memory when ``on_gpu`` (None: when it
-    fits, :func:`fits_on_gpu`)."""
+    cached dataset is held in the GPU's memory as :func:`hold_on_gpu` says."""
     sampler = EpochSampler(
         len(dataset),
         seed,
@@ -75,16 +74,8 @@ def make_loader(
     if (
         device.type == "cuda"
         and isinstance(dataset, CachedDataset)
-        and (on_gpu or (on_gpu is None and fits_on_gpu(dataset, device)))
+        and hold_on_gpu(dataset, device, on_gpu)
     ):
-        free, _ = torch.cuda.mem_get_info(device)
-        if dataset.nbytes > GPU_CACHE_MOST * free:  # asked for with --cache-on-gpu
-            raise ConfigError(
-                f"cache_on_gpu: the cached rasters take {dataset.nbytes / 2**20:.0f}"
-                f" MB, more than half of the GPU's {free / 2**20:.0f} MB free (the "
-                "rest is the model's); train with --no-cache-on-gpu",
-                key="cache_on_gpu",
-            )
         return DeviceLoader(dataset, batch_size, sampler, device)
     workers = loader_workers(num_workers, len(dataset))  # type: ignore[arg-type]
     # Off the main thread (a web UI job), the process has other threads: forking
@@ -112,10 +103,29 @@ GPU_CACHE_SHARE = 0.25
 GPU_CACHE_MOST = 0.5
 
 
-def fits_on_gpu(dataset: CachedDataset, device: torch.device) -> bool:
-    """Whether ``dataset`` takes at most GPU_CACHE_SHARE of the free memory."""
+def hold_on_gpu(
+    dataset: CachedDataset, device: torch.device, asked: bool | None
+) -> bool:
+    """Whether to hold ``dataset`` in the GPU's memory: never when ``asked`` is
+    False; by default (None) when it takes at most GPU_CACHE_SHARE of the free
+    memory; asked for (True), when it takes at most GPU_CACHE_MOST.
+
+    Raises:
+        ConfigError: asked for, and it takes more than GPU_CACHE_MOST.
+    """
+    if asked is False:
+        return False
     free, _ = torch.cuda.mem_get_info(device)
-    return dataset.nbytes <= GPU_CACHE_SHARE * free
+    if asked is None:
+        return dataset.nbytes <= GPU_CACHE_SHARE * free
+    if dataset.nbytes > GPU_CACHE_MOST * free:
+        raise ConfigError(
+            f"cache_on_gpu: the cached rasters take {dataset.nbytes / 2**20:.0f}"
+            f" MB, more than half of the GPU's {free / 2**20:.0f} MB free (the "
+            "rest is the model's); train with --no-cache-on-gpu",
+            key="cache_on_gpu",
+        )
+    return True
 
 
 class DeviceLoader:

@@ -247,16 +247,17 @@ def test_cache_on_gpu__when_it_fits_and_a_clear_error_when_forced(
     --cache-on-gpu with too little free memory is refused in words (no CUDA is
     touched here: the free memory is given)."""
     from catchment_mae.errors import ConfigError
-    from catchment_mae.loaders import fits_on_gpu
+    from catchment_mae.loaders import hold_on_gpu
 
     got = _prepare(dems, tmp_path / "c")
     spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
     ds = CachedDataset(got.entries, spec, got.cache.dir)
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (4 * ds.nbytes, 0))
-    assert fits_on_gpu(ds, cuda)
+    assert hold_on_gpu(ds, cuda, None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (ds.nbytes, 0))
-    assert not fits_on_gpu(ds, cuda)
+    assert not hold_on_gpu(ds, cuda, None)
+    assert not hold_on_gpu(ds, cuda, False)  # --no-cache-on-gpu
     with pytest.raises(ConfigError, match="more than half of .* --no-cache-on-gpu"):
         make_loader(
             ds, 3, shuffle=True, seed=0, num_workers=0, device=cuda, on_gpu=True
