@@ -232,9 +232,10 @@ class Reader:
                         future.exception()
             p = pending.popleft()
             batch = self._collect(p)
-            self.wait_seconds += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.wait_seconds += t1 - t0
             if self.first_batch_at is None:
-                self.first_batch_at = time.perf_counter()
+                self.first_batch_at = t1
             yield batch
             free.append(p.index)
 

@@ -30,7 +30,7 @@ from catchment_mae.batch.writer import (
     parts_dir,
     read_previous,
     remove_stale_temps,
-    warm_up,
+    warming_up,
 )
 from catchment_mae.errors import CmaeError, NoInputError, OutputError
 from catchment_mae.interrupt import sigterm_as_interrupt
@@ -153,7 +153,7 @@ def embed_dir(
             _lock(out),
             sigterm_as_interrupt(),
             ReaderPool(workers, timeout=timeout) as pool,
-            _warming(),
+            warming_up(),
         ):
             # onnxruntime gets every core, and so do the readers (one BLAS thread
             # each); on the CPU they take turns (reader.py). With one onnxruntime
@@ -390,16 +390,6 @@ def _nothing_new(
         )
     )
     return all(errors.get(f["path"]) == f["error"] for f in summary.failures)
-
-
-@contextlib.contextmanager
-def _warming() -> Iterator[None]:
-    """pyarrow warmed up in a thread for the block (writer.warm_up)."""
-    thread = warm_up()
-    try:
-        yield
-    finally:
-        thread.join()
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,10 @@ def _column(name: str, rows: list[Row]) -> pa.Array:
     return pa.array(values, _TYPES[name])
 
 
-def warm_up() -> threading.Thread:
-    """Starts pyarrow's first ``pa.array`` in a thread, and returns it (join it).
+@contextlib.contextmanager
+def warming_up() -> Iterator[None]:
+    """pyarrow's first ``pa.array`` run in a thread during the block (joined at
+    its end).
 
     pyarrow imports pandas, when it is installed, at its first ``pa.array``:
     0.25 s on the 2-core VM, which stalled the first part's flush while the
@@ -162,7 +165,10 @@ def warm_up() -> threading.Thread:
         target=pa.array, args=([0],), daemon=True, name="cmae-warm-up"
     )
     thread.start()
-    return thread
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 def parts_dir(out: Path) -> Path:

@@ -39,15 +39,15 @@ def _run(runner, *args):
     return runner.invoke(cli, ["embed-dir", *map(str, args)])
 
 
-def test_writer_warm_up__takes_pyarrows_first_call_off_the_rows_path():
+def test_writer_warming_up__takes_pyarrows_first_call_off_the_rows_path():
     """pyarrow imports pandas at its first pa.array (a quarter of a second):
-    warm_up does it in its thread, so the first flush of rows does not."""
+    warming_up does it in its thread, so the first flush of rows does not."""
     pytest.importorskip("pandas", reason="pyarrow imports pandas only if installed")
     code = (
         "import sys\n"
-        "from catchment_mae.batch.writer import warm_up\n"
+        "from catchment_mae.batch.writer import warming_up\n"
         "assert 'pandas' not in sys.modules\n"
-        "warm_up().join()\n"
+        "with warming_up(): pass\n"
         "print('pandas' in sys.modules)\n"
     )
     assert python_out(code) == "True"
