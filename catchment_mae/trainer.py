@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -541,11 +542,8 @@ def split_items(
     rasters is not drawn as the whole validation set); never all of them."""
     rasters = list(dict.fromkeys(paths))
     if len(rasters) == len(paths):  # no chips: the plain split
-        train, val = split_indices(len(paths), val_fraction, seed)
-        return train, val
-    sizes = {r: 0 for r in rasters}
-    for p in paths:
-        sizes[p] += 1
+        return split_indices(len(paths), val_fraction, seed)
+    sizes = Counter(paths)
     in_val: set[Path] = set()
     want, taken = val_fraction * len(paths), 0
     for k in np.random.default_rng(seed).permutation(len(rasters)):
