@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from catchment_mae.interrupt import ignore_interrupts
+
 # The first pass (reading every raster into the cache) runs on the first rank of
 # each machine while the others wait at a barrier; a large archive takes hours.
 FIRST_PASS_TIMEOUT = datetime.timedelta(hours=12)
@@ -77,7 +79,11 @@ def start(ranks: Ranks, device: torch.device) -> torch.device:
 
 
 def stop(ranks: Ranks) -> None:
+    """Leaves the group, the rank's last act: from here on interrupts are
+    dropped, as a second one cut short would leave the group's threads to abort
+    the process at exit (``interrupt.ignore_interrupts``)."""
     if ranks.active and dist.is_initialized():
+        ignore_interrupts()
         dist.destroy_process_group()
 
 

@@ -40,7 +40,7 @@ from catchment_mae.config import TrainConfig
 from catchment_mae.data import epoch_seed
 from catchment_mae.distributed import Ranks, ranks_from_env
 from catchment_mae.errors import ConfigError, NoInputError, TrainingError
-from catchment_mae.interrupt import sigterm_as_interrupt
+from catchment_mae.interrupt import ignore_interrupts, sigterm_as_interrupt
 from catchment_mae.io import check_writable
 from catchment_mae.loaders import (
     loader_workers,
@@ -477,6 +477,8 @@ def _train(
                     if on_epoch_end is not None:
                         on_epoch_end(stats)
     except KeyboardInterrupt as e:
+        if ranks.active:  # the launcher forwards the same signal: one stop is enough
+            ignore_interrupts()
         bar.close()
         done = len(history)
         hint = (

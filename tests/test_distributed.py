@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from catchment_mae.data import EpochSampler
+from tests.conftest import python_out
 
 
 def test_sampler__ranks_share_each_global_batch():
@@ -47,6 +48,24 @@ def dems(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "dems"
     generate_dems(out, 16, min_size=40, max_size=96, seed=3)
     return out
+
+
+def test_stop__a_leaving_rank_drops_the_forwarded_signal(tmp_path):
+    """torchrun forwards to each rank the Ctrl-C it already had: once a rank
+    leaves the group a second one must not cut the shutdown short (a group left
+    half-destroyed aborts the rank at exit)."""
+    code = f"""
+import os, signal, time
+import torch.distributed as dist
+from catchment_mae.distributed import Ranks, stop
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}",
+                        rank=0, world_size=1)
+stop(Ranks(rank=0, world=2, local_rank=0))
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.1)
+print(dist.is_initialized(), signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)
+"""
+    assert python_out(code) == "False True"  # left, and not interrupted
 
 
 def _train(tmp_path, dem_dir, name, nproc, extra=()):
