@@ -20,9 +20,13 @@ from click.testing import CliRunner
 from catchment_mae.synth import DemSpec, generate_dems, write_dem
 
 # Tests never write into the user's cache: one decode-once cache for the session
-# (CLI subprocesses inherit it), removed at exit.
-os.environ["CMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="cmae-test-cache-")
-atexit.register(shutil.rmtree, os.environ["CMAE_CACHE_DIR"], ignore_errors=True)
+# (CLI subprocesses inherit it), removed at exit. Worker processes that import
+# this module keep the session's: they leave by os._exit, skipping atexit, and
+# left 60-odd empty folders in /tmp per run when each made its own.
+_CACHE_PREFIX = "cmae-test-cache-"
+if not Path(os.environ.get("CMAE_CACHE_DIR", "")).name.startswith(_CACHE_PREFIX):
+    os.environ["CMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix=_CACHE_PREFIX)
+    atexit.register(shutil.rmtree, os.environ["CMAE_CACHE_DIR"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 # Small real rasters and the original tool's examples, committed (tests/data/README.md).
