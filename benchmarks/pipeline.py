@@ -184,9 +184,11 @@ def bench_embed(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
     busy = GpuBusy.start() if args.device == "cuda" else None
     readers = cores()  # embed_dir's default
     for label, onnx in models.items():
-        a = bare_rate(onnx, args.batch_size, args.device)
         runs = []
         for _ in range(args.repeats):  # interleaved: this VM's speed drifts by 20 %
+            # a beside each run too: measured once, before 600 files of vit_small,
+            # it stood 15 % above the same calls inside the runs a minute later.
+            a = bare_rate(onnx, args.batch_size, args.device)
             d = read_rate(files, _pixels_only)
             dp = read_rate(files, _pixels_and_row)
             t0 = time.monotonic()
@@ -207,19 +209,23 @@ def bench_embed(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
                 root, onnx, tmp / "c.parquet", args.batch_size, args.device
             )
             limit = 1 / (1 / a + 1 / d)
-            runs.append((d, dp, b, c, b / d, b / dp, b / limit, c / limit, in_ort, gpu))
-        med = [statistics.median(r[k] for r in runs) for k in range(9)]
-        d, dp, b, c, bd, bdp, bl, cl, in_ort = med
+            in_calls = summary.embedded / summary.inference_seconds / a
+            runs.append((d, dp, b, c, b / d, b / dp, b / limit, c / limit, in_ort,
+                         a, in_calls, gpu))  # fmt: skip
+        med = [statistics.median(r[k] for r in runs) for k in range(11)]
+        d, dp, b, c, bd, bdp, bl, cl, in_ort, a, in_calls = med
         print(f"{label} ({len(files)} files, {args.device}, medians of "
               f"{args.repeats} runs):")  # fmt: skip
         print(f"  (a) bare onnxruntime {a:.1f} img/s; (d) readers {d:.1f}/s, "
               f"(d+) with footprints {dp:.1f}/s; L = 1/(1/a + 1/d)")  # fmt: skip
         print(f"  (b) embed_dir() {b:.1f} img/s: b/d {bd:.2f}, b/d+ {bdp:.2f}, "
               f"b/L {bl:.2f}; the command {c:.1f} img/s (its /L {cl:.2f})")  # fmt: skip
-        print("      per run b/d: " + " ".join(f"{r[4]:.2f}" for r in runs))
-        print(f"      in onnxruntime's calls: {in_ort:.0%} of (b)" + (
+        print("      per run b/d: " + " ".join(f"{r[4]:.2f}" for r in runs)
+              + "; b/L: " + " ".join(f"{r[6]:.2f}" for r in runs))  # fmt: skip
+        print(f"      in onnxruntime's calls: {in_ort:.0%} of (b), at {in_calls:.2f} "
+              "of (a)'s rate" + (
             "; GPU busy during (b) (NVML): "
-            + " ".join(f"{r[9]:.0%}" for r in runs if r[9] is not None)
+            + " ".join(f"{r[11]:.0%}" for r in runs if r[11] is not None)
             if busy else ""))  # fmt: skip
         if args.original:
             o = original_rate(onnx.with_suffix(".pth"), files[: args.original])
