@@ -17,7 +17,7 @@ import tifffile
 import torch
 
 from catchment_mae.cli.main import cli
-from tests.conftest import DATA, TINY
+from tests.conftest import DATA, TINY, python_out
 
 TINY_FLAGS = [
     "--model", TINY["vit_model_name"], "--image-size", "32", "--patch-size", "8",
@@ -338,3 +338,44 @@ def test_train__a_signal_to_the_whole_group_stops_quietly(tmp_path, dem_dir, sig
     lines = [ln for ln in stderr.splitlines() if not ln.startswith("epoch ")]
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
     assert lines[-1].startswith("cmae: error: interrupted after "), lines
+
+
+def test_train__the_readers_forkserver_starts_before_torch_is_imported(tmp_path):
+    """The first pass's readers come from a forkserver started beside torch's
+    import, not after it."""
+    code = f"""
+import sys
+import catchment_mae.workers as workers
+seen = []
+workers.prestart = lambda: seen.append("torch" in sys.modules)
+from catchment_mae.cli.main import cli
+try:
+    cli(["train", "{tmp_path / "none"}", "--out", "{tmp_path / "m.pth"}"],
+        standalone_mode=False)
+except Exception as e:  # the input's error, after the imports
+    print(e)
+print(seen, "torch" in sys.modules)
+"""
+    said, started = python_out(code).splitlines()
+    assert said.endswith("none: input directory does not exist")
+    assert started == "[False] True"  # prestart ran, before torch was imported
+
+
+@pytest.mark.parametrize(
+    "nproc, workers, env, reads",
+    [
+        (1, None, {}, True),
+        (1, 0, {}, False),  # --num-workers 0 reads in the main process
+        (2, None, {}, False),  # --nproc's launcher: its ranks read
+        (2, None, {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, True),
+        (1, None, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, False),  # waits for rank 0
+    ],
+)
+def test_reads_here(monkeypatch, nproc, workers, env, reads):
+    from catchment_mae.cli.train import reads_here
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert reads_here(nproc, workers) is reads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,10 @@ def train(
       torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29400 -m catchment_mae.cli.main train dems/ --out m.pth
     """
+    if reads_here(nproc, flags.get("num_workers")):
+        from catchment_mae.workers import prestart
+
+        prestart()  # the first pass's readers come from it; it starts beside torch
     from catchment_mae.distributed import is_main_process, launch, ranks_from_env
     from catchment_mae.trainer import train as run_training
 
@@ -245,6 +250,18 @@ def train(
             f"wrote {summary['weights']} and {summary['config']}",
             err=True,
         )
+
+
+def reads_here(nproc: int, num_workers: int | None) -> bool:
+    """Whether this process reads the first pass in reader processes: not with
+    --num-workers 0, not --nproc's launcher, not a torchrun rank that waits for
+    its machine's first (decided from torchrun's variables: importing
+    catchment_mae.distributed would import torch first)."""
+    if num_workers == 0:
+        return False
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return False
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
