@@ -61,10 +61,11 @@ def ignore_interrupts() -> None:
 
     For a torchrun rank that is already stopping: the launcher forwards to every
     rank the signal each one had from the terminal, and a second
-    KeyboardInterrupt during the shutdown cut ``destroy_process_group`` short;
-    gloo's threads then aborted the rank at exit ("terminate called without an
-    active exception", once in about 30 CI runs). The launcher still kills a
-    rank that has not left 30 s after its signal.
+    KeyboardInterrupt during the shutdown can cut ``destroy_process_group``
+    short; a group not destroyed has gloo's threads abort the rank at exit
+    ("terminate called without an active exception": once in CI, once in 28
+    local runs of the test). The launcher still kills a rank that has not left
+    30 s after its signal.
     """
     try:
         for sig in SIGNALS:
