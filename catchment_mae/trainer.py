@@ -38,7 +38,6 @@ from catchment_mae.checkpoint import (
 )
 from catchment_mae.config import TrainConfig
 from catchment_mae.data import epoch_seed
-from catchment_mae.distributed import Ranks, ranks_from_env
 from catchment_mae.errors import ConfigError, NoInputError, TrainingError
 from catchment_mae.interrupt import ignore_interrupts, sigterm_as_interrupt
 from catchment_mae.io import check_writable
@@ -52,6 +51,7 @@ from catchment_mae.loaders import (
 from catchment_mae.model import ScaleAwareMAE, build_model
 from catchment_mae.prepare import Prepared, chip_items, describe, prepare
 from catchment_mae.preprocess import PreprocessSpec
+from catchment_mae.ranks import Ranks, ranks_from_env
 from catchment_mae.raster import find_tiffs
 from catchment_mae.workers import READ_TIMEOUT
 

@@ -374,7 +374,7 @@ print(seen, "torch" in sys.modules)
 def test_reads_here(monkeypatch, nproc, workers, env, reads):
     from catchment_mae.cli.train import reads_here
 
-    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -57,7 +57,8 @@ def test_stop__a_leaving_rank_drops_the_forwarded_signal(tmp_path):
     code = f"""
 import os, signal, time
 import torch.distributed as dist
-from catchment_mae.distributed import Ranks, stop
+from catchment_mae.distributed import stop
+from catchment_mae.ranks import Ranks
 dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}",
                         rank=0, world_size=1)
 stop(Ranks(rank=0, world=2, local_rank=0))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import click
 from catchment_mae.cli import options
 from catchment_mae.config import TrainConfig
 from catchment_mae.preprocess import SCALE_MODES
+from catchment_mae.ranks import is_main_process, ranks_from_env
 
 
 @click.command(short_help="Train a scale-aware MAE on a directory of TIFFs.")
@@ -211,10 +211,10 @@ def train(
         from catchment_mae.workers import prestart
 
         prestart()  # the first pass's readers come from it; it starts beside torch
-    from catchment_mae.distributed import is_main_process, launch, ranks_from_env
+    from catchment_mae.distributed import launch
     from catchment_mae.trainer import train as run_training
 
-    if nproc > 1 and not ranks_from_env().active:
+    if is_launcher(nproc):
         code = launch(nproc, _without_nproc(sys.argv[1:]))
         if code:
             ctx.exit(code)  # each process said why (rank 0 for an interruption)
@@ -252,16 +252,16 @@ def train(
         )
 
 
+def is_launcher(nproc: int) -> bool:
+    """--nproc N outside torchrun: this process starts the N that train."""
+    return nproc > 1 and not ranks_from_env().active
+
+
 def reads_here(nproc: int, num_workers: int | None) -> bool:
     """Whether this process reads the first pass in reader processes: not with
     --num-workers 0, not --nproc's launcher, not a torchrun rank that waits for
-    its machine's first (decided from torchrun's variables: importing
-    catchment_mae.distributed would import torch first)."""
-    if num_workers == 0:
-        return False
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return False
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+    its machine's first."""
+    return num_workers != 0 and not is_launcher(nproc) and ranks_from_env().local_main
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
