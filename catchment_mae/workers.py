@@ -37,10 +37,17 @@ log = logging.getLogger(__name__)
 # Seconds one raster may take in a reader process (decoding a 1e8-pixel raster
 # takes seconds); past it, the reader is replaced and the file fails.
 READ_TIMEOUT = 600.0
-# Modules the forkserver imports once, so each new worker starts warm.
+# Modules the forkserver imports once, so each new worker starts warm. Beyond
+# ours: tifffile's GeoTIFF key tables and the usual codecs, which a reader's
+# first raster imported otherwise (80 ms of its first 84 ms, 48 of them
+# tifffile.geodb's enums, on 2 cores). Not "__main__" (Python's default, which
+# this list replaces): before CPython 3.13.8 it does nothing (gh-126631), and
+# after it the forkserver runs the caller's script, at first with an empty
+# sys.argv (gh-143706); each worker imports the script instead (embed_dir says so).
 PRELOAD = [
     "catchment_mae.batch.reader", "catchment_mae.prepare", "catchment_mae.stats",
     "pyproj",
+    "tifffile.geodb", "imagecodecs._deflate", "imagecodecs._zlib", "imagecodecs._imcd",
 ]  # fmt: skip
 # Loggers whose levels workers copy from the main process (tifffile's chatter
 # stays off unless the user asked for it with -vv).
@@ -114,7 +121,7 @@ class ReaderPool:
             if initializer is not None:
                 initializer(*initargs)
             return
-        self._ctx = _context()
+        self._ctx = start_context()
         levels = {n: logging.getLogger(n).getEffectiveLevel() for n in _LOGGERS}
         self._args = (levels, initializer, tuple(initargs))
         self._queue: deque[tuple[int, Future, Callable[..., Any], tuple]] = deque()
@@ -333,7 +340,7 @@ def prestart() -> None:
     before the first reader. A ReaderPool made later uses it. ``cmae embed-dir``
     over 2 files: 1.11 s instead of 1.22 (medians of 5) on 2 cores, where the
     two starts share the cores."""
-    if _context().get_start_method() != "forkserver":
+    if start_context().get_start_method() != "forkserver":
         return
 
     def start() -> None:
@@ -345,7 +352,7 @@ def prestart() -> None:
     threading.Thread(target=start, name="cmae-forkserver").start()
 
 
-def _context() -> Any:
+def start_context() -> Any:
     """Where workers start from: a forkserver that has imported PRELOAD (spawn
     where there is none)."""
     if "forkserver" not in mp.get_all_start_methods():

@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import tifffile
 
 from catchment_mae.workers import ReaderDied, ReaderPool, TaskFailed, failure_reason
 from tests.conftest import python_out
@@ -102,6 +103,40 @@ def test_prestart__the_forkserver_starts_in_a_thread():
         "print(fs._forkserver._forkserver_pid is not None)\n"
     )
     assert python_out(code) == "True"
+
+
+def modules_a_read_imports(root: str, rels: list[str]) -> list[str]:
+    """The modules a reader process imports to read ``rels`` (all of them read)."""
+    import sys
+
+    from catchment_mae.batch.reader import read_one
+    from catchment_mae.preprocess import PreprocessSpec
+
+    before = set(sys.modules)
+    spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
+    assert all(read_one(root, rel, spec)[1] is not None for rel in rels)
+    return sorted(set(sys.modules) - before)
+
+
+def test_pool__a_reader_s_first_rasters_import_nothing(dem_dir):
+    """The forkserver preloads tifffile's GeoTIFF tables and the usual codecs, so
+    a new reader's first DEFLATE and LZW GeoTIFFs import no module (those imports
+    took about 80 ms of a reader's first raster). A fresh interpreter: the
+    forkserver is the one cmae starts, whatever ran before in this one."""
+    rels = sorted(p.name for p in dem_dir.glob("*.tif"))[:2]
+    kinds = set()
+    for rel in rels:
+        with tifffile.TiffFile(dem_dir / rel) as tif:
+            kinds.add(tif.pages[0].compression.name)
+    assert kinds == {"DEFLATE", "LZW"}
+    code = (
+        "from catchment_mae.workers import ReaderPool\n"
+        "from tests.test_workers import modules_a_read_imports\n"
+        "with ReaderPool(1) as pool:\n"
+        f"    f = pool.submit(modules_a_read_imports, {str(dem_dir)!r}, {rels!r})\n"
+        "    print(f.result(timeout=60))\n"
+    )
+    assert python_out(code) == "[]"
 
 
 def test_pool__an_exception_is_a_one_line_reason():
