@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -75,6 +74,7 @@ from catchment_mae.preprocess import (
     normalise,
 )
 from catchment_mae.synth import generate_dems
+from catchment_mae.workers import start_context
 
 CMAE = [sys.executable, "-m", "catchment_mae.cli.main"]
 SPEC = PreprocessSpec(image_size=224, in_chans=1, norm="per-raster")
@@ -96,8 +96,10 @@ def _pixels_and_row(path: Path) -> None:
 
 
 def read_rate(files: list[Path], work) -> float:  # noqa: ANN001
-    """(d): rasters/s of a plain pool of readers, started before the clock."""
-    ctx = mp.get_context("forkserver")
+    """(d): rasters/s of a plain pool of readers, started before the clock,
+    from cmae's forkserver (the first pool to start one sets what it preloads:
+    with Python's default, (b)'s readers each imported our modules again)."""
+    ctx = start_context()
     with ctx.Pool(cores(), initializer=limit_worker_threads) as pool:
         pool.map(work, files[: 2 * cores()])
         t0 = time.perf_counter()
@@ -497,7 +499,7 @@ def _generate_part(job: tuple[Path, int, int, int]) -> None:
 def generate(root: Path, n: int) -> None:
     """``n`` DEMs, 64-1024 px, written by one process per core."""
     parts = min(cores(), n)
-    with mp.get_context("forkserver").Pool(parts) as pool:
+    with start_context().Pool(parts) as pool:
         pool.map(_generate_part, [(root, k, parts, n) for k in range(parts)])
 
 

@@ -29,6 +29,7 @@ from catchment_mae.data import (
 from catchment_mae.errors import ConfigError
 from catchment_mae.prepare import Prepared
 from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec, limit_worker_threads
+from catchment_mae.workers import start_context
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def make_loader(
         return DeviceLoader(dataset, batch_size, sampler, device)
     workers = loader_workers(num_workers, len(dataset))  # type: ignore[arg-type]
     # Off the main thread (a web UI job), the process has other threads: forking
-    # it could copy a held lock into the workers; start them from a clean server.
+    # it could copy a held lock into the workers; start them from a clean server
+    # (the readers', which has our modules imported).
     off_main = threading.current_thread() is not threading.main_thread()
     return DataLoader(
         dataset,
@@ -87,7 +89,7 @@ def make_loader(
         sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
-        multiprocessing_context="forkserver" if workers and off_main else None,
+        multiprocessing_context=start_context() if workers and off_main else None,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
