@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # ones they know; a newer file is refused with a clear message.
 ONNX_FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
+CUDA = "CUDAExecutionProvider"
 
 
 class ModelFileError(CmaeError):
@@ -43,6 +44,7 @@ def create_session(
     device: str = "cpu",
     threads: int | None = None,
     spinning: bool = True,
+    optimise: bool = True,
 ) -> Any:
     """An InferenceSession with explicit providers.
 
@@ -55,30 +57,15 @@ def create_session(
             (onnxruntime's default). Off where other processes need the cores
             between runs: beside embed-dir's readers, the spinning threads took
             half a core-second per 1,000 images of a small model.
+        optimise: onnxruntime's graph optimisations (off for a session only
+            read for its metadata).
 
     Returns:
         The session; ``session.get_providers()[0]`` says which provider runs it.
     """
     import onnxruntime as ort
 
-    if device not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
-    available = ort.get_available_providers()
-    want_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in available
-    if device == "cuda" and not want_cuda:
-        raise CmaeError(
-            "device cuda: this onnxruntime has no CUDAExecutionProvider "
-            f"(available: {', '.join(available)}); install onnxruntime-gpu"
-        )
-    if want_cuda and not cuda_driver_present():
-        # onnxruntime-gpu lists the CUDA provider on every machine, and trying it
-        # without a driver prints two error lines; with no driver, do not try.
-        if device == "cuda":
-            raise CmaeError("device cuda: no NVIDIA driver (libcuda) on this machine")
-        want_cuda = False
-    providers = ["CPUExecutionProvider"]
-    if want_cuda:
-        providers.insert(0, "CUDAExecutionProvider")
+    providers = session_providers(device)
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "no such file"
         raise ModelFileError(f"{path}: {what} (an .onnx from cmae export)")
@@ -91,6 +78,8 @@ def create_session(
         opts.intra_op_num_threads = threads
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimise:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         sess = ort.InferenceSession(
             os.fspath(path), sess_options=opts, providers=providers
@@ -98,14 +87,43 @@ def create_session(
     except Exception as e:  # onnxruntime raises its own exception types
         raise ModelFileError(f"{path}: onnxruntime cannot load it: {_reason(e)}") from e
     used = sess.get_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in used:
+    if device == "cuda" and CUDA not in used:
         raise CmaeError(
             "device cuda: the CUDA provider did not load (no GPU, or CUDA/cuDNN "
             "libraries missing)"
         )
-    if want_cuda and "CUDAExecutionProvider" not in used:
+    if providers[0] == CUDA and CUDA not in used:
         log.debug("the CUDA provider did not load; running on the CPU")
     return sess
+
+
+def session_providers(device: str) -> list[str]:
+    """The providers a session for ``device`` asks for, best first: CUDA's
+    first where onnxruntime has it and an NVIDIA driver is present (it may still
+    fail to load; "auto" then runs on the CPU).
+
+    Raises:
+        ValueError: an unknown device.
+        CmaeError: "cuda" where this onnxruntime or machine has no CUDA.
+    """
+    import onnxruntime as ort
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
+    available = ort.get_available_providers()
+    want_cuda = device in ("cuda", "auto") and CUDA in available
+    if device == "cuda" and not want_cuda:
+        raise CmaeError(
+            "device cuda: this onnxruntime has no CUDAExecutionProvider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu"
+        )
+    if want_cuda and not cuda_driver_present():
+        # onnxruntime-gpu lists the CUDA provider on every machine, and trying it
+        # without a driver prints two error lines; with no driver, do not try.
+        if device == "cuda":
+            raise CmaeError("device cuda: no NVIDIA driver (libcuda) on this machine")
+        want_cuda = False
+    return [CUDA, "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
 
 
 def _check_not_torch(path: str | os.PathLike[str]) -> None:
