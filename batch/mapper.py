@@ -8,7 +8,9 @@ reader's ring as it lies there (a view: no copy on the CPU). No torch here.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,35 +24,60 @@ from catchment_mae.batch.writer import Row
 from catchment_mae.io import sha256_file
 from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec
 from catchment_mae.runtime import (
+    CUDA,
     ONNX_FORMAT_VERSION,
     create_session,
     read_metadata,
     run_encoder,
+    session_providers,
     spec_from_metadata,
 )
 from catchment_mae.workers import failure_reason
-
-CUDA = "CUDAExecutionProvider"
 
 
 class Mapper:
     """An exported encoder, ready to embed batches.
 
+    A CUDA session loads in a thread: onnxruntime's CUDA provider, cuBLAS, cuDNN
+    and the CUDA context take long to load, and the readers need only what the
+    model says about itself, which a CPU session of the file built without graph
+    optimisation gives at once. The caller plans and reads meanwhile; the first
+    batch waits for the session. A CPU session is built here, at once.
+
     Args:
         model: an ``.onnx`` written by ``cmae export``.
         device: "auto", "cpu" or "cuda".
         threads: onnxruntime's intra-op threads.
+        background: load the session in a thread (default: for CUDA).
     """
 
     def __init__(
-        self, model: str | os.PathLike[str], device: str, threads: int | None
+        self,
+        model: str | os.PathLike[str],
+        device: str,
+        threads: int | None,
+        background: bool | None = None,
     ) -> None:
+        # Where the session will run, decided before it exists; "auto" still
+        # falls back to the CPU if the CUDA provider then fails to load.
+        self.gpu = session_providers(device)[0] == CUDA
+        if background is None:
+            background = self.gpu
+        self.session_seconds = 0.0  # building the session (in its thread or here)
+        self._session: Future = Future()
         # On the CPU the readers need the cores between runs: no spinning.
-        self.session = create_session(model, device, threads=threads, spinning=False)
-        self.provider: str = self.session.get_providers()[0]
-        meta = read_metadata(self.session, model)
+        load = (model, device, threads, False)
+        if background:
+            probe = create_session(model, "cpu", threads=1, optimise=False)
+        else:
+            self._load(*load)
+            probe = self._session.result()
+        meta = read_metadata(probe, model)
         self.spec: PreprocessSpec = spec_from_metadata(meta)
-        self.names = [i.name for i in self.session.get_inputs()]
+        self.names = [i.name for i in probe.get_inputs()]
+        del probe
+        if background:  # a cmae encoder: load it for real
+            threading.Thread(target=self._load, args=load, name="cmae-session").start()
         self.dim = int(meta["embedding_dim"])
         self.metadata = {
             "cmae_version": __version__,
@@ -62,24 +89,50 @@ class Mapper:
         }
         self.inference_seconds = 0.0
 
+    def _load(self, *args: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            session = create_session(*args)
+        except BaseException as e:  # said where the session is first needed
+            self.session_seconds = time.perf_counter() - t0
+            self._session.set_exception(e)
+        else:
+            self.session_seconds = time.perf_counter() - t0
+            self._session.set_result(session)
+
+    def wait(self) -> None:
+        """Waits for the session to be loaded.
+
+        Raises:
+            ModelFileError, CmaeError: it could not be loaded.
+        """
+        self._session.result()
+
+    @property
+    def session(self) -> Any:
+        """The onnxruntime session (waits for it, as :meth:`wait`)."""
+        return self._session.result()
+
+    @property
+    def provider(self) -> str:
+        """The provider that runs the session (waits for it)."""
+        return str(self.session.get_providers()[0])
+
     @property
     def sha256(self) -> str:
         """The model file's sha256: rows of another model are never mixed in."""
         return str(self.metadata["model_sha256"])
 
     @property
-    def on_gpu(self) -> bool:
-        return self.provider == CUDA
-
-    @property
     def device_name(self) -> str:
-        return "CUDA" if self.on_gpu else "the CPU"
+        return "CUDA" if self.gpu else "the CPU"
 
     def rows(self, batch: Batch, ring: SlotRing) -> list[tuple[Row, Any]]:
         """Every file's row with its embedding (None for a failure), in order. An
         onnxruntime error fails the batch's good files with its reason."""
         embeddings: dict[int, np.ndarray] = {}
         if batch.good:
+            self.wait()  # a session that failed to load ends the run here
             t0 = time.perf_counter()
             try:
                 out = self.embed(ring, batch.rows)

@@ -8,7 +8,8 @@ reaches onnxruntime as a view of the ring. A file that fails leaves a gap, which
 the last good slots of its batch fill (a copy of one slot per failure).
 
 Two schedules (``overlap``): with a GPU, reading runs ahead of the model, as far
-as the ring's free batches allow; on the CPU, readers and the model take turns,
+as the ring's free batches allow (READ_AHEAD_BYTES of them: the readers also read
+while the CUDA session loads); on the CPU, readers and the model take turns,
 each on every core: a wave of batches is read, then embedded (overlapping, they
 only slowed each other down: benchmarks/README.md). Memory is the ring's, fixed,
 however many files there are. No torch here.
@@ -41,6 +42,11 @@ from catchment_mae.workers import ReaderPool, failure_reason
 # Bytes of ring the wave of batches read in one turn may take (the CPU schedule),
 # beyond which a turn holds fewer batches (many bands); never less than one.
 WAVE_BYTES = 64 << 20
+# Bytes of ring the readers may fill ahead of a GPU (at most half the free space
+# of /dev/shm, never under three batches). They read while its session loads and
+# while a batch runs: 256 MB is about 1,000 one-band slots of 224 px, a second
+# of 16 readers (1,100 files/s on the H200's machine).
+READ_AHEAD_BYTES = 256 << 20
 
 
 @dataclass
@@ -193,11 +199,12 @@ class Reader:
             raise ValueError("the reader needs spec.in_chans")
         self.root, self.spec, self.pool = root, spec, pool
         self.batch_size, self.overlap = batch_size, overlap
-        slot_bytes = (4 * spec.in_chans + 1) * spec.image_size**2 + 8
+        batch_bytes = ((4 * spec.in_chans + 1) * spec.image_size**2 + 8) * batch_size
         if overlap:  # one batch embedding, the others being read
-            self.n_batches = 3
+            room = min(READ_AHEAD_BYTES, shm_free() // 2)
+            self.n_batches = max(3, room // batch_bytes)
         else:  # one wave: up to four batches, within WAVE_BYTES
-            self.n_batches = max(1, min(4, WAVE_BYTES // (slot_bytes * batch_size)))
+            self.n_batches = max(1, min(4, WAVE_BYTES // batch_bytes))
         self.ring = SlotRing(
             self.n_batches * batch_size,
             spec.in_chans,
@@ -283,6 +290,16 @@ class Reader:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def shm_free(where: str = "/dev/shm") -> int:
+    """Bytes free for shared memory (Docker gives 64 MB by default); where there
+    is no ``/dev/shm`` (macOS), as much as the ring may take."""
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return 2 * READ_AHEAD_BYTES
+    return st.f_bavail * st.f_frsize
 
 
 def stat_key(path: Path) -> tuple[int, int] | None:

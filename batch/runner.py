@@ -63,7 +63,9 @@ class RunSummary:
     nothing_new: bool = False
     provider: str = ""
     seconds: float = 0.0
-    session_seconds: float = 0.0  # loading the model (onnxruntime's session)
+    session_seconds: float = (
+        0.0  # loading onnxruntime's session (CUDA's beside reading)
+    )
     first_batch_seconds: float = 0.0  # from the start to the first batch read
     wait_seconds: float = 0.0  # waiting for the readers (the first batch's included)
     read_seconds: float = 0.0  # summed over workers
@@ -164,10 +166,7 @@ def embed_dir(
             # each); on the CPU they take turns (reader.py). With one onnxruntime
             # thread beside the readers, vit_small ran at 7.2 img/s against a
             # limit of 11.4 (benchmarks/README.md).
-            t0 = time.perf_counter()
             mapper = Mapper(model, device, threads=cores)
-            summary.session_seconds = time.perf_counter() - t0
-            summary.provider = mapper.provider
             run = start_run(
                 root, out, mapper, overwrite, shard, recursive, within,
                 rows_per_part, chip_grid_of(tile, stride, tile_m, stride_m),
@@ -176,7 +175,7 @@ def embed_dir(
             sink = run.sink
             try:
                 with Reader(
-                    root, mapper.spec, pool, batch_size, overlap=mapper.on_gpu
+                    root, mapper.spec, pool, batch_size, overlap=mapper.gpu
                 ) as reader:
                     _embed_all(
                         run.work, reader, mapper, sink, summary, on_item, max_nodata
@@ -187,6 +186,8 @@ def embed_dir(
                 pool.close(kill=True)
                 raise interrupted_saving(sink, summary) from e
             pool.close(kill=True)  # all read: nothing of theirs is left to lose
+            summary.provider = mapper.provider
+            summary.session_seconds = mapper.session_seconds
             summary.inference_seconds = mapper.inference_seconds
             finish(out, root, run, summary)
     except KeyboardInterrupt as e:  # between batches, while merging, ...

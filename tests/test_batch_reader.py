@@ -282,3 +282,93 @@ def test_mapper__feeds_onnxruntime_views_of_the_ring(mixed, onnx_model, monkeypa
             assert np.shares_memory(scale, reader.ring.scale)
             assert [r.path for r, _ in rows] == [it.path for it in batch.items]
             assert sum(e is not None for _, e in rows) == len(batch.good)
+
+
+def _embed_all(mapper, root):
+    """Every file's (path, embedding or error) through ``mapper``."""
+    rels = [relative(p, root) for p in find_tiffs(root)]
+    got = {}
+    with ReaderPool(2) as pool, Reader(root, mapper.spec, pool, 4) as reader:
+        for batch in reader.batches(rels):
+            for row, embedding in mapper.rows(batch, reader.ring):
+                got[row.path] = row.error if embedding is None else embedding
+    return got
+
+
+def test_mapper__reading_starts_while_the_session_loads_in_a_thread(
+    mixed, onnx_model, monkeypatch
+):
+    """As with CUDA: what the model says about itself comes at once (a CPU
+    session without graph optimisation); the real session loads in a thread
+    and the first batch waits for it. The embeddings are the same."""
+    import threading
+
+    import catchment_mae.batch.mapper as mapper_mod
+    from catchment_mae.batch.mapper import Mapper
+
+    here = Mapper(onnx_model, "cpu", threads=1, background=False)
+    loading, go = threading.Event(), threading.Event()
+    real = mapper_mod.create_session
+
+    def slow(path, device="cpu", threads=None, spinning=True, optimise=True):
+        if optimise:  # the session that embeds, not the probe
+            loading.set()
+            assert go.wait(30)
+        return real(path, device, threads, spinning, optimise)
+
+    monkeypatch.setattr(mapper_mod, "create_session", slow)
+    mapper = Mapper(onnx_model, "cpu", threads=1, background=True)
+    assert loading.wait(30) and not mapper._session.done()  # built, not loaded
+    assert (mapper.spec, mapper.dim, mapper.names) == (here.spec, here.dim, here.names)
+    assert mapper.metadata["model_sha256"] == here.metadata["model_sha256"]
+    threading.Timer(0.3, go.set).start()
+    got, want = _embed_all(mapper, mixed), _embed_all(here, mixed)
+    assert mapper.session_seconds >= 0.3 and mapper.provider == "CPUExecutionProvider"
+    assert got.keys() == want.keys() and len(got) == 10
+    for path, g in got.items():
+        if isinstance(g, str):
+            assert g == want[path]
+        else:
+            np.testing.assert_allclose(g, want[path], rtol=1e-5, atol=1e-6)
+
+
+def test_mapper__a_session_that_fails_to_load_ends_the_run(
+    mixed, onnx_model, monkeypatch
+):
+    """Not each batch's rows: the load's one-line error, where the first batch
+    needs the session."""
+    import catchment_mae.batch.mapper as mapper_mod
+    from catchment_mae.batch.mapper import Mapper
+    from catchment_mae.errors import CmaeError
+
+    real = mapper_mod.create_session
+    reason = "device cuda: the CUDA provider did not load (no GPU, ...)"
+
+    def broken(path, device="cpu", threads=None, spinning=True, optimise=True):
+        if optimise:
+            raise CmaeError(reason)
+        return real(path, device, threads, spinning, optimise)
+
+    monkeypatch.setattr(mapper_mod, "create_session", broken)
+    mapper = Mapper(onnx_model, "cpu", threads=1, background=True)
+    assert mapper.dim > 0
+    with pytest.raises(CmaeError, match="did not load"):
+        _embed_all(mapper, mixed)
+
+
+def test_reader__ahead_of_a_gpu_the_ring_holds_what_dev_shm_allows(
+    tmp_path, monkeypatch
+):
+    import catchment_mae.batch.reader as reader_mod
+
+    batch_bytes = ((4 * 1 + 1) * 32**2 + 8) * 4
+    pool = ReaderPool(0)
+    most = reader_mod.READ_AHEAD_BYTES // batch_bytes
+    cases = [(1 << 40, most), (12 * batch_bytes, 6), (0, 3)]
+    for free, batches in cases:
+        monkeypatch.setattr(reader_mod, "shm_free", lambda free=free: free)
+        with Reader(tmp_path, SPEC, pool, 4, overlap=True) as reader:
+            assert reader.n_batches == batches
+            assert reader.ring.layout.rows == batches * 4
+        with Reader(tmp_path, SPEC, pool, 4, overlap=False) as reader:
+            assert reader.n_batches == 4  # the CPU's waves are as they were
