@@ -48,25 +48,29 @@ def fake_read(root, rel, spec, layout, slot, chip=None):  # noqa: ANN001, ANN201
     return row, time.perf_counter() - t0
 
 
-def one_run(onnx: Path, root: Path, readers: int, pause: float) -> dict:
-    """embed_dir() over ``root`` with fake reads, reading ahead (as with CUDA)."""
+def one_run(onnx: Path, root: Path, readers: int, pause: float, first: bool) -> dict:
+    """embed_dir() over ``root`` with fake reads, as with CUDA: reading ahead,
+    the session loading in a thread (``pause`` s slower) while the readers read;
+    with ``first``, loaded before they start, as before 2026-11-27."""
     import catchment_mae.batch.reader as reader
     from catchment_mae.batch import mapper, runner
 
     reader.read_into_slot = fake_read  # the Reader submits this module global
-    build = reader.Reader.__init__
+    real = mapper.create_session
 
-    def read_ahead(self, *args, overlap=False, **kwargs):  # noqa: ANN001, ANN202
-        build(self, *args, overlap=True, **kwargs)
+    def slow_session(path, device="cpu", threads=None, spinning=True, optimise=True):  # noqa: ANN001, ANN202
+        if optimise:  # the session that embeds, not the probe of its metadata
+            time.sleep(pause)
+        return real(path, device, threads, spinning, optimise)
 
-    reader.Reader.__init__ = read_ahead
-    load = mapper.Mapper.__init__
+    mapper.create_session = slow_session
+    build = mapper.Mapper.__init__
 
-    def slow_load(self, *args, **kwargs):  # noqa: ANN001, ANN202
-        time.sleep(pause)
-        load(self, *args, **kwargs)
+    def as_on_a_gpu(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        build(self, *args, background=not first, **kwargs)
+        self.gpu = True  # the Reader reads ahead
 
-    mapper.Mapper.__init__ = slow_load
+    mapper.Mapper.__init__ = as_on_a_gpu
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         s = runner.embed_dir(
@@ -83,13 +87,20 @@ def main() -> None:
     ap.add_argument("--read-ms", type=float, default=14.0, help="one read's time")
     ap.add_argument("--files", default="2000,20000", help="archive sizes")
     ap.add_argument("--session-seconds", type=float, default=0.0)
+    ap.add_argument(
+        "--session-first", action="store_true",
+        help="load the session before reading (as before 2026-11-27)",
+    )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # ONNX ROOT
     args = ap.parse_args()
     if args.one:
         onnx, root = map(Path, args.one)
-        print(json.dumps(one_run(onnx, root, args.readers, args.session_seconds)))
+        run = one_run(
+            onnx, root, args.readers, args.session_seconds, args.session_first
+        )
+        print(json.dumps(run))
         return
     sys.path.insert(0, str(Path(__file__).parent))
     from pipeline import make_encoder
@@ -114,6 +125,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--one", str(onnx), str(root),
                        "--readers", str(args.readers),
                        "--session-seconds", str(args.session_seconds)]  # fmt: skip
+                cmd += ["--session-first"] if args.session_first else []
                 r = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if r.returncode != 0:
                     raise SystemExit(r.stderr[-2000:])
