@@ -63,9 +63,7 @@ class RunSummary:
     nothing_new: bool = False
     provider: str = ""
     seconds: float = 0.0
-    session_seconds: float = (
-        0.0  # loading onnxruntime's session (CUDA's beside reading)
-    )
+    session_seconds: float = 0.0  # loading the session (CUDA's: beside reading)
     first_batch_seconds: float = 0.0  # from the start to the first batch read
     wait_seconds: float = 0.0  # waiting for the readers (the first batch's included)
     read_seconds: float = 0.0  # summed over workers

@@ -38,12 +38,13 @@ log = logging.getLogger(__name__)
 # takes seconds); past it, the reader is replaced and the file fails.
 READ_TIMEOUT = 600.0
 # Modules the forkserver imports once, so each new worker starts warm. Beyond
-# ours: tifffile's GeoTIFF key tables and the usual codecs, which a reader's
-# first raster imported otherwise (80 ms of its first 84 ms, 48 of them
-# tifffile.geodb's enums, on 2 cores). Not "__main__" (Python's default, which
-# this list replaces): before CPython 3.13.8 it does nothing (gh-126631), and
-# after it the forkserver runs the caller's script, at first with an empty
-# sys.argv (gh-143706); each worker imports the script instead (embed_dir says so).
+# ours: tifffile's GeoTIFF key tables (about 2,000 enum members built at import)
+# and the usual codecs, which a reader's first raster imported otherwise: it took
+# 67-99 ms, 37-64 ms with them preloaded, 4 ms again (2 cores). Not "__main__"
+# (Python's default, which this list replaces): before CPython 3.13.8 it does
+# nothing (gh-126631), and after it the forkserver runs the caller's script, at
+# first with an empty sys.argv (gh-143706); each worker imports the script
+# instead (embed_dir says so).
 PRELOAD = [
     "catchment_mae.batch.reader", "catchment_mae.prepare", "catchment_mae.stats",
     "pyproj",
