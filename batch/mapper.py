@@ -7,6 +7,7 @@ reader's ring as it lies there (a view: no copy on the CPU). No torch here.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -34,6 +35,8 @@ from catchment_mae.runtime import (
 )
 from catchment_mae.workers import failure_reason
 
+log = logging.getLogger(__name__)
+
 
 class Mapper:
     """An exported encoder, ready to embed batches.
@@ -42,7 +45,9 @@ class Mapper:
     and the CUDA context take long to load, and the readers need only what the
     model says about itself, which a CPU session of the file built without graph
     optimisation gives at once. The caller plans and reads meanwhile; the first
-    batch waits for the session. A CPU session is built here, at once.
+    batch waits for the session (an interrupted run also waits for it before
+    the process ends). A CPU session is built here, at once. If CUDA's provider
+    then does not load ("auto"), ``gpu`` turns False and a warning says so.
 
     Args:
         model: an ``.onnx`` written by ``cmae export``.
@@ -63,6 +68,7 @@ class Mapper:
         self.gpu = session_providers(device)[0] == CUDA
         if background is None:
             background = self.gpu
+        self._background = background
         self.session_seconds = 0.0  # building the session (in its thread or here)
         self._session: Future = Future()
         # On the CPU the readers need the cores between runs: no spinning.
@@ -76,8 +82,6 @@ class Mapper:
         self.spec: PreprocessSpec = spec_from_metadata(meta)
         self.names = [i.name for i in probe.get_inputs()]
         del probe
-        if background:  # a cmae encoder: load it for real
-            threading.Thread(target=self._load, args=load, name="cmae-session").start()
         self.dim = int(meta["embedding_dim"])
         self.metadata = {
             "cmae_version": __version__,
@@ -88,6 +92,9 @@ class Mapper:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         self.inference_seconds = 0.0
+        self.wait_seconds = 0.0  # the caller's time waiting for the session
+        if background:  # a cmae encoder, all read: load it for real
+            threading.Thread(target=self._load, args=load, name="cmae-session").start()
 
     def _load(self, *args: Any) -> None:
         t0 = time.perf_counter()
@@ -98,6 +105,10 @@ class Mapper:
             self._session.set_exception(e)
         else:
             self.session_seconds = time.perf_counter() - t0
+            if self.gpu and session.get_providers()[0] != CUDA:
+                self.gpu = False  # "auto": the caller said CUDA; say otherwise
+                if self._background:
+                    log.warning("the CUDA provider did not load; embedding on the CPU")
             self._session.set_result(session)
 
     def wait(self) -> None:
@@ -106,7 +117,14 @@ class Mapper:
         Raises:
             ModelFileError, CmaeError: it could not be loaded.
         """
-        self._session.result()
+        if self._session.done():
+            self._session.result()
+            return
+        t0 = time.perf_counter()
+        try:
+            self._session.result()
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
 
     @property
     def session(self) -> Any:

@@ -83,7 +83,9 @@ class _Embed:
     settings: tuple[str, str, int | None]  # model, device, threads
 
     def __init__(self) -> None:
-        self.mapper = Mapper(*self.settings)
+        # Loaded here: an actor that cannot load its session fails at once,
+        # not as each batch's rows.
+        self.mapper = Mapper(*self.settings, background=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         ok = batch["ok"].astype(bool)

@@ -200,11 +200,14 @@ class Reader:
         self.root, self.spec, self.pool = root, spec, pool
         self.batch_size, self.overlap = batch_size, overlap
         batch_bytes = ((4 * spec.in_chans + 1) * spec.image_size**2 + 8) * batch_size
-        if overlap:  # one batch embedding, the others being read
+        # One wave: up to four batches, within WAVE_BYTES. Ahead of a GPU: one
+        # batch embedding, the others being read. ``overlap`` may turn False
+        # (CUDA did not load): the rest is read in waves.
+        self.wave = max(1, min(4, WAVE_BYTES // batch_bytes))
+        self.n_batches = self.wave
+        if overlap:
             room = min(READ_AHEAD_BYTES, shm_free() // 2)
             self.n_batches = max(3, room // batch_bytes)
-        else:  # one wave: up to four batches, within WAVE_BYTES
-            self.n_batches = max(1, min(4, WAVE_BYTES // batch_bytes))
         self.ring = SlotRing(
             self.n_batches * batch_size,
             spec.in_chans,
@@ -224,7 +227,7 @@ class Reader:
         more = True
         while True:
             if self.overlap or not pending:
-                while free and more:
+                while free and more and (self.overlap or len(pending) < self.wave):
                     chunk = list(itertools.islice(rels, self.batch_size))
                     if not chunk:
                         more = False

@@ -64,6 +64,7 @@ class RunSummary:
     provider: str = ""
     seconds: float = 0.0
     session_seconds: float = 0.0  # loading the session (CUDA's: beside reading)
+    session_wait_seconds: float = 0.0  # the first batch waiting for CUDA's session
     first_batch_seconds: float = 0.0  # from the start to the first batch read
     wait_seconds: float = 0.0  # waiting for the readers (the first batch's included)
     read_seconds: float = 0.0  # summed over workers
@@ -186,6 +187,7 @@ def embed_dir(
             pool.close(kill=True)  # all read: nothing of theirs is left to lose
             summary.provider = mapper.provider
             summary.session_seconds = mapper.session_seconds
+            summary.session_wait_seconds = mapper.wait_seconds
             summary.inference_seconds = mapper.inference_seconds
             finish(out, root, run, summary)
     except KeyboardInterrupt as e:  # between batches, while merging, ...
@@ -338,6 +340,7 @@ def _embed_all(
 ) -> None:
     for batch in reader.batches(work):
         rows = mapper.rows(batch, reader.ring)
+        reader.overlap = reader.overlap and mapper.gpu  # CUDA did not load: waves
         t0 = time.perf_counter()
         for item, (row, embedding) in zip(batch.items, rows, strict=True):
             summary.read_seconds += item.read_seconds

@@ -201,7 +201,8 @@ def bench_embed(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
             in_ort = summary.inference_seconds / summary.seconds
             busy_readers = summary.read_seconds / (summary.seconds * readers)
             print(f"      (b) {summary.seconds:.2f} s: model loaded in "
-                  f"{summary.session_seconds:.2f} s, first batch read at "
+                  f"{summary.session_seconds:.2f} s (waited for "
+                  f"{summary.session_wait_seconds:.2f} s), first batch read at "
                   f"{summary.first_batch_seconds:.2f} s, waiting for the readers "
                   f"{summary.wait_seconds:.2f} s, onnxruntime's calls "
                   f"{summary.inference_seconds:.2f} s, rows and the table "

@@ -20,6 +20,7 @@ from catchment_mae.batch.reader import Reader, relative
 from catchment_mae.batch.ring import SEGMENT_PREFIX, SlotRing
 from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec, load_sample
 from catchment_mae.raster import find_tiffs
+from catchment_mae.runtime import CUDA
 from catchment_mae.workers import ReaderPool
 
 SPEC = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
@@ -318,11 +319,17 @@ def test_mapper__reading_starts_while_the_session_loads_in_a_thread(
 
     monkeypatch.setattr(mapper_mod, "create_session", slow)
     mapper = Mapper(onnx_model, "cpu", threads=1, background=True)
-    assert loading.wait(30) and not mapper._session.done()  # built, not loaded
-    assert (mapper.spec, mapper.dim, mapper.names) == (here.spec, here.dim, here.names)
-    assert mapper.metadata["model_sha256"] == here.metadata["model_sha256"]
-    threading.Timer(0.3, go.set).start()
-    got, want = _embed_all(mapper, mixed), _embed_all(here, mixed)
+    try:
+        assert loading.wait(30) and not mapper._session.done()  # not loaded yet
+        assert (mapper.spec, mapper.dim, mapper.names) == (
+            here.spec, here.dim, here.names,
+        )  # fmt: skip
+        assert mapper.metadata["model_sha256"] == here.metadata["model_sha256"]
+        threading.Timer(0.3, go.set).start()
+        got, want = _embed_all(mapper, mixed), _embed_all(here, mixed)
+    finally:
+        go.set()
+    assert mapper.wait_seconds > 0
     assert mapper.session_seconds >= 0.3 and mapper.provider == "CPUExecutionProvider"
     assert got.keys() == want.keys() and len(got) == 10
     for path, g in got.items():
@@ -362,9 +369,9 @@ def test_reader__ahead_of_a_gpu_the_ring_holds_what_dev_shm_allows(
     import catchment_mae.batch.reader as reader_mod
 
     batch_bytes = ((4 * 1 + 1) * 32**2 + 8) * 4
+    monkeypatch.setattr(reader_mod, "READ_AHEAD_BYTES", 40 * batch_bytes)
     pool = ReaderPool(0)
-    most = reader_mod.READ_AHEAD_BYTES // batch_bytes
-    cases = [(1 << 40, most), (12 * batch_bytes, 6), (0, 3)]
+    cases = [(1 << 40, 40), (12 * batch_bytes, 6), (0, 3)]
     for free, batches in cases:
         monkeypatch.setattr(reader_mod, "shm_free", lambda free=free: free)
         with Reader(tmp_path, SPEC, pool, 4, overlap=True) as reader:
@@ -372,3 +379,60 @@ def test_reader__ahead_of_a_gpu_the_ring_holds_what_dev_shm_allows(
             assert reader.ring.layout.rows == batches * 4
         with Reader(tmp_path, SPEC, pool, 4, overlap=False) as reader:
             assert reader.n_batches == 4  # the CPU's waves are as they were
+
+
+def _as_if_cuda(monkeypatch, load):
+    """embed_dir() as on a CUDA machine: the Mapper plans for CUDA, reads the
+    model's metadata from a CPU probe, and its session loads through ``load``."""
+    import catchment_mae.batch.mapper as mapper_mod
+
+    real = mapper_mod.create_session
+    monkeypatch.setattr(
+        mapper_mod, "session_providers", lambda device: [CUDA, "CPUExecutionProvider"]
+    )
+
+    def create(path, device="cpu", threads=None, spinning=True, optimise=True):
+        if optimise:  # the session that embeds, not the probe
+            return load(real, path, threads, spinning)
+        return real(path, device, threads, spinning, optimise)
+
+    monkeypatch.setattr(mapper_mod, "create_session", create)
+
+
+def test_embed_dir__a_cuda_session_that_fails_to_load_ends_the_run(
+    tmp_path, mixed, onnx_model, monkeypatch
+):
+    from catchment_mae.batch.runner import embed_dir
+    from catchment_mae.errors import CmaeError
+
+    def fail(real, path, threads, spinning):
+        time.sleep(0.2)  # the readers are reading by now
+        raise CmaeError("device cuda: the CUDA provider did not load (test)")
+
+    _as_if_cuda(monkeypatch, fail)
+    out = tmp_path / "e.parquet"
+    with pytest.raises(CmaeError, match="the CUDA provider did not load"):
+        embed_dir(mixed, onnx_model, out, batch_size=2, device="cuda")
+    assert not out.exists()
+    assert not _segments(os.getpid())
+
+
+def test_embed_dir__auto_without_cuda_after_all_embeds_on_the_cpu(
+    tmp_path, mixed, onnx_model, monkeypatch, caplog
+):
+    """ "auto" planned for CUDA (reading ahead), whose provider then did not
+    load: a warning, the CPU's waves for the rest, the same table."""
+    from catchment_mae.batch.runner import embed_dir
+
+    want = embed_dir(mixed, onnx_model, tmp_path / "cpu.parquet", batch_size=2)
+    _as_if_cuda(monkeypatch, lambda real, *args: real(args[0], "cpu", *args[1:]))
+    got = embed_dir(mixed, onnx_model, tmp_path / "auto.parquet", batch_size=2)
+    assert "the CUDA provider did not load; embedding on the CPU" in caplog.text
+    assert got.provider == want.provider == "CPUExecutionProvider"
+    assert (got.embedded, got.failed) == (want.embedded, want.failed) == (8, 2)
+    a = pq.read_table(tmp_path / "cpu.parquet").to_pydict()
+    b = pq.read_table(tmp_path / "auto.parquet").to_pydict()
+    assert a["path"] == b["path"] and a["error"] == b["error"]
+    for x, y in zip(a["embedding"], b["embedding"], strict=True):
+        if x is not None:
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
