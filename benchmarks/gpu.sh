@@ -44,6 +44,7 @@ fi
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    df -h /dev/shm | tail -1 || true # the ring ahead of a GPU: at most half its free space
     python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, \
         'onnxruntime', o.__version__, o.get_available_providers())"
     case $part in
