@@ -69,6 +69,9 @@ class Mapper:
         if background is None:
             background = self.gpu
         self._background = background
+        # Told CUDA (the caller logs it before the session exists): if it then
+        # does not load, wait() says so.
+        self._told = not (background and self.gpu)
         self.session_seconds = 0.0  # building the session (in its thread or here)
         self._session: Future = Future()
         # On the CPU the readers need the cores between runs: no spinning.
@@ -105,10 +108,9 @@ class Mapper:
             self._session.set_exception(e)
         else:
             self.session_seconds = time.perf_counter() - t0
-            if self.gpu and session.get_providers()[0] != CUDA:
-                self.gpu = False  # "auto": the caller said CUDA; say otherwise
-                if self._background:
-                    log.warning("the CUDA provider did not load; embedding on the CPU")
+            # "auto" without CUDA after all: the CPU's schedule from now on (the
+            # caller was told CUDA; wait() corrects that where it is needed).
+            self.gpu = self.gpu and session.get_providers()[0] == CUDA
             self._session.set_result(session)
 
     def wait(self) -> None:
@@ -117,14 +119,16 @@ class Mapper:
         Raises:
             ModelFileError, CmaeError: it could not be loaded.
         """
-        if self._session.done():
-            self._session.result()
-            return
-        t0 = time.perf_counter()
-        try:
-            self._session.result()
-        finally:
-            self.wait_seconds += time.perf_counter() - t0
+        if not self._session.done():
+            t0 = time.perf_counter()
+            try:
+                self._session.result()
+            finally:
+                self.wait_seconds += time.perf_counter() - t0
+        self._session.result()
+        if not self.gpu and not self._told:
+            log.warning("the CUDA provider did not load; embedding on the CPU")
+            self._told = True
 
     @property
     def session(self) -> Any:
