@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from catchment_mae.batch.writer import warming_up
 from catchment_mae.cache import (
     SHARD_ROWS,
     Entry,
@@ -273,7 +274,10 @@ def _prepare(
     report()
     if todo:
         spec = dataclasses.replace(spec, in_chans=bands)
-        with ReaderPool(workers, timeout=timeout) as pool:
+        # pyarrow's first table (a shard's index) imports pandas: 0.7 s of the
+        # main thread at the first commit while the readers ran dry, on 2 cores
+        # (benchmarks/feed_pass.py); it runs beside the readers' start instead.
+        with ReaderPool(workers, timeout=timeout) as pool, warming_up():
             _build(result.cache, files, keys, todo, spec, pool, outcome, report)
     report()
 

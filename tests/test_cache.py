@@ -18,6 +18,7 @@ from catchment_mae.prepare import prepare
 from catchment_mae.preprocess import PreprocessSpec, load_sample
 from catchment_mae.raster import find_tiffs
 from catchment_mae.stats import scan
+from tests.conftest import python_out
 
 SPEC = PreprocessSpec(image_size=32, in_chans=None, norm="per-raster")
 
@@ -56,6 +57,30 @@ def test_prepare__second_run_reads_no_tiff(dems, tmp_path, monkeypatch):
     np.testing.assert_allclose(again.mean, first.mean)
     np.testing.assert_allclose(again.std, first.std)
     again.cache.close()
+
+
+def test_prepare__pyarrow_imports_pandas_beside_the_readers(dem_dir, tmp_path):
+    """A shard's index is pyarrow's first table, which imports pandas (0.7 s on
+    2 cores): in its thread, not in the main one while the readers run dry."""
+    pytest.importorskip("pandas", reason="pyarrow imports pandas only if present")
+    code = (
+        "import importlib.abc, sys, threading\n"
+        "seen = []\n"
+        "class Hook(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'pandas':\n"
+        "            seen.append(threading.current_thread().name)\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "from catchment_mae.prepare import prepare\n"
+        "from catchment_mae.preprocess import PreprocessSpec\n"
+        "from catchment_mae.raster import find_tiffs\n"
+        "spec = PreprocessSpec(image_size=32, in_chans=1, norm='per-raster')\n"
+        f"r = prepare(find_tiffs({str(dem_dir)!r}), spec,\n"
+        f"            cache_root={str(tmp_path / 'c')!r}, workers=0)\n"
+        "r.cache.close()\n"
+        "print(seen[:1])\n"
+    )
+    assert python_out(code) == "['cmae-warm-up']"
 
 
 def test_prepare__statistics_are_the_scans(dems, tmp_path):
