@@ -95,6 +95,21 @@ def one_run(onnx: Path, root: Path, readers: int, pause: float, first: bool) -> 
     return {**s.to_dict(), "wall": seconds, "failures": len(s.failures)}
 
 
+def fresh_run(cmd: list[str], env: dict[str, str], failed: str) -> dict:
+    """One run in a fresh process, as the command is: its JSON summary.
+
+    Raises:
+        SystemExit: the run failed, or some of its fake reads did (``failed``).
+    """
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-2000:])
+    s = json.loads(r.stdout)
+    if s[failed]:
+        raise SystemExit(f"{s[failed]} fake reads failed")
+    return s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--readers", type=int, default=16)
@@ -140,12 +155,7 @@ def main() -> None:
                        "--readers", str(args.readers),
                        "--session-seconds", str(args.session_seconds)]  # fmt: skip
                 cmd += ["--session-first"] if args.session_first else []
-                r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise SystemExit(r.stderr[-2000:])
-                s = json.loads(r.stdout)
-                if s["failures"]:
-                    raise SystemExit(f"{s['failures']} fake reads failed")
+                s = fresh_run(cmd, env, "failures")
                 first = s["first_batch_seconds"]
                 after = (s["embedded"] - args.batch_size) / (s["seconds"] - first)
                 runs.append((s["embedded"] / s["wall"] / d, first, after / d, s))

@@ -25,11 +25,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from feed import fresh_run  # benchmarks/, the script's own folder
 
 from catchment_mae.cache import Entry, write_row
 from catchment_mae.preprocess import PreprocessSpec, load_resampled
@@ -108,12 +109,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", str(root),
                    "--readers", str(args.readers)]  # fmt: skip
             cmd += ["--no-cache"] if args.no_cache else []
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise SystemExit(r.stderr[-2000:])
-            s = json.loads(r.stdout)
-            if s["failed"]:
-                raise SystemExit(f"{s['failed']} fake reads failed")
+            s = fresh_run(cmd, env, "failed")
             rate = s["files"] / s["seconds"]
             runs.append(rate / d)
             print(f"    {s['seconds']:.2f} s: {rate:.0f} files/s = {rate / d:.2f} d; "
