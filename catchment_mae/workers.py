@@ -240,6 +240,7 @@ class ReaderPool:
                 except (EOFError, OSError):  # it died while answering
                     dead = dead or not w.process.is_alive()
             if dead:
+                self._drain(w)  # answers it sent before it died are kept
                 w.process.join(0.1)
                 self._replace(i, ReaderDied(w.process.exitcode))
             elif (
@@ -249,6 +250,12 @@ class ReaderPool:
                 and time.monotonic() - w.started > self.timeout
             ):
                 self._replace(i, TimeoutError(self.timeout))
+
+    def _drain(self, w: _Worker) -> None:
+        """Takes every message left in a dead worker's pipe."""
+        with contextlib.suppress(EOFError, OSError):
+            while w.tasks and w.conn.poll():
+                self._heard(w, w.conn.recv())
 
     @staticmethod
     def _heard(w: _Worker, message: Any) -> None:
