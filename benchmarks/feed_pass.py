@@ -52,16 +52,14 @@ def fake_build(path, key, spec, target):  # noqa: ANN001, ANN201
 
 def one_pass(root: Path, readers: int, cache: bool) -> dict:
     """``prepare`` over ``root``'s (empty) files with fake reads."""
-    import threading
-
     import catchment_mae.prepare as prepare
-    from catchment_mae.workers import prestart
+    from catchment_mae.workers import ReaderPool
 
     prepare.build_one = fake_build  # _build submits this module global
-    prestart()
-    for t in threading.enumerate():
-        if t.name == "cmae-forkserver":
-            t.join()
+    # The forkserver up and its modules imported, as after pipeline.py's (d):
+    # prestart() only launches it (its imports then take 0.4 s more).
+    with ReaderPool(1) as pool:
+        pool.submit(int).result()
     files = sorted(root.glob("*.tif"))
     settled: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
