@@ -7,7 +7,7 @@ reader processes do no decoding: each sleeps ``--read-ms`` (no CPU, so 16
 readers run on 2 cores as on 16) and then writes a real cache row (one DEM
 preprocessed once per reader, written into its shard row with its CRC) and
 returns its entry; everything else is the pass as it runs: the listing's stats,
-the pool (its forkserver already started, as in ``pipeline.py``), the shards
+the pool (its forkserver started and warm, as in ``pipeline.py``), the shards
 and their Arrow indexes, the main process settling each file in order, the
 norm statistics and the screening. ``--no-cache`` leaves the shards out.
 
