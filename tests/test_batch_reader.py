@@ -296,6 +296,21 @@ def _embed_all(mapper, root):
     return got
 
 
+def _load_through(monkeypatch, load):
+    """The session that embeds (not the CPU probe of its metadata) is built by
+    ``load(real_create_session, path, device, threads, spinning)``."""
+    import catchment_mae.batch.mapper as mapper_mod
+
+    real = mapper_mod.create_session
+
+    def create(path, device="cpu", threads=None, spinning=True, optimise=True):
+        if optimise:
+            return load(real, path, device, threads, spinning)
+        return real(path, device, threads, spinning, optimise)
+
+    monkeypatch.setattr(mapper_mod, "create_session", create)
+
+
 def test_mapper__reading_starts_while_the_session_loads_in_a_thread(
     mixed, onnx_model, monkeypatch
 ):
@@ -304,20 +319,17 @@ def test_mapper__reading_starts_while_the_session_loads_in_a_thread(
     and the first batch waits for it. The embeddings are the same."""
     import threading
 
-    import catchment_mae.batch.mapper as mapper_mod
     from catchment_mae.batch.mapper import Mapper
 
     here = Mapper(onnx_model, "cpu", threads=1, background=False)
     loading, go = threading.Event(), threading.Event()
-    real = mapper_mod.create_session
 
-    def slow(path, device="cpu", threads=None, spinning=True, optimise=True):
-        if optimise:  # the session that embeds, not the probe
-            loading.set()
-            assert go.wait(30)
-        return real(path, device, threads, spinning, optimise)
+    def slow(real, *args):
+        loading.set()
+        assert go.wait(30)
+        return real(*args)
 
-    monkeypatch.setattr(mapper_mod, "create_session", slow)
+    _load_through(monkeypatch, slow)
     mapper = Mapper(onnx_model, "cpu", threads=1, background=True)
     try:
         assert loading.wait(30) and not mapper._session.done()  # not loaded yet
@@ -344,19 +356,15 @@ def test_mapper__a_session_that_fails_to_load_ends_the_run(
 ):
     """Not each batch's rows: the load's one-line error, where the first batch
     needs the session."""
-    import catchment_mae.batch.mapper as mapper_mod
     from catchment_mae.batch.mapper import Mapper
     from catchment_mae.errors import CmaeError
 
-    real = mapper_mod.create_session
     reason = "device cuda: the CUDA provider did not load (no GPU, ...)"
 
-    def broken(path, device="cpu", threads=None, spinning=True, optimise=True):
-        if optimise:
-            raise CmaeError(reason)
-        return real(path, device, threads, spinning, optimise)
+    def broken(real, *args):
+        raise CmaeError(reason)
 
-    monkeypatch.setattr(mapper_mod, "create_session", broken)
+    _load_through(monkeypatch, broken)
     mapper = Mapper(onnx_model, "cpu", threads=1, background=True)
     assert mapper.dim > 0
     with pytest.raises(CmaeError, match="did not load"):
@@ -386,17 +394,10 @@ def _as_if_cuda(monkeypatch, load):
     model's metadata from a CPU probe, and its session loads through ``load``."""
     import catchment_mae.batch.mapper as mapper_mod
 
-    real = mapper_mod.create_session
     monkeypatch.setattr(
         mapper_mod, "session_providers", lambda device: [CUDA, "CPUExecutionProvider"]
     )
-
-    def create(path, device="cpu", threads=None, spinning=True, optimise=True):
-        if optimise:  # the session that embeds, not the probe
-            return load(real, path, threads, spinning)
-        return real(path, device, threads, spinning, optimise)
-
-    monkeypatch.setattr(mapper_mod, "create_session", create)
+    _load_through(monkeypatch, load)
 
 
 def test_embed_dir__a_cuda_session_that_fails_to_load_ends_the_run(
@@ -405,7 +406,7 @@ def test_embed_dir__a_cuda_session_that_fails_to_load_ends_the_run(
     from catchment_mae.batch.runner import embed_dir
     from catchment_mae.errors import CmaeError
 
-    def fail(real, path, threads, spinning):
+    def fail(real, *args):
         time.sleep(0.2)  # the readers are reading by now
         raise CmaeError("device cuda: the CUDA provider did not load (test)")
 
@@ -425,7 +426,7 @@ def test_embed_dir__auto_without_cuda_after_all_embeds_on_the_cpu(
     from catchment_mae.batch.runner import embed_dir
 
     want = embed_dir(mixed, onnx_model, tmp_path / "cpu.parquet", batch_size=2)
-    _as_if_cuda(monkeypatch, lambda real, *args: real(args[0], "cpu", *args[1:]))
+    _as_if_cuda(monkeypatch, lambda real, path, device, *args: real(path, "cpu", *args))
     got = embed_dir(mixed, onnx_model, tmp_path / "auto.parquet", batch_size=2)
     assert (
         caplog.text.count("the CUDA provider did not load; embedding on the CPU") == 1
