@@ -179,14 +179,8 @@ class SampleCache:
     """
 
     def __init__(self, root: str | os.PathLike[str], spec: PreprocessSpec) -> None:
-        key = {
-            "cmae_version": __version__,
-            "cache_format": CACHE_FORMAT,
-            **spec.resample_key(),
-        }
-        text = json.dumps(key, sort_keys=True)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        self.dir = Path(root) / f"samples-{digest}"
+        self.dir = self.dir_for(root, spec)
+        text = json.dumps(_key(spec), sort_keys=True)
         self.size = spec.image_size
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +195,12 @@ class SampleCache:
         self.exclusive = _flock(self._lock, exclusive=True)  # nobody else here
         if not self.exclusive:
             _flock(self._lock, exclusive=False, wait=True)
+
+    @staticmethod
+    def dir_for(root: str | os.PathLike[str], spec: PreprocessSpec) -> Path:
+        """The directory of ``spec``'s samples under ``root``."""
+        text = json.dumps(_key(spec), sort_keys=True)
+        return Path(root) / f"samples-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
     # ------------------------------------------------------------------ reading
     def lookup(self, keys: Iterable[FileKey]) -> dict[FileKey, Entry]:
@@ -316,6 +316,12 @@ class SampleCache:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _key(spec: PreprocessSpec) -> dict[str, Any]:
+    """What the cache directory's name hashes (its key.json)."""
+    return {"cmae_version": __version__, "cache_format": CACHE_FORMAT,
+            **spec.resample_key()}  # fmt: skip
 
 
 class ShardBuild:

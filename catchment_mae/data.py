@@ -9,6 +9,7 @@ to a GPU, and the cached and the uncached run see the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +32,17 @@ class CachedDataset(Dataset):
         entries: cached rasters (``shard`` and ``row`` set).
         spec: the preprocessing (its normalisation is applied per batch).
         cache_dir: the cache's directory (``SampleCache.dir``).
+        maps: shards already opened, by name (shared by the first epoch's
+            batches, :class:`catchment_mae.loaders.StreamedEpoch`).
     """
 
-    def __init__(self, entries: Sequence[Entry], spec: PreprocessSpec, cache_dir: Path):
+    def __init__(
+        self,
+        entries: Sequence[Entry],
+        spec: PreprocessSpec,
+        cache_dir: Path,
+        maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    ):
         self.cache_dir = Path(cache_dir)
         self.paths = [e.key.path for e in entries]
         self.shards = sorted({str(e.shard) for e in entries})
@@ -44,7 +53,7 @@ class CachedDataset(Dataset):
             [np.stack(norm_coefficients(e.mean, e.std, spec)) for e in entries]
         )  # [N, 2, C]: a, b
         self.scale = np.stack([e.scale for e in entries]).astype(np.float32)
-        self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._open = maps if maps is not None else {}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,14 +90,25 @@ class CachedDataset(Dataset):
         }
 
     def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        """A shard's memory maps, opened once per process (each loader worker)."""
-        if shard not in self._open:
-            stem = self.shards[shard]
-            self._open[shard] = (
-                np.load(self.cache_dir / f"{stem}.z.npy", mmap_mode="r"),
-                np.load(self.cache_dir / f"{stem}.valid.npy", mmap_mode="r"),
-            )
-        return self._open[shard]
+        """A shard's memory maps, opened once per process (each loader worker).
+        A shard the first pass is still writing has its files' temporary
+        names; a map opened then stays good once they are renamed."""
+        stem = self.shards[shard]
+        if stem not in self._open:
+            for suffix in ("", ".tmp", ""):  # renamed (committed) in between
+                with contextlib.suppress(FileNotFoundError):
+                    self._open[stem] = (
+                        np.load(
+                            self.cache_dir / f"{stem}.z.npy{suffix}", mmap_mode="r"
+                        ),
+                        np.load(
+                            self.cache_dir / f"{stem}.valid.npy{suffix}", mmap_mode="r"
+                        ),
+                    )
+                    break
+            else:
+                raise FileNotFoundError(self.cache_dir / f"{stem}.z.npy")
+        return self._open[stem]
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers reopen the maps themselves: a pickled memmap would copy the data.

@@ -15,11 +15,13 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from catchment_mae.cache import Entry
 from catchment_mae.data import (
     CachedDataset,
     EpochSampler,
@@ -27,7 +29,7 @@ from catchment_mae.data import (
     collate,
 )
 from catchment_mae.errors import ConfigError
-from catchment_mae.prepare import Prepared
+from catchment_mae.prepare import PassInThread, Prepared, norm_refusal
 from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec, limit_worker_threads
 from catchment_mae.workers import start_context
 
@@ -192,6 +194,59 @@ class DeviceLoader:
                 "path": [paths[i] for i in order[lo : lo + self.batch_size].tolist()],
                 "failed": [],
             }
+
+
+class StreamedEpoch:
+    """The first epoch's batches as the first pass reads the rasters into the
+    cache (:class:`catchment_mae.prepare.PassInThread`): a step need not wait
+    for the whole pass, only for its own batch.
+
+    A batch is ``batch_size`` samples of ``train`` (positions in the pass's
+    list) in the order the pass settles them, gathered from the shards' memory
+    maps here (a shard still being written included); the last may be smaller.
+    Samples that fixed normalisation refuses (:func:`norm_refusal`) are left
+    out, as the pass's screening leaves them out of later epochs. ``len`` is
+    the steps were every sample to be read well.
+
+    Args:
+        stream: the pass, started with ``order`` and a cache.
+        train: positions of the training samples.
+        spec: the preprocessing, its normalisation known (fixed with
+            norm_mean/norm_std, or per-raster).
+        batch_size: samples per batch.
+        cache_dir: the cache's directory.
+    """
+
+    def __init__(
+        self,
+        stream: PassInThread,
+        train: set[int],
+        spec: PreprocessSpec,
+        batch_size: int,
+        cache_dir: Path,
+    ) -> None:
+        self.stream, self.train, self.spec = stream, train, spec
+        self.batch_size, self.cache_dir = batch_size, cache_dir
+
+    def __len__(self) -> int:
+        return max(1, -(-len(self.train) // self.batch_size))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        maps: dict[str, Any] = {}
+        batch: list[Entry] = []
+        for position, entry in self.stream.samples():
+            if position not in self.train or norm_refusal(entry, self.spec):
+                continue
+            batch.append(entry)
+            if len(batch) == self.batch_size:
+                yield self._gather(batch, maps)
+                batch = []
+        if batch:
+            yield self._gather(batch, maps)
+
+    def _gather(self, batch: list[Entry], maps: dict[str, Any]) -> dict[str, Any]:
+        ds = CachedDataset(batch, self.spec, self.cache_dir, maps)
+        return ds.__getitems__(range(len(batch)))
 
 
 def loader_workers(requested: int, n_files: int) -> int:

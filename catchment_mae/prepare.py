@@ -25,11 +25,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
+import threading
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -76,6 +80,8 @@ class Prepared(ScanResult):
         cache: the cache, or None (``--no-cache``).
         reused: rasters found in the cache; the others were read now.
         chips_skipped: chips left out for nodata (``--tile``).
+        listed: the path of every sample handed to :func:`prepare`, in order.
+        positions: per usable file, its place in ``listed`` (failures leave gaps).
 
     With chips, ``files`` holds a raster's path once per chip, and each entry's
     ``key.window`` says which.
@@ -86,6 +92,8 @@ class Prepared(ScanResult):
     cache: SampleCache | None = None
     reused: int = 0
     chips_skipped: int = 0
+    listed: list[Path] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
 
     @property
     def items(self) -> list[Item]:
@@ -146,11 +154,13 @@ def prepare(
     on_file: Callable[[Path, str | None], None] | None = None,
     timeout: float | None = None,
     max_nodata: float = 1.0,
+    order: Sequence[int] | None = None,
+    on_sample: Callable[[int, Entry], None] | None = None,
 ) -> Prepared:
     """Checks, measures and (with ``cache_root``) caches every raster of ``files``.
 
-    ``spec.in_chans`` (or, when None, the first good raster's band count) is the
-    band count every raster must have.
+    ``spec.in_chans`` (or, when None, the first good raster's band count in
+    listing order) is the band count every raster must have.
 
     Args:
         files: the rasters, in listing order, or chips of them (:func:`chip_items`).
@@ -161,6 +171,11 @@ def prepare(
             None); progress bars and --strict hook in here (it may raise).
         timeout: seconds one raster may take in a reader process.
         max_nodata: chips with more nodata than this share are left out.
+        order: the order in which to read and report the files (positions in
+            ``files``; default: as listed). The result is in listing order.
+        on_sample: called with each usable sample's position and entry, in
+            ``order``, once its arrays are in the cache (before the screening
+            that needs every raster: see :func:`norm_refusal`).
 
     Raises:
         NoInputError: no file could be used.
@@ -169,8 +184,12 @@ def prepare(
     if cache_root is not None:
         result.cache = SampleCache(cache_root, spec)
     items = [f if isinstance(f, tuple) else (Path(f), None) for f in files]
+    result.listed = [path for path, _ in items]
     try:
-        _prepare(result, items, spec, workers, on_file, timeout, max_nodata)
+        _prepare(
+            result, items, spec, workers, on_file, timeout, max_nodata,
+            list(order) if order is not None else list(range(len(items))), on_sample,
+        )  # fmt: skip
     except BaseException:
         if result.cache is not None:
             result.cache.close()
@@ -211,14 +230,9 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
         )
         warned: set[Path] = set()
         for i, e in enumerate(result.entries):
-            a, b = norm_coefficients(e.mean, e.std, norm)
-            peak = max(float(np.abs(b).max()), float(a.max()))
-            if keep[i] and not peak <= OUTLIER_FACTOR:
-                reasons[i] = (
-                    f"its values would normalise to about {peak:.2g} with "
-                    f"norm_mean {list(norm.norm_mean)} and norm_std "
-                    f"{list(norm.norm_std)}; check its nodata value and scaling"
-                )
+            why = norm_refusal(e, norm) if keep[i] else None
+            if why is not None:
+                reasons[i] = why
                 keep[i] = False
                 if result.files[i] not in warned:  # a raster's chips: one line
                     log.warning("skipped %s: %s", result.files[i], reasons[i])
@@ -227,9 +241,28 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
         name = item_name(result.files[i], result.entries[i].key.window)
         result.screened.append((name, reasons[i]))
         result.failed.append((name, reasons[i]))
-    for name in ("files", "entries", "per_file"):
+    for name in ("files", "entries", "per_file", "positions"):
         items = getattr(result, name)
         setattr(result, name, [x for x, k in zip(items, keep, strict=True) if k])
+
+
+def norm_refusal(entry: Entry, spec: PreprocessSpec) -> str | None:
+    """Why fixed normalisation with ``spec``'s norm_mean/norm_std (both set)
+    cannot take ``entry``: its values would normalise to more than
+    OUTLIER_FACTOR (its mean that many stds from norm_mean, or its own std that
+    many times norm_std); one such raster turned the loss into NaN. None when it
+    can, and always with per-raster normalisation."""
+    if spec.norm != "fixed":
+        return None
+    a, b = norm_coefficients(entry.mean, entry.std, spec)
+    peak = max(float(np.abs(b).max()), float(a.max()))
+    if peak <= OUTLIER_FACTOR:
+        return None
+    return (
+        f"its values would normalise to about {peak:.2g} with norm_mean "
+        f"{list(spec.norm_mean or ())} and norm_std {list(spec.norm_std or ())}; "
+        "check its nodata value and scaling"
+    )
 
 
 def _prepare(
@@ -240,6 +273,8 @@ def _prepare(
     on_file: Callable[[Path, str | None], None] | None,
     timeout: float | None,
     max_nodata: float,
+    order: list[int],
+    on_sample: Callable[[int, Entry], None] | None,
 ) -> None:
     outcome: dict[int, Entry | str] = {}  # item index -> entry or reason
     keys: dict[int, FileKey] = {}
@@ -269,8 +304,12 @@ def _prepare(
                 break
             outcome[todo.pop(0)] = str(reason)
     result.bands = bands
+    rank = {i: k for k, i in enumerate(order)}
+    todo.sort(key=rank.__getitem__)
     windows = {i: w for i, (_, w) in enumerate(items) if w is not None}
-    report = _Reporter(result, files, outcome, bands, on_file, windows, max_nodata)
+    report = _Reporter(
+        result, files, outcome, bands, on_file, windows, max_nodata, order, on_sample
+    )
     report()
     if todo:
         spec = dataclasses.replace(spec, in_chans=bands)
@@ -280,14 +319,15 @@ def _prepare(
         with ReaderPool(workers, timeout=timeout) as pool, warming_up():
             _build(result.cache, files, keys, todo, spec, pool, outcome, report)
     report()
+    report.in_listing_order()
 
 
 class _Reporter:
-    """Settles items in listing order as their outcome becomes known: a raster
-    with another band count fails, each is reported once (``on_file``), and
-    ``result`` collects them. A chip with no valid pixels (or above
-    ``max_nodata``) is only counted; a raster's failing chips are warned about
-    once."""
+    """Settles items in ``order`` (default: as listed) as their outcome becomes
+    known: a raster with another band count fails, each is reported once
+    (``on_file``; ``on_sample`` too when usable), and ``result`` collects them.
+    A chip with no valid pixels (or above ``max_nodata``) is only counted; a
+    raster's failing chips are warned about once."""
 
     def __init__(
         self,
@@ -298,15 +338,21 @@ class _Reporter:
         on_file: Callable[[Path, str | None], None] | None,
         windows: dict[int, Window] | None = None,
         max_nodata: float = 1.0,
+        order: list[int] | None = None,
+        on_sample: Callable[[int, Entry], None] | None = None,
     ) -> None:
         self.result, self.files, self.outcome = result, files, outcome
         self.bands, self.on_file, self.next = bands, on_file, 0
         self.windows, self.max_nodata = windows or {}, max_nodata
+        self.order = order if order is not None else list(range(len(files)))
+        self.on_sample = on_sample
         self.warned: set[Path] = set()
+        self.failed_at: list[int] = []  # each failure's position
 
     def __call__(self) -> None:
-        while self.next in self.outcome:
-            i, got = self.next, self.outcome.pop(self.next)
+        while self.next < len(self.order) and self.order[self.next] in self.outcome:
+            i = self.order[self.next]
+            got = self.outcome.pop(i)
             path = self.files[i]
             self.next += 1
             if isinstance(got, Entry) and len(got.mean) != self.bands:
@@ -325,14 +371,28 @@ class _Reporter:
             elif isinstance(got, Entry):
                 self.result.files.append(path)
                 self.result.entries.append(got)
+                self.result.positions.append(i)
+                if self.on_sample is not None:
+                    self.on_sample(i, got)
             else:
                 name = item_name(path, chip)
                 self.result.failed.append((name, got))
+                self.failed_at.append(i)
                 if path not in self.warned:
                     log.warning("skipped %s: %s", name, got)
                     self.warned.add(path)
             if self.on_file is not None:
                 self.on_file(path, got if isinstance(got, str) else None)
+
+    def in_listing_order(self) -> None:
+        """Puts the result's samples and failures back in listing order."""
+        r = self.result
+        at = np.argsort(r.positions, kind="stable")
+        r.files = [r.files[k] for k in at]
+        r.entries = [r.entries[k] for k in at]
+        r.positions = [r.positions[k] for k in at]
+        at = np.argsort(self.failed_at, kind="stable")
+        r.failed = [r.failed[k] for k in at]
 
 
 def _build(
@@ -346,7 +406,8 @@ def _build(
     report: Callable[[], None],
 ) -> None:
     """Reads ``todo`` in the pool, into new cache shards; fills ``outcome``."""
-    limit = max(1, pool.workers) * IN_FLIGHT_PER_WORKER
+    # Read here (no reader process), each file is settled as soon as it is read.
+    limit = pool.workers * IN_FLIGHT_PER_WORKER or 1
     pending: deque[tuple[int, Future, _Slot | None]] = deque()
     shards: list[_Shard] = []
     try:
@@ -433,3 +494,105 @@ def describe(prepared: Prepared) -> str:
         f"cache: {prepared.reused} of {total} {what} reused, "
         f"{total - prepared.reused} read now; {size:.1f} MB in {cache.dir}"
     )
+
+
+class _Stopped(Exception):
+    """The consumer of a :class:`PassInThread` stopped it."""
+
+
+class PassInThread:
+    """:func:`prepare` in a thread, each usable sample handed over as soon as its
+    arrays are in the cache: training's first epoch steps on them while the
+    pass reads the rest (see ``trainer._streams``). ``files``, ``spec`` and the
+    keywords are prepare's (``on_sample`` is this object's; ``cache_root`` is
+    required); ``where`` prefixes a NoInputError.
+
+    :meth:`first` waits for the first usable sample; iterate :meth:`samples`
+    (position, entry), in ``order``; then take :meth:`result`. :meth:`close`
+    ends the pass if it still runs (its readers killed, its unfinished shards
+    removed) and closes the cache. An error of the pass is raised where the
+    samples or the result are taken.
+    """
+
+    _END = object()
+
+    def __init__(
+        self,
+        files: Sequence[Path | Item],
+        spec: PreprocessSpec,
+        *,
+        cache_root: str | os.PathLike[str],
+        where: str | os.PathLike[str] | None = None,
+        **kw: Any,
+    ) -> None:
+        self.listed = [f[0] if isinstance(f, tuple) else Path(f) for f in files]
+        self.cache_dir = SampleCache.dir_for(cache_root, spec)
+        self.seconds = 0.0  # how long the pass ran
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._head: deque[tuple[int, Entry]] = deque()
+        self._stopped = threading.Event()
+        self._result: Prepared | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(files, spec, cache_root, where, kw),
+            name="cmae-first-pass", daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+
+    def _run(self, files: Any, spec: Any, root: Any, where: Any, kw: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._result = prepare(
+                files, spec, cache_root=root, on_sample=self._sample, **kw
+            )
+        except NoInputError as e:
+            self._error = NoInputError(f"{where}: {e}") if where else e
+        except BaseException as e:  # handed to the consumer
+            self._error = e
+        finally:
+            self.seconds = time.perf_counter() - t0
+            self._queue.put(self._END)
+
+    def _sample(self, position: int, entry: Entry) -> None:
+        if self._stopped.is_set():
+            raise _Stopped
+        self._queue.put((position, entry))
+
+    def _next(self) -> tuple[int, Entry] | None:
+        got = self._head.popleft() if self._head else self._queue.get()
+        if got is self._END:
+            self._queue.put(got)  # later calls end at once too
+            if self._error is not None and not isinstance(self._error, _Stopped):
+                raise self._error
+            return None
+        return got
+
+    def first(self) -> Entry:
+        """The first usable sample (waiting for it)."""
+        got = self._head[0] if self._head else self._next()
+        if got is None:  # prepare raises NoInputError first
+            raise NoInputError("no usable raster")
+        if not self._head:
+            self._head.append(got)
+        return got[1]
+
+    def samples(self) -> Iterator[tuple[int, Entry]]:
+        """Usable samples as the pass settles them; ends with the pass (raising
+        its error, if any)."""
+        while (got := self._next()) is not None:
+            yield got
+
+    def result(self) -> Prepared:
+        """The pass's result, once every sample was read (or its error)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops the pass at its next file (if it still runs) and closes the cache."""
+        self._stopped.set()
+        self._thread.join(timeout)
+        if self._result is not None and self._result.cache is not None:
+            self._result.cache.close()

@@ -3,9 +3,11 @@
 ``train_one_epoch`` takes the model, loader, optimizer, device and epoch and returns
 a dict of averages; ``train`` owns set-up, the first pass over the data (which
 fills the decode-once cache, :mod:`catchment_mae.prepare`), resume, saving and
-logging. Each epoch reseeds torch from ``(seed, epoch)``, so masks, flips and the
-shuffle of epoch ``e`` do not depend on how the run got there: resuming from an
-epoch checkpoint gives the same weights as an uninterrupted run (on the CPU).
+logging; when the normalisation is known up front, the first epoch steps on the
+rasters while that pass reads them (``_streams``). Each epoch reseeds torch
+from ``(seed, epoch)``, so masks, flips and the shuffle of epoch ``e`` do not
+depend on how the run got there: resuming from an epoch checkpoint gives the
+same weights as an uninterrupted run (on the CPU).
 
 The loss stays on the device: it is read back (a host sync on a GPU) every
 ``log_every`` steps and at the end of each epoch, not after every step.
@@ -42,6 +44,7 @@ from catchment_mae.errors import ConfigError, NoInputError, TrainingError
 from catchment_mae.interrupt import ignore_interrupts, sigterm_as_interrupt
 from catchment_mae.io import check_writable
 from catchment_mae.loaders import (
+    StreamedEpoch,
     loader_workers,
     make_dataset,
     make_loader,
@@ -49,7 +52,13 @@ from catchment_mae.loaders import (
     to_model_input,
 )
 from catchment_mae.model import ScaleAwareMAE, build_model
-from catchment_mae.prepare import Prepared, chip_items, describe, prepare
+from catchment_mae.prepare import (
+    PassInThread,
+    Prepared,
+    chip_items,
+    describe,
+    prepare,
+)
 from catchment_mae.preprocess import PreprocessSpec
 from catchment_mae.ranks import Ranks, ranks_from_env
 from catchment_mae.raster import find_tiffs
@@ -379,6 +388,17 @@ def train(
         )
     device = distributed.start(ranks, pick_device(cfg.device))
     try:
+        if _streams(cfg, ckpt, strict, ranks):
+            stream = _start_pass(cfg, within)
+            try:
+                result = _train(
+                    cfg, None, device, ckpt, resume, progress, on_batch_end,
+                    on_epoch_end, ranks, stream,
+                )  # fmt: skip
+            finally:
+                stream.close()
+            result.first_pass_seconds = stream.seconds
+            return result
         t0 = time.perf_counter()
         # Under torchrun the first process of each machine reads every raster
         # into the cache; the others then find it there.
@@ -406,7 +426,7 @@ def train(
 
 def _train(
     cfg: TrainConfig,
-    prepared: Prepared,
+    prepared: Prepared | None,
     device: torch.device,
     ckpt: dict[str, Any] | None,
     resume: str | Path | None,
@@ -414,8 +434,17 @@ def _train(
     on_batch_end: Callable[[dict[str, Any]], None] | None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
     ranks: Ranks,
+    stream: PassInThread | None = None,
 ) -> TrainResult:
-    cfg = _complete_config(cfg, prepared)
+    """The epochs, after the first pass (``prepared``) or during it (``stream``:
+    the first epoch steps on the samples as they are read; see _streams)."""
+    if stream is not None:
+        first = stream.first()  # its band count is the model's
+        if cfg.in_chans is None:
+            cfg = cfg.merged({"in_chans": len(first.mean)})
+    else:
+        assert prepared is not None
+        cfg = _complete_config(cfg, prepared)
     if ckpt is not None:
         cfg = check_resume_config(cfg, ckpt, resume)
     spec = cfg.preprocess_spec()
@@ -432,15 +461,26 @@ def _train(
             log.info("resuming %s at epoch %d", resume, start_epoch + 1)
     step_model = distributed.wrap(model, ranks, device)  # forward and backward
 
-    train_idx, val_idx = split_items(prepared.files, cfg.val_fraction, cfg.seed)
-    loader = _loader(prepared, train_idx, spec, cfg, device, shuffle=True, ranks=ranks)
-    val_loader = (
-        _loader(prepared, val_idx, spec, cfg, device, shuffle=False)
-        if val_idx
-        else None
+    loader = val_loader = None
+    if prepared is not None:
+        train_idx, val_idx = _split(prepared, cfg)
+        loader, val_loader = _loaders(
+            prepared, train_idx, val_idx, spec, cfg, device, ranks
+        )
+        skipped = list(prepared.failed)
+    else:
+        assert stream is not None
+        listed = stream.listed
+        train_pos, _ = split_items(listed, cfg.val_fraction, cfg.seed)
+        first_epoch = StreamedEpoch(
+            stream, set(train_pos), spec, cfg.batch_size, stream.cache_dir
+        )
+        skipped = []
+    bar = _ProgressBar(
+        progress and ranks.main,
+        cfg,
+        len(train_idx if prepared is not None else train_pos),
     )
-    skipped = list(prepared.failed)
-    bar = _ProgressBar(progress and ranks.main, cfg, len(train_idx))
     writes = ranks.main  # one process writes the outputs, logs and plots
     try:
         with (
@@ -450,15 +490,28 @@ def _train(
             for stats in history:  # a resumed run rewrites the finished epochs first
                 metrics.write(json.dumps(stats) + "\n")
             for epoch in range(start_epoch, cfg.max_epochs):
-                loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+                if loader is not None:
+                    loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
                 with _seeded(epoch_seed(cfg.seed, epoch)):
                     bar.start_epoch(epoch)
                     stats = train_one_epoch(
-                        step_model, loader, optimizer, device, epoch, cfg,
+                        step_model,
+                        first_epoch if loader is None else loader,
+                        optimizer, device, epoch, cfg,
                         on_batch_end=_chain(bar.update, on_batch_end)
                         if writes else None,
                         ranks=ranks,
                     )  # fmt: skip
+                if prepared is None:  # the first epoch read every raster
+                    assert stream is not None
+                    prepared = stream.result()
+                    cfg = _complete_config(cfg, prepared)
+                    spec = cfg.preprocess_spec()
+                    train_idx, val_idx = _split(prepared, cfg)
+                    loader, val_loader = _loaders(
+                        prepared, train_idx, val_idx, spec, cfg, device, ranks
+                    )
+                    skipped = list(prepared.failed)
                 _record_failures(stats.pop("failed"), skipped)
                 if stats["images"] == 0:
                     raise NoInputError(
@@ -492,6 +545,7 @@ def _train(
     finally:
         bar.close()
         del loader, val_loader  # stop their workers before the plots
+    assert prepared is not None
     if writes:
         save_model(cfg, model, len(history))
         every = prepared.items  # built once: a list of every sample
@@ -512,6 +566,80 @@ def _train(
         skipped=skipped,
         cache=describe(prepared),
     )
+
+
+def _streams(
+    cfg: TrainConfig, ckpt: dict[str, Any] | None, strict: bool, ranks: Ranks
+) -> bool:
+    """Whether the first epoch trains while the first pass reads the rasters.
+
+    Only when no step needs the whole pass first: the normalisation is known
+    before any raster is read (``--norm per-raster``, or ``--norm-mean`` and
+    ``--norm-std`` given), so no statistic of the data is waited for; there is a
+    cache for the samples to be read from; it is not --strict (every file
+    checked before any step); one process (under torchrun every rank takes every
+    step, and the others wait for the first to fill the cache); and the run
+    does not resume (its first epoch is done).
+
+    Its first epoch takes the training samples in the order the pass settles
+    them (a shuffle drawn from the seed), whether the pass reads them or finds
+    them in the cache: a second run over a filled cache trains the same way.
+    """
+    known = cfg.norm == "per-raster" or cfg.norm_mean is not None
+    return (
+        known and cfg.cache and not strict and not ranks.active
+        and ckpt is None and cfg.max_epochs > 0
+    )  # fmt: skip
+
+
+def _start_pass(cfg: TrainConfig, within: str | Path | None) -> PassInThread:
+    """The first pass (as :func:`_prepare`) in a thread, in a seeded order."""
+    from catchment_mae.cache import default_cache_dir
+
+    items = _listing(cfg, within)
+    order = np.random.default_rng(epoch_seed(cfg.seed, 0)).permutation(len(items))
+    return PassInThread(
+        items,
+        cfg.preprocess_spec(),
+        cache_root=cfg.cache_dir or default_cache_dir(),
+        workers=loader_workers(cfg.num_workers, len(items)),
+        timeout=READ_TIMEOUT,
+        max_nodata=cfg.max_nodata,
+        order=order.tolist(),
+        where=cfg.input_dir,
+    )
+
+
+def _split(prepared: Prepared, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """:func:`split_items` over every listed sample, read well or not (so that
+    the first epoch can tell training samples before they are read), as
+    positions in ``prepared``; at least one training sample."""
+    train_pos, val_pos = split_items(prepared.listed, cfg.val_fraction, cfg.seed)
+    where = {p: k for k, p in enumerate(prepared.positions)}
+    train_idx = [where[p] for p in train_pos if p in where]
+    val_idx = [where[p] for p in val_pos if p in where]
+    if not train_idx:
+        return val_idx, []
+    return train_idx, val_idx
+
+
+def _loaders(
+    prepared: Prepared,
+    train_idx: list[int],
+    val_idx: list[int],
+    spec: PreprocessSpec,
+    cfg: TrainConfig,
+    device: torch.device,
+    ranks: Ranks,
+) -> tuple[Any, Any]:
+    """The training loader and the validation one (None without samples)."""
+    loader = _loader(prepared, train_idx, spec, cfg, device, shuffle=True, ranks=ranks)
+    val_loader = (
+        _loader(prepared, val_idx, spec, cfg, device, shuffle=False)
+        if val_idx
+        else None
+    )
+    return loader, val_loader
 
 
 def _record_failures(
@@ -580,10 +708,7 @@ def _prepare(
     """The first pass: every raster read once (into the cache), checked, measured."""
     from tqdm.auto import tqdm
 
-    files = list(find_tiffs(cfg.input_dir, cfg.recursive, within=within))
-    if not files:
-        raise NoInputError(f"{cfg.input_dir}: no .tif/.tiff files found")
-    items = chip_items(files, cfg.tile, cfg.tile_stride) if cfg.tile else files
+    items = _listing(cfg, within)
     bar = tqdm(
         total=len(items), desc="reading", unit="chip" if cfg.tile else "file",
         disable=None if progress else True, leave=False,
@@ -620,6 +745,14 @@ def _prepare(
         raise TrainingError(f"{path}: {reason} (--strict)")
     log.debug("%s", describe(prepared))
     return prepared
+
+
+def _listing(cfg: TrainConfig, within: str | Path | None) -> list[Any]:
+    """The rasters of ``input_dir`` (or their chips, with ``tile``), as listed."""
+    files = list(find_tiffs(cfg.input_dir, cfg.recursive, within=within))
+    if not files:
+        raise NoInputError(f"{cfg.input_dir}: no .tif/.tiff files found")
+    return chip_items(files, cfg.tile, cfg.tile_stride) if cfg.tile else files
 
 
 def _complete_config(cfg: TrainConfig, prepared: Prepared) -> TrainConfig:

@@ -117,7 +117,8 @@ from catchment_mae.ranks import is_main_process, ranks_from_env
     help="Decode-once cache of the resampled rasters (default: $CMAE_CACHE_DIR, "
     "else $XDG_CACHE_HOME/cmae, else ~/.cache/cmae). The first run reads each "
     "raster once into it; later epochs and runs with the same reading settings "
-    "read no TIFF.",
+    "read no TIFF. With the normalisation known up front (--norm per-raster, or "
+    "--norm-mean/--norm-std), the first epoch trains while the rasters are read.",
 )
 @click.option(
     "--no-cache",

@@ -1,0 +1,170 @@
+"""The first epoch trains while the first pass reads the rasters into the cache
+(when the normalisation is known before any raster is read)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import catchment_mae.prepare as prepare_module
+from catchment_mae.errors import NoInputError
+from catchment_mae.loaders import StreamedEpoch
+from catchment_mae.preprocess import PreprocessSpec
+from catchment_mae.raster import find_tiffs
+from catchment_mae.trainer import TrainingInterrupted, train
+from tests.conftest import write_tiff
+
+SPEC = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
+
+
+def _cfg(tiny_config, tmp_path, **kw):
+    return {**tiny_config, "norm": "per-raster", "cache_dir": str(tmp_path / "c"),
+            "log_every": 1, **kw}  # fmt: skip
+
+
+def _held_reads(monkeypatch, after):
+    """The pass reads here (num_workers 0); past ``after`` rasters, each read
+    waits (up to 10 s) for the returned event. Returns it and the times the
+    reads ended."""
+    ended, held = [], threading.Event()
+    build = prepare_module.build_one
+
+    def read(*args):
+        if len(ended) >= after:
+            held.wait(10)
+        got = build(*args)
+        ended.append(time.perf_counter())
+        return got
+
+    monkeypatch.setattr(prepare_module, "build_one", read)
+    return held, ended
+
+
+def test_first_epoch__steps_before_the_pass_has_read_every_raster(
+    tiny_config, tmp_path, monkeypatch
+):
+    held, ended = _held_reads(monkeypatch, after=8)
+    steps = []
+
+    def step(info):
+        steps.append((info["epoch"], time.perf_counter()))
+        held.set()  # the rest of the rasters are read once a step was taken
+
+    result = train(_cfg(tiny_config, tmp_path, max_epochs=2), progress=False,
+                   on_batch_end=step)  # fmt: skip
+    first_step = min(t for epoch, t in steps if epoch == 0)
+    # 13: the first raster is read once more, for its band count (in_chans unset)
+    assert len(ended) == 13 and first_step < ended[-1]  # stepped while reading
+    assert result.files == 12 and not result.skipped
+    assert [h["images"] for h in result.history] == [11, 11]  # one for validation
+    assert 0 < result.first_pass_seconds
+    assert "0 of 12 raster(s) reused, 12 read now" in result.cache
+
+
+def test_first_epoch__a_filled_cache_trains_the_same_weights(tiny_config, tmp_path):
+    cfg = _cfg(tiny_config, tmp_path, max_epochs=2)
+    cold = train(cfg, progress=False)
+    weights = torch.load(cold.weights_path, weights_only=True)["model"]
+    warm = train(cfg, progress=False, overwrite=True)
+    assert "12 of 12 raster(s) reused" in warm.cache
+    again = torch.load(warm.weights_path, weights_only=True)["model"]
+    assert [h["train_loss"] for h in warm.history] == [
+        h["train_loss"] for h in cold.history
+    ]
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_first_epoch__bad_rasters_are_skipped_and_reported(tiny_config, tmp_path):
+    data = tmp_path / "in"
+    shutil.copytree(tiny_config["input_dir"], data)
+    (data / "broken.tif").write_bytes(b"II*\x00not a tiff")
+    result = train(
+        _cfg(tiny_config, tmp_path, input_dir=str(data), max_epochs=2), progress=False
+    )
+    assert [p for p, _ in result.skipped] == [str(data / "broken.tif")]
+    assert result.files == 12
+    assert sum(h["images"] for h in result.history) == 2 * 11
+
+
+def test_first_epoch__interrupted_leaves_no_reader_nor_half_written_shard(
+    tiny_config, tmp_path, monkeypatch
+):
+    held, _ = _held_reads(monkeypatch, after=8)
+
+    def stop(info):
+        held.set()
+        raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="no epoch had finished"):
+        train(_cfg(tiny_config, tmp_path), progress=False, on_batch_end=stop)
+    assert not [t for t in threading.enumerate() if t.name == "cmae-first-pass"]
+    cache = next((tmp_path / "c").glob("samples-*"))
+    assert not list(cache.glob("*.tmp")) and not list(cache.glob("*.npy"))
+
+
+def test_first_epoch__no_usable_raster_says_so(tiny_config, tmp_path):
+    data = tmp_path / "in"
+    data.mkdir()
+    (data / "broken.tif").write_bytes(b"II*\x00not a tiff")
+    with pytest.raises(NoInputError, match=f"^{data}: none of the 1 TIFF"):
+        train(_cfg(tiny_config, tmp_path, input_dir=str(data)), progress=False)
+
+
+def test_pass_in_thread__hands_samples_over_in_its_order_result_as_listed(
+    dem_dir, tmp_path
+):
+    files = list(find_tiffs(dem_dir))
+    order = [5, 3, 11, 0, 1, 2, 4, 6, 7, 8, 9, 10]
+    stream = prepare_module.PassInThread(
+        files, SPEC, cache_root=tmp_path, workers=2, order=order
+    )
+    try:
+        assert len(stream.first().mean) == 1
+        got = list(stream.samples())
+        assert [p for p, _ in got] == order
+        result = stream.result()
+    finally:
+        stream.close()
+    assert result.files == files and result.positions == list(range(12))
+    assert [e.key.path for _, e in got] == [str(files[i]) for i in order]
+
+
+def test_streamed_epoch__only_training_samples_that_normalise(dem_dir, tmp_path):
+    files = list(find_tiffs(dem_dir))
+    odd = write_tiff(tmp_path / "in" / "odd.tif", np.full((40, 40), 1e7, np.float32))
+    files.append(odd)
+    stream = prepare_module.PassInThread(
+        files, SPEC, cache_root=tmp_path / "c", workers=0
+    )
+    try:
+        mean = float(np.median([e.mean[0] for _, e in [*stream.samples()]]))
+    finally:
+        stream.close()
+    fixed = PreprocessSpec(image_size=32, in_chans=1, norm_mean=(mean,),
+                           norm_std=(1000.0,))  # fmt: skip
+    stream = prepare_module.PassInThread(
+        files, fixed, cache_root=tmp_path / "c", workers=0
+    )
+    train_positions = {0, 2, 3, 5, 8, 12}  # 12: odd.tif, whose values are far off
+    try:
+        batches = list(
+            StreamedEpoch(stream, train_positions, fixed, 4, stream.cache_dir)
+        )
+        result = stream.result()
+    finally:
+        stream.close()
+    paths = [p for b in batches for p in b["path"]]
+    assert paths == [str(files[i]) for i in sorted(train_positions - {12})]
+    assert [len(b["z"]) for b in batches] == [4, 1]
+    assert [name for name, _ in result.screened] == [str(odd)]
+    rows = dict(zip(result.files, result.entries, strict=True))
+    first = batches[0]
+    z, valid = (np.load(stream.cache_dir / f"{rows[files[0]].shard}.{n}.npy")
+                for n in ("z", "valid"))  # fmt: skip
+    assert np.array_equal(first["z"][0].numpy(), z[rows[files[0]].row])
+    assert np.array_equal(first["valid"][0].numpy(), valid[rows[files[0]].row])
