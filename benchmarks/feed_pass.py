@@ -14,9 +14,18 @@ norm statistics and the screening. ``--no-cache`` leaves the shards out.
 Printed: the pass's rate against d, when the first file was settled, and the
 main process's CPU time per file.
 
+With ``--step-ms``, training's whole first epoch as on a GPU: after the pass, or
+beside it (``trainer._streams``: per-raster norm), batches of ``--batch`` are
+gathered from the cache as training does and each "step" holds the GIL for
+``--gil-ms`` (a GPU step's kernel launches, done in Python) and then waits with
+it released for the rest of ``--step-ms`` (the GPU). Printed: the first epoch's
+rate against min(d, s), s = batch / step time, and the bound when the two run
+one after the other, 1/(1/pass + 1/s).
+
 Usage:
     python benchmarks/feed_pass.py                      # 4,000 files, 16 readers
     python benchmarks/feed_pass.py --files 4000 --no-cache
+    python benchmarks/feed_pass.py --step-ms 10.2 --batch 128   # s = 11 d
 """
 
 from __future__ import annotations
@@ -75,6 +84,54 @@ def one_pass(root: Path, readers: int, cache: bool) -> dict:
             "files": len(result.files), "failed": len(result.failed)}  # fmt: skip
 
 
+def first_epoch(root: Path, readers: int, streamed: bool, step_ms: float,
+                gil_ms: float, batch: int) -> dict:  # fmt: skip
+    """The pass and the first epoch, one after the other or side by side."""
+    import numpy as np
+
+    import catchment_mae.prepare as prepare
+    from catchment_mae.data import CachedDataset
+    from catchment_mae.loaders import StreamedEpoch
+    from catchment_mae.workers import ReaderPool
+
+    prepare.build_one = fake_build
+    with ReaderPool(1) as pool:
+        pool.submit(int).result()
+    files = sorted(root.glob("*.tif"))
+    order = np.random.default_rng(0).permutation(len(files)).tolist()
+    steps = 0
+
+    def step(b: dict) -> None:
+        nonlocal steps
+        steps += 1
+        t = time.perf_counter()
+        while time.perf_counter() - t < gil_ms / 1000:  # launches: the GIL held
+            pass
+        time.sleep(max(0.0, step_ms - gil_ms) / 1000)  # the GPU: released
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        if streamed:
+            stream = prepare.PassInThread(
+                files, SPEC, cache_root=tmp, workers=readers, order=order
+            )
+            for b in StreamedEpoch(stream, set(order), SPEC, batch, stream.cache_dir):
+                step(b)
+            result = stream.result()
+            stream.close()
+            passed = stream.seconds
+        else:
+            result = prepare.prepare(files, SPEC, cache_root=tmp, workers=readers)
+            passed = time.perf_counter() - t0
+            ds = CachedDataset(result.entries, SPEC, result.cache.dir)
+            for lo in range(0, len(order), batch):
+                step(ds.__getitems__(order[lo : lo + batch]))
+            result.cache.close()
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "pass": passed, "steps": steps,
+            "files": len(result.files), "failed": len(result.failed)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--readers", type=int, default=16)
@@ -82,8 +139,17 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=4000)
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--step-ms", type=float, help="emulate the first epoch too")
+    ap.add_argument("--gil-ms", type=float, default=3.0, help="of each step")
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # ROOT
+    ap.add_argument("--streamed", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one and args.streamed is not None:
+        got = first_epoch(Path(args.one), args.readers, bool(args.streamed),
+                          args.step_ms, args.gil_ms, args.batch)  # fmt: skip
+        print(json.dumps(got))
+        return
     if args.one:
         print(json.dumps(one_pass(Path(args.one), args.readers, not args.no_cache)))
         return
@@ -102,6 +168,9 @@ def main() -> None:
             (root / f"f{i:06d}.tif").write_bytes(b"")
         env = {**os.environ, "CMAE_FEED_READ_MS": str(args.read_ms),
                "CMAE_FEED_DEM": str(dem)}  # fmt: skip
+        if args.step_ms:
+            epochs(args, root, env, d)
+            return
         runs = []
         for _ in range(args.repeats):
             cmd = [sys.executable, __file__, "--one", str(root),
@@ -114,6 +183,31 @@ def main() -> None:
                   f"first file settled at {s['first']:.2f} s; main process "
                   f"{1000 * s['cpu'] / s['files']:.2f} ms of CPU a file")  # fmt: skip
         print(f"  pass / d (median of {args.repeats}): {statistics.median(runs):.2f}")
+
+
+def epochs(args: argparse.Namespace, root: Path, env: dict, d: float) -> None:
+    """The first epoch after the pass and beside it, interleaved runs."""
+    s = args.batch / (args.step_ms / 1000)
+    print(f"first epoch: batch {args.batch}, a step {args.step_ms} ms "
+          f"({args.gil_ms} ms of it holding the GIL): s = {s:.0f} img/s = "
+          f"{s / d:.1f} d")  # fmt: skip
+    runs: dict[str, list[float]] = {"after the pass": [], "beside the pass": []}
+    for _ in range(args.repeats):
+        for label, streamed in (("after the pass", 0), ("beside the pass", 1)):
+            cmd = [sys.executable, __file__, "--one", str(root), "--readers",
+                   str(args.readers), "--streamed", str(streamed), "--step-ms",
+                   str(args.step_ms), "--gil-ms", str(args.gil_ms), "--batch",
+                   str(args.batch)]  # fmt: skip
+            r = fresh_run(cmd, env, "failed")
+            rate, pass_rate = r["files"] / r["seconds"], r["files"] / r["pass"]
+            runs[label].append(rate / min(d, s))
+            print(f"    {label}: {r['seconds']:.2f} s, {rate:.0f} img/s = "
+                  f"{rate / min(d, s):.2f} min(d, s); the pass {r['pass']:.2f} s "
+                  f"= {pass_rate / d:.2f} d; one after the other at best "
+                  f"{1 / (1 / pass_rate + 1 / s) / min(d, s):.2f}")  # fmt: skip
+    for label, got in runs.items():
+        print(f"  first epoch {label} / min(d, s) (median of {args.repeats}): "
+              f"{statistics.median(got):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
