@@ -90,29 +90,30 @@ class CachedDataset(Dataset):
         }
 
     def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        """A shard's memory maps, opened once per process (each loader worker).
-        A shard the first pass is still writing has its files' temporary
-        names; a map opened then stays good once they are renamed."""
+        """A shard's memory maps, opened once per process (each loader worker)."""
         stem = self.shards[shard]
         if stem not in self._open:
-            for suffix in ("", ".tmp", ""):  # renamed (committed) in between
-                with contextlib.suppress(FileNotFoundError):
-                    self._open[stem] = (
-                        np.load(
-                            self.cache_dir / f"{stem}.z.npy{suffix}", mmap_mode="r"
-                        ),
-                        np.load(
-                            self.cache_dir / f"{stem}.valid.npy{suffix}", mmap_mode="r"
-                        ),
-                    )
-                    break
-            else:
-                raise FileNotFoundError(self.cache_dir / f"{stem}.z.npy")
+            self._open[stem] = (
+                _open_shard_file(self.cache_dir / f"{stem}.z.npy"),
+                _open_shard_file(self.cache_dir / f"{stem}.valid.npy"),
+            )
         return self._open[stem]
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers reopen the maps themselves: a pickled memmap would copy the data.
         return {**self.__dict__, "_open": {}}
+
+
+def _open_shard_file(path: Path) -> np.ndarray:
+    """A shard file, memory-mapped read-only. While the first pass still writes
+    the shard, the file has its temporary name (``.tmp``) until it is renamed
+    once, so the final name, then the temporary one, then the final one again
+    cannot all miss; a map opened under either name stays good."""
+    tmp = path.with_name(path.name + ".tmp")
+    for name in (path, tmp):
+        with contextlib.suppress(FileNotFoundError):
+            return np.load(name, mmap_mode="r")
+    return np.load(path, mmap_mode="r")
 
 
 class RasterDataset(Dataset):

@@ -206,7 +206,8 @@ class StreamedEpoch:
     maps here (a shard still being written included); the last may be smaller.
     Samples that fixed normalisation refuses (:func:`norm_refusal`) are left
     out, as the pass's screening leaves them out of later epochs. ``len`` is
-    the steps were every sample to be read well.
+    the steps were every sample to be read well. If no training sample could
+    be read, the others are trained on (as the later epochs' split does).
 
     Args:
         stream: the pass, started with ``order`` and a cache.
@@ -234,19 +235,32 @@ class StreamedEpoch:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         maps: dict[str, Any] = {}
         batch: list[Entry] = []
+        others: list[Entry] = []
+        trained = False
         for position, entry in self.stream.samples():
-            if position not in self.train or norm_refusal(entry, self.spec):
+            if norm_refusal(entry, self.spec):
+                continue
+            if position not in self.train:
+                others.append(entry)
                 continue
             batch.append(entry)
             if len(batch) == self.batch_size:
                 yield self._gather(batch, maps)
-                batch = []
-        if batch:
-            yield self._gather(batch, maps)
+                batch, trained = [], True
+        if not trained and not batch:
+            batch = others
+        for lo in range(0, len(batch), self.batch_size):
+            yield self._gather(batch[lo : lo + self.batch_size], maps)
 
     def _gather(self, batch: list[Entry], maps: dict[str, Any]) -> dict[str, Any]:
         ds = CachedDataset(batch, self.spec, self.cache_dir, maps)
-        return ds.__getitems__(range(len(batch)))
+        try:
+            return ds.__getitems__(range(len(batch)))
+        except FileNotFoundError:
+            # A pass that failed removes its unfinished shards: its error says
+            # why (a full disk, say), not the missing file.
+            self.stream.result()
+            raise
 
 
 def loader_workers(requested: int, n_files: int) -> int:

@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,7 @@ def prepare(
     max_nodata: float = 1.0,
     order: Sequence[int] | None = None,
     on_sample: Callable[[int, Entry], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> Prepared:
     """Checks, measures and (with ``cache_root``) caches every raster of ``files``.
 
@@ -176,6 +178,8 @@ def prepare(
         on_sample: called with each usable sample's position and entry, in
             ``order``, once its arrays are in the cache (before the screening
             that needs every raster: see :func:`norm_refusal`).
+        stop: once set, the pass ends at once (within 0.1 s while it waits for
+            a reader), raising ``_Stopped``.
 
     Raises:
         NoInputError: no file could be used.
@@ -189,6 +193,7 @@ def prepare(
         _prepare(
             result, items, spec, workers, on_file, timeout, max_nodata,
             list(order) if order is not None else list(range(len(items))), on_sample,
+            stop,
         )  # fmt: skip
     except BaseException:
         if result.cache is not None:
@@ -275,6 +280,7 @@ def _prepare(
     max_nodata: float,
     order: list[int],
     on_sample: Callable[[int, Entry], None] | None,
+    stop: threading.Event | None,
 ) -> None:
     outcome: dict[int, Entry | str] = {}  # item index -> entry or reason
     keys: dict[int, FileKey] = {}
@@ -317,7 +323,7 @@ def _prepare(
         # main thread at the first commit while the readers ran dry, on 2 cores
         # (benchmarks/feed_pass.py); it runs beside the readers' start instead.
         with ReaderPool(workers, timeout=timeout) as pool, warming_up():
-            _build(result.cache, files, keys, todo, spec, pool, outcome, report)
+            _build(result.cache, files, keys, todo, spec, pool, outcome, report, stop)
     report()
     report.in_listing_order()
 
@@ -404,6 +410,7 @@ def _build(
     pool: ReaderPool,
     outcome: dict[int, Entry | str],
     report: Callable[[], None],
+    stop: threading.Event | None = None,
 ) -> None:
     """Reads ``todo`` in the pool, into new cache shards; fills ``outcome``."""
     # Read here (no reader process), each file is settled as soon as it is read.
@@ -423,16 +430,30 @@ def _build(
                 (i, pool.submit(build_one, str(files[i]), keys[i], spec, target), slot)
             )
             while len(pending) >= limit:
-                _settle(*pending.popleft(), pool, outcome)
+                _settle(*_oldest(pending, stop), pool, outcome)
                 report()
         while pending:
-            _settle(*pending.popleft(), pool, outcome)
+            _settle(*_oldest(pending, stop), pool, outcome)
             report()
     except BaseException:
         for shard in shards:
             if not shard.committed:
                 shard.build.discard()
         raise
+
+
+def _oldest(
+    pending: deque[tuple[int, Future, _Slot | None]], stop: threading.Event | None
+) -> tuple[int, Future, _Slot | None]:
+    """The oldest read in flight, once it is done (``_Stopped`` if ``stop`` is
+    set first)."""
+    if stop is not None:
+        future = pending[0][1]
+        while not stop.is_set() and not future.done():
+            futures.wait([future], timeout=0.1)
+        if stop.is_set():
+            raise _Stopped
+    return pending.popleft()
 
 
 @dataclass
@@ -504,14 +525,15 @@ class PassInThread:
     """:func:`prepare` in a thread, each usable sample handed over as soon as its
     arrays are in the cache: training's first epoch steps on them while the
     pass reads the rest (see ``trainer._streams``). ``files``, ``spec`` and the
-    keywords are prepare's (``on_sample`` is this object's; ``cache_root`` is
-    required); ``where`` prefixes a NoInputError.
+    keywords are prepare's (``on_sample`` and ``stop`` are this object's;
+    ``cache_root`` is required); ``where`` prefixes a NoInputError.
 
     :meth:`first` waits for the first usable sample; iterate :meth:`samples`
     (position, entry), in ``order``; then take :meth:`result`. :meth:`close`
-    ends the pass if it still runs (its readers killed, its unfinished shards
-    removed) and closes the cache. An error of the pass is raised where the
-    samples or the result are taken.
+    stops the pass if it still runs (its reader processes killed, its
+    unfinished shards removed, within 0.1 s unless a raster is being read in
+    this process) and closes the cache. An error of the pass is raised where
+    the samples or the result are taken.
     """
 
     _END = object()
@@ -530,7 +552,7 @@ class PassInThread:
         self.seconds = 0.0  # how long the pass ran
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._head: deque[tuple[int, Entry]] = deque()
-        self._stopped = threading.Event()
+        self._stop = threading.Event()
         self._result: Prepared | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(
@@ -543,10 +565,14 @@ class PassInThread:
         t0 = time.perf_counter()
         try:
             self._result = prepare(
-                files, spec, cache_root=root, on_sample=self._sample, **kw
-            )
+                files, spec, cache_root=root, on_sample=self._sample,
+                stop=self._stop, **kw,
+            )  # fmt: skip
         except NoInputError as e:
-            self._error = NoInputError(f"{where}: {e}") if where else e
+            self._error = e
+            if where:
+                self._error = NoInputError(f"{where}: {e}")
+                self._error.__cause__ = e
         except BaseException as e:  # handed to the consumer
             self._error = e
         finally:
@@ -554,8 +580,6 @@ class PassInThread:
             self._queue.put(self._END)
 
     def _sample(self, position: int, entry: Entry) -> None:
-        if self._stopped.is_set():
-            raise _Stopped
         self._queue.put((position, entry))
 
     def _next(self) -> tuple[int, Entry] | None:
@@ -570,7 +594,7 @@ class PassInThread:
     def first(self) -> Entry:
         """The first usable sample (waiting for it)."""
         got = self._head[0] if self._head else self._next()
-        if got is None:  # prepare raises NoInputError first
+        if got is None:  # the pass ended without error yet with no sample
             raise NoInputError("no usable raster")
         if not self._head:
             self._head.append(got)
@@ -590,9 +614,9 @@ class PassInThread:
         assert self._result is not None
         return self._result
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stops the pass at its next file (if it still runs) and closes the cache."""
-        self._stopped.set()
-        self._thread.join(timeout)
+    def close(self) -> None:
+        """Stops the pass if it still runs, and closes the cache."""
+        self._stop.set()
+        self._thread.join(60)  # at most a raster read in this thread (workers 0)
         if self._result is not None and self._result.cache is not None:
             self._result.cache.close()

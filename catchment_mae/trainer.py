@@ -177,7 +177,8 @@ def train_one_epoch(
     the device (no host sync), and it is reported, naming its batch's files,
     when the loss is next read. ``on_batch_end`` is called every
     ``cfg.log_every`` steps and after the last one, with the mean loss of the
-    steps since its previous call.
+    steps since its previous call. ``len(loader)`` may overestimate the steps
+    (the first epoch while the rasters are read: some may fail).
 
     Raises:
         TrainingError: no step of the epoch had a finite loss.
@@ -190,6 +191,23 @@ def train_one_epoch(
     meter = _LossMeter(device, f"epoch {epoch + 1}")
     start = time.perf_counter()
     autocast = autocast_context(device, cfg.precision)
+
+    def report(done: int) -> None:
+        mean, n = meter.read()
+        if on_batch_end is not None and n:
+            elapsed = time.perf_counter() - start
+            on_batch_end(
+                {
+                    "epoch": epoch,
+                    "step": done,
+                    "steps": steps,
+                    "loss": mean,
+                    "lr": lr_at(epoch + done / steps, cfg),
+                    "images_per_s": meter.images / max(elapsed, 1e-9),
+                }
+            )
+
+    step = -1
     for step, batch in enumerate(loader):
         failed.extend(batch["failed"])
         # Under torchrun every rank takes every step (gradients are averaged
@@ -216,21 +234,10 @@ def train_one_epoch(
                 finite = meter.add(loss, images.shape[0], batch["path"], step + 1)
             skip_unless_finite(optimizer, distributed.all_finite(finite, ranks))
             optimizer.step()
-        if (step + 1) % cfg.log_every and step + 1 < steps:
-            continue
-        mean, n = meter.read()
-        if on_batch_end is not None and n:
-            elapsed = time.perf_counter() - start
-            on_batch_end(
-                {
-                    "epoch": epoch,
-                    "step": step + 1,
-                    "steps": steps,
-                    "loss": mean,
-                    "lr": lr_at(epoch + (step + 1) / steps, cfg),
-                    "images_per_s": meter.images / max(elapsed, 1e-9),
-                }
-            )
+        if (step + 1) % cfg.log_every == 0 or step + 1 >= steps:
+            report(step + 1)
+    if meter.steps:  # fewer steps than len(loader) said: the last ones
+        report(step + 1)
     seconds = time.perf_counter() - start
     total, images, skipped = distributed.sum_over_ranks(
         [meter.total, meter.images, meter.skipped], ranks, device
@@ -463,7 +470,7 @@ def _train(
 
     loader = val_loader = None
     if prepared is not None:
-        train_idx, val_idx = _split(prepared, cfg)
+        train_idx, val_idx = split_items(prepared.files, cfg.val_fraction, cfg.seed)
         loader, val_loader = _loaders(
             prepared, train_idx, val_idx, spec, cfg, device, ranks
         )
@@ -505,9 +512,10 @@ def _train(
                 if prepared is None:  # the first epoch read every raster
                     assert stream is not None
                     prepared = stream.result()
+                    log.debug("%s", describe(prepared))
                     cfg = _complete_config(cfg, prepared)
                     spec = cfg.preprocess_spec()
-                    train_idx, val_idx = _split(prepared, cfg)
+                    train_idx, val_idx = _listed_split(prepared, cfg)
                     loader, val_loader = _loaders(
                         prepared, train_idx, val_idx, spec, cfg, device, ranks
                     )
@@ -610,10 +618,12 @@ def _start_pass(cfg: TrainConfig, within: str | Path | None) -> PassInThread:
     )
 
 
-def _split(prepared: Prepared, cfg: TrainConfig) -> tuple[list[int], list[int]]:
-    """:func:`split_items` over every listed sample, read well or not (so that
-    the first epoch can tell training samples before they are read), as
-    positions in ``prepared``; at least one training sample."""
+def _listed_split(prepared: Prepared, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """The split of a run whose first epoch trained while the rasters were
+    read: :func:`split_items` over every listed sample, read well or not (the
+    first epoch told the training samples before they were read), as positions
+    in ``prepared``; at least one training sample, as StreamedEpoch does. (A
+    run that reads first splits the usable samples only.)"""
     train_pos, val_pos = split_items(prepared.listed, cfg.val_fraction, cfg.seed)
     where = {p: k for k, p in enumerate(prepared.positions)}
     train_idx = [where[p] for p in train_pos if p in where]

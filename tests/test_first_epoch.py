@@ -95,9 +95,16 @@ def test_first_epoch__interrupted_leaves_no_reader_nor_half_written_shard(
     tiny_config, tmp_path, monkeypatch
 ):
     held, _ = _held_reads(monkeypatch, after=8)
+    close = prepare_module.PassInThread.close
+
+    def close_then_read(self):  # the held reads go on once told to stop
+        self._stop.set()
+        held.set()
+        close(self)
+
+    monkeypatch.setattr(prepare_module.PassInThread, "close", close_then_read)
 
     def stop(info):
-        held.set()
         raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted, match="no epoch had finished"):
@@ -105,6 +112,82 @@ def test_first_epoch__interrupted_leaves_no_reader_nor_half_written_shard(
     assert not [t for t in threading.enumerate() if t.name == "cmae-first-pass"]
     cache = next((tmp_path / "c").glob("samples-*"))
     assert not list(cache.glob("*.tmp")) and not list(cache.glob("*.npy"))
+
+
+def test_first_epoch__fewer_steps_than_planned_still_count(tiny_config, tmp_path):
+    """Broken files make the first epoch shorter than its planned steps; the
+    loss of its last steps is still read (the loss is read every 20 steps)."""
+    data = tmp_path / "in"
+    shutil.copytree(tiny_config["input_dir"], data)
+    for k in range(4):
+        (data / f"broken{k}.tif").write_bytes(b"II*\x00not a tiff")
+    seen = []
+    cfg = _cfg(tiny_config, tmp_path, input_dir=str(data), max_epochs=2,
+               log_every=20)  # fmt: skip
+    result = train(cfg, progress=False, on_batch_end=seen.append)
+    first, second = result.history
+    assert first["images"] == second["images"] > 0
+    (last,) = [i for i in seen if i["epoch"] == 0]  # after its last step
+    assert last["loss"] == pytest.approx(first["train_loss"])
+    assert last["step"] == -(-first["images"] // 4) < last["steps"]
+    assert len(result.skipped) == 4
+
+
+def test_first_epoch__trains_on_the_others_when_no_training_raster_reads(
+    tiny_config, tmp_path
+):
+    from catchment_mae.trainer import split_items
+
+    data = tmp_path / "in"
+    data.mkdir()
+    paths = [data / "a.tif", data / "b.tif"]
+    (train_at,), _ = split_items(paths, 0.5, seed=0)
+    good = sorted(find_tiffs(tiny_config["input_dir"]))[0]
+    shutil.copy(good, paths[1 - train_at])
+    paths[train_at].write_bytes(b"II*\x00not a tiff")
+    cfg = _cfg(tiny_config, tmp_path, input_dir=str(data), max_epochs=2,
+               val_fraction=0.5)  # fmt: skip
+    result = train(cfg, progress=False)
+    assert [h["images"] for h in result.history] == [1, 1]
+    assert [h["val_loss"] for h in result.history] == [None, None]
+
+
+def test_streamed_epoch__a_pass_that_fails_gives_its_error_not_a_missing_file(
+    dem_dir, tmp_path, monkeypatch
+):
+    from catchment_mae.errors import CmaeError
+
+    settle, calls = prepare_module._settle, []
+
+    def settle_then_fail(*args):
+        calls.append(1)
+        if len(calls) == 6:  # the shard half settled: the pass removes it
+            raise CmaeError("the reader processes stopped: test")
+        settle(*args)
+
+    monkeypatch.setattr(prepare_module, "_settle", settle_then_fail)
+    stream = prepare_module.PassInThread(
+        list(find_tiffs(dem_dir)), SPEC, cache_root=tmp_path, workers=0
+    )
+    stream._thread.join()  # the shard is gone before a batch opens it
+    try:
+        with pytest.raises(CmaeError, match="reader processes stopped: test"):
+            list(StreamedEpoch(stream, set(range(12)), SPEC, 4, stream.cache_dir))
+    finally:
+        stream.close()
+    assert not list(stream.cache_dir.glob("*.npy*"))
+
+
+def test_open_shard_file__under_its_temporary_or_final_name(tmp_path):
+    from catchment_mae.data import _open_shard_file
+
+    final = tmp_path / "s.z.npy"
+    np.save(tmp_path / "x.npy", np.arange(6, dtype=np.float16))
+    (tmp_path / "x.npy").rename(final.with_name("s.z.npy.tmp"))
+    early = _open_shard_file(final)
+    final.with_name("s.z.npy.tmp").rename(final)
+    late = _open_shard_file(final)
+    assert np.array_equal(early, late) and early.dtype == np.float16
 
 
 def test_first_epoch__no_usable_raster_says_so(tiny_config, tmp_path):
