@@ -50,12 +50,14 @@ fi
     case $part in
     train)
         set -- --parts train --train-model vit_small_patch16_224 --train-batch 128 \
-            --precision bf16 --files 4000 --train-files 4000 --epochs 6 --repeats 2 "$@" ;;
+            --precision bf16 --files 4000 --train-files 4000 --epochs 6 --repeats 2 \
+            --train-runs "cache,pass first" "$@" ;;
     embed)
         set -- --parts embed --files 2000 --repeats 3 "$@" ;;
     all)
         set -- --parts embed,train --train-model vit_small_patch16_224 --train-batch 128 \
-            --precision bf16 --files 4000 --train-files 4000 --epochs 6 --repeats 2 "$@" ;;
+            --precision bf16 --files 4000 --train-files 4000 --epochs 6 --repeats 2 \
+            --train-runs "cache,pass first" "$@" ;;
     esac
     # Not from the checkout: `python -m catchment_mae...` (the command's runs)
     # would import its catchment_mae folder, which lacks batch/ and export/.
