@@ -136,6 +136,25 @@ class Entry:
             1.0 - r.valid_fraction, r.mean, r.std, r.scale,
         )  # fmt: skip
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Every reader sends one back per raster: as lists, its three small
+        # arrays pickle and load in a third of the time (64 us the round trip
+        # with arrays, 2 cores), and the pool's thread loads each one.
+        return _entry, (
+            self.key, self.height, self.width, self.bands, self.dtype, self.count,
+            self.nodata_fraction, self.mean.tolist(), self.std.tolist(),
+            self.scale.tolist(), self.shard, self.row, self.crc,
+        )  # fmt: skip
+
+
+def _entry(key: FileKey, *facts: Any) -> Entry:
+    """An Entry from :meth:`Entry.__reduce__`'s plain values."""
+    *head, mean, std, scale, shard, row, crc = facts
+    return Entry(
+        key, *head, np.asarray(mean, np.float64), np.asarray(std, np.float64),
+        np.asarray(scale, np.float32), shard, row, crc,
+    )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class ShardTarget:

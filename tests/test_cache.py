@@ -315,3 +315,26 @@ def test_loader_worker__reports_of_its_threads_print_no_traceback():
     assert r.stdout == "went on\n", r.stderr
     assert "Connection reset" not in r.stderr
     assert "ValueError: the main thread still reports" in r.stderr
+
+
+def test_entry__travels_as_plain_values_and_comes_back_exactly():
+    """Readers send an Entry back per raster: without numpy's array pickling
+    (its cost was half the pool thread's share of a raster), same values and
+    dtypes."""
+    import pickle
+
+    from catchment_mae.cache import Entry, FileKey
+
+    e = Entry(FileKey("/d/a.tif", 123, 456, (0, 0, 64, 64)), 300, 200, 2, "int16",
+              5_000, 0.25, np.array([812.123456789, -3.5]), np.array([1e-9, 7.0]),
+              np.array([5.7, 5.3], np.float32), "shard", 3, 2**32 - 1)  # fmt: skip
+    data = pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL)
+    assert b"numpy" not in data
+    back = pickle.loads(data)
+    for name in ("mean", "std", "scale"):
+        got, want = getattr(back, name), getattr(e, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert (back.key, back.height, back.width, back.bands, back.dtype, back.count,
+            back.nodata_fraction, back.shard, back.row, back.crc) == (
+            e.key, e.height, e.width, e.bands, e.dtype, e.count,
+            e.nodata_fraction, e.shard, e.row, e.crc)  # fmt: skip
