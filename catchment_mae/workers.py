@@ -25,12 +25,14 @@ import multiprocessing as mp
 import os
 import selectors
 import signal
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
+from types import SimpleNamespace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -133,7 +135,9 @@ class ReaderPool:
         # Every worker's pipe and process, watched at once: built once, not per
         # wake-up as multiprocessing.connection.wait() does (71 us a call for
         # 16 workers' 33 handles, against 2 us; 2 cores).
-        self._selector = selectors.DefaultSelector()
+        self._selector: Any = (
+            _Waiter() if sys.platform == "win32" else selectors.DefaultSelector()
+        )
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._pool: list[_Worker] = []
         # The workers start in the manager thread, beside whatever the caller
@@ -237,8 +241,8 @@ class ReaderPool:
         if self._wake_r in ready:
             while self._wake_r.poll():
                 self._wake_r.recv_bytes()
-        # Only what wait() found ready: one message from each worker that has
-        # one (the next wait() returns at once for any more). Asking every
+        # Only what the selector found ready: one message from each worker that
+        # has one (the next select() returns at once for any more). Asking every
         # worker's pipe and process instead (poll(), is_alive(): a selector
         # each) cost this thread about 1 ms of CPU a task with 16 workers.
         for i, w in enumerate(self._pool):
@@ -321,6 +325,27 @@ class ReaderPool:
         self._selector.close()
         for conn in (self._wake_r, self._wake_w):
             conn.close()
+
+
+class _Waiter:
+    """The selector's calls over ``multiprocessing.connection.wait()``, for
+    Windows, whose pipes no selector takes."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def register(self, handle: Any, _events: int) -> None:
+        self.handles.append(handle)
+
+    def unregister(self, handle: Any) -> None:
+        self.handles.remove(handle)
+
+    def select(self, timeout: float | None) -> list[tuple[Any, int]]:
+        return [(SimpleNamespace(fileobj=h), selectors.EVENT_READ)
+                for h in wait(self.handles, timeout)]  # fmt: skip
+
+    def close(self) -> None:
+        self.handles = []
 
 
 def _worker_main(
