@@ -241,7 +241,8 @@ class StreamedEpoch:
             if norm_refusal(entry, self.spec):
                 continue
             if position not in self.train:
-                others.append(entry)
+                if not trained:  # trained on only if no training sample reads
+                    others.append(entry)
                 continue
             batch.append(entry)
             if len(batch) == self.batch_size:
@@ -259,7 +260,9 @@ class StreamedEpoch:
         except FileNotFoundError:
             # A pass that failed removes its unfinished shards: its error says
             # why (a full disk, say), not the missing file.
-            self.stream.result()
+            failure = self.stream.failure()
+            if failure is not None:
+                raise failure from None
             raise
 
 

@@ -304,6 +304,8 @@ def _prepare(
             bands = len(entry.mean)
     if bands is None:  # the first good raster decides: read until one is good
         while todo:
+            if stop is not None and stop.is_set():
+                raise _Stopped
             entry, _, reason = build_one(str(files[todo[0]]), keys[todo[0]], spec, None)
             if entry is not None:
                 bands = len(entry.mean)  # read again below, into the cache
@@ -568,6 +570,8 @@ class PassInThread:
                 files, spec, cache_root=root, on_sample=self._sample,
                 stop=self._stop, **kw,
             )  # fmt: skip
+            if self._stop.is_set() and self._result.cache is not None:
+                self._result.cache.close()  # close() gave up waiting
         except NoInputError as e:
             self._error = e
             if where:
@@ -606,6 +610,14 @@ class PassInThread:
         while (got := self._next()) is not None:
             yield got
 
+    def failure(self, timeout: float = 5.0) -> BaseException | None:
+        """The pass's error if it ended with one (waiting up to ``timeout``
+        seconds for a pass that is ending)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive() or isinstance(self._error, _Stopped):
+            return None
+        return self._error
+
     def result(self) -> Prepared:
         """The pass's result, once every sample was read (or its error)."""
         self._thread.join()
@@ -618,5 +630,7 @@ class PassInThread:
         """Stops the pass if it still runs, and closes the cache."""
         self._stop.set()
         self._thread.join(60)  # at most a raster read in this thread (workers 0)
-        if self._result is not None and self._result.cache is not None:
+        if self._thread.is_alive():
+            log.debug("the first pass is still reading; it ends with the process")
+        elif self._result is not None and self._result.cache is not None:
             self._result.cache.close()

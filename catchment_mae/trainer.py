@@ -202,7 +202,7 @@ def train_one_epoch(
                     "step": done,
                     "steps": steps,
                     "loss": mean,
-                    "lr": lr_at(epoch + done / steps, cfg),
+                    "lr": lr_at(epoch + min(done / steps, 1.0), cfg),
                     "images_per_s": meter.images / max(elapsed, 1e-9),
                 }
             )
@@ -214,7 +214,7 @@ def train_one_epoch(
         # over the ranks): one whose files all failed steps with a zero loss.
         ignored = batch["z"] is None and ranks.active
         if batch["z"] is not None or ignored:
-            lr = lr_at(epoch + step / steps, cfg)
+            lr = lr_at(epoch + min(step / steps, 1.0), cfg)  # len() may be short
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if ignored:
@@ -234,9 +234,9 @@ def train_one_epoch(
                 finite = meter.add(loss, images.shape[0], batch["path"], step + 1)
             skip_unless_finite(optimizer, distributed.all_finite(finite, ranks))
             optimizer.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 >= steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             report(step + 1)
-    if meter.steps:  # fewer steps than len(loader) said: the last ones
+    if meter.steps:  # more or fewer steps than len(loader) said: the last ones
         report(step + 1)
     seconds = time.perf_counter() - start
     total, images, skipped = distributed.sum_over_ranks(

@@ -152,6 +152,34 @@ def test_first_epoch__trains_on_the_others_when_no_training_raster_reads(
     assert [h["val_loss"] for h in result.history] == [None, None]
 
 
+def test_first_epoch__more_steps_than_planned_keep_to_the_schedule(
+    tiny_config, tmp_path
+):
+    """The one training raster is broken: the first epoch trains on the nine
+    others, five steps where one was planned, without running through the
+    learning-rate schedule or reading the loss back at every step."""
+    from catchment_mae.trainer import split_items
+
+    data = tmp_path / "in"
+    data.mkdir()
+    dems = sorted(find_tiffs(tiny_config["input_dir"]))[:10]
+    paths = [data / p.name for p in dems]
+    (train_at,), _ = split_items(paths, 0.9, seed=0)
+    for k, (dem, path) in enumerate(zip(dems, paths, strict=True)):
+        if k == train_at:
+            path.write_bytes(b"II*\x00not a tiff")
+        else:
+            shutil.copy(dem, path)
+    seen = []
+    cfg = _cfg(tiny_config, tmp_path, input_dir=str(data), val_fraction=0.9,
+               batch_size=2, log_every=20, lr=1e-3, warmup_epochs=2.0)  # fmt: skip
+    result = train(cfg, progress=False, on_batch_end=seen.append)
+    assert result.history[0]["images"] == 9
+    first = [i for i in seen if i["epoch"] == 0]
+    assert [i["step"] for i in first] == [1, 5] and first[0]["steps"] == 1
+    assert [i["lr"] for i in first] == [pytest.approx(5e-4)] * 2  # half-way up
+
+
 def test_streamed_epoch__a_pass_that_fails_gives_its_error_not_a_missing_file(
     dem_dir, tmp_path, monkeypatch
 ):
