@@ -81,8 +81,8 @@ class Prepared(ScanResult):
         cache: the cache, or None (``--no-cache``).
         reused: rasters found in the cache; the others were read now.
         chips_skipped: chips left out for nodata (``--tile``).
-        listed: the path of every sample handed to :func:`prepare`, in order.
-        positions: per usable file, its place in ``listed`` (failures leave gaps).
+        positions: per usable file, its place in the list handed to
+            :func:`prepare` (failures leave gaps).
 
     With chips, ``files`` holds a raster's path once per chip, and each entry's
     ``key.window`` says which.
@@ -93,7 +93,6 @@ class Prepared(ScanResult):
     cache: SampleCache | None = None
     reused: int = 0
     chips_skipped: int = 0
-    listed: list[Path] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
 
     @property
@@ -188,7 +187,6 @@ def prepare(
     if cache_root is not None:
         result.cache = SampleCache(cache_root, spec)
     items = [f if isinstance(f, tuple) else (Path(f), None) for f in files]
-    result.listed = [path for path, _ in items]
     try:
         _prepare(
             result, items, spec, workers, on_file, timeout, max_nodata,

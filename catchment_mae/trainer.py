@@ -477,8 +477,10 @@ def _train(
         skipped = list(prepared.failed)
     else:
         assert stream is not None
-        listed = stream.listed
-        train_pos, _ = split_items(listed, cfg.val_fraction, cfg.seed)
+        # Over every listed sample, read well or not: the first epoch tells the
+        # training samples before they are read; the later ones use it too.
+        split = split_items(stream.listed, cfg.val_fraction, cfg.seed)
+        train_pos = split[0]
         first_epoch = StreamedEpoch(
             stream, set(train_pos), spec, cfg.batch_size, stream.cache_dir
         )
@@ -515,7 +517,7 @@ def _train(
                     log.debug("%s", describe(prepared))
                     cfg = _complete_config(cfg, prepared)
                     spec = cfg.preprocess_spec()
-                    train_idx, val_idx = _listed_split(prepared, cfg)
+                    train_idx, val_idx = _at_positions(prepared, *split)
                     loader, val_loader = _loaders(
                         prepared, train_idx, val_idx, spec, cfg, device, ranks
                     )
@@ -618,13 +620,13 @@ def _start_pass(cfg: TrainConfig, within: str | Path | None) -> PassInThread:
     )
 
 
-def _listed_split(prepared: Prepared, cfg: TrainConfig) -> tuple[list[int], list[int]]:
-    """The split of a run whose first epoch trained while the rasters were
-    read: :func:`split_items` over every listed sample, read well or not (the
-    first epoch told the training samples before they were read), as positions
-    in ``prepared``; at least one training sample, as StreamedEpoch does. (A
-    run that reads first splits the usable samples only.)"""
-    train_pos, val_pos = split_items(prepared.listed, cfg.val_fraction, cfg.seed)
+def _at_positions(
+    prepared: Prepared, train_pos: list[int], val_pos: list[int]
+) -> tuple[list[int], list[int]]:
+    """A split of every listed sample (a run whose first epoch trained while
+    the rasters were read) as indices of ``prepared``'s usable ones; at least
+    one training sample, as StreamedEpoch does. (A run that reads first splits
+    the usable samples only.)"""
     where = {p: k for k, p in enumerate(prepared.positions)}
     train_idx = [where[p] for p in train_pos if p in where]
     val_idx = [where[p] for p in val_pos if p in where]
