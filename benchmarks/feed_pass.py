@@ -59,8 +59,8 @@ def fake_build(path, key, spec, target):  # noqa: ANN001, ANN201
     return Entry.of(key, _template), crc, None
 
 
-def one_pass(root: Path, readers: int, cache: bool) -> dict:
-    """``prepare`` over ``root``'s (empty) files with fake reads."""
+def _fake_reads(root: Path) -> list[Path]:
+    """``root``'s (empty) files, the pass's reads faked and its forkserver warm."""
     import catchment_mae.prepare as prepare
     from catchment_mae.workers import ReaderPool
 
@@ -69,7 +69,14 @@ def one_pass(root: Path, readers: int, cache: bool) -> dict:
     # prestart() only launches it (its imports then take 0.4 s more).
     with ReaderPool(1) as pool:
         pool.submit(int).result()
-    files = sorted(root.glob("*.tif"))
+    return sorted(root.glob("*.tif"))
+
+
+def one_pass(root: Path, readers: int, cache: bool) -> dict:
+    """``prepare`` over ``root``'s (empty) files with fake reads."""
+    import catchment_mae.prepare as prepare
+
+    files = _fake_reads(root)
     settled: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         cpu0, t0 = time.process_time(), time.perf_counter()
@@ -92,12 +99,8 @@ def first_epoch(root: Path, readers: int, streamed: bool, step_ms: float,
     import catchment_mae.prepare as prepare
     from catchment_mae.data import CachedDataset
     from catchment_mae.loaders import StreamedEpoch
-    from catchment_mae.workers import ReaderPool
 
-    prepare.build_one = fake_build
-    with ReaderPool(1) as pool:
-        pool.submit(int).result()
-    files = sorted(root.glob("*.tif"))
+    files = _fake_reads(root)
     order = np.random.default_rng(0).permutation(len(files)).tolist()
     steps = 0
 
