@@ -199,12 +199,11 @@ class SampleCache:
 
     def __init__(self, root: str | os.PathLike[str], spec: PreprocessSpec) -> None:
         self.dir = self.dir_for(root, spec)
-        text = json.dumps(_key(spec), sort_keys=True)
         self.size = spec.image_size
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not (self.dir / "key.json").exists():
-                atomic_write_text(self.dir / "key.json", text + "\n")
+                atomic_write_text(self.dir / "key.json", _key_text(spec) + "\n")
             self._lock = open(self.dir / ".lock", "a")  # noqa: SIM115 (held)
         except OSError as e:
             raise CmaeError(
@@ -218,8 +217,8 @@ class SampleCache:
     @staticmethod
     def dir_for(root: str | os.PathLike[str], spec: PreprocessSpec) -> Path:
         """The directory of ``spec``'s samples under ``root``."""
-        text = json.dumps(_key(spec), sort_keys=True)
-        return Path(root) / f"samples-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        digest = hashlib.sha256(_key_text(spec).encode()).hexdigest()[:16]
+        return Path(root) / f"samples-{digest}"
 
     # ------------------------------------------------------------------ reading
     def lookup(self, keys: Iterable[FileKey]) -> dict[FileKey, Entry]:
@@ -337,10 +336,11 @@ class SampleCache:
         self.close()
 
 
-def _key(spec: PreprocessSpec) -> dict[str, Any]:
+def _key_text(spec: PreprocessSpec) -> str:
     """What the cache directory's name hashes (its key.json)."""
-    return {"cmae_version": __version__, "cache_format": CACHE_FORMAT,
-            **spec.resample_key()}  # fmt: skip
+    key = {"cmae_version": __version__, "cache_format": CACHE_FORMAT,
+           **spec.resample_key()}  # fmt: skip
+    return json.dumps(key, sort_keys=True)
 
 
 class ShardBuild:
