@@ -329,7 +329,7 @@ def _prepare(
 
 
 class _Reporter:
-    """Settles items in ``order`` (default: as listed) as their outcome becomes
+    """Settles items in ``order`` (positions in ``files``) as their outcome becomes
     known: a raster with another band count fails, each is reported once
     (``on_file``; ``on_sample`` too when usable), and ``result`` collects them.
     A chip with no valid pixels (or above ``max_nodata``) is only counted; a
@@ -342,16 +342,15 @@ class _Reporter:
         outcome: dict[int, Entry | str],
         bands: int | None,
         on_file: Callable[[Path, str | None], None] | None,
-        windows: dict[int, Window] | None = None,
-        max_nodata: float = 1.0,
-        order: list[int] | None = None,
-        on_sample: Callable[[int, Entry], None] | None = None,
+        windows: dict[int, Window],
+        max_nodata: float,
+        order: list[int],
+        on_sample: Callable[[int, Entry], None] | None,
     ) -> None:
         self.result, self.files, self.outcome = result, files, outcome
         self.bands, self.on_file, self.next = bands, on_file, 0
-        self.windows, self.max_nodata = windows or {}, max_nodata
-        self.order = order if order is not None else list(range(len(files)))
-        self.on_sample = on_sample
+        self.windows, self.max_nodata = windows, max_nodata
+        self.order, self.on_sample = order, on_sample
         self.warned: set[Path] = set()
         self.failed_at: list[int] = []  # each failure's position
 
