@@ -206,8 +206,11 @@ class StreamedEpoch:
     maps here (a shard still being written included); the last may be smaller.
     Samples that fixed normalisation refuses (:func:`norm_refusal`) are left
     out, as the pass's screening leaves them out of later epochs. ``len`` is
-    the steps were every sample to be read well. If no training sample could
-    be read, the others are trained on (as the later epochs' split does).
+    the steps were every sample to be read well; as some fail, each batch says
+    how far through the epoch it takes the schedule (``done``: the share of the
+    training samples settled, read well or not, once it is taken), so the
+    learning rate still ends the epoch where it should. If no training sample
+    could be read, the others are trained on (as the later epochs' split does).
 
     Args:
         stream: the pass, started with ``order`` and a cache.
@@ -233,6 +236,12 @@ class StreamedEpoch:
         return max(1, -(-len(self.train) // self.batch_size))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # How many training samples the pass settles up to each one (its order).
+        settled = {
+            p: k + 1
+            for k, p in enumerate(p for p in self.stream.order if p in self.train)
+        }
+        n = max(len(self.train), 1)
         maps: dict[str, Any] = {}
         batch: list[Entry] = []
         others: list[Entry] = []
@@ -246,17 +255,20 @@ class StreamedEpoch:
                 continue
             batch.append(entry)
             if len(batch) == self.batch_size:
-                yield self._gather(batch, maps)
+                yield self._gather(batch, maps, settled[position] / n)
                 batch, trained = [], True
         if not trained and not batch:
             batch = others
         for lo in range(0, len(batch), self.batch_size):
-            yield self._gather(batch[lo : lo + self.batch_size], maps)
+            done = min(lo + self.batch_size, len(batch)) / len(batch)
+            yield self._gather(batch[lo : lo + self.batch_size], maps, done)
 
-    def _gather(self, batch: list[Entry], maps: dict[str, Any]) -> dict[str, Any]:
+    def _gather(
+        self, batch: list[Entry], maps: dict[str, Any], done: float
+    ) -> dict[str, Any]:
         ds = CachedDataset(batch, self.spec, self.cache_dir, maps)
         try:
-            return ds.__getitems__(range(len(batch)))
+            return {**ds.__getitems__(range(len(batch))), "done": done}
         except FileNotFoundError:
             # A pass that failed removes its unfinished shards: its error says
             # why (a full disk, say), not the missing file.

@@ -528,7 +528,8 @@ class PassInThread:
     ``cache_root`` is required); ``where`` prefixes a NoInputError.
 
     :meth:`first` waits for the first usable sample; iterate :meth:`samples`
-    (position, entry), in ``order``; then take :meth:`result`. :meth:`close`
+    (position, entry), in ``order`` (the listing's by default); then take
+    :meth:`result`. :meth:`close`
     stops the pass if it still runs (its reader processes killed, its
     unfinished shards removed, within 0.1 s unless a raster is being read in
     this process) and closes the cache. An error of the pass is raised where
@@ -547,6 +548,8 @@ class PassInThread:
         **kw: Any,
     ) -> None:
         self.listed = [f[0] if isinstance(f, tuple) else Path(f) for f in files]
+        order = kw.get("order")
+        self.order = list(order) if order is not None else list(range(len(files)))
         self.cache_dir = SampleCache.dir_for(cache_root, spec)
         self.seconds = 0.0  # how long the pass ran
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

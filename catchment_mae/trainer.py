@@ -177,8 +177,9 @@ def train_one_epoch(
     the device (no host sync), and it is reported, naming its batch's files,
     when the loss is next read. ``on_batch_end`` is called every
     ``cfg.log_every`` steps and after the last one, with the mean loss of the
-    steps since its previous call. ``len(loader)`` may overestimate the steps
-    (the first epoch while the rasters are read: some may fail).
+    steps since its previous call. ``len(loader)`` may misjudge the steps (the
+    first epoch while the rasters are read: some may fail); such a loader's
+    batches say how far through the epoch each takes the schedule (``done``).
 
     Raises:
         TrainingError: no step of the epoch had a finite loss.
@@ -191,6 +192,7 @@ def train_one_epoch(
     meter = _LossMeter(device, f"epoch {epoch + 1}")
     start = time.perf_counter()
     autocast = autocast_context(device, cfg.precision)
+    at = 0.0  # the share of the epoch done: where the learning rate stands
 
     def report(done: int) -> None:
         mean, n = meter.read()
@@ -202,7 +204,7 @@ def train_one_epoch(
                     "step": done,
                     "steps": steps,
                     "loss": mean,
-                    "lr": lr_at(epoch + min(done / steps, 1.0), cfg),
+                    "lr": lr_at(epoch + at, cfg),
                     "images_per_s": meter.images / max(elapsed, 1e-9),
                 }
             )
@@ -214,9 +216,8 @@ def train_one_epoch(
         # over the ranks): one whose files all failed steps with a zero loss.
         ignored = batch["z"] is None and ranks.active
         if batch["z"] is not None or ignored:
-            lr = lr_at(epoch + min(step / steps, 1.0), cfg)  # len() may be short
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr_at(epoch + at, cfg)
             if ignored:
                 images, valid, scale = _stand_in(cfg, device)
             else:
@@ -234,6 +235,7 @@ def train_one_epoch(
                 finite = meter.add(loss, images.shape[0], batch["path"], step + 1)
             skip_unless_finite(optimizer, distributed.all_finite(finite, ranks))
             optimizer.step()
+        at = batch.get("done", min((step + 1) / steps, 1.0))
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             report(step + 1)
     if meter.steps:  # more or fewer steps than len(loader) said: the last ones

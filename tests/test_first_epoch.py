@@ -130,6 +130,7 @@ def test_first_epoch__fewer_steps_than_planned_still_count(tiny_config, tmp_path
     (last,) = [i for i in seen if i["epoch"] == 0]  # after its last step
     assert last["loss"] == pytest.approx(first["train_loss"])
     assert last["step"] == -(-first["images"] // 4) < last["steps"]
+    assert last["lr"] == pytest.approx(first["lr"])  # the schedule ends the epoch
     assert len(result.skipped) == 4
 
 
@@ -177,7 +178,11 @@ def test_first_epoch__more_steps_than_planned_keep_to_the_schedule(
     assert result.history[0]["images"] == 9
     first = [i for i in seen if i["epoch"] == 0]
     assert [i["step"] for i in first] == [1, 5] and first[0]["steps"] == 1
-    assert [i["lr"] for i in first] == [pytest.approx(5e-4)] * 2  # half-way up
+    # 2 of the 9, then all: up the first of the two warm-up epochs (to 5e-4)
+    assert [i["lr"] for i in first] == [
+        pytest.approx(5e-4 * 2 / 9),
+        pytest.approx(5e-4),
+    ]
 
 
 def test_streamed_epoch__a_pass_that_fails_gives_its_error_not_a_missing_file(
@@ -204,6 +209,26 @@ def test_streamed_epoch__a_pass_that_fails_gives_its_error_not_a_missing_file(
     finally:
         stream.close()
     assert not list(stream.cache_dir.glob("*.npy*"))
+
+
+def test_streamed_epoch__each_batch_says_how_far_through_the_epoch_it_is(
+    dem_dir, tmp_path
+):
+    """Broken rasters are settled too: the schedule moves past them."""
+    dems = list(find_tiffs(dem_dir))
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"II*\x00not a tiff")
+    files = [broken, *dems[:6], broken, *dems[6:]]  # 14, read in this order
+    stream = prepare_module.PassInThread(
+        files, SPEC, cache_root=tmp_path / "c", workers=0
+    )
+    try:
+        batches = list(StreamedEpoch(stream, set(range(14)), SPEC, 4, stream.cache_dir))
+    finally:
+        stream.close()
+    # batches end at the 5th, the 10th and the 14th file settled
+    assert [b["done"] for b in batches] == [5 / 14, 10 / 14, 1.0]
+    assert [len(b["path"]) for b in batches] == [4, 4, 4]
 
 
 def test_open_shard_file__under_its_temporary_or_final_name(tmp_path):
