@@ -34,6 +34,9 @@ class CachedDataset(Dataset):
         cache_dir: the cache's directory (``SampleCache.dir``).
         maps: shards already opened, by name (shared by the first epoch's
             batches, :class:`catchment_mae.loaders.StreamedEpoch`).
+        pin: gather batches into pinned memory, so copies to a CUDA device
+            need not wait (for batches taken in the training process; a
+            DataLoader pins its workers' batches itself).
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class CachedDataset(Dataset):
         spec: PreprocessSpec,
         cache_dir: Path,
         maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        pin: bool = False,
     ):
         self.cache_dir = Path(cache_dir)
         self.paths = [e.key.path for e in entries]
@@ -54,6 +58,7 @@ class CachedDataset(Dataset):
         )  # [N, 2, C]: a, b
         self.scale = np.stack([e.scale for e in entries]).astype(np.float32)
         self._open = maps if maps is not None else {}
+        self.pin = pin
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -73,21 +78,29 @@ class CachedDataset(Dataset):
         """One batch (the DataLoader hands the sampler's indices over at once)."""
         idx = np.asarray(indices, np.int64)
         first_z, first_v = self._arrays(int(self.shard_of[idx[0]]))
-        z = np.empty((len(idx), *first_z.shape[1:]), np.float16)
-        valid = np.empty((len(idx), *first_v.shape[1:]), np.uint8)
+        z = self._empty((len(idx), *first_z.shape[1:]), torch.float16)
+        valid = self._empty((len(idx), *first_v.shape[1:]), torch.uint8)
+        zn, vn = z.numpy(), valid.numpy()
         for shard in np.unique(self.shard_of[idx]):
             at = np.flatnonzero(self.shard_of[idx] == shard)
             zs, vs = self._arrays(int(shard))
             rows = self.row_of[idx[at]]
-            z[at], valid[at] = zs[rows], vs[rows]
+            zn[at], vn[at] = zs[rows], vs[rows]
+        coef, scale = (
+            torch.from_numpy(self.coef[idx]),
+            torch.from_numpy(self.scale[idx]),
+        )
         return {
-            "z": torch.from_numpy(z),
-            "valid": torch.from_numpy(valid),
-            "coef": torch.from_numpy(self.coef[idx]),
-            "scale": torch.from_numpy(self.scale[idx]),
+            "z": z,
+            "valid": valid,
+            "coef": coef.pin_memory() if self.pin else coef,
+            "scale": scale.pin_memory() if self.pin else scale,
             "path": [self.paths[i] for i in idx],
             "failed": [],
         }
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
     def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """A shard's memory maps, opened once per process (each loader worker)."""

@@ -219,6 +219,7 @@ class StreamedEpoch:
             norm_mean/norm_std, or per-raster).
         batch_size: samples per batch.
         cache_dir: the cache's directory.
+        pin: gather the batches into pinned memory (training on CUDA).
     """
 
     def __init__(
@@ -228,9 +229,10 @@ class StreamedEpoch:
         spec: PreprocessSpec,
         batch_size: int,
         cache_dir: Path,
+        pin: bool = False,
     ) -> None:
         self.stream, self.train, self.spec = stream, train, spec
-        self.batch_size, self.cache_dir = batch_size, cache_dir
+        self.batch_size, self.cache_dir, self.pin = batch_size, cache_dir, pin
 
     def __len__(self) -> int:
         return max(1, -(-len(self.train) // self.batch_size))
@@ -266,7 +268,7 @@ class StreamedEpoch:
     def _gather(
         self, batch: list[Entry], maps: dict[str, Any], done: float
     ) -> dict[str, Any]:
-        ds = CachedDataset(batch, self.spec, self.cache_dir, maps)
+        ds = CachedDataset(batch, self.spec, self.cache_dir, maps, self.pin)
         try:
             return {**ds.__getitems__(range(len(batch))), "done": done}
         except FileNotFoundError:

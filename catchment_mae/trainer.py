@@ -484,8 +484,9 @@ def _train(
         split = split_items(stream.listed, cfg.val_fraction, cfg.seed)
         train_pos = split[0]
         first_epoch = StreamedEpoch(
-            stream, set(train_pos), spec, cfg.batch_size, stream.cache_dir
-        )
+            stream, set(train_pos), spec, cfg.batch_size, stream.cache_dir,
+            pin=device.type == "cuda",
+        )  # fmt: skip
         skipped = []
     bar = _ProgressBar(
         progress and ranks.main,

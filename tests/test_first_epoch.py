@@ -304,3 +304,18 @@ def test_streamed_epoch__only_training_samples_that_normalise(dem_dir, tmp_path)
                 for n in ("z", "valid"))  # fmt: skip
     assert np.array_equal(first["z"][0].numpy(), z[rows[files[0]].row])
     assert np.array_equal(first["valid"][0].numpy(), valid[rows[files[0]].row])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_first_epoch__on_cuda_its_batches_are_pinned(dem_dir, tiny_config, tmp_path):
+    stream = prepare_module.PassInThread(
+        list(find_tiffs(dem_dir)), SPEC, cache_root=tmp_path / "s", workers=0
+    )
+    try:
+        epoch = StreamedEpoch(stream, set(range(12)), SPEC, 4, stream.cache_dir, True)
+        batches = list(epoch)
+    finally:
+        stream.close()
+    assert all(b[k].is_pinned() for b in batches for k in ("z", "valid", "coef"))
+    result = train(_cfg(tiny_config, tmp_path, device="cuda"), progress=False)
+    assert np.isfinite(result.history[0]["train_loss"])
