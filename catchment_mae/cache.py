@@ -416,9 +416,9 @@ def _index_row(e: Entry) -> dict[str, Any]:
         "dtype": e.dtype,
         "count": e.count,
         "nodata_fraction": e.nodata_fraction,
-        "mean": [float(v) for v in e.mean],
-        "std": [float(v) for v in e.std],
-        "scale": [float(v) for v in e.scale],
+        "mean": np.asarray(e.mean, np.float64).tolist(),
+        "std": np.asarray(e.std, np.float64).tolist(),
+        "scale": np.asarray(e.scale, np.float64).tolist(),
         "crc": e.crc,
     }
 

@@ -53,9 +53,12 @@ class CachedDataset(Dataset):
         index = {s: k for k, s in enumerate(self.shards)}
         self.shard_of = np.array([index[str(e.shard)] for e in entries], np.int64)
         self.row_of = np.array([e.row for e in entries], np.int64)
-        self.coef = np.stack(
-            [np.stack(norm_coefficients(e.mean, e.std, spec)) for e in entries]
-        )  # [N, 2, C]: a, b
+        a, b = norm_coefficients(
+            np.stack([e.mean for e in entries]),
+            np.stack([e.std for e in entries]),
+            spec,
+        )
+        self.coef = np.stack([a, b], axis=1)  # [N, 2, C]
         self.scale = np.stack([e.scale for e in entries]).astype(np.float32)
         self._open = maps if maps is not None else {}
         self.pin = pin

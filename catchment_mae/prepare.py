@@ -231,15 +231,18 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
             norm_mean=spec.norm_mean or tuple(result.mean),
             norm_std=spec.norm_std or tuple(s if s > 0 else 1.0 for s in result.std),
         )
+        peaks = norm_peaks(
+            np.stack([e.mean for e in result.entries]),
+            np.stack([e.std for e in result.entries]),
+            norm,
+        )
         warned: set[Path] = set()
-        for i, e in enumerate(result.entries):
-            why = norm_refusal(e, norm) if keep[i] else None
-            if why is not None:
-                reasons[i] = why
-                keep[i] = False
-                if result.files[i] not in warned:  # a raster's chips: one line
-                    log.warning("skipped %s: %s", result.files[i], reasons[i])
-                    warned.add(result.files[i])
+        for i in np.flatnonzero(keep & (peaks > OUTLIER_FACTOR)).tolist():
+            reasons[i] = _refusal(float(peaks[i]), norm)
+            keep[i] = False
+            if result.files[i] not in warned:  # a raster's chips: one line
+                log.warning("skipped %s: %s", result.files[i], reasons[i])
+                warned.add(result.files[i])
     for i in sorted(reasons):
         name = item_name(result.files[i], result.entries[i].key.window)
         result.screened.append((name, reasons[i]))
@@ -257,10 +260,19 @@ def norm_refusal(entry: Entry, spec: PreprocessSpec) -> str | None:
     can, and always with per-raster normalisation."""
     if spec.norm != "fixed":
         return None
-    a, b = norm_coefficients(entry.mean, entry.std, spec)
-    peak = max(float(np.abs(b).max()), float(a.max()))
-    if peak <= OUTLIER_FACTOR:
-        return None
+    peak = float(norm_peaks(entry.mean, entry.std, spec))
+    return _refusal(peak, spec) if peak > OUTLIER_FACTOR else None
+
+
+def norm_peaks(mean: np.ndarray, std: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """How far from 0 fixed normalisation takes each raster's values, in
+    norm_stds: its mean's distance from norm_mean, or its own std, whichever is
+    larger (``mean``, ``std``: (C,) for one raster, (N, C) for N)."""
+    a, b = norm_coefficients(mean, std, spec)
+    return np.maximum(np.abs(b).max(axis=-1), a.max(axis=-1))
+
+
+def _refusal(peak: float, spec: PreprocessSpec) -> str:
     return (
         f"its values would normalise to about {peak:.2g} with norm_mean "
         f"{list(spec.norm_mean or ())} and norm_std {list(spec.norm_std or ())}; "

@@ -267,14 +267,15 @@ def norm_coefficients(
     mean: np.ndarray, std: np.ndarray, spec: PreprocessSpec
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel ``a``, ``b`` with ``image = a * z + b`` for a raster whose own
-    valid mean and std are ``mean`` and ``std`` (float32, shape (C,) each).
+    valid mean and std are ``mean`` and ``std`` (float32, shape (C,) each; or
+    (N, C) for N rasters at once).
 
     Fixed: ``(x - norm_mean) / norm_std`` with ``x = z * std + mean``. Per-raster:
     ``z`` itself.
     """
     mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
     if spec.norm == "per-raster":
-        return np.ones(len(mean), np.float32), np.zeros(len(mean), np.float32)
+        return np.ones(mean.shape, np.float32), np.zeros(mean.shape, np.float32)
     if spec.norm_mean is None or spec.norm_std is None:
         raise ValueError("norm='fixed' needs norm_mean and norm_std")
     m = np.asarray(spec.norm_mean, np.float64)

@@ -53,7 +53,27 @@ class RunningStats:
         if n == 0:
             return
         mean = np.asarray(mean, np.float64)
-        m2 = np.asarray(std, np.float64) ** 2 * n
+        self._add(n, mean, np.asarray(std, np.float64) ** 2 * n)
+
+    def merge_many(self, n: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+        """Adds many sets at once, each a row of ``n`` (N,), ``mean`` and ``std``
+        (N, C), as :meth:`merge` would one by one, in whole-array arithmetic:
+        the sets' M2 about their pooled mean, then one merge (20,000 rasters'
+        statistics: 0.25 s one by one, a few ms so)."""
+        n = np.asarray(n, np.int64)
+        some = n > 0  # as merge: a set without pixels (its mean NaN) adds nothing
+        n = n[some]
+        mean = np.asarray(mean, np.float64)[some]
+        std = np.asarray(std, np.float64)[some]
+        total = int(n.sum())
+        if total == 0:
+            return
+        w = n[:, None].astype(np.float64)
+        pooled = (w * mean).sum(axis=0) / total
+        m2 = (w * std**2).sum(axis=0) + (w * (mean - pooled) ** 2).sum(axis=0)
+        self._add(total, pooled, m2)
+
+    def _add(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
         if self.count is None:
             self.count = np.full(len(mean), n, dtype=np.int64)
             self.mean, self.m2 = mean, m2
@@ -128,46 +148,53 @@ class ScanResult:
     def std(self) -> list[float]:
         return [float(v) for v in self.stats.std]
 
-    def _far_by_raster(self, means: np.ndarray) -> np.ndarray:
+    def _far_by_raster(self, means: np.ndarray, stds: np.ndarray) -> np.ndarray:
         """far_outliers per raster: the chips of one raster (train --tile) are
         pooled first, so a scene whose chips are mostly flat (sea stored as 0)
         does not make its land chips look far from the rest."""
-        rasters = list(dict.fromkeys(self.files))
-        if len(rasters) == len(self.files):
-            return far_outliers(means, np.stack([s for _, _, s in self.per_file]))
-        pooled = {r: RunningStats() for r in rasters}
-        for path, (n, mean, std) in zip(self.files, self.per_file, strict=True):
-            pooled[path].merge(n, mean, std)
+        names = [os.fspath(p) for p in self.files]  # str hashes 5x faster than Path
+        chips: dict[str, list[int]] = {}
+        for k, name in enumerate(names):
+            chips.setdefault(name, []).append(k)
+        if len(chips) == len(names):
+            return far_outliers(means, stds)
+        counts = np.array([n for n, _, _ in self.per_file], np.int64)
+        pooled = {r: RunningStats() for r in chips}
+        for r, at in chips.items():
+            pooled[r].merge_many(counts[at], means[at], stds[at])
         far = far_outliers(
-            np.stack([pooled[r].mean for r in rasters]),
-            np.stack([pooled[r].std for r in rasters]),
+            np.stack([pooled[r].mean for r in chips]),
+            np.stack([pooled[r].std for r in chips]),
         )
-        at = {r: k for k, r in enumerate(rasters)}
-        return np.array([far[at[p]] for p in self.files], bool)
+        at = {r: k for k, r in enumerate(chips)}
+        return np.array([far[at[name]] for name in names], bool)
 
     def finish(self, leave_out: bool = True) -> np.ndarray:
-        """Merges the rasters' statistics (in listing order), leaving out the
-        rasters far outside the rest (``outliers``) unless not ``leave_out``.
-        Returns which rasters were left out, (N,) bool."""
+        """Merges the rasters' statistics, leaving out the rasters far outside
+        the rest (``outliers``) unless not ``leave_out``. Returns which rasters
+        were left out, (N,) bool."""
         far = np.zeros(len(self.per_file), bool)
         self.stats = RunningStats()
         if not self.per_file:
             return far
         means = np.stack([m for _, m, _ in self.per_file])
+        stds = np.stack([s for _, _, s in self.per_file])
         if leave_out:
-            far = self._far_by_raster(means)
+            far = self._far_by_raster(means, stds)
         warned = set()  # chips of one raster (train --tile): one line for all
-        for path, (n, mean, std), out in zip(
-            self.files, self.per_file, far, strict=True
-        ):
-            if out:
-                reason = outlier_reason(mean, means)
-                self.outliers.append((str(path), reason))
-                if path not in warned:
-                    log.warning("left out of the statistics %s: %s", path, reason)
-                    warned.add(path)
-            else:
-                self.stats.merge(n, mean, std)
+        for k in np.flatnonzero(far):
+            path = self.files[k]
+            reason = outlier_reason(means[k], means)
+            self.outliers.append((str(path), reason))
+            if path not in warned:
+                log.warning("left out of the statistics %s: %s", path, reason)
+                warned.add(path)
+        keep = ~far
+        self.stats.merge_many(
+            np.array([n for n, _, _ in self.per_file], np.int64)[keep],
+            means[keep],
+            stds[keep],
+        )
         return far
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from catchment_mae.errors import BadRasterError
 from catchment_mae.preprocess import (
     PreprocessSpec,
     load_sample,
+    norm_coefficients,
     normalise,
     preprocess,
     resample,
@@ -206,3 +207,21 @@ def test_load_sample__synthetic_dem_end_to_end(make_dem):
     assert np.isfinite(s.image).all()
     assert 0.2 < float((s.valid > 0.5).mean()) < 0.95  # the catchment outline survives
     assert (s.info.height, s.info.width) == (90, 45)
+
+
+@pytest.mark.parametrize("norm", ["fixed", "per-raster"])
+def test_norm_coefficients__many_rasters_at_once_as_one_by_one(norm):
+    rng = np.random.default_rng(0)
+    mean, std = rng.normal(500, 100, (6, 3)), rng.uniform(0, 50, (6, 3))
+    std[2, 1] = 0.0  # a flat band
+    fixed = norm == "fixed"
+    spec = PreprocessSpec(
+        image_size=32, in_chans=3, norm=norm,
+        norm_mean=(1.0, 2.0, 3.0) if fixed else None,
+        norm_std=(4.0, 5.0, 6.0) if fixed else None,
+    )  # fmt: skip
+    a, b = norm_coefficients(mean, std, spec)
+    rows = [norm_coefficients(m, s, spec) for m, s in zip(mean, std, strict=True)]
+    assert a.shape == b.shape == (6, 3) and a.dtype == b.dtype == np.float32
+    assert np.array_equal(a, np.stack([r[0] for r in rows]))
+    assert np.array_equal(b, np.stack([r[1] for r in rows]))

@@ -25,6 +25,22 @@ def test_running_stats__merge_equals_numpy_over_everything():
     assert rs.count.tolist() == [allv.shape[1]] * 2
 
 
+def test_running_stats__merge_many_equals_numpy_and_skips_empty_sets():
+    rng = np.random.default_rng(2)
+    sets = [rng.normal(3000, 200, (2, n)) for n in rng.integers(1, 400, 300)]
+    n = np.array([s.shape[1] for s in sets] + [0])
+    mean = np.stack([s.mean(axis=1) for s in sets] + [np.full(2, np.nan)])
+    std = np.stack([s.std(axis=1) for s in sets] + [np.full(2, np.nan)])
+    first = rng.normal(2900, 10, (2, 1, 5))
+    rs = RunningStats()
+    rs.update(first, np.ones((1, 5), bool))  # then added to what it holds
+    rs.merge_many(n, mean, std)
+    allv = np.concatenate([first[:, 0], *sets], axis=1)
+    np.testing.assert_allclose(rs.mean, allv.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(rs.std, allv.std(axis=1), rtol=1e-9)
+    assert rs.count.tolist() == [allv.shape[1]] * 2
+
+
 def test_scan__matches_a_direct_computation_and_skips_bad_files(dem_dir, tmp_path):
     d = tmp_path / "in"
     shutil.copytree(dem_dir, d)
