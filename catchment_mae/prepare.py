@@ -541,11 +541,10 @@ class PassInThread:
 
     :meth:`first` waits for the first usable sample; iterate :meth:`samples`
     (position, entry), in ``order`` (the listing's by default); then take
-    :meth:`result`. :meth:`close`
-    stops the pass if it still runs (its reader processes killed, its
-    unfinished shards removed, within 0.1 s unless a raster is being read in
-    this process) and closes the cache. An error of the pass is raised where
-    the samples or the result are taken.
+    :meth:`result`. :meth:`close` stops the pass if it still runs (its reader
+    processes killed, its unfinished shards removed, within 0.1 s unless a
+    raster is being read in this process) and closes the cache. An error of the
+    pass is raised where the samples or the result are taken.
     """
 
     _END = object()
