@@ -110,11 +110,6 @@ def embed_dir(
     interrupted run) whose path, size and mtime still match, with the same model,
     are kept; failed files are tried again.
 
-    The reader processes import the calling script again (Python's forkserver):
-    a script that imports torch at its top makes each of them import it too (on
-    2 cores, 1-2 s more for 192 files); import it under ``if __name__ ==
-    "__main__":`` instead.
-
     Args:
         input_dir: the archive.
         model: an encoder written by ``cmae export``.

@@ -32,20 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from catchment_mae.batch.writer import Row
-
-
-def fake_read(root, rel, spec, layout, slot, chip=None):  # noqa: ANN001, ANN201
-    """A reader's task without the reading: ``CMAE_FEED_READ_MS`` of sleep and a
-    row like a DEM's (the ring slot keeps what it holds)."""
-    t0 = time.perf_counter()
-    time.sleep(float(os.environ["CMAE_FEED_READ_MS"]) / 1000)
-    row = Row(
-        path=rel, height=300, width=300, bands=1, dtype="int16",
-        nodata_fraction=0.1, file_size=1000, mtime=1.0, crs="EPSG:32633",
-        pixel_size_x=30.0, pixel_size_y=30.0,
-    )  # fmt: skip
-    return row, time.perf_counter() - t0
+from fake_reads import fake_read  # benchmarks/, the script's own folder
 
 
 class AsIfCuda:

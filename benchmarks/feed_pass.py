@@ -39,24 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from feed import fresh_run  # benchmarks/, the script's own folder
+from fake_reads import fake_build  # benchmarks/, the script's own folder
+from feed import fresh_run
 
-from catchment_mae.cache import Entry, write_row
-from catchment_mae.preprocess import PreprocessSpec, load_resampled
+from catchment_mae.preprocess import PreprocessSpec
 
 SPEC = PreprocessSpec(image_size=224, in_chans=1, norm="per-raster")
-_template = None
-
-
-def fake_build(path, key, spec, target):  # noqa: ANN001, ANN201
-    """A reader's task without the decoding: ``CMAE_FEED_READ_MS`` of sleep, then
-    a real DEM's preprocessed arrays written into the shard row."""
-    global _template
-    time.sleep(float(os.environ["CMAE_FEED_READ_MS"]) / 1000)
-    if _template is None:
-        _template = load_resampled(os.environ["CMAE_FEED_DEM"], spec)
-    crc = write_row(target, _template) if target is not None else 0
-    return Entry.of(key, _template), crc, None
 
 
 def _fake_reads(root: Path) -> list[Path]:

@@ -68,8 +68,8 @@ from typing import Any
 
 import numpy as np
 
-# Reader processes import this file as their __main__ (forkserver): no torch at
-# its top level, as in the cmae command, so they start as fast.
+# (d)'s pool processes import this file as their __main__ (Python's way; cmae's
+# own readers do not): no torch at its top level, so they start as fast.
 from catchment_mae.geo import footprint
 from catchment_mae.preprocess import (
     PreprocessSpec,

@@ -46,8 +46,8 @@ READ_TIMEOUT = 600.0
 # 67-99 ms, 37-64 ms with them preloaded, 4 ms again (2 cores). Not "__main__"
 # (Python's default, which this list replaces): before CPython 3.13.8 it does
 # nothing (gh-126631), and after it the forkserver runs the caller's script, at
-# first with an empty sys.argv (gh-143706); each worker imports the script
-# instead (embed_dir says so).
+# first with an empty sys.argv (gh-143706). Our readers do not import the
+# script at all (_without_main).
 PRELOAD = [
     "catchment_mae.batch.reader", "catchment_mae.prepare", "catchment_mae.stats",
     "pyproj",
@@ -76,13 +76,51 @@ class ReaderDied(Exception):
         self.exitcode = exitcode
 
 
+# Our reader processes' name: they alone start without the caller's script.
+READER = "cmae-reader"
+
+
+def _without_main(get: Callable[[str], dict]) -> Callable[[str], dict]:
+    """``multiprocessing.spawn.get_preparation_data`` (what a new process is told
+    to import first) without the caller's main script, for our readers only.
+
+    Python has each spawned or forkserver process run the script again (as
+    ``__mp_main__``), for the functions defined there. A reader runs functions
+    of modules only, and running the script again runs its top level: the
+    README's ``catchment_mae.train({...})`` saved as a script had every reader
+    start a training of its own, fail ("An attempt has been made to start a
+    new process before the current process has finished its bootstrapping
+    phase") and exit 1, so no raster could be read; a script importing torch
+    at its top made each reader import it; and ``cmae``'s own entry script
+    made each import the CLI. Other processes (torch's loader workers, a
+    ``multiprocessing.Pool``) keep Python's behaviour."""
+
+    def get_preparation_data(name: str) -> dict:
+        data = get(name)
+        if name == READER:
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data.without_main = True  # type: ignore[attr-defined]
+    return get_preparation_data
+
+
+def _readers_without_main() -> None:
+    from multiprocessing import spawn
+
+    get = getattr(spawn, "get_preparation_data", None)
+    if get is not None and not getattr(get, "without_main", False):
+        spawn.get_preparation_data = _without_main(get)
+
+
 class _Worker:
     """One reader process and its end of its pipe; ``task`` is what it runs."""
 
     def __init__(self, ctx: Any, args: tuple[Any, ...]) -> None:
         parent, child = ctx.Pipe()
         self.process = ctx.Process(
-            target=_worker_main, args=(child, *args), daemon=True, name="cmae-reader"
+            target=_worker_main, args=(child, *args), daemon=True, name=READER
         )
         self.process.start()
         child.close()
@@ -103,6 +141,9 @@ class _Worker:
 
 class ReaderPool:
     """Runs functions in ``workers`` processes; 0 runs them here, at submission.
+
+    The functions (and the initializer) must come from modules: the processes
+    do not run the caller's script again, as Python's do (:func:`_without_main`).
 
     Args:
         workers: processes (0: inline, no time budget).
@@ -126,6 +167,7 @@ class ReaderPool:
                 initializer(*initargs)
             return
         self._ctx = start_context()
+        _readers_without_main()
         levels = {n: logging.getLogger(n).getEffectiveLevel() for n in _LOGGERS}
         self._args = (levels, initializer, tuple(initargs))
         self._queue: deque[tuple[int, Future, Callable[..., Any], tuple]] = deque()

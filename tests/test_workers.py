@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -137,6 +139,26 @@ def test_pool__a_reader_s_first_rasters_import_nothing(dem_dir):
         "    print(f.result(timeout=60))\n"
     )
     assert python_out(code) == "[]"
+
+
+def test_pool__readers_do_not_run_the_caller_s_script_again(tmp_path):
+    """A script that uses the pool at its top level, with no ``if __name__ ==
+    "__main__"`` (as the README's ``catchment_mae.train({...})`` saved to a
+    file): Python's forkserver would run it again in each reader, which would
+    start readers of its own during its start and die."""
+    script = tmp_path / "use_pool.py"
+    script.write_text(
+        "import os\n"
+        "from catchment_mae.workers import ReaderPool\n"
+        f"with open({str(tmp_path / 'runs')!r}, 'a') as f:\n"
+        "    print(os.getpid(), file=f)\n"
+        "with ReaderPool(2) as pool:\n"
+        "    pids = {pool.submit(os.getpid).result(timeout=60) for _ in range(6)}\n"
+        "print(os.getpid() not in pids)\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
+    assert len((tmp_path / "runs").read_text().splitlines()) == 1  # run once
 
 
 def test_pool__an_exception_is_a_one_line_reason():
