@@ -237,7 +237,7 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
             norm,
         )
         warned: set[Path] = set()
-        for i in np.flatnonzero(keep & (peaks > OUTLIER_FACTOR)).tolist():
+        for i in np.flatnonzero(keep & ~(peaks <= OUTLIER_FACTOR)).tolist():
             reasons[i] = _refusal(float(peaks[i]), norm)
             keep[i] = False
             if result.files[i] not in warned:  # a raster's chips: one line
@@ -261,13 +261,14 @@ def norm_refusal(entry: Entry, spec: PreprocessSpec) -> str | None:
     if spec.norm != "fixed":
         return None
     peak = float(norm_peaks(entry.mean, entry.std, spec))
-    return _refusal(peak, spec) if peak > OUTLIER_FACTOR else None
+    return None if peak <= OUTLIER_FACTOR else _refusal(peak, spec)  # NaN: refused
 
 
 def norm_peaks(mean: np.ndarray, std: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """How far from 0 fixed normalisation takes each raster's values, in
     norm_stds: its mean's distance from norm_mean, or its own std, whichever is
-    larger (``mean``, ``std``: (C,) for one raster, (N, C) for N)."""
+    larger (``mean``, ``std``: (C,) for one raster, (N, C) for N; NaN where
+    they or the norm are NaN)."""
     a, b = norm_coefficients(mean, std, spec)
     return np.maximum(np.abs(b).max(axis=-1), a.max(axis=-1))
 
@@ -561,6 +562,7 @@ class PassInThread:
         self.listed = [f[0] if isinstance(f, tuple) else Path(f) for f in files]
         order = kw.get("order")
         self.order = list(order) if order is not None else list(range(len(files)))
+        kw["order"] = self.order  # an iterator would be spent here
         self.cache_dir = SampleCache.dir_for(cache_root, spec)
         self.seconds = 0.0  # how long the pass ran
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

@@ -238,6 +238,7 @@ def train_one_epoch(
         at = batch.get("done", min((step + 1) / steps, 1.0))
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             report(step + 1)
+    at = 1.0  # the epoch is over, whatever its last batch said (failures after it)
     if meter.steps:  # more or fewer steps than len(loader) said: the last ones
         report(step + 1)
     seconds = time.perf_counter() - start

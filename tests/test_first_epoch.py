@@ -231,6 +231,49 @@ def test_streamed_epoch__each_batch_says_how_far_through_the_epoch_it_is(
     assert [len(b["path"]) for b in batches] == [4, 4, 4]
 
 
+def test_first_epoch__failures_after_its_last_batch_still_end_the_schedule(
+    dem_dir, tiny_config, tmp_path
+):
+    """Its last batch is full and the rasters after it fail: nothing says how
+    far that batch took the epoch but the end of the epoch itself."""
+    from catchment_mae.config import TrainConfig
+    from catchment_mae.model import build_model
+    from catchment_mae.trainer import _optimizer, lr_at, train_one_epoch
+
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"II*\x00not a tiff")
+    files = [*list(find_tiffs(dem_dir))[:8], broken]
+    cfg = TrainConfig.from_dict({**_cfg(tiny_config, tmp_path), "in_chans": 1,
+                                 "log_every": 20, "warmup_epochs": 2.0})  # fmt: skip
+    model = build_model(cfg)
+    stream = prepare_module.PassInThread(
+        files, SPEC, cache_root=tmp_path / "c", workers=0
+    )
+    seen = []
+    try:
+        epoch = StreamedEpoch(stream, set(range(9)), SPEC, 4, stream.cache_dir)
+        train_one_epoch(model, epoch, _optimizer(model, cfg), torch.device("cpu"),
+                        0, cfg, on_batch_end=seen.append)  # fmt: skip
+    finally:
+        stream.close()
+    assert [i["step"] for i in seen] == [2]
+    assert seen[-1]["lr"] == pytest.approx(lr_at(1.0, cfg))
+
+
+def test_norm_refusal__a_value_that_is_not_a_number_is_refused(dem_dir, tmp_path):
+    from catchment_mae.prepare import norm_refusal
+
+    files = list(find_tiffs(dem_dir))[:1]
+    stream = prepare_module.PassInThread(files, SPEC, cache_root=tmp_path, workers=0)
+    try:
+        entry = stream.first()
+    finally:
+        stream.close()
+    nan = PreprocessSpec(image_size=32, in_chans=1, norm_mean=(float("nan"),),
+                         norm_std=(1.0,))  # fmt: skip
+    assert "would normalise to about nan" in norm_refusal(entry, nan)
+
+
 def test_open_shard_file__under_its_temporary_or_final_name(tmp_path):
     from catchment_mae.data import _open_shard_file
 
