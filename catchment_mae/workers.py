@@ -108,6 +108,17 @@ def _without_main(get: Callable[[str], dict]) -> Callable[[str], dict]:
     return get_preparation_data
 
 
+def _from_a_module(fn: Callable[..., Any]) -> None:
+    """Raises ValueError for a function of the caller's script, which a reader
+    (started without it) could not find: every reader would die on it."""
+    if getattr(fn, "__module__", None) == "__main__":
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise ValueError(
+            f"{name} is defined in the running script; reader processes run "
+            "functions of modules only (move it to a module and import it)"
+        )
+
+
 def _readers_without_main() -> None:
     from multiprocessing import spawn
 
@@ -168,6 +179,8 @@ class ReaderPool:
             if initializer is not None:
                 initializer(*initargs)
             return
+        if initializer is not None:
+            _from_a_module(initializer)
         self._ctx = start_context()
         _readers_without_main()
         levels = {n: logging.getLogger(n).getEffectiveLevel() for n in _LOGGERS}
@@ -207,6 +220,7 @@ class ReaderPool:
             from catchment_mae.errors import CmaeError
 
             raise CmaeError(f"the reader processes stopped: {self._error or 'closed'}")
+        _from_a_module(fn)
         with self._lock:
             self._queue.append((next(self._ids), future, fn, args))
         self._wake()

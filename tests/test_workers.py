@@ -161,6 +161,24 @@ def test_pool__readers_do_not_run_the_caller_s_script_again(tmp_path):
     assert len((tmp_path / "runs").read_text().splitlines()) == 1  # run once
 
 
+def test_pool__a_function_of_the_running_script_is_refused_at_once(tmp_path):
+    script = tmp_path / "own_function.py"
+    script.write_text(
+        "from catchment_mae.workers import ReaderPool\n"
+        "def f():\n"
+        "    return 1\n"
+        "if __name__ == '__main__':\n"
+        "    with ReaderPool(1) as pool:\n"
+        "        try:\n"
+        "            pool.submit(f)\n"
+        "        except ValueError as e:\n"
+        "            print(e)\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("f is defined in the running script")
+
+
 def test_pool__an_exception_is_a_one_line_reason():
     with ReaderPool(1) as pool:
         with pytest.raises(TaskFailed) as err:
