@@ -6,6 +6,7 @@ import atexit
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,15 @@ _CACHE_PREFIX = "cmae-test-cache-"
 if not Path(os.environ.get("CMAE_CACHE_DIR", "")).name.startswith(_CACHE_PREFIX):
     os.environ["CMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix=_CACHE_PREFIX)
     atexit.register(shutil.rmtree, os.environ["CMAE_CACHE_DIR"], ignore_errors=True)
+
+# A run started in the background of a non-interactive shell (`cmd &`) inherits
+# SIGINT ignored, and so would every command a test starts: a Ctrl-C test would
+# then signal processes that cannot hear it (four such tests failed that way,
+# and a `cmae train` left running slowed the rest). The tests start commands as
+# a terminal would: SIGINT at its default (each Python then raises
+# KeyboardInterrupt). Only where it was ignored: pytest's own handler stays.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 # Small real rasters and the original tool's examples, committed (tests/data/README.md).
