@@ -106,7 +106,7 @@ def first_epoch(root: Path, readers: int, streamed: bool, step_ms: float,
             stream = prepare.PassInThread(
                 files, SPEC, cache_root=tmp, workers=readers, order=order
             )
-            for b in StreamedEpoch(stream, set(order), SPEC, batch, stream.cache_dir):
+            for b in StreamedEpoch(stream, set(order), SPEC, batch):
                 step(b)
             result = stream.result()
             stream.close()

@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -218,7 +217,6 @@ class StreamedEpoch:
         spec: the preprocessing, its normalisation known (fixed with
             norm_mean/norm_std, or per-raster).
         batch_size: samples per batch.
-        cache_dir: the cache's directory.
         pin: gather the batches into pinned memory (training on CUDA).
     """
 
@@ -228,11 +226,10 @@ class StreamedEpoch:
         train: set[int],
         spec: PreprocessSpec,
         batch_size: int,
-        cache_dir: Path,
         pin: bool = False,
     ) -> None:
         self.stream, self.train, self.spec = stream, train, spec
-        self.batch_size, self.cache_dir, self.pin = batch_size, cache_dir, pin
+        self.batch_size, self.pin = batch_size, pin
 
     def __len__(self) -> int:
         return max(1, -(-len(self.train) // self.batch_size))
@@ -268,7 +265,7 @@ class StreamedEpoch:
     def _gather(
         self, batch: list[Entry], maps: dict[str, Any], done: float
     ) -> dict[str, Any]:
-        ds = CachedDataset(batch, self.spec, self.cache_dir, maps, self.pin)
+        ds = CachedDataset(batch, self.spec, self.stream.cache_dir, maps, self.pin)
         try:
             return {**ds.__getitems__(range(len(batch))), "done": done}
         except FileNotFoundError:

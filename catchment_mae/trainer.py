@@ -485,9 +485,8 @@ def _train(
         split = split_items(stream.listed, cfg.val_fraction, cfg.seed)
         train_pos = split[0]
         first_epoch = StreamedEpoch(
-            stream, set(train_pos), spec, cfg.batch_size, stream.cache_dir,
-            pin=device.type == "cuda",
-        )  # fmt: skip
+            stream, set(train_pos), spec, cfg.batch_size, pin=device.type == "cuda"
+        )
         skipped = []
     bar = _ProgressBar(
         progress and ranks.main,

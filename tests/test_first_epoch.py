@@ -205,7 +205,7 @@ def test_streamed_epoch__a_pass_that_fails_gives_its_error_not_a_missing_file(
     stream._thread.join()  # the shard is gone before a batch opens it
     try:
         with pytest.raises(CmaeError, match="reader processes stopped: test"):
-            list(StreamedEpoch(stream, set(range(12)), SPEC, 4, stream.cache_dir))
+            list(StreamedEpoch(stream, set(range(12)), SPEC, 4))
     finally:
         stream.close()
     assert not list(stream.cache_dir.glob("*.npy*"))
@@ -223,7 +223,7 @@ def test_streamed_epoch__each_batch_says_how_far_through_the_epoch_it_is(
         files, SPEC, cache_root=tmp_path / "c", workers=0
     )
     try:
-        batches = list(StreamedEpoch(stream, set(range(14)), SPEC, 4, stream.cache_dir))
+        batches = list(StreamedEpoch(stream, set(range(14)), SPEC, 4))
     finally:
         stream.close()
     # batches end at the 5th, the 10th and the 14th file settled
@@ -251,7 +251,7 @@ def test_first_epoch__failures_after_its_last_batch_still_end_the_schedule(
     )
     seen = []
     try:
-        epoch = StreamedEpoch(stream, set(range(9)), SPEC, 4, stream.cache_dir)
+        epoch = StreamedEpoch(stream, set(range(9)), SPEC, 4)
         train_one_epoch(model, epoch, _optimizer(model, cfg), torch.device("cpu"),
                         0, cfg, on_batch_end=seen.append)  # fmt: skip
     finally:
@@ -331,9 +331,7 @@ def test_streamed_epoch__only_training_samples_that_normalise(dem_dir, tmp_path)
     )
     train_positions = {0, 2, 3, 5, 8, 12}  # 12: odd.tif, whose values are far off
     try:
-        batches = list(
-            StreamedEpoch(stream, train_positions, fixed, 4, stream.cache_dir)
-        )
+        batches = list(StreamedEpoch(stream, train_positions, fixed, 4))
         result = stream.result()
     finally:
         stream.close()
@@ -355,7 +353,7 @@ def test_first_epoch__on_cuda_its_batches_are_pinned(dem_dir, tiny_config, tmp_p
         list(find_tiffs(dem_dir)), SPEC, cache_root=tmp_path / "s", workers=0
     )
     try:
-        epoch = StreamedEpoch(stream, set(range(12)), SPEC, 4, stream.cache_dir, True)
+        epoch = StreamedEpoch(stream, set(range(12)), SPEC, 4, True)
         batches = list(epoch)
     finally:
         stream.close()
