@@ -16,6 +16,7 @@ import pyarrow as pa
 from catchment_mae.batch.reader import in_shard, relative, stat_key
 from catchment_mae.batch.writer import done_rows
 from catchment_mae.errors import NoInputError
+from catchment_mae.io import text_path
 from catchment_mae.raster import find_tiffs
 
 
@@ -56,8 +57,9 @@ class Plan:
             rel = relative(path, self.root)
             if not in_shard(rel, self.shard):
                 continue
-            self.order[rel] = len(self.order)
-            if rel in self.done and self.done[rel] == stat_key(path):
+            key = text_path(rel)  # as the table holds it
+            self.order[key] = len(self.order)
+            if key in self.done and self.done[key] == stat_key(path):
                 self.already_done += 1
                 continue
             yield rel

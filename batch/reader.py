@@ -82,7 +82,7 @@ def in_shard(rel_path: str, shard: tuple[int, int] | None) -> bool:
     if shard is None:
         return True
     k, n = shard
-    digest = hashlib.sha1(rel_path.encode("utf-8")).digest()
+    digest = hashlib.sha1(os.fsencode(rel_path)).digest()  # UTF-8, or the name's bytes
     return int.from_bytes(digest[:8], "big") % n == k - 1
 
 

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from catchment_mae.errors import CmaeError, OutputError
 from catchment_mae.geo import Footprint, geoparquet_metadata
+from catchment_mae.io import text_path
 from catchment_mae.raster import RasterInfo
 
 ROWS_PER_PART = 1024
@@ -70,6 +71,9 @@ class Row:
     geometry: bytes | None = None  # WKB Polygon in OGC:CRS84 (a chip's own)
     bbox: tuple[float, float, float, float] | None = None  # of geometry
     error: str | None = None  # why the file failed
+
+    def __post_init__(self) -> None:
+        self.path = text_path(self.path)  # a name that is not UTF-8: escaped
 
     @classmethod
     def of_raster(

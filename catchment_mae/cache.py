@@ -17,8 +17,8 @@ read these files)::
     SHARD.arrow                       Arrow IPC index: one row per raster
     .lock                             flock: shared while in use
 
-Each index row holds the raster's absolute path, size and mtime (its key: a
-changed file is read again), its row in the shard, its statistics and scale, and
+Each index row holds the raster's absolute path (and its bytes, where they are
+not UTF-8), size and mtime (its key: a changed file is read again), its row in the shard, its statistics and scale, and
 a CRC-32 of its two arrays. A shard exists once its index does (written last,
 atomically); the CRC is checked before a row is used, so a torn or damaged shard
 is dropped and rebuilt, never trusted. Reader processes write their rows straight
@@ -47,18 +47,19 @@ import pyarrow.ipc as ipc
 
 from catchment_mae import __version__
 from catchment_mae.errors import CmaeError
-from catchment_mae.io import atomic_output, atomic_write_text
+from catchment_mae.io import atomic_output, atomic_write_text, text_path
 from catchment_mae.preprocess import PreprocessSpec, Resampled
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: chips (a window in the key)
+CACHE_FORMAT = 3  # 2: chips (a window in the key); 3: path_bytes
 # Rasters per shard: 51 MB of float16 at one band and 224 px.
 SHARD_ROWS = 512
 
 _INDEX = pa.schema(
     [
-        pa.field("path", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),  # as text (text_path)
+        pa.field("path_bytes", pa.binary()),  # the name's bytes, if not UTF-8
         pa.field("file_size", pa.int64()),
         pa.field("mtime_ns", pa.int64()),
         pa.field("window", pa.list_(pa.int64(), 4)),  # a chip's x0, y0, w, h
@@ -404,8 +405,10 @@ class ShardBuild:
 
 
 def _index_row(e: Entry) -> dict[str, Any]:
+    exact = text_path(e.key.path) == e.key.path
     return {
-        "path": e.key.path,
+        "path": text_path(e.key.path),
+        "path_bytes": None if exact else os.fsencode(e.key.path),
         "file_size": e.key.size,
         "mtime_ns": e.key.mtime_ns,
         "window": list(e.key.window) if e.key.window else None,
@@ -432,7 +435,7 @@ def _read_index(path: Path, stem: str) -> Iterator[Entry]:
     for r in table.to_pylist():
         yield Entry(
             key=FileKey(
-                r["path"],
+                os.fsdecode(r["path_bytes"]) if r["path_bytes"] else r["path"],
                 r["file_size"],
                 r["mtime_ns"],
                 tuple(r["window"]) if r["window"] else None,

@@ -150,3 +150,14 @@ def private_dir(name: str = "cmae") -> Path:
     ):
         raise OSError(f"{path} is not a private directory of this user")
     return path
+
+
+def text_path(path: str) -> str:
+    """``path`` as UTF-8 text, for tables and messages: a name whose bytes are
+    not UTF-8 (Python holds them as surrogates, which Arrow refuses) keeps them
+    as ``\\xNN`` escapes; any other path is itself."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path

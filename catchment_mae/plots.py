@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from catchment_mae.io import atomic_output
+from catchment_mae.io import atomic_output, text_path
 
 TITLES = ("input", "visible to encoder", "reconstruction")
 
@@ -110,7 +110,7 @@ def save_reconstructions(
             if i == 0:
                 ax.set_title(title)
             if j == 0:
-                name, w = Path(s.info.path).name, s.info.window
+                name, w = text_path(Path(s.info.path).name), s.info.window
                 where = f"\nchip x {w[0]}, y {w[1]}" if w else ""
                 ax.set_ylabel(name + where, fontsize=7)
     _save(fig, path)

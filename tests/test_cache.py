@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,28 @@ def test_prepare__second_run_reads_no_tiff(dems, tmp_path, monkeypatch):
     assert again.reused == 12 and again.files == first.files
     np.testing.assert_allclose(again.mean, first.mean)
     np.testing.assert_allclose(again.std, first.std)
+    again.cache.close()
+
+
+def test_prepare__a_name_that_is_not_utf8_is_cached_and_found_again(
+    dems, tmp_path, monkeypatch
+):
+    """Arrow holds UTF-8 text only: such a name (Python's surrogates) is kept as
+    its bytes beside its escaped text, and the next run finds it. It crashed
+    the first pass."""
+    first = sorted(dems.glob("*.tif"))[0]
+    odd = Path(os.fsdecode(bytes(dems) + b"/caf\xe9.tif"))  # Latin-1, not UTF-8
+    first.rename(odd)
+    root = tmp_path / "cache"
+    _prepare(dems, root).cache.close()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a TIFF was read: {args[0]}")
+
+    monkeypatch.setattr(prepare_mod, "load_resampled", refuse)
+    (dems / "zz_broken.tif").unlink()
+    again = _prepare(dems, root)
+    assert again.reused == 12 and odd in again.files
     again.cache.close()
 
 

@@ -377,3 +377,27 @@ def test_embed__original_json_per_file(runner, archive, onnx_model):
         cli, ["embed", str(archive / "empty.tif"), "--model", str(onnx_model)]
     )
     assert r.exit_code == 1 and "no file could be embedded" in r.stderr
+
+
+def test_embed_dir__a_name_that_is_not_utf8_is_embedded_and_resumed(
+    runner, dem_dir, onnx_model, tmp_path
+):
+    """Arrow holds UTF-8 only: such a name (Python's surrogates) is written with
+    its bytes escaped, and the next run knows it is done. It crashed the run."""
+    import os
+
+    d = tmp_path / "names"
+    d.mkdir()
+    first, second = sorted(dem_dir.glob("*.tif"))[:2]
+    shutil.copy(first, d / "good.tif")
+    shutil.copy(second, os.fsdecode(bytes(d) + b"/bad\xff.tif"))
+    out = tmp_path / "names.parquet"
+    r = _run(runner, d, "--model", onnx_model, "--out", out, "--json",
+             "--shard", "1/1")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["embedded"] == 2
+    table = pq.read_table(out)
+    assert table.column("path").to_pylist() == ["bad\\xff.tif", "good.tif"]
+    assert table.column("error").null_count == 2
+    again = _run(runner, d, "--model", onnx_model, "--out", out, "--json")
+    assert json.loads(again.stdout)["nothing_new"] is True
