@@ -18,12 +18,12 @@ read these files)::
     .lock                             flock: shared while in use
 
 Each index row holds the raster's absolute path (and its bytes, where they are
-not UTF-8), size and mtime (its key: a changed file is read again), its row in the shard, its statistics and scale, and
-a CRC-32 of its two arrays. A shard exists once its index does (written last,
-atomically); the CRC is checked before a row is used, so a torn or damaged shard
-is dropped and rebuilt, never trusted. Reader processes write their rows straight
-into the shard files (``numpy.lib.format.open_memmap``); nothing is copied
-through pipes.
+not UTF-8), size and mtime (its key: a changed file is read again), its row in
+the shard, its statistics and scale, and a CRC-32 of its two arrays. A shard
+exists once its index does (written last, atomically); the CRC is checked before
+a row is used, so a torn or damaged shard is dropped and rebuilt, never trusted.
+Reader processes write their rows straight into the shard files
+(``numpy.lib.format.open_memmap``); nothing is copied through pipes.
 """
 
 from __future__ import annotations
