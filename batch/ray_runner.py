@@ -184,7 +184,7 @@ def embed_dir_ray(
                         if on_row is not None:
                             on_row(row)
                 except KeyboardInterrupt as e:
-                    raise interrupted_saving(sink, summary) from e
+                    raise interrupted_saving(sink) from e
             finish(out, root, run, summary)
     except KeyboardInterrupt as e:
         raise interrupted_kept(out) from e

@@ -178,7 +178,7 @@ def embed_dir(
                 summary.wait_seconds = reader.wait_seconds
             except KeyboardInterrupt as e:
                 pool.close(kill=True)
-                raise interrupted_saving(sink, summary) from e
+                raise interrupted_saving(sink) from e
             pool.close(kill=True)  # all read: nothing of theirs is left to lose
             summary.provider = mapper.provider
             summary.session_seconds = mapper.session_seconds
@@ -291,13 +291,12 @@ def finish(out: Path, root: Path, run: Run, summary: RunSummary) -> None:
     summary.write_seconds += time.perf_counter() - t0
 
 
-def interrupted_saving(sink: PartSink, summary: RunSummary) -> EmbedInterrupted:
+def interrupted_saving(sink: PartSink) -> EmbedInterrupted:
     """Flushes what this run embedded; the error that says where it is."""
     sink.flush()
-    n = summary.embedded + summary.failed
     return EmbedInterrupted(
-        f"interrupted: {n} raster(s) of this run are saved in {sink.dir}; run the "
-        "same command to continue"
+        f"interrupted: {sink.rasters} raster(s) of this run are saved in "
+        f"{sink.dir}; run the same command to continue"
     )
 
 

@@ -210,7 +210,10 @@ class PartSink:
         self.next_seq = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         self.first_seq = self.next_seq  # parts before this are an earlier run's
         self.rows: list[tuple[Row, np.ndarray | None]] = []
+        self.complete = 0  # buffered rows whose rasters have all their rows
         self.flushed = 0
+        self.rasters = 0  # rasters flushed by this sink
+        self._pending = 0  # complete rasters among the buffered rows
 
     def add(
         self, row: Row, embedding: np.ndarray | None, last_of_raster: bool = True
@@ -218,23 +221,30 @@ class PartSink:
         """Buffers a row (``embedding`` None for a failed file). A part ends
         only after a raster's last row, so a raster's chips land together."""
         self.rows.append((row, embedding))
-        if last_of_raster and len(self.rows) >= self.rows_per_part:
-            self.flush()
+        if last_of_raster:
+            self.end_raster()
 
     def end_raster(self) -> None:
         """A raster's rows are complete: a part may end here."""
-        if len(self.rows) >= self.rows_per_part:
+        self.complete = len(self.rows)
+        self._pending += 1
+        if self.complete >= self.rows_per_part:
             self.flush()
 
     def flush(self) -> None:
-        if not self.rows:
+        """Writes the buffered rows of complete rasters as one part. The rows
+        of a raster still being cut (an interrupted run) are not written: a
+        table that held some of a raster's chips would count it done."""
+        if not self.complete:
             return
-        table = self._table(self.rows)
+        table = self._table(self.rows[: self.complete])
         target = self.dir / f"part-{self.next_seq:06d}.parquet"
         _write_atomic(table, target)
         self.next_seq += 1
-        self.flushed += len(self.rows)
-        self.rows = []
+        self.flushed += self.complete
+        self.rasters += self._pending
+        self.rows = self.rows[self.complete :]
+        self.complete = self._pending = 0
 
     def _table(self, rows: list[tuple[Row, np.ndarray | None]]) -> pa.Table:
         n = len(rows)

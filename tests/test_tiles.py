@@ -340,3 +340,34 @@ def test_outlier_screen__a_scene_of_flat_sea_chips_keeps_its_land():
     assert not r.finish().any()
     r.per_file[-1] = (100, np.full(1, 4e15), np.ones(1))  # a mis-scaled DEM still is
     assert r.finish().tolist() == [False] * 104 + [True]
+
+
+def test_embed_dir_tile__interrupted_mid_raster_resumes_every_chip(
+    scenes, onnx_model, tmp_path
+):
+    """Ctrl-C while a raster's chips are being embedded saves none of them: a
+    table holding some of its chips would count the raster done, and the run
+    that continues it would never embed the rest."""
+    from catchment_mae.batch.runner import EmbedInterrupted, embed_dir
+
+    whole = tmp_path / "whole.parquet"
+    first = embed_dir(scenes, onnx_model, whole, tile=50, num_workers=0)
+    assert first.embedded > 5
+    seen = []
+
+    def stop_at_the_fifth_chip(item):
+        seen.append(item)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed.parquet"
+    with pytest.raises(EmbedInterrupted, match="0 raster"):
+        embed_dir(scenes, onnx_model, out, tile=50, num_workers=0, rows_per_part=1,
+                  on_item=stop_at_the_fifth_chip)  # fmt: skip
+    summary = embed_dir(scenes, onnx_model, out, tile=50, num_workers=0)
+    assert summary.already_done == 0 and summary.embedded == first.embedded
+    assert (
+        pq.read_table(out)
+        .drop_columns(["mtime"])
+        .equals(pq.read_table(whole).drop_columns(["mtime"]))
+    )
