@@ -182,6 +182,8 @@ class ReaderPool:
         if initializer is not None:
             _from_a_module(initializer)
         self._ctx = start_context()
+        if self._ctx.get_start_method() == "forkserver":
+            _start_forkserver()
         _readers_without_main()
         levels = {n: logging.getLogger(n).getEffectiveLevel() for n in _LOGGERS}
         self._args = (levels, initializer, tuple(initargs))
@@ -446,22 +448,40 @@ def _worker_main(
 
 
 def prestart() -> None:
-    """Starts the forkserver that reader processes come from, in a thread: its
-    start (a fresh interpreter importing PRELOAD, about 0.45 s on 2 cores) then
-    runs beside what the caller does next (the command's own imports) instead of
+    """Starts the forkserver that reader processes come from: its start (a
+    fresh interpreter importing PRELOAD, about 0.45 s on 2 cores) then runs
+    beside what the caller does next (the command's own imports) instead of
     before the first reader. A ReaderPool made later uses it. ``cmae embed-dir``
     over 2 files: 1.11 s instead of 1.22 (medians of 5) on 2 cores, where the
     two starts share the cores."""
     if start_context().get_start_method() != "forkserver":
         return
+    with contextlib.suppress(Exception):  # the pool will say what is wrong
+        _start_forkserver()
 
-    def start() -> None:
-        from multiprocessing import forkserver
 
-        with contextlib.suppress(Exception):  # the pool will say what is wrong
-            forkserver.ensure_running()
+def _start_forkserver() -> None:
+    """Starts the forkserver (if it is not running) with SIGINT ignored.
 
-    threading.Thread(target=start, name="cmae-forkserver").start()
+    A Ctrl-C in a terminal signals the whole process group: the forkserver,
+    still importing PRELOAD, printed a KeyboardInterrupt traceback above the
+    command's own one-line message (9 of 10 Ctrl-Cs at 0.9 s into an
+    embed-dir). Ignored when it starts, SIGINT stays ignored through its exec
+    and in the processes it forks (readers ignore it anyway: the main process
+    stops them). Only the main thread can change a handler; elsewhere the
+    forkserver starts as Python starts it. The start itself takes about 1 ms
+    (the imports run in the new process)."""
+    from multiprocessing import forkserver
+
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        forkserver.ensure_running()
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def start_context() -> Any:

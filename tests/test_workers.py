@@ -94,17 +94,43 @@ def test_pool__a_task_s_budget_starts_when_its_worker_is_up():
         assert [f.result(timeout=30) for f in futures] == [0, 1, 4, 9]
 
 
-def test_prestart__the_forkserver_starts_in_a_thread():
-    """cmae embed-dir starts the readers' forkserver before its own imports."""
+def test_prestart__the_forkserver_starts_at_once_deaf_to_ctrl_c():
+    """cmae embed-dir starts the readers' forkserver before its own imports,
+    with SIGINT ignored: a Ctrl-C to the terminal's process group while it
+    imports PRELOAD (about half a second) printed its KeyboardInterrupt
+    traceback above cmae's one-line message, and killed it."""
     code = (
-        "import threading\n"
+        "import os, signal\n"
         "import multiprocessing.forkserver as fs\n"
-        "from catchment_mae.workers import prestart\n"
+        "from catchment_mae.workers import ReaderPool, prestart\n"
         "prestart()\n"
-        "[t.join() for t in threading.enumerate() if t.name == 'cmae-forkserver']\n"
-        "print(fs._forkserver._forkserver_pid is not None)\n"
+        "os.kill(fs._forkserver._forkserver_pid, signal.SIGINT)\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+        "with ReaderPool(1) as pool:\n"
+        "    print(pool.submit(os.getpid).result(timeout=30) != os.getpid())\n"
     )
-    assert python_out(code) == "True"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["True", "True"], r.stderr
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr
+
+
+def test_entry__ctrl_c_while_the_commands_import_is_one_line(monkeypatch, capsys):
+    import builtins
+
+    from catchment_mae.cli import entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "catchment_mae.cli.main":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as e:
+        entry.main()
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "cmae: error: interrupted\n"
 
 
 def modules_a_read_imports(root: str, rels: list[str]) -> list[str]:
