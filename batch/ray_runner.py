@@ -46,6 +46,7 @@ from catchment_mae.batch.runner import (
 from catchment_mae.batch.writer import (
     ROWS_PER_PART,
     Row,
+    check_table,
 )
 from catchment_mae.errors import CmaeError
 from catchment_mae.interrupt import sigterm_as_interrupt
@@ -158,6 +159,7 @@ def embed_dir_ray(
     root, out = Path(input_dir), Path(out)
     start = time.perf_counter()
     check_writable([out], overwrite=True)
+    check_table(out)
     summary = RunSummary(out=str(out))
     probe = Mapper(model, "cpu", threads=1)  # the spec, width and metadata
     summary.provider = "ray"

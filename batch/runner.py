@@ -25,7 +25,9 @@ from catchment_mae.batch.writer import (
     ROWS_PER_PART,
     PartSink,
     Row,
+    check_table,
     clear_parts,
+    listing_of,
     merge,
     parts_dir,
     read_previous,
@@ -77,6 +79,11 @@ class RunSummary:
         return asdict(self)
 
     def line(self) -> str:
+        if self.nothing_new and self.failed:
+            return (
+                f"nothing new: {self.already_done} raster(s) already embedded, "
+                f"{self.failed} failed again for the same reasons"
+            )
         if self.nothing_new:
             return f"nothing new: all {self.already_done} raster(s) already embedded"
         done = f" ({self.already_done} already done)" if self.already_done else ""
@@ -146,6 +153,7 @@ def embed_dir(
     root, out = Path(input_dir), Path(out)
     start = time.perf_counter()
     check_writable([out], overwrite=True)  # an existing table is continued
+    check_table(out)
     cores = available_cores()
     workers = cores if num_workers is None else num_workers
     summary = RunSummary(out=str(out))
@@ -225,8 +233,11 @@ def start_run(
     temps always. With ``grid`` (chip_grid_of), the work is each file's chips
     and the grid is recorded in the table."""
     tiled = grid is not None
-    metadata = {**mapper.metadata, "chip_grid": grid} if tiled else mapper.metadata
-    previous = None if overwrite else read_previous(out, mapper.sha256, grid)
+    listing = listing_of(root, shard, recursive)
+    metadata = {**mapper.metadata, "listing": listing}
+    if tiled:
+        metadata["chip_grid"] = grid
+    previous = None if overwrite else read_previous(out, mapper.sha256, grid, listing)
     fence = Path(within) if within is not None else None
     plan = Plan(root, previous, shard, recursive, within=fence)
     if overwrite:

@@ -265,15 +265,65 @@ class PartSink:
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
 
-def read_previous(
-    out: Path, model_sha256: str, grid: dict[str, Any] | None = None
-) -> pa.Table | None:
-    """Rows of an earlier run (the table and any parts), oldest first; with a
-    chip ``grid``, of a table of chips cut the same way.
+def check_table(out: Path) -> None:
+    """An existing ``out`` is a Parquet file (a table to continue, or to replace
+    with --overwrite); anything else, such as an input raster given as --out by
+    mistake, is never replaced.
 
     Raises:
-        CmaeError: a file was written with another model or another chip
-            ``grid``, or is unreadable.
+        OutputError: it is a directory, unreadable, or not a Parquet file.
+    """
+    try:
+        with open(out, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise OutputError(f"{out}: cannot use it as the output: {reason}") from e
+    if magic != b"PAR1":
+        raise OutputError(
+            f"{out}: exists and is not a Parquet table; it is not replaced, even "
+            "with --overwrite (choose another --out)"
+        )
+
+
+def listing_of(
+    root: Path, shard: tuple[int, int] | None, recursive: bool
+) -> dict[str, Any]:
+    """What a run lists, as recorded in its table: a table holds the rasters of
+    one listing, and a run over another would drop the rows it does not list."""
+    return {
+        "root": str(root.resolve()),
+        "shard": list(shard) if shard else None,
+        "recursive": recursive,
+    }
+
+
+def listing_text(listing: dict[str, Any]) -> str:
+    """A listing as read by people: "/data/dems, shard 2/3"."""
+    text = str(listing.get("root"))
+    if listing.get("shard"):
+        text += ", shard {}/{}".format(*listing["shard"])
+    if listing.get("recursive") is False:
+        text += " (top level only)"
+    return text
+
+
+def read_previous(
+    out: Path,
+    model_sha256: str,
+    grid: dict[str, Any] | None = None,
+    listing: dict[str, Any] | None = None,
+) -> pa.Table | None:
+    """Rows of an earlier run (the table and any parts), oldest first; with a
+    chip ``grid``, of a table of chips cut the same way; with a ``listing``
+    (listing_of), of the same listing (tables from before it was recorded are
+    continued).
+
+    Raises:
+        CmaeError: a file was written with another model, another chip
+            ``grid`` or another listing, or is unreadable.
     """
     sources = ([out] if out.exists() else []) + sorted(
         parts_dir(out).glob("part-*.parquet")
@@ -286,10 +336,10 @@ def read_previous(
             pf = pq.ParquetFile(path)
             meta = pf.schema_arrow.metadata or {}
             table = pf.read()
-        except Exception as e:  # pyarrow raises several types; keep the reason
+        except Exception as e:  # pyarrow raises several types
             raise CmaeError(
-                f"{path}: cannot read the earlier output to resume ({e}); "
-                "use --overwrite to start over"
+                f"{path}: cannot read the earlier output to resume (a damaged "
+                "Parquet file); use --overwrite to start over"
             ) from e
         if table.schema.names != schema_names:
             if set(TILE_FIELDS) & set(table.schema.names) != set(TILE_FIELDS) & set(
@@ -317,6 +367,13 @@ def read_previous(
             raise CmaeError(
                 f"{path}: holds chips of {grid_text(recorded)}, this run cuts "
                 f"{grid_text(grid)}; use --overwrite to start over, or another --out"
+            )
+        recorded = json.loads(meta.get(b"listing", b"null"))
+        if listing is not None and recorded is not None and recorded != listing:
+            raise CmaeError(
+                f"{path}: holds the rasters of {listing_text(recorded)}, this run "
+                f"lists {listing_text(listing)} (continuing would drop the rows it "
+                "does not list); use --overwrite to start over, or another --out"
             )
         tables.append(table)
     if not tables:

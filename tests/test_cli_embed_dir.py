@@ -196,16 +196,27 @@ def test_embed_dir__unreadable_earlier_output_and_bad_models(
     runner, archive, onnx_model, tmp_path
 ):
     out = tmp_path / "o.parquet"
-    out.write_bytes(b"keep me")
+    out.write_bytes(b"PAR1 torn")  # a damaged table: replaced with --overwrite
     r = _run(runner, archive, "--model", onnx_model, "--out", out)
-    assert r.exit_code == 1 and "cannot read the earlier output to resume" in r.stderr
-    assert out.read_bytes() == b"keep me"  # untouched
-    assert (
-        _run(
-            runner, archive, "--model", onnx_model, "--out", out, "--overwrite"
-        ).exit_code
-        == 0
+    assert r.exit_code == 1
+    assert "cannot read the earlier output to resume (a damaged Parquet file)" in (
+        r.stderr
     )
+    assert out.read_bytes() == b"PAR1 torn"  # untouched
+    r = _run(runner, archive, "--model", onnx_model, "--out", out, "--overwrite")
+    assert r.exit_code == 0
+    # Not a table at all (an input raster given as --out by mistake): never
+    # replaced, --overwrite or not. It was.
+    raster = next(archive.rglob("*.tif"))
+    kept = raster.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        r = _run(runner, archive, "--model", onnx_model, "--out", raster, *extra)
+        assert r.exit_code == 1, r.output
+        assert r.stderr.strip() == (
+            f"cmae: error: {raster}: exists and is not a Parquet table; it is not "
+            "replaced, even with --overwrite (choose another --out)"
+        )
+    assert raster.read_bytes() == kept
     fake = tmp_path / "fake.onnx"
     fake.write_bytes(b"nope")
     r = _run(runner, archive, "--model", fake, "--out", tmp_path / "p.parquet")
@@ -238,6 +249,11 @@ def test_embed_dir__resume_embeds_only_what_is_missing(
         summary["nothing_new"] and summary["embedded"] == 0 and summary["failed"] == 4
     )
     assert out.read_bytes() == before
+    said = _run(runner, archive, "--model", onnx_model, "--out", out).stderr
+    assert said.splitlines()[-1].startswith(
+        "nothing new: 13 raster(s) already embedded, 4 failed again for the same "
+        "reasons in "
+    )  # it said "all 13 raster(s)", as if none had failed
     # Change one file, delete one, add one, repair a failed one.
     changed = sorted(archive.glob("a/*.tif"))[0]
     shutil.copy(sorted(archive.glob("b/c/*.tif"))[0], changed)
@@ -401,3 +417,33 @@ def test_embed_dir__a_name_that_is_not_utf8_is_embedded_and_resumed(
     assert table.column("error").null_count == 2
     again = _run(runner, d, "--model", onnx_model, "--out", out, "--json")
     assert json.loads(again.stdout)["nothing_new"] is True
+
+
+def test_embed_dir__a_table_of_another_listing_is_not_continued(
+    runner, archive, onnx_model, tmp_path
+):
+    """A run over another folder, shard or depth would drop the rows it does
+    not list: it is refused (it silently cut a table to one shard's rows)."""
+    out = tmp_path / "all.parquet"
+    assert _run(runner, archive, "--model", onnx_model, "--out", out).exit_code == 0
+    rows = pq.read_table(out).num_rows
+    root = archive.resolve()
+    for extra, lists in (
+        (["--shard", "2/3"], f"{root}, shard 2/3"),
+        (["--no-recursive"], f"{root} (top level only)"),
+    ):
+        r = _run(runner, archive, "--model", onnx_model, "--out", out, *extra)
+        assert r.exit_code == 1, r.output
+        assert f"holds the rasters of {root}, this run lists {lists}" in r.stderr
+    other = tmp_path / "other"
+    shutil.copytree(archive / "a", other)
+    r = _run(runner, other, "--model", onnx_model, "--out", out)
+    assert r.exit_code == 1 and "use --overwrite to start over" in r.stderr
+    assert pq.read_table(out).num_rows == rows  # untouched
+    # The same listing, spelled another way, continues.
+    r = _run(runner, tmp_path / "." / "archive", "--model", onnx_model, "--out", out,
+             "--json")  # fmt: skip
+    assert r.exit_code == 0 and json.loads(r.stdout)["nothing_new"] is True
+    r = _run(runner, other, "--model", onnx_model, "--out", out, "--overwrite")
+    assert r.exit_code == 0
+    assert pq.read_table(out).num_rows == len(list(other.rglob("*.tif")))
