@@ -44,7 +44,12 @@ log = logging.getLogger(__name__)
 
 
 class NothingEmbeddedError(CmaeError):
-    """Every file failed; the table with their reasons was still written."""
+    """Every file failed; the table with their reasons was still written
+    (``summary`` says so, as a run that embedded something would)."""
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class EmbedInterrupted(CmaeError):
@@ -329,7 +334,8 @@ def checked(summary: RunSummary, start: float) -> RunSummary:
     if summary.embedded + summary.already_done == 0:
         raise NothingEmbeddedError(
             f"nothing embedded: all {summary.failed} file(s) failed; their reasons "
-            f"are in the error column of {summary.out}"
+            f"are in the error column of {summary.out}",
+            summary,
         )
     return summary
 

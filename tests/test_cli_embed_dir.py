@@ -190,6 +190,12 @@ def test_embed_dir__nothing_to_embed(runner, onnx_model, tmp_path):
     r = _run(runner, bad, "--model", onnx_model, "--out", out)
     assert r.exit_code == 1 and "nothing embedded" in r.stderr
     assert pq.read_table(out).column("error").to_pylist() == ["empty file (0 bytes)"]
+    # --json still says what the run did (it printed nothing).
+    r = _run(runner, bad, "--model", onnx_model, "--out", out, "--json")
+    assert r.exit_code == 1 and "nothing embedded" in r.stderr
+    summary = json.loads(r.stdout)
+    assert (summary["embedded"], summary["failed"]) == (0, 1)
+    assert summary["failures"] == [{"path": "x.tif", "error": "empty file (0 bytes)"}]
 
 
 def test_embed_dir__unreadable_earlier_output_and_bad_models(

@@ -287,6 +287,10 @@ def test_embed_dir_tile_m__chips_in_ground_metres(runner, scenes, onnx_model, tm
     )
     r = runner.invoke(cli, [*args, "--tile", "100"])
     assert r.exit_code == 2 and "choose one" in r.output
+    whole = ["embed-dir", str(scenes), "--model", str(onnx_model), "--out",
+             str(tmp_path / "w.parquet"), "--max-nodata", "0.5"]  # fmt: skip
+    r = runner.invoke(cli, whole)  # it was accepted, and did nothing
+    assert r.exit_code == 2 and "--max-nodata needs --tile or --tile-m" in r.output
 
 
 def test_train_tile__an_outlier_scene_is_named_once(dem_dir, tmp_path, caplog):

@@ -169,6 +169,7 @@ def embed_dir(
     import pyarrow as pa
     from tqdm.auto import tqdm
 
+    from catchment_mae.batch.runner import NothingEmbeddedError
     from catchment_mae.batch.runner import embed_dir as run
 
     # Arrow's default allocator (mimalloc) kept freed row buffers: the command's
@@ -189,6 +190,8 @@ def embed_dir(
         raise click.UsageError("--stride needs --tile (--stride-m goes with --tile-m)")
     if stride_m is not None and tile_m is None:
         raise click.UsageError("--stride-m needs --tile-m")
+    if max_nodata != 1.0 and tile is None and tile_m is None:
+        raise click.UsageError("--max-nodata needs --tile or --tile-m")
     try:
         if ray_address is not None:
             from catchment_mae.batch.ray_runner import embed_dir_ray
@@ -210,6 +213,10 @@ def embed_dir(
                 on_item=lambda item: bar.update(1), tile=tile, stride=stride,
                 max_nodata=max_nodata, tile_m=tile_m, stride_m=stride_m,
             )  # fmt: skip
+    except NothingEmbeddedError as e:  # the table of failures is written
+        if as_json:
+            click.echo(json.dumps(e.summary.to_dict(), sort_keys=True))
+        raise
     finally:
         bar.close()
     if as_json:
