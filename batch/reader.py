@@ -37,6 +37,7 @@ from catchment_mae.batch.writer import Row
 from catchment_mae.errors import BadRasterError
 from catchment_mae.geo import footprint
 from catchment_mae.preprocess import PreprocessSpec, load_resampled, normalise
+from catchment_mae.raster import check_file
 from catchment_mae.workers import ReaderPool, failure_reason
 
 # Bytes of ring the wave of batches read in one turn may take (the CPU schedule),
@@ -135,7 +136,11 @@ def read_one(
     path = Path(root) / rel
     size = mtime = None
     try:
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError:
+            check_file(path)  # says why in words (gone, a dangling link, a loop)
+            raise
         if stat.S_ISREG(st.st_mode):
             size, mtime = st.st_size, st.st_mtime
         if chip is not None and chip.error is not None:

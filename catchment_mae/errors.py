@@ -48,3 +48,11 @@ class ExportError(CmaeError):
 
 class TrainingError(CmaeError):
     """Training cannot go on (non-finite loss, bad checkpoint, ...)."""
+
+
+def band_mismatch(bands: int, in_chans: int) -> str:
+    """Why a raster does not fit the model's channels (training and embedding)."""
+    return (
+        f"has {bands} band(s) but the model takes {in_chans} (in_chans; the bands "
+        "are chosen with cmae train --bands)"
+    )

@@ -48,7 +48,7 @@ from catchment_mae.cache import (
     ShardTarget,
     write_row,
 )
-from catchment_mae.errors import BadRasterError, NoInputError
+from catchment_mae.errors import BadRasterError, NoInputError, band_mismatch
 from catchment_mae.preprocess import (
     ALL_NODATA,
     PreprocessSpec,
@@ -374,10 +374,7 @@ class _Reporter:
             path = self.files[i]
             self.next += 1
             if isinstance(got, Entry) and len(got.mean) != self.bands:
-                got = (
-                    f"has {len(got.mean)} band(s) but the model takes {self.bands} "
-                    "(in_chans; choose bands with --bands)"
-                )
+                got = band_mismatch(len(got.mean), self.bands)
             chip = self.windows.get(i)
             if chip is not None and (
                 got == ALL_NODATA

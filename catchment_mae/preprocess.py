@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from catchment_mae.errors import BadRasterError
+from catchment_mae.errors import BadRasterError, band_mismatch
 from catchment_mae.raster import (
     ALL_NODATA,
     DEFAULT_MAX_MEMORY_MB,
@@ -305,8 +305,7 @@ def check_usable(raster: Raster, in_chans: int | None) -> None:
     if in_chans is not None and n != in_chans:
         raise BadRasterError(
             info.path,
-            f"has {n} band(s) but the model takes {in_chans} "
-            "(in_chans; choose bands with --bands)",
+            band_mismatch(n, in_chans),
         )
     if info.height * info.width < MIN_PIXELS:
         raise BadRasterError(

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from catchment_mae.errors import BadRasterError, NoInputError
+from catchment_mae.errors import BadRasterError, NoInputError, band_mismatch
 
 ALL_NODATA = "has no valid pixels (all nodata)"  # a raster or chip with no value
 # Samples per pixel a raster may declare (hyperspectral cubes have a few hundred).
@@ -171,7 +171,9 @@ def _walk(
         try:
             is_dir = entry.is_dir()  # follows symlinks
             target = path.resolve() if entry.is_symlink() else None
-        except (OSError, RuntimeError):  # a dangling link or a link loop
+        except (OSError, RuntimeError):  # a link loop, or unreadable
+            if is_tiff_name(entry.name):
+                yield path  # reading it fails, and says why (it was left out)
             continue
         if is_dir and not recursive:
             continue
@@ -250,6 +252,8 @@ def check_file(path: Path) -> None:
     try:
         st = path.stat()
     except FileNotFoundError as e:
+        if path.is_symlink():
+            raise BadRasterError(path, "a symlink to nothing (dangling)") from e
         raise BadRasterError(path, "file does not exist") from e
     except OSError as e:
         raise BadRasterError(path, f"cannot open: {e.strerror or e}") from e
@@ -284,6 +288,13 @@ def _reason(e: BaseException) -> str:
         inner = re.search(r"imcd_(\w+?)_decode", msg)
         codec = inner.group(1) if inner else name.removesuffix("Error").lower()
         return f"damaged compressed data ({codec.rstrip('n') or 'codec'})"
+    # tifffile names its enums' members as Python shows them:
+    # "<COMPRESSION.SGILOG: 34676> not supported".
+    msg = re.sub(r"<(\w+)\.(\w+): (\d+)>", r"\1 \2 (\3)", msg).replace(
+        "COMPRESSION ", "compression "
+    )
+    if msg.startswith(("corrupted tile", "corrupted strip")):
+        return f"damaged {msg.split()[1]} data"  # not its reshape's shapes
     if name == "TiffFileError":
         return msg or "malformed TIFF structure"
     if isinstance(e, ValueError):  # tifffile's enums and sample checks
@@ -291,7 +302,7 @@ def _reason(e: BaseException) -> str:
         if known:
             return f"unknown {known.group(2)} value {known.group(1)[:40]}"
         if msg.endswith("not supported") or "do not match" in msg:
-            return msg
+            return msg.replace("not supported", "is not supported")
         return "malformed TIFF structure"
     if isinstance(e, NotImplementedError):
         return msg or "a layout this reader does not support"
@@ -376,8 +387,7 @@ def _read(
     if in_chans is not None and len(band_idx) != in_chans:
         raise BadRasterError(
             path,
-            f"has {len(band_idx)} band(s) but the model takes {in_chans} "
-            "(in_chans; choose bands with --bands)",
+            band_mismatch(len(band_idx), in_chans),
         )
     overviews = [
         p

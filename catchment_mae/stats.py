@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from catchment_mae.errors import BadRasterError, NoInputError
+from catchment_mae.errors import BadRasterError, NoInputError, band_mismatch
 from catchment_mae.preprocess import check_usable
 from catchment_mae.raster import (
     DEFAULT_MAX_MEMORY_MB,
@@ -292,10 +292,7 @@ def _add(
         n, mean, std, bands = got  # type: ignore[misc]
         expected = in_chans if in_chans is not None else result.bands
         if expected is not None and bands != expected:
-            reason = (
-                f"has {bands} band(s) but the model takes {expected} "
-                "(in_chans; choose bands with --bands)"
-            )
+            reason = band_mismatch(bands, expected)
         else:
             result.per_file.append((n, mean, std))
             result.files.append(path)

@@ -439,3 +439,17 @@ def test_embed_dir__auto_without_cuda_after_all_embeds_on_the_cpu(
     for x, y in zip(a["embedding"], b["embedding"], strict=True):
         if x is not None:
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_read_one__a_file_gone_or_a_dangling_link_says_so_in_words(tmp_path):
+    """Its stat failed first, and the row held Python's own text
+    ("FileNotFoundError: [Errno 2] No such file or directory: ...")."""
+    import os
+
+    from catchment_mae.batch.reader import read_one
+
+    os.symlink("nowhere.tif", tmp_path / "dangling.tif")
+    row, sample, _ = read_one(str(tmp_path), "dangling.tif", SPEC)
+    assert sample is None and row.error == "a symlink to nothing (dangling)"
+    row, _, _ = read_one(str(tmp_path), "gone.tif", SPEC)
+    assert row.error == "file does not exist"

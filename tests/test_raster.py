@@ -492,6 +492,25 @@ def test_find_tiffs__symlink_loop_does_not_hang(tmp_path):
     assert [p.name for p in found] == ["x.tif"]
 
 
+def test_find_tiffs__links_to_nothing_are_listed_to_fail_with_their_reason(tmp_path):
+    """A TIFF-named link loop was left out without a word; it is listed now, and
+    reading it (like a dangling link) says why it fails."""
+    from catchment_mae.raster import check_file
+
+    os.symlink("loop2.tif", tmp_path / "loop1.tif")
+    os.symlink("loop1.tif", tmp_path / "loop2.tif")
+    os.symlink("nowhere.tif", tmp_path / "dangling.tif")
+    found = list(find_tiffs(tmp_path))
+    assert [p.name for p in found] == ["dangling.tif", "loop1.tif", "loop2.tif"]
+    reasons = []
+    for path in found:
+        with pytest.raises(BadRasterError) as e:
+            check_file(path)
+        reasons.append(e.value.reason)
+    assert reasons[0] == "a symlink to nothing (dangling)"
+    assert reasons[1] == reasons[2] == "cannot open: Too many levels of symbolic links"
+
+
 def test_find_tiffs__missing_or_not_a_dir(tmp_path):
     with pytest.raises(NoInputError, match="does not exist"):
         list(find_tiffs(tmp_path / "nope"))

@@ -403,3 +403,18 @@ def test_found_by_fuzzing__decoder_failures_in_words(tmp_path):
         with pytest.raises(BadRasterError) as e:
             read_raster(tmp_path / name)
         assert not re.search(r"\w*(Error|error):", e.value.reason), e.value.reason
+
+
+def test_decoder_reasons__tifffile_s_own_words_made_plain():
+    """tifffile names its enums as Python shows them, and a damaged tile by the
+    shapes of a reshape: a user reads neither (found in a review)."""
+    from catchment_mae.raster import _reason
+
+    assert _reason(ValueError("<COMPRESSION.SGILOG: 34676> not supported")) == (
+        "compression SGILOG (34676) is not supported"
+    )
+    torn = "corrupted tile @ (0, 0, 0, 0, 0) cannot be reshaped from (4097,) to (1,)"
+    assert _reason(ValueError(torn)) == "damaged tile data"
+    assert _reason(ValueError("corrupted strip @ 3 cannot be reshaped")) == (
+        "damaged strip data"
+    )
