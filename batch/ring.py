@@ -61,9 +61,16 @@ class SlotRing:
         name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
         self.layout = RingLayout(name, rows, in_chans, size, shared)
         if shared:
-            self._shm = shared_memory.SharedMemory(
-                name=name, create=True, size=self.layout.nbytes
-            )
+            try:
+                self._shm = shared_memory.SharedMemory(
+                    name=name, create=True, size=self.layout.nbytes
+                )
+            except BaseException:
+                # A Ctrl-C inside it (while it starts Python's resource tracker,
+                # say) leaves the segment made and nobody holding it: a segment
+                # was found left in /dev/shm after a Ctrl-C in a run's first second.
+                _unlink(name)
+                raise
             buf = self._shm.buf
         else:
             buf = memoryview(bytearray(self.layout.nbytes))
@@ -109,6 +116,14 @@ class SlotRing:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _unlink(name: str) -> None:
+    """Unlinks the segment ``name`` if it exists."""
+    with contextlib.suppress(Exception):
+        leftover = shared_memory.SharedMemory(name=name)
+        leftover.close()
+        leftover.unlink()
 
 
 def _align(n: int, to: int = 64) -> int:

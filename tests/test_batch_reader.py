@@ -151,6 +151,29 @@ def _wait_for_readers(proc, out, n=2, timeout=60.0):
     raise AssertionError("no readers started")
 
 
+def test_ring__a_ctrl_c_while_the_segment_is_made_leaves_none(monkeypatch):
+    """SharedMemory makes the segment, then registers it with Python's resource
+    tracker (starting it, if need be): interrupted between the two, nothing
+    held the segment and it stayed in /dev/shm."""
+    from multiprocessing import shared_memory
+
+    import catchment_mae.batch.ring as ring_mod
+
+    real = shared_memory.SharedMemory
+
+    def interrupted(*args, **kwargs):
+        if kwargs.get("create"):
+            real(*args, **kwargs)  # made, then the Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ring_mod.shared_memory, "SharedMemory", interrupted)
+    before = _segments(os.getpid())
+    with pytest.raises(KeyboardInterrupt):
+        SlotRing(rows=4, in_chans=1, size=8)
+    assert _segments(os.getpid()) == before
+
+
 @pytest.mark.parametrize("how", ["SIGINT to the group", "SIGTERM to the group"])
 def test_embed_dir__stopped_cleanly_however_signalled(many, onnx_model, tmp_path, how):
     """A terminal's Ctrl-C (and `timeout`) signal every process of the group,
