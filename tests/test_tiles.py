@@ -124,8 +124,10 @@ def test_embed_dir_tile__resume_and_a_changed_raster(
     out = tmp_path / "chips.parquet"
     _embed(runner, scenes, onnx_model, out)
     before = pq.read_table(out)
+    written = out.stat().st_mtime_ns
     again = _embed(runner, scenes, onnx_model, out)
     assert again["embedded"] == 0 and again["already_done"] == 1
+    assert again["nothing_new"] and out.stat().st_mtime_ns == written  # not rewritten
     assert pq.read_table(out).equals(before)
     # The raster changes (smaller now): its chips are replaced, none left over.
     from catchment_mae.synth import write_dem
