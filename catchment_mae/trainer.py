@@ -358,6 +358,10 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------- train
+# SIGTERM as Ctrl-C for the whole run: the first pass (the longest part of a
+# large run when the statistics come from the data) was killed without a word
+# (exit 143, temporary shard files left); the epochs' own handler says more.
+@sigterm_as_interrupt()
 def train(
     config: TrainConfig | dict[str, Any],
     *,

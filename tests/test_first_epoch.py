@@ -17,7 +17,7 @@ from catchment_mae.loaders import StreamedEpoch
 from catchment_mae.preprocess import PreprocessSpec
 from catchment_mae.raster import find_tiffs
 from catchment_mae.trainer import TrainingInterrupted, train
-from tests.conftest import write_tiff
+from tests.conftest import python_out, write_tiff
 
 SPEC = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
 
@@ -360,3 +360,30 @@ def test_first_epoch__on_cuda_its_batches_are_pinned(dem_dir, tiny_config, tmp_p
     assert all(b[k].is_pinned() for b in batches for k in ("z", "valid", "coef"))
     result = train(_cfg(tiny_config, tmp_path, device="cuda"), progress=False)
     assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_train__sigterm_in_the_pass_before_the_first_step_stops_cleanly(
+    tiny_config, tmp_path
+):
+    """SIGTERM was handled in the epochs only: in the pass that reads every
+    raster first (statistics from the data), it killed the run without a word
+    and left temporary shard files."""
+    cfg = {**tiny_config, "cache_dir": str(tmp_path / "c")}
+    code = f"""
+import os, signal
+import catchment_mae.prepare as prepare
+from catchment_mae import train
+
+read = prepare.load_resampled
+def read_then_term(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return read(*args, **kwargs)
+prepare.load_resampled = read_then_term
+try:
+    train({cfg!r}, progress=False)
+except KeyboardInterrupt:
+    print("stopped")
+"""
+    assert python_out(code) == "stopped"
+    cache = next((tmp_path / "c").glob("samples-*"))
+    assert not list(cache.glob("*.tmp")) and not list(cache.glob("*.npy"))
