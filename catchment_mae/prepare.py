@@ -48,7 +48,12 @@ from catchment_mae.cache import (
     ShardTarget,
     write_row,
 )
-from catchment_mae.errors import BadRasterError, NoInputError, band_mismatch
+from catchment_mae.errors import (
+    BadRasterError,
+    ConfigError,
+    NoInputError,
+    band_mismatch,
+)
 from catchment_mae.preprocess import (
     ALL_NODATA,
     PreprocessSpec,
@@ -331,6 +336,13 @@ def _prepare(
     )
     report()
     if todo:
+        if spec.norm_mean is not None and len(spec.norm_mean) != bands:
+            raise ConfigError(
+                f"norm_mean/norm_std have {len(spec.norm_mean)} value(s) but the "
+                f"rasters have {bands} band(s) (in_chans): give one per band, or "
+                "choose the bands with --bands",
+                key="norm_mean",
+            )
         spec = dataclasses.replace(spec, in_chans=bands)
         # pyarrow's first table (a shard's index) imports pandas: 0.7 s of the
         # main thread at the first commit while the readers ran dry, on 2 cores

@@ -294,3 +294,13 @@ def test_deferred_interrupts__a_stop_waits_for_the_write():
     with deferred_interrupts():  # no signal: nothing raised
         done.append("again")
     assert done == ["written", "again"]
+
+
+@pytest.mark.parametrize("norm", ["fixed", "per-raster"])
+def test_train__norm_values_for_other_bands_than_the_data_s(tiny_config, norm):
+    """With the band count left to the data, two norm values for one-band DEMs
+    ended in an 'internal error' (a ValueError of the preprocessing spec)."""
+    cfg = {**tiny_config, "norm": norm, "norm_mean": [1500.0, 200.0],
+           "norm_std": [700.0, 2.0], "cache_dir": None}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"have 2 value\(s\) but the rasters have 1"):
+        catchment_mae.train(cfg, progress=False)
