@@ -29,6 +29,7 @@ Reader processes write their rows straight into the shard files
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -298,8 +299,15 @@ class SampleCache:
 
     # -------------------------------------------------------------- housekeeping
     def nbytes(self) -> int:
-        """Bytes of every file in the cache directory."""
-        return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
+        """Bytes of every file in the cache directory (0 once it is deleted:
+        deleting it at any time is allowed)."""
+        total = 0
+        with contextlib.suppress(FileNotFoundError):
+            for p in self.dir.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if p.is_file():
+                        total += p.stat().st_size
+        return total
 
     def _prune(
         self,
@@ -354,7 +362,7 @@ class ShardBuild:
         d = cache.dir
         self.z_tmp = d / f"{self.stem}.z.npy.tmp"
         self.valid_tmp = d / f"{self.stem}.valid.npy.tmp"
-        try:  # full-size files (sparse until written), header included
+        try:  # full-size files, header included, their blocks reserved
             for path, dtype, shape in (
                 (self.z_tmp, np.float16, (rows, in_chans, s, s)),
                 (self.valid_tmp, np.uint8, (rows, 1, s, s)),
@@ -362,12 +370,10 @@ class ShardBuild:
                 mm = np.lib.format.open_memmap(path, "w+", dtype, shape)
                 mm.flush()
                 del mm
+                _reserve(path)
         except OSError as e:
             self.discard()
-            raise CmaeError(
-                f"{d}: cannot write the cache ({e.strerror or e}); free some "
-                "space, choose another with --cache DIR, or use --no-cache"
-            ) from e
+            raise _cannot_write(d, e) from e
         self.entries: list[Entry] = []
 
     def target(self, row: int) -> ShardTarget:
@@ -385,16 +391,19 @@ class ShardBuild:
             self.discard()
             return
         d = self.cache.dir
-        os.replace(self.z_tmp, d / f"{self.stem}.z.npy")
-        os.replace(self.valid_tmp, d / f"{self.stem}.valid.npy")
         table = pa.Table.from_pylist(
             [_index_row(e) for e in self.entries], schema=_INDEX
         ).replace_schema_metadata(
             {"cache_format": str(CACHE_FORMAT), "cmae_version": __version__}
         )
-        with atomic_output(d / f"{self.stem}.arrow") as f:
-            with ipc.new_file(f, table.schema) as writer:
-                writer.write_table(table)
+        try:
+            os.replace(self.z_tmp, d / f"{self.stem}.z.npy")
+            os.replace(self.valid_tmp, d / f"{self.stem}.valid.npy")
+            with atomic_output(d / f"{self.stem}.arrow") as f:
+                with ipc.new_file(f, table.schema) as writer:
+                    writer.write_table(table)
+        except OSError as e:  # a full disk, or the directory deleted meanwhile
+            raise _cannot_write(d, e) from e
 
     def discard(self) -> None:
         _rw.pop(str(self.z_tmp), None)
@@ -402,6 +411,29 @@ class ShardBuild:
         for p in (self.z_tmp, self.valid_tmp):
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+def _reserve(path: Path) -> None:
+    """Reserves a shard file's blocks now, where the OS can: a disk that fills
+    up is then one clear error here, not a SIGBUS in every reader process that
+    writes into the memory-mapped file (each of its rasters blamed on it)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:  # a file system that cannot say: written as it comes
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _cannot_write(where: Path, e: OSError) -> CmaeError:
+    return CmaeError(
+        f"{where}: cannot write the cache ({e.strerror or e}); free some space, "
+        "choose another with --cache DIR, or use --no-cache"
+    )
 
 
 def _index_row(e: Entry) -> dict[str, Any]:

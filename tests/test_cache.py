@@ -14,6 +14,7 @@ import torch
 import catchment_mae.prepare as prepare_mod
 from catchment_mae.cache import SampleCache
 from catchment_mae.data import CachedDataset, EpochSampler, RasterDataset, collate
+from catchment_mae.errors import CmaeError
 from catchment_mae.loaders import make_loader, to_model_input
 from catchment_mae.prepare import prepare
 from catchment_mae.preprocess import PreprocessSpec, load_sample
@@ -361,3 +362,49 @@ def test_entry__travels_as_plain_values_and_comes_back_exactly():
             back.nodata_fraction, back.shard, back.row, back.crc) == (
             e.key, e.height, e.width, e.bands, e.dtype, e.count,
             e.nodata_fraction, e.shard, e.row, e.crc)  # fmt: skip
+
+
+def test_cache__a_full_disk_is_one_clear_error(dems, tmp_path, monkeypatch):
+    """The shard files' blocks are reserved when they are made: a disk that
+    filled up killed every reader with SIGBUS (each raster blamed), then ended
+    in an 'internal error'."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(CmaeError, match=r"cannot write the cache \(No space left"):
+        _prepare(dems, tmp_path / "cache")
+
+
+def test_cache__deleted_while_the_pass_writes_it(dems, tmp_path, monkeypatch):
+    """'Delete the directory at any time': during the pass that was an
+    'internal error' (FileNotFoundError of a rename); now the run says so."""
+    root = tmp_path / "cache"
+    read = prepare_mod.load_resampled
+    seen = []
+
+    def read_then_delete(*args, **kwargs):
+        seen.append(args[0])
+        if len(seen) == 3:
+            shutil.rmtree(root)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "load_resampled", read_then_delete)
+    with pytest.raises(CmaeError, match=r"cannot write the cache \(No such file"):
+        _prepare(dems, root)
+
+
+def test_cache__deleted_during_the_epochs_the_run_ends_well(tiny_config, tmp_path):
+    """The epochs read the memory-mapped shards, which outlive their files; the
+    run reported the cache's size at its end and failed there ('internal
+    error', FileNotFoundError), its model written."""
+    from catchment_mae.trainer import train
+
+    root = tmp_path / "cache"
+    cfg = {**tiny_config, "cache_dir": str(root), "max_epochs": 2}
+    result = train(cfg, progress=False,
+                   on_epoch_end=lambda stats: shutil.rmtree(root, True))  # fmt: skip
+    assert len(result.history) == 2 and not root.exists()
+    assert os.path.exists(cfg["model_output_path"])
