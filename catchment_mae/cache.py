@@ -19,11 +19,11 @@ read these files)::
 
 Each index row holds the raster's absolute path (and its bytes, where they are
 not UTF-8), size and mtime (its key: a changed file is read again), its row in
-the shard, its statistics and scale, and a CRC-32 of its two arrays. A shard
-exists once its index does (written last, atomically); the CRC is checked before
-a row is used, so a torn or damaged shard is dropped and rebuilt, never trusted.
-Reader processes write their rows straight into the shard files
-(``numpy.lib.format.open_memmap``); nothing is copied through pipes.
+the shard, its statistics and scale, and a CRC-32 of its two arrays and those
+facts. A shard exists once its index does (written last, atomically); the CRC is
+checked before a row is used, so a torn or damaged shard or index is dropped and
+rebuilt, never trusted. Reader processes write their rows straight into the
+shard files (``numpy.lib.format.open_memmap``); nothing is copied through pipes.
 """
 
 from __future__ import annotations
@@ -276,6 +276,7 @@ class SampleCache:
                 for e in rows:
                     ok = z.shape[1:] == (len(e.mean), self.size, self.size)
                     crc = zlib.crc32(valid[e.row], zlib.crc32(z[e.row])) if ok else -1
+                    crc = _with_facts(e, crc) if ok else -1
                     if crc != e.crc:
                         bad.add(stem)
                         break
@@ -380,7 +381,7 @@ class ShardBuild:
         return ShardTarget(str(self.z_tmp), str(self.valid_tmp), row)
 
     def add(self, entry: Entry, row: int, crc: int) -> None:
-        entry.shard, entry.row, entry.crc = self.stem, row, crc
+        entry.shard, entry.row, entry.crc = self.stem, row, _with_facts(entry, crc)
         self.entries.append(entry)
 
     def commit(self) -> None:
@@ -411,6 +412,22 @@ class ShardBuild:
         for p in (self.z_tmp, self.valid_tmp):
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+def _with_facts(e: Entry, crc: int) -> int:
+    """``crc`` (of a row's arrays) carried on over the raster's facts in the
+    index: its statistics normalise every batch of it, so a damaged index is
+    caught as a damaged shard is (a flipped bit halved a raster's mean, and it
+    was used)."""
+    facts = (
+        np.asarray(e.mean, "<f8").tobytes()
+        + np.asarray(e.std, "<f8").tobytes()
+        + np.asarray(e.scale, "<f4").tobytes()
+        + np.array([e.height, e.width, e.bands, e.count], "<i8").tobytes()
+        + np.array([e.nodata_fraction], "<f8").tobytes()
+        + e.dtype.encode()
+    )
+    return zlib.crc32(facts, crc)
 
 
 def _reserve(path: Path) -> None:

@@ -161,7 +161,9 @@ def test_prepare__other_settings_or_version_use_another_directory(
     d.cache.close()
 
 
-@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "bad index"])
+@pytest.mark.parametrize(
+    "damage", ["flip a byte", "truncate", "bad index", "flip a statistic"]
+)
 def test_cache__a_damaged_shard_is_rebuilt_never_trusted(
     dems, tmp_path, damage, caplog
 ):
@@ -178,8 +180,17 @@ def test_cache__a_damaged_shard_is_rebuilt_never_trusted(
     elif damage == "truncate":
         path = d / f"{stem}.valid.npy"
         path.write_bytes(path.read_bytes()[:1000])
-    else:
+    elif damage == "bad index":
         (d / f"{stem}.arrow").write_bytes(b"garbage")
+    else:  # one bit of a raster's mean in the index: it was trusted
+        import struct
+
+        index = d / f"{stem}.arrow"
+        raw = bytearray(index.read_bytes())
+        at = raw.find(struct.pack("<d", float(first.entries[0].mean[0])))
+        assert at >= 0
+        raw[at + 6] ^= 0x10
+        index.write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING):
         again = _prepare(dems, root)
     assert again.reused == 0  # one shard held them all: every raster read again
