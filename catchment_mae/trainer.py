@@ -592,7 +592,8 @@ def _streams(
 
     Only when no step needs the whole pass first: the normalisation is known
     before any raster is read (``--norm per-raster``, or ``--norm-mean`` and
-    ``--norm-std`` given), so no statistic of the data is waited for; there is a
+    ``--norm-std`` given, not as a NAME.json of a run that computed them), so no
+    statistic of the data is waited for; there is a
     cache for the samples to be read from; it is not --strict (every file
     checked before any step); one process (under torchrun every rank takes every
     step, and the others wait for the first to fill the cache); and the run
@@ -602,7 +603,10 @@ def _streams(
     them (a shuffle drawn from the seed), whether the pass reads them or finds
     them in the cache: a second run over a filled cache trains the same way.
     """
-    known = cfg.norm == "per-raster" or cfg.norm_mean is not None
+    # A NAME.json whose statistics came from the data reproduces its run, which
+    # read every raster first (streamed, the first epoch's order would differ).
+    from_data = cfg.extra.get("norm_stats_from") == "data"
+    known = cfg.norm == "per-raster" or (cfg.norm_mean is not None and not from_data)
     return (
         known and cfg.cache and not strict and not ranks.active
         and ckpt is None and cfg.max_epochs > 0
