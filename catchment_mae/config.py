@@ -109,6 +109,12 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("resize", self.resize, RESIZE_RULES)
+        if self.cache_dir is not None and not str(self.cache_dir).strip():
+            raise ConfigError(
+                "cache_dir (--cache) is empty (an unset variable?): give a "
+                "directory, or leave it out for the default",
+                key="cache_dir",
+            )
         if self.max_memory_mb < 16:
             raise ConfigError(
                 f"max_memory_mb must be >= 16, got {self.max_memory_mb}",

@@ -54,6 +54,7 @@ def test_config__json_round_trip(tmp_path):
         ({"bands": [0]}, "1-based"),
         ({"image_size": 30, "patch_size": 8}, "not a multiple of patch_size"),
         ({"max_epochs": 0}, "max_epochs must be >= 1"),
+        ({"cache_dir": ""}, r"cache_dir \(--cache\) is empty \(an unset variable\?\)"),
     ],
 )
 def test_config__rejects_bad_values_naming_the_key(data, match):
