@@ -520,6 +520,19 @@ def _settle(
         shard.committed = True
 
 
+def cache_facts(prepared: Prepared) -> dict[str, Any]:
+    """describe()'s facts as numbers (``cmae train --json``): the cache's
+    directory (None without one), samples reused and read now, its bytes."""
+    cache = prepared.cache
+    total = len(prepared.files) + len(prepared.failed) + prepared.chips_skipped
+    return {
+        "cache_dir": None if cache is None else str(cache.dir),
+        "cache_reused": prepared.reused,
+        "cache_read": total - prepared.reused if cache is not None else 0,
+        "cache_bytes": 0 if cache is None else cache.nbytes(),
+    }
+
+
 def describe(prepared: Prepared) -> str:
     """One line about the cache: what was reused, what was read, where, how big."""
     cache = prepared.cache

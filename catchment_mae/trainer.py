@@ -55,6 +55,7 @@ from catchment_mae.model import ScaleAwareMAE, build_model
 from catchment_mae.prepare import (
     PassInThread,
     Prepared,
+    cache_facts,
     chip_items,
     describe,
     prepare,
@@ -89,6 +90,7 @@ class TrainResult:
     chips_skipped: int = 0  # --tile: chips left out for nodata
     skipped: list[tuple[str, str]] = field(default_factory=list)
     cache: str = ""  # one line: what the cache held, where, how big
+    cache_facts: dict[str, Any] = field(default_factory=dict)  # the same, numbers
     first_pass_seconds: float = 0.0  # reading, checking, caching every raster
 
     def summary(self) -> dict[str, Any]:
@@ -106,6 +108,7 @@ class TrainResult:
             "train_loss": last.get("train_loss"),
             "val_loss": last.get("val_loss"),
             "cache": self.cache,
+            **self.cache_facts,
             "first_pass_seconds": round(self.first_pass_seconds, 3),
         }
 
@@ -582,6 +585,7 @@ def _train(
         chips_skipped=prepared.chips_skipped,
         skipped=skipped,
         cache=describe(prepared),
+        cache_facts=cache_facts(prepared),
     )
 
 

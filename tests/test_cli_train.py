@@ -102,10 +102,16 @@ def test_train__cache_dir_and_no_cache(runner, tmp_path, dem_dir):
     )
     summary = json.loads(second.stdout)
     assert summary["cache"].startswith("cache: 12 of 12 raster(s) reused, 0 read now")
+    # ... and as numbers, for scripts (it was the sentence alone)
+    (shards,) = cache.glob("samples-*")
+    size = sum(p.stat().st_size for p in shards.iterdir())
+    assert (summary["cache_reused"], summary["cache_read"]) == (12, 0)
+    assert summary["cache_dir"] == str(shards) and summary["cache_bytes"] == size
     before = sorted(cache.rglob("*"))
     none = _train(runner, tmp_path, dem_dir, "--no-cache", "--json", out="c.pth")
     assert none.exit_code == 0, none.output
     assert "no-cache" in json.loads(none.stdout)["cache"]
+    assert json.loads(none.stdout)["cache_dir"] is None
     assert sorted(cache.rglob("*")) == before
     cfg = json.loads((tmp_path / "c.json").read_text())
     assert cfg["cache"] is False
