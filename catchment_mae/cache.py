@@ -24,6 +24,8 @@ facts. A shard exists once its index does (written last, atomically); the CRC is
 checked before a row is used, so a torn or damaged shard or index is dropped and
 rebuilt, never trusted. Reader processes write their rows straight into the
 shard files (``numpy.lib.format.open_memmap``); nothing is copied through pipes.
+A raster or chip with no valid pixel has an index row with no arrays (row -1),
+so that later runs know it without reading it; other failures are read again.
 """
 
 from __future__ import annotations
@@ -137,6 +139,14 @@ class Entry:
             key, info.height, info.width, info.bands, info.dtype, r.count,
             1.0 - r.valid_fraction, r.mean, r.std, r.scale,
         )  # fmt: skip
+
+    @classmethod
+    def empty(cls, key: FileKey) -> Entry:
+        """A raster (or chip) with no valid pixel: in the index with no arrays
+        (row -1), so that a later run knows it without reading it (a scene's
+        nodata chips were read again by every run)."""
+        no = np.zeros(0)
+        return cls(key, 0, 0, 0, "", 0, 1.0, no, no, np.zeros(2, np.float32))
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Every reader sends one back per raster: as lists, its three small
@@ -274,6 +284,11 @@ class SampleCache:
             try:
                 z, valid = self.arrays(stem)
                 for e in rows:
+                    if e.row < 0:  # no arrays (Entry.empty): its facts alone
+                        if _with_facts(e, 0) != e.crc:
+                            bad.add(stem)
+                            break
+                        continue
                     ok = z.shape[1:] == (len(e.mean), self.size, self.size)
                     crc = zlib.crc32(valid[e.row], zlib.crc32(z[e.row])) if ok else -1
                     crc = _with_facts(e, crc) if ok else -1

@@ -315,6 +315,9 @@ def _prepare(
         if entry is None:
             todo.append(i)
             continue
+        if entry.row < 0:  # read before: no valid pixel (a nodata chip, say)
+            outcome[i] = ALL_NODATA
+            continue
         outcome[i] = entry
         if bands is None:
             bands = len(entry.mean)
@@ -451,10 +454,10 @@ def _build(
                 (i, pool.submit(build_one, str(files[i]), keys[i], spec, target), slot)
             )
             while len(pending) >= limit:
-                _settle(*_oldest(pending, stop), pool, outcome)
+                _settle(*_oldest(pending, stop), pool, outcome, keys)
                 report()
         while pending:
-            _settle(*_oldest(pending, stop), pool, outcome)
+            _settle(*_oldest(pending, stop), pool, outcome, keys)
             report()
     except BaseException:
         for shard in shards:
@@ -503,6 +506,7 @@ def _settle(
     slot: _Slot | None,
     pool: ReaderPool,
     outcome: dict[int, Entry | str],
+    keys: dict[int, FileKey],
 ) -> None:
     try:
         entry, crc, reason = fut.result()
@@ -514,6 +518,8 @@ def _settle(
     shard = slot.shard
     if entry is not None:
         shard.build.add(entry, slot.row, crc)
+    elif reason == ALL_NODATA:  # its content's, not chance's: known next time
+        shard.build.add(Entry.empty(keys[i]), -1, 0)
     shard.settled += 1
     if shard.settled == shard.build.rows:  # every row written: make it visible
         shard.build.commit()

@@ -17,7 +17,7 @@ from catchment_mae.data import CachedDataset, EpochSampler, RasterDataset, colla
 from catchment_mae.errors import CmaeError
 from catchment_mae.loaders import make_loader, to_model_input
 from catchment_mae.prepare import prepare
-from catchment_mae.preprocess import PreprocessSpec, load_sample
+from catchment_mae.preprocess import ALL_NODATA, PreprocessSpec, load_sample
 from catchment_mae.raster import find_tiffs
 from catchment_mae.stats import scan
 from tests.conftest import python_out
@@ -43,10 +43,17 @@ def _prepare(d, root, **kw):
 
 
 def test_prepare__second_run_reads_no_tiff(dems, tmp_path, monkeypatch):
+    """Nor a raster with no valid pixel: known as such (it was read again)."""
+    from catchment_mae.synth import dem_array, write_dem
+    from tests.conftest import dem_spec
+
     root = tmp_path / "cache"
+    spec = dem_spec(seed=9)
+    write_dem(dems / "nodata.tif", spec, np.full_like(dem_array(spec), spec.nodata))
     first = _prepare(dems, root)
     assert first.reused == 0 and len(first.files) == 12
-    assert first.failed == [(str(dems / "zz_broken.tif"), first.failed[0][1])]
+    broken = (str(dems / "zz_broken.tif"), first.failed[1][1])
+    assert first.failed == [(str(dems / "nodata.tif"), ALL_NODATA), broken]
     first.cache.close()
 
     def refuse(*args, **kwargs):
@@ -55,7 +62,8 @@ def test_prepare__second_run_reads_no_tiff(dems, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_mod, "load_resampled", refuse)
     (dems / "zz_broken.tif").unlink()  # failures are not cached: they are re-read
     again = _prepare(dems, root)
-    assert again.reused == 12 and again.files == first.files
+    assert again.reused == 13 and again.files == first.files
+    assert again.failed == [(str(dems / "nodata.tif"), ALL_NODATA)]
     np.testing.assert_allclose(again.mean, first.mean)
     np.testing.assert_allclose(again.std, first.std)
     again.cache.close()

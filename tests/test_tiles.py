@@ -215,8 +215,11 @@ def test_train_tile__a_sample_per_chip_nodata_chips_left_out(scenes, tmp_path):
         assert np.array_equal(cached["valid"][i].numpy(), item["valid"])
         # A chip's scale input is its own size, not the scene's.
         assert np.allclose(item["scale"], np.log([100 + 1e-6] * 2))
+    # The nodata chips are known too: a second run reads no chip (it read
+    # those two again, every run).
     again = train(cfg, progress=False, overwrite=True)
-    assert "4 of 6 raster(s) and chip(s) reused, 2 read now" in again.cache
+    assert "6 of 6 raster(s) and chip(s) reused, 0 read now" in again.cache
+    assert (again.files, again.chips_skipped) == (4, 2)
 
 
 def test_split_items__a_rasters_chips_stay_on_one_side(tmp_path):
