@@ -338,14 +338,18 @@ def _prepare(
         result, files, outcome, bands, on_file, windows, max_nodata, order, on_sample
     )
     report()
+    if (
+        bands is not None
+        and spec.norm_mean is not None
+        and len(spec.norm_mean) != bands
+    ):
+        raise ConfigError(
+            f"norm_mean/norm_std have {len(spec.norm_mean)} value(s) but the "
+            f"rasters have {bands} band(s) (in_chans): give one per band, or "
+            "choose the bands with --bands",
+            key="norm_mean",
+        )
     if todo:
-        if spec.norm_mean is not None and len(spec.norm_mean) != bands:
-            raise ConfigError(
-                f"norm_mean/norm_std have {len(spec.norm_mean)} value(s) but the "
-                f"rasters have {bands} band(s) (in_chans): give one per band, or "
-                "choose the bands with --bands",
-                key="norm_mean",
-            )
         spec = dataclasses.replace(spec, in_chans=bands)
         # pyarrow's first table (a shard's index) imports pandas: 0.7 s of the
         # main thread at the first commit while the readers ran dry, on 2 cores

@@ -302,7 +302,7 @@ def test_train__norm_values_for_other_bands_than_the_data_s(tiny_config, norm):
     ended in an 'internal error' (a ValueError of the preprocessing spec)."""
     cfg = {**tiny_config, "norm": norm, "norm_mean": [1500.0, 200.0],
            "norm_std": [700.0, 2.0], "cache_dir": None}  # fmt: skip
-    with pytest.raises(ConfigError, match=r"have 2 value\(s\) but the rasters have 1"):
+    with pytest.raises(ConfigError, match=r"norm_mean/norm_std have 2 value"):
         catchment_mae.train(cfg, progress=False)
 
 
