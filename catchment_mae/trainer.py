@@ -474,7 +474,13 @@ def _train(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, history = int(ckpt["epoch"]) + 1, list(ckpt["history"])
-        if ranks.main:
+        if ranks.main and start_epoch >= cfg.max_epochs:
+            log.warning(
+                "%s has all %d epoch(s) done: nothing to train; its outputs are "
+                "written again (raise --epochs to train on)",
+                resume, cfg.max_epochs,
+            )  # fmt: skip
+        elif ranks.main:
             log.info("resuming %s at epoch %d", resume, start_epoch + 1)
     step_model = distributed.wrap(model, ranks, device)  # forward and backward
 

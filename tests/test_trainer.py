@@ -92,6 +92,17 @@ def test_train__resume_gives_the_same_weights(tiny_config, tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
+def test_train__resuming_a_finished_run_says_so(trained, caplog):
+    """It said "resuming ... at epoch N+1" and trained nothing."""
+    cfg = trained.config.to_dict()
+    with caplog.at_level("WARNING", logger="catchment_mae"):
+        again = train(cfg, progress=False, resume=trained.checkpoint_path)
+    assert again.epochs_run == 0
+    assert f"has all {cfg['max_epochs']} epoch(s) done: nothing to train" in (
+        caplog.text
+    )
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_train__from_the_cache_or_the_tiffs_the_same_weights(
     tiny_config, tmp_path, workers
