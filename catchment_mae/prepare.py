@@ -412,11 +412,14 @@ class _Reporter:
                 name = item_name(path, chip)
                 self.result.failed.append((name, got))
                 self.failed_at.append(i)
+                if self.on_file is not None:  # --strict stops here: no "skipped"
+                    self.on_file(path, got)
                 if path not in self.warned:
                     log.warning("skipped %s: %s", name, got)
                     self.warned.add(path)
+                continue
             if self.on_file is not None:
-                self.on_file(path, got if isinstance(got, str) else None)
+                self.on_file(path, None)
 
     def in_listing_order(self) -> None:
         """Puts the result's samples and failures back in listing order."""

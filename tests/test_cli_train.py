@@ -142,6 +142,7 @@ def test_train__strict_stops_at_the_first_bad_file(runner, tmp_path, mixed_dir):
     result = _train(runner, tmp_path, mixed_dir, "--strict")
     _assert_clean_error(result, "(--strict)")
     assert not (tmp_path / "m.pth").exists()
+    assert "skipped" not in result.stderr  # it stopped: the reason said once
 
 
 @pytest.mark.parametrize(
