@@ -25,7 +25,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # Unless the block chose to drop signals from now on (ignore_interrupts:
+        # a rank that is stopping), the handler from before is back.
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -331,3 +331,27 @@ def test_train__its_name_json_reproduces_the_run(tiny_config, tmp_path):
     wb = torch.load(again.weights_path, weights_only=True)["model"]
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_sigterm_as_interrupt__a_rank_that_drops_signals_keeps_dropping_them():
+    """cmae train's whole run handles SIGTERM now, around the epochs' own
+    handler; a rank that stops drops signals from then on (its group's threads
+    abort the process if a second one cuts the shutdown), and leaving the run's
+    block must not bring SIGTERM back."""
+    import signal
+
+    from catchment_mae.interrupt import ignore_interrupts, sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        with sigterm_as_interrupt(), sigterm_as_interrupt():
+            pass
+        assert signal.getsignal(signal.SIGTERM) is before[0]
+        with sigterm_as_interrupt():
+            with sigterm_as_interrupt():
+                pass
+            ignore_interrupts()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
