@@ -87,22 +87,23 @@ max_pixels_opt = click.option(
     type=click.IntRange(min=1),
     help="Above this, read an overview or a decimated image (default 1e8).",
 )
-
-
-def _max_memory(default: str, then: str) -> Any:
-    return click.option(
-        "--max-memory",
-        "max_memory_mb",
-        type=click.IntRange(min=16),
-        metavar="MB",
-        help=f"Memory one raster may take while read (default {default}); a file "
-        f"that cannot be read within it {then}, naming the reason.",
-    )
-
-
-max_memory_opt = _max_memory("1024", "is refused")  # training's
-# Embedding's: the model's own budget, unless given.
-max_memory_read_opt = _max_memory("the model's, as trained: 1024 unless set", "fails")
+max_memory_opt = click.option(
+    "--max-memory",
+    "max_memory_mb",
+    type=click.IntRange(min=16),
+    metavar="MB",
+    help="Memory one raster may take while read (default 1024); a file that "
+    "cannot be read within it is refused, naming the reason.",
+)
+max_memory_read_opt = click.option(
+    "--max-memory",
+    "max_memory_mb",
+    type=click.IntRange(min=16),
+    metavar="MB",
+    help="Memory one raster may take while read (default: the model's, as it was "
+    "trained; 1024 unless set); a file that cannot be read within it fails, "
+    "naming the reason.",
+)
 device_opt = click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
