@@ -7,7 +7,6 @@ reader's ring as it lies there (a view: no copy on the CPU). No torch here.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -55,9 +54,6 @@ class Mapper:
         device: "auto", "cpu" or "cuda".
         threads: onnxruntime's intra-op threads.
         background: load the session in a thread (default: for CUDA).
-        max_memory_mb: the memory one raster may take while read, instead of
-            the model's (what it was trained with): which rasters are refused,
-            never the embeddings of the others.
     """
 
     def __init__(
@@ -66,7 +62,6 @@ class Mapper:
         device: str,
         threads: int | None,
         background: bool | None = None,
-        max_memory_mb: int | None = None,
     ) -> None:
         # Where the session will run, decided before it exists; "auto" still
         # falls back to the CPU if the CUDA provider then fails to load.
@@ -88,8 +83,6 @@ class Mapper:
             probe = self._session.result()
         meta = read_metadata(probe, model)
         self.spec: PreprocessSpec = spec_from_metadata(meta)
-        if max_memory_mb is not None:
-            self.spec = dataclasses.replace(self.spec, max_memory_mb=max_memory_mb)
         self.names = [i.name for i in probe.get_inputs()]
         del probe
         self.dim = int(meta["embedding_dim"])

@@ -133,7 +133,6 @@ def embed_dir_ray(
     max_nodata: float = 1.0,
     tile_m: float | None = None,
     stride_m: float | None = None,
-    max_memory_mb: int | None = None,
 ) -> RunSummary:
     """:func:`catchment_mae.batch.runner.embed_dir` on Ray Data.
 
@@ -162,8 +161,7 @@ def embed_dir_ray(
     check_writable([out], overwrite=True)
     check_table(out)
     summary = RunSummary(out=str(out))
-    # The spec, width and metadata:
-    probe = Mapper(model, "cpu", threads=1, max_memory_mb=max_memory_mb)
+    probe = Mapper(model, "cpu", threads=1)  # the spec, width and metadata
     summary.provider = "ray"
     started = not ray.is_initialized()
     try:

@@ -115,7 +115,6 @@ def embed_dir(
     max_nodata: float = 1.0,
     tile_m: float | None = None,
     stride_m: float | None = None,
-    max_memory_mb: int | None = None,
 ) -> RunSummary:
     """Embeds every TIFF under ``input_dir`` with the ``.onnx`` ``model``.
 
@@ -150,8 +149,6 @@ def embed_dir(
             it gets a row saying so), ``stride_m`` apart (default ``tile_m``).
             The grid is recorded in the table: a re-run with another grid is
             refused (start over with ``overwrite``).
-        max_memory_mb: memory one raster may take while read (default: the
-            model's, from its training); a raster above it fails with its row.
 
     Raises:
         NoInputError: no input directory or no TIFF in it (nothing is written).
@@ -176,7 +173,7 @@ def embed_dir(
             # each); on the CPU they take turns (reader.py). With one onnxruntime
             # thread beside the readers, vit_small ran at 7.2 img/s against a
             # limit of 11.4 (benchmarks/README.md).
-            mapper = Mapper(model, device, threads=cores, max_memory_mb=max_memory_mb)
+            mapper = Mapper(model, device, threads=cores)
             run = start_run(
                 root, out, mapper, overwrite, shard, recursive, within,
                 rows_per_part, chip_grid_of(tile, stride, tile_m, stride_m),

@@ -454,24 +454,3 @@ def test_embed_dir__a_table_of_another_listing_is_not_continued(
     r = _run(runner, other, "--model", onnx_model, "--out", out, "--overwrite")
     assert r.exit_code == 0
     assert pq.read_table(out).num_rows == len(list(other.rglob("*.tif")))
-
-
-def test_embed_dir__max_memory_is_this_run_s_budget(runner, onnx_model, tmp_path):
-    """The reading budget was the model's alone; its refusal named an option
-    embed-dir did not have."""
-    import tifffile
-
-    d = tmp_path / "one_strip"
-    d.mkdir()
-    data = np.random.default_rng(0).random((1200, 1200), dtype=np.float32)
-    tifffile.imwrite(d / "s.tif", data, rowsperstrip=1200)  # 5.5 MB in one strip
-    out = tmp_path / "m.parquet"
-    r = _run(runner, d, "--model", onnx_model, "--out", out, "--max-memory", "16")
-    assert r.exit_code == 1
-    error = pq.read_table(out).column("error")[0].as_py()
-    assert "above the 4 MB one may take (a quarter of --max-memory 16 MB)" in error
-    r = _run(runner, d, "--model", onnx_model, "--out", out, "--json")
-    assert r.exit_code == 0 and json.loads(r.stdout)["embedded"] == 1
-    r = runner.invoke(cli, ["embed", str(d / "s.tif"), "--model", str(onnx_model),
-                            "--max-memory", "16"])  # fmt: skip
-    assert r.exit_code == 1 and "a quarter of --max-memory 16 MB" in r.stdout

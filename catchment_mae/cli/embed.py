@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -21,10 +20,7 @@ from catchment_mae.cli import options
     show_default=True,
     help="onnxruntime provider.",
 )
-@options.max_memory_read_opt
-def embed(
-    files: tuple[Path, ...], model: Path, device: str, max_memory_mb: int | None
-) -> None:
+def embed(files: tuple[Path, ...], model: Path, device: str) -> None:
     """Print one JSON line per FILE: {"status": "success", "embedding": [...],
     "shape": [D]}, or {"status": "error", "message": ...} for a file that fails.
     Exits 1 when no file could be embedded.
@@ -44,8 +40,6 @@ def embed(
 
     sess = create_session(model, device)
     spec = spec_from_metadata(read_metadata(sess, model))
-    if max_memory_mb is not None:
-        spec = dataclasses.replace(spec, max_memory_mb=max_memory_mb)
     ok = 0
     for path in files:
         try:

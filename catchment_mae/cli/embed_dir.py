@@ -120,7 +120,6 @@ def _shard(
     help="Run on Ray Data: a local Ray with --ray alone, or the cluster at ADDRESS "
     "(HOST:6379, ray://HOST:10001, auto). Needs the ray extra.",
 )
-@options.max_memory_read_opt
 @options.recursive_opt
 @click.option(
     "--overwrite", is_flag=True, help="Start over instead of continuing an earlier run."
@@ -147,7 +146,6 @@ def embed_dir(
     tile_m: float | None,
     stride_m: float | None,
     ray_address: str | None,
-    max_memory_mb: int | None,
 ) -> None:
     """Embed every TIFF under INPUT_DIR with MODEL and write one row per raster to
     OUT: path, embedding, height, width, bands, dtype, nodata_fraction, file_size,
@@ -205,7 +203,6 @@ def embed_dir(
                 overwrite=overwrite, rows_per_part=rows_per_part,
                 on_row=lambda row: bar.update(1), tile=tile, stride=stride,
                 max_nodata=max_nodata, tile_m=tile_m, stride_m=stride_m,
-                max_memory_mb=max_memory_mb,
             )  # fmt: skip
         else:
             summary = run(
@@ -215,7 +212,6 @@ def embed_dir(
                 rows_per_part=rows_per_part, timeout=timeout,
                 on_item=lambda item: bar.update(1), tile=tile, stride=stride,
                 max_nodata=max_nodata, tile_m=tile_m, stride_m=stride_m,
-                max_memory_mb=max_memory_mb,
             )  # fmt: skip
     except NothingEmbeddedError as e:  # the table of failures is written
         if as_json:

@@ -95,15 +95,6 @@ max_memory_opt = click.option(
     help="Memory one raster may take while read (default 1024); a file that "
     "cannot be read within it is refused, naming the reason.",
 )
-max_memory_read_opt = click.option(
-    "--max-memory",
-    "max_memory_mb",
-    type=click.IntRange(min=16),
-    metavar="MB",
-    help="Memory one raster may take while read (default: the model's, as it was "
-    "trained; 1024 unless set); a file that cannot be read within it fails, "
-    "naming the reason.",
-)
 device_opt = click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
