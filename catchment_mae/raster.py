@@ -669,7 +669,8 @@ def _read_page(
             path,
             f"one {'tile' if page.is_tiled else 'strip'} decodes to "
             f"{_mb(seg_bytes)}, above the {_mb(budget.segment)} one may take "
-            f"(a quarter of --max-memory {budget.max_memory_mb} MB)",
+            f"(a quarter of the memory budget, {budget.max_memory_mb} MB: "
+            "cmae train --max-memory)",
         )
     # Only the segment rows and columns the window spans are looked at: a chip
     # of a 20,000 px scene touches 4 of its 6,400 tiles, and testing every one
@@ -696,7 +697,8 @@ def _read_page(
         raise BadRasterError(
             path,
             f"reading it would decode {_mb(len(needed) * seg_bytes)}, above the "
-            f"{_mb(budget.decoded)} a raster may (four times --max-memory)",
+            f"{_mb(budget.decoded)} a raster may (four times the memory budget: "
+            "cmae train --max-memory)",
         )
     oh, ow = -(-(wy1 - wy0) // ky), -(-(wx1 - wx0) // kx)
     out = np.zeros((spp, oh, ow), dtype=page.dtype)
