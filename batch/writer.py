@@ -375,10 +375,38 @@ def read_previous(
                 f"lists {listing_text(listing)} (continuing would drop the rows it "
                 "does not list); use --overwrite to start over, or another --out"
             )
+        if listing is not None and recorded is None:  # from before listings were kept
+            unlike = _unlike(table, listing)
+            if unlike is not None:
+                raise CmaeError(
+                    f"{path}: {unlike}, unlike this run's listing "
+                    f"({listing_text(listing)}); continuing would drop its rows: "
+                    "use --overwrite to start over, or another --out"
+                )
         tables.append(table)
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="none")
+
+
+def _unlike(table: pa.Table, listing: dict[str, Any]) -> str | None:
+    """How a table from before listings were recorded differs from
+    ``listing`` (listing_of), as far as its rows tell: a path outside the
+    shard, in a sub-folder of a top-level listing, or none under the root."""
+    from catchment_mae.batch.reader import in_shard  # reader imports this module
+
+    paths = list(dict.fromkeys(table.column("path").to_pylist()))
+    if not paths:
+        return None
+    shard = listing.get("shard")
+    if shard and not all(in_shard(p, (shard[0], shard[1])) for p in paths):
+        return "holds rasters of other shards"
+    if listing.get("recursive") is False and any("/" in p for p in paths):
+        return "holds rasters of sub-folders"
+    root = Path(listing["root"])
+    if not any(os.path.lexists(root / p) for p in paths):
+        return f"holds none of the rasters under {root}"
+    return None
 
 
 def grid_text(grid: dict[str, Any]) -> str:

@@ -447,10 +447,41 @@ def test_embed_dir__a_table_of_another_listing_is_not_continued(
     r = _run(runner, other, "--model", onnx_model, "--out", out)
     assert r.exit_code == 1 and "use --overwrite to start over" in r.stderr
     assert pq.read_table(out).num_rows == rows  # untouched
-    # The same listing, spelled another way, continues.
-    r = _run(runner, tmp_path / "." / "archive", "--model", onnx_model, "--out", out,
+    # The same listing, spelled another way (a link to it), continues.
+    (tmp_path / "link").symlink_to(archive)
+    r = _run(runner, tmp_path / "link", "--model", onnx_model, "--out", out,
              "--json")  # fmt: skip
     assert r.exit_code == 0 and json.loads(r.stdout)["nothing_new"] is True
     r = _run(runner, other, "--model", onnx_model, "--out", out, "--overwrite")
     assert r.exit_code == 0
     assert pq.read_table(out).num_rows == len(list(other.rglob("*.tif")))
+
+
+def test_embed_dir__a_table_from_before_listings_were_kept_is_checked_by_its_rows(
+    runner, archive, onnx_model, tmp_path
+):
+    """A table written before the listing was recorded: its rows tell whether it
+    lists other shards, sub-folders or another folder (it was cut silently)."""
+    out = tmp_path / "old.parquet"
+    assert _run(runner, archive, "--model", onnx_model, "--out", out).exit_code == 0
+    table = pq.read_table(out)
+    meta = {k: v for k, v in table.schema.metadata.items() if k != b"listing"}
+    pq.write_table(table.replace_schema_metadata(meta), out)
+    rows = table.num_rows
+    for extra, why in (
+        (["--shard", "2/3"], "holds rasters of other shards"),
+        (["--no-recursive"], "holds rasters of sub-folders"),
+    ):
+        r = _run(runner, archive, "--model", onnx_model, "--out", out, *extra)
+        assert r.exit_code == 1 and why in r.stderr, r.output
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(next(archive.rglob("*.tif")), other / "x.tif")
+    r = _run(runner, other, "--model", onnx_model, "--out", out)
+    assert r.exit_code == 1 and f"holds none of the rasters under {other}" in r.stderr
+    assert pq.read_table(out).num_rows == rows  # untouched
+    # The same folder, a file gone since: continued, and the listing recorded.
+    next(archive.rglob("*.tif")).unlink()
+    r = _run(runner, archive, "--model", onnx_model, "--out", out, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["rows"] == rows - 1
+    assert b"listing" in pq.read_schema(out).metadata
