@@ -299,7 +299,7 @@ def finish(out: Path, root: Path, run: Run, summary: RunSummary) -> None:
     if _nothing_new(out, previous, plan.order, sink, summary):
         # Only failures that failed again, for the same reasons: keep the table.
         clear_parts(out)
-        summary.nothing_new, summary.rows = True, len(plan.order)
+        summary.nothing_new, summary.rows = True, previous.num_rows
     else:
         summary.rows = merge(
             out, previous, plan.order, sink.dim, run.metadata, run.tiled
@@ -375,7 +375,7 @@ def take(
     if chip is not None and _empty_chip(row, max_nodata):
         summary.chips_skipped += 1
         if chip.last:
-            sink.end_raster()
+            sink.end_raster(row.path)
         return
     count(summary, row)
     sink.add(row, embedding, last_of_raster=chip is None or chip.last)
@@ -398,8 +398,10 @@ def _nothing_new(
     """Whether this run changed nothing in the finished table ``out``."""
     if summary.embedded or sink.first_seq or previous is None or not out.exists():
         return False
-    # A table of chips holds a raster's path once per chip.
-    if list(dict.fromkeys(previous.column("path").to_pylist())) != list(order):
+    # A table of chips holds a raster's path once per chip, and none for a
+    # raster whose chips were all skipped (read again, so known this run).
+    listed = [p for p in order if p not in sink.without_rows]
+    if list(dict.fromkeys(previous.column("path").to_pylist())) != listed:
         return False
     errors = dict(
         zip(

@@ -214,6 +214,8 @@ class PartSink:
         self.flushed = 0
         self.rasters = 0  # rasters flushed by this sink
         self._pending = 0  # complete rasters among the buffered rows
+        self._since_end = 0  # rows added since the last raster's end
+        self.without_rows: set[str] = set()  # rasters whose chips were all skipped
 
     def add(
         self, row: Row, embedding: np.ndarray | None, last_of_raster: bool = True
@@ -221,11 +223,15 @@ class PartSink:
         """Buffers a row (``embedding`` None for a failed file). A part ends
         only after a raster's last row, so a raster's chips land together."""
         self.rows.append((row, embedding))
+        self._since_end += 1
         if last_of_raster:
-            self.end_raster()
+            self.end_raster(row.path)
 
-    def end_raster(self) -> None:
-        """A raster's rows are complete: a part may end here."""
+    def end_raster(self, path: str) -> None:
+        """The raster ``path``'s rows are complete: a part may end here."""
+        if not self._since_end:
+            self.without_rows.add(path)
+        self._since_end = 0
         self.complete = len(self.rows)
         self._pending += 1
         if self.complete >= self.rows_per_part:

@@ -380,3 +380,22 @@ def test_embed_dir_tile__interrupted_mid_raster_resumes_every_chip(
         .drop_columns(["mtime"])
         .equals(pq.read_table(whole).drop_columns(["mtime"]))
     )
+
+
+def test_embed_dir_tile__a_scene_of_nodata_alone_still_lets_a_rerun_be_nothing_new(
+    runner, scenes, onnx_model, tmp_path
+):
+    """A raster whose chips are all skipped has no row: a finished job run again
+    never said 'nothing new' (and rewrote its table); its rows count said one
+    per raster, not per chip."""
+    from catchment_mae.synth import dem_array, write_dem
+
+    spec = dem_spec(height=200, width=200, pixel=10.0, seed=6)
+    write_dem(scenes / "void.tif", spec, np.full_like(dem_array(spec), spec.nodata))
+    out = tmp_path / "chips.parquet"
+    first = _embed(runner, scenes, onnx_model, out)
+    assert first["chips_skipped"] == 2 + 4
+    written = out.stat().st_mtime_ns
+    again = _embed(runner, scenes, onnx_model, out)
+    assert again["nothing_new"] and out.stat().st_mtime_ns == written
+    assert again["rows"] == pq.read_table(out).num_rows == first["rows"]
