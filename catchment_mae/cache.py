@@ -178,11 +178,34 @@ class ShardTarget:
 
 
 def write_row(target: ShardTarget, r: Resampled) -> int:
-    """Writes ``r`` into its shard row; returns the row's CRC-32."""
+    """Writes ``r`` into its shard row; returns the row's CRC-32.
+
+    Raises:
+        OSError: the row's blocks cannot be had (the disk is full).
+    """
     z, valid = _open_rw(target.z), _open_rw(target.valid)
+    _reserve(target.z, z, target.row)
+    _reserve(target.valid, valid, target.row)
     z[target.row] = r.z
     valid[target.row] = r.valid
     return zlib.crc32(valid[target.row], zlib.crc32(z[target.row]))
+
+
+def _reserve(path: str, mm: np.memmap, row: int) -> None:
+    """Reserves the blocks of ``row`` of the memory-mapped shard file, where the
+    OS can: a full disk is then an OSError here, not a SIGBUS that kills the
+    reader process at its first write (each raster was blamed on it). Only the
+    rows written take space: a shard's rows of failed rasters stay holes."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, mm.offset + row * mm.strides[0], mm.strides[0])
+    except OSError as e:  # a file system that cannot say: written as it comes
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+    finally:
+        os.close(fd)
 
 
 _rw: dict[str, np.memmap] = {}
@@ -378,7 +401,7 @@ class ShardBuild:
         d = cache.dir
         self.z_tmp = d / f"{self.stem}.z.npy.tmp"
         self.valid_tmp = d / f"{self.stem}.valid.npy.tmp"
-        try:  # full-size files, header included, their blocks reserved
+        try:  # full-size files (sparse until written), header included
             for path, dtype, shape in (
                 (self.z_tmp, np.float16, (rows, in_chans, s, s)),
                 (self.valid_tmp, np.uint8, (rows, 1, s, s)),
@@ -386,7 +409,6 @@ class ShardBuild:
                 mm = np.lib.format.open_memmap(path, "w+", dtype, shape)
                 mm.flush()
                 del mm
-                _reserve(path)
         except OSError as e:
             self.discard()
             raise _cannot_write(d, e) from e
@@ -445,27 +467,19 @@ def _with_facts(e: Entry, crc: int) -> int:
     return zlib.crc32(facts, crc)
 
 
-def _reserve(path: Path) -> None:
-    """Reserves a shard file's blocks now, where the OS can: a disk that fills
-    up is then one clear error here, not a SIGBUS in every reader process that
-    writes into the memory-mapped file (each of its rasters blamed on it)."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as e:  # a file system that cannot say: written as it comes
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise
-    finally:
-        os.close(fd)
+CANNOT_WRITE = "cannot write the cache"
+
+
+def cannot_write(where: Path, reason: str) -> CmaeError:
+    """The run's end when the cache cannot be written (``reason``: why)."""
+    return CmaeError(
+        f"{where}: {CANNOT_WRITE} ({reason}); free some space, choose another with "
+        "--cache DIR, or use --no-cache"
+    )
 
 
 def _cannot_write(where: Path, e: OSError) -> CmaeError:
-    return CmaeError(
-        f"{where}: cannot write the cache ({e.strerror or e}); free some space, "
-        "choose another with --cache DIR, or use --no-cache"
-    )
+    return cannot_write(where, e.strerror or str(e))
 
 
 def _index_row(e: Entry) -> dict[str, Any]:

@@ -40,12 +40,14 @@ import numpy as np
 
 from catchment_mae.batch.writer import warming_up
 from catchment_mae.cache import (
+    CANNOT_WRITE,
     SHARD_ROWS,
     Entry,
     FileKey,
     SampleCache,
     ShardBuild,
     ShardTarget,
+    cannot_write,
     write_row,
 )
 from catchment_mae.errors import (
@@ -146,7 +148,10 @@ def build_one(
         return None, 0, e.reason
     except Exception as e:  # a reader must report, not die: keep the reason
         return None, 0, failure_reason(e)
-    crc = write_row(target, r) if target is not None else 0
+    try:
+        crc = write_row(target, r) if target is not None else 0
+    except OSError as e:  # the cache's, not the raster's: the run stops (_settle)
+        return None, 0, f"{CANNOT_WRITE}: {e.strerror or e}"
     return Entry.of(key, r), crc, None
 
 
@@ -519,6 +524,8 @@ def _settle(
         entry, crc, reason = fut.result()
     except Exception as e:  # timed out, or the reader died
         entry, crc, reason = None, 0, failure_reason(e, pool.timeout)
+    if slot is not None and str(reason).startswith(CANNOT_WRITE + ": "):
+        raise cannot_write(slot.shard.build.cache.dir, str(reason).split(": ", 1)[1])
     outcome[i] = entry if entry is not None else str(reason)
     if slot is None:
         return

@@ -384,9 +384,9 @@ def test_entry__travels_as_plain_values_and_comes_back_exactly():
 
 
 def test_cache__a_full_disk_is_one_clear_error(dems, tmp_path, monkeypatch):
-    """The shard files' blocks are reserved when they are made: a disk that
-    filled up killed every reader with SIGBUS (each raster blamed), then ended
-    in an 'internal error'."""
+    """A row's blocks are reserved before it is written: a disk that filled up
+    killed every reader with SIGBUS (each raster blamed), then ended in an
+    'internal error'."""
     import errno
 
     def full(fd, offset, length):
