@@ -50,7 +50,7 @@ from catchment_mae.batch.writer import (
 )
 from catchment_mae.errors import CmaeError
 from catchment_mae.interrupt import sigterm_as_interrupt
-from catchment_mae.io import check_writable
+from catchment_mae.io import check_writable, text_path
 from catchment_mae.preprocess import PreprocessSpec
 from catchment_mae.workers import failure_reason
 
@@ -202,10 +202,11 @@ class _Rasters:
     through."""
 
     def __init__(self, todo: list[str | tuple[str, Chip]]) -> None:
-        self.expected: dict[str, int] = {}
+        self.expected: dict[str, int] = {}  # by the path as rows hold it
         for item in todo:
             if isinstance(item, tuple):
-                self.expected[item[0]] = self.expected.get(item[0], 0) + 1
+                key = text_path(item[0])
+                self.expected[key] = self.expected.get(key, 0) + 1
         self.held: dict[str, list[tuple[Row, Any, Chip]]] = {}
 
     def complete(

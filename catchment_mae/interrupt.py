@@ -26,8 +26,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         # Unless the block chose to drop signals from now on (ignore_interrupts:
-        # a rank that is stopping), the handler from before is back.
-        if signal.getsignal(signal.SIGTERM) is handler:
+        # a rank that is stopping), the handler from before is back, even where
+        # the block installed its own (ray.init does).
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
             signal.signal(signal.SIGTERM, previous)
 
 

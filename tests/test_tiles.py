@@ -399,3 +399,20 @@ def test_embed_dir_tile__a_scene_of_nodata_alone_still_lets_a_rerun_be_nothing_n
     again = _embed(runner, scenes, onnx_model, out)
     assert again["nothing_new"] and out.stat().st_mtime_ns == written
     assert again["rows"] == pq.read_table(out).num_rows == first["rows"]
+
+
+def test_ray_chip_rows__a_name_that_is_not_utf8_completes_its_raster():
+    """--ray --tile holds a raster's chip rows until all are in, counted by the
+    name as listed; the rows hold it escaped (KeyError: 'bad\\\\xff.tif')."""
+    import os
+
+    from catchment_mae.batch.chips import chip_grid
+    from catchment_mae.batch.ray_runner import _Rasters
+    from catchment_mae.batch.writer import Row
+
+    name = os.fsdecode(b"bad\xff.tif")
+    grid = chip_grid(200, 100, 100, 100)
+    rasters = _Rasters([(name, chip) for chip in grid])
+    first = rasters.complete(Row(name), None, grid[0])
+    last = rasters.complete(Row(name), None, grid[1])
+    assert first == [] and [r.path for r, _, _ in last] == ["bad\\xff.tif"] * 2

@@ -347,6 +347,9 @@ def test_sigterm_as_interrupt__a_rank_that_drops_signals_keeps_dropping_them():
         with sigterm_as_interrupt(), sigterm_as_interrupt():
             pass
         assert signal.getsignal(signal.SIGTERM) is before[0]
+        with sigterm_as_interrupt():  # a library's own handler (ray.init's)
+            signal.signal(signal.SIGTERM, lambda *_: None)
+        assert signal.getsignal(signal.SIGTERM) is before[0]
         with sigterm_as_interrupt():
             with sigterm_as_interrupt():
                 pass
