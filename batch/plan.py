@@ -42,10 +42,7 @@ class Plan:
         recursive: bool = True,
         within: Path | None = None,
     ) -> None:
-        if not root.exists():
-            raise NoInputError(f"{root}: input directory does not exist")
-        if not root.is_dir():
-            raise NoInputError(f"{root}: not a directory")
+        check_input(root)
         self.root, self.shard, self.recursive = root, shard, recursive
         self.within = within
         self.done = done_rows(previous)
@@ -67,3 +64,11 @@ class Plan:
     def where(self) -> str:
         """`` in shard K/N`` or nothing, for messages."""
         return f" in shard {self.shard[0]}/{self.shard[1]}" if self.shard else ""
+
+
+def check_input(root: Path) -> None:
+    """Raises NoInputError when ``root`` is not an existing directory."""
+    if not root.exists():
+        raise NoInputError(f"{root}: input directory does not exist")
+    if not root.is_dir():
+        raise NoInputError(f"{root}: not a directory")

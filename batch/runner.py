@@ -19,7 +19,7 @@ from typing import Any
 
 from catchment_mae.batch.chips import Chip, chips
 from catchment_mae.batch.mapper import Mapper
-from catchment_mae.batch.plan import Plan
+from catchment_mae.batch.plan import Plan, check_input
 from catchment_mae.batch.reader import Item, Reader
 from catchment_mae.batch.writer import (
     ROWS_PER_PART,
@@ -238,6 +238,7 @@ def start_run(
     temps always. With ``grid`` (chip_grid_of), the work is each file's chips
     and the grid is recorded in the table."""
     tiled = grid is not None
+    check_input(root)  # before the table's listing is compared with it
     listing = listing_of(root, shard, recursive)
     metadata = {**mapper.metadata, "listing": listing}
     if tiled:

@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -280,6 +281,11 @@ def check_table(out: Path) -> None:
         OutputError: it is a directory, unreadable, or not a Parquet file.
     """
     try:
+        st = os.stat(out)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read below
+            raise OutputError(f"{out}: not a regular file; choose another --out")
+        if st.st_size == 0:  # nothing to lose (mktemp's)
+            return
         with open(out, "rb") as f:
             magic = f.read(4)
     except FileNotFoundError:
@@ -331,7 +337,8 @@ def read_previous(
         CmaeError: a file was written with another model, another chip
             ``grid`` or another listing, or is unreadable.
     """
-    sources = ([out] if out.exists() else []) + sorted(
+    table_there = out.exists() and out.stat().st_size > 0  # empty: mktemp's
+    sources = ([out] if table_there else []) + sorted(
         parts_dir(out).glob("part-*.parquet")
     )
     tables = []
@@ -342,6 +349,12 @@ def read_previous(
             pf = pq.ParquetFile(path)
             meta = pf.schema_arrow.metadata or {}
             table = pf.read()
+        except OSError as e:
+            raise CmaeError(
+                f"{path}: cannot read the earlier output to resume "
+                f"({e.strerror or 'a damaged Parquet file'}); use --overwrite to "
+                "start over"
+            ) from e
         except Exception as e:  # pyarrow raises several types
             raise CmaeError(
                 f"{path}: cannot read the earlier output to resume (a damaged "

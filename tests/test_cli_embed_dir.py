@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -223,6 +224,14 @@ def test_embed_dir__unreadable_earlier_output_and_bad_models(
             "replaced, even with --overwrite (choose another --out)"
         )
     assert raster.read_bytes() == kept
+    # An empty file (mktemp's) is nothing to lose; a FIFO is refused unread.
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    assert _run(runner, archive, "--model", onnx_model, "--out", empty).exit_code == 0
+    fifo = tmp_path / "fifo.parquet"
+    os.mkfifo(fifo)
+    r = _run(runner, archive, "--model", onnx_model, "--out", fifo)
+    assert r.exit_code == 1 and "not a regular file" in r.stderr
     fake = tmp_path / "fake.onnx"
     fake.write_bytes(b"nope")
     r = _run(runner, archive, "--model", fake, "--out", tmp_path / "p.parquet")
@@ -447,6 +456,8 @@ def test_embed_dir__a_table_of_another_listing_is_not_continued(
     r = _run(runner, other, "--model", onnx_model, "--out", out)
     assert r.exit_code == 1 and "use --overwrite to start over" in r.stderr
     assert pq.read_table(out).num_rows == rows  # untouched
+    r = _run(runner, tmp_path / "typo", "--model", onnx_model, "--out", out)
+    assert r.stderr.strip().endswith("typo: input directory does not exist")
     # The same listing, spelled another way (a link to it), continues.
     (tmp_path / "link").symlink_to(archive)
     r = _run(runner, tmp_path / "link", "--model", onnx_model, "--out", out,
