@@ -265,9 +265,16 @@ class TrainConfig:
             raise ConfigError(f"{path}: {e}", key=e.key) from e
 
     def merged(self, overrides: dict[str, Any]) -> TrainConfig:
-        """Returns a copy with the non-None overrides applied (CLI flags win)."""
+        """Returns a copy with the non-None overrides applied (CLI flags win).
+        Norm statistics given anew are no longer the data's (``extra``'s
+        ``norm_stats_from``), unless ``extra`` comes with them."""
+        given = {k: v for k, v in overrides.items() if v is not None}
         data = asdict(self)
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        data.update(given)
+        if {"norm_mean", "norm_std"} & set(given) and "extra" not in given:
+            data["extra"] = {
+                k: v for k, v in data["extra"].items() if k != "norm_stats_from"
+            }
         return TrainConfig.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -327,14 +327,21 @@ def _prepare(
         if bands is None:
             bands = len(entry.mean)
     if bands is None:  # the first good raster decides: read until one is good
-        while todo:
+        k = 0
+        while k < len(todo):
             if stop is not None and stop.is_set():
                 raise _Stopped
-            entry, _, reason = build_one(str(files[todo[0]]), keys[todo[0]], spec, None)
+            entry, _, reason = build_one(str(files[todo[k]]), keys[todo[k]], spec, None)
             if entry is not None:
                 bands = len(entry.mean)  # read again below, into the cache
                 break
-            outcome[todo.pop(0)] = str(reason)
+            if reason == ALL_NODATA:  # read again below too: cached as such
+                k += 1
+                continue
+            outcome[todo.pop(k)] = str(reason)
+        if bands is None:  # none is good: those left have no valid pixel
+            outcome.update(dict.fromkeys(todo, ALL_NODATA))
+            todo = []
     result.bands = bands
     rank = {i: k for k, i in enumerate(order)}
     todo.sort(key=rank.__getitem__)

@@ -43,17 +43,18 @@ def _prepare(d, root, **kw):
 
 
 def test_prepare__second_run_reads_no_tiff(dems, tmp_path, monkeypatch):
-    """Nor a raster with no valid pixel: known as such (it was read again)."""
+    """Nor a raster with no valid pixel: known as such (it was read again), even
+    the first one listed, read while the band count is not known yet."""
     from catchment_mae.synth import dem_array, write_dem
     from tests.conftest import dem_spec
 
     root = tmp_path / "cache"
     spec = dem_spec(seed=9)
-    write_dem(dems / "nodata.tif", spec, np.full_like(dem_array(spec), spec.nodata))
+    write_dem(dems / "a_nodata.tif", spec, np.full_like(dem_array(spec), spec.nodata))
     first = _prepare(dems, root)
     assert first.reused == 0 and len(first.files) == 12
     broken = (str(dems / "zz_broken.tif"), first.failed[1][1])
-    assert first.failed == [(str(dems / "nodata.tif"), ALL_NODATA), broken]
+    assert first.failed == [(str(dems / "a_nodata.tif"), ALL_NODATA), broken]
     first.cache.close()
 
     def refuse(*args, **kwargs):
@@ -63,7 +64,7 @@ def test_prepare__second_run_reads_no_tiff(dems, tmp_path, monkeypatch):
     (dems / "zz_broken.tif").unlink()  # failures are not cached: they are re-read
     again = _prepare(dems, root)
     assert again.reused == 13 and again.files == first.files
-    assert again.failed == [(str(dems / "nodata.tif"), ALL_NODATA)]
+    assert again.failed == [(str(dems / "a_nodata.tif"), ALL_NODATA)]
     np.testing.assert_allclose(again.mean, first.mean)
     np.testing.assert_allclose(again.std, first.std)
     again.cache.close()

@@ -86,3 +86,14 @@ def test_config__precedence_defaults_then_file_then_flags():
 def test_config__lr_rule():
     assert TrainConfig(batch_size=256).base_lr == pytest.approx(1.5e-4)
     assert TrainConfig(batch_size=64, lr=0.01).base_lr == 0.01
+
+
+def test_config__norm_statistics_given_anew_are_not_the_data_s():
+    """A NAME.json whose statistics came from the data, with --norm-mean and
+    --norm-std on top: those are the user's (its first epoch may stream)."""
+    saved = TrainConfig.from_dict(
+        {"norm_mean": [1.0], "norm_std": [2.0], "extra": {"norm_stats_from": "data"}}
+    )
+    assert saved.merged({"epochs": None}).extra == {"norm_stats_from": "data"}
+    given = saved.merged({"norm_mean": [5.0], "norm_std": [6.0]})
+    assert given.extra == {} and given.norm_mean == [5.0]
