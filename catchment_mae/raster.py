@@ -301,8 +301,12 @@ def _reason(e: BaseException) -> str:
         known = re.match(r"(.+) is not a (?:known|valid) (\w+)", msg)
         if known:
             return f"unknown {known.group(2)} value {known.group(1)[:40]}"
+        if msg.endswith("not supported") and not re.search(
+            r"\b(is|are) not supported$", msg
+        ):
+            return msg.removesuffix("not supported") + "is not supported"
         if msg.endswith("not supported") or "do not match" in msg:
-            return msg.replace("not supported", "is not supported")
+            return msg
         return "malformed TIFF structure"
     if isinstance(e, NotImplementedError):
         return msg or "a layout this reader does not support"

@@ -413,6 +413,9 @@ def test_decoder_reasons__tifffile_s_own_words_made_plain():
     assert _reason(ValueError("<COMPRESSION.SGILOG: 34676> not supported")) == (
         "compression SGILOG (34676) is not supported"
     )
+    assert _reason(ValueError("JPEG tables are not supported")) == (
+        "JPEG tables are not supported"  # not "are is"
+    )
     torn = "corrupted tile @ (0, 0, 0, 0, 0) cannot be reshaped from (4097,) to (1,)"
     assert _reason(ValueError(torn)) == "damaged tile data"
     assert _reason(ValueError("corrupted strip @ 3 cannot be reshaped")) == (

@@ -92,11 +92,12 @@ def test_train__resume_gives_the_same_weights(tiny_config, tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
-def test_train__resuming_a_finished_run_says_so(trained, caplog):
+def test_train__resuming_a_finished_run_says_so(tiny_config, caplog):
     """It said "resuming ... at epoch N+1" and trained nothing."""
-    cfg = trained.config.to_dict()
+    cfg = {**tiny_config, "max_epochs": 1}
+    done = train(cfg, progress=False)
     with caplog.at_level("WARNING", logger="catchment_mae"):
-        again = train(cfg, progress=False, resume=trained.checkpoint_path)
+        again = train(cfg, progress=False, resume=done.checkpoint_path)
     assert again.epochs_run == 0
     assert f"has all {cfg['max_epochs']} epoch(s) done: nothing to train" in (
         caplog.text
