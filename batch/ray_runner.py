@@ -177,14 +177,18 @@ def embed_dir_ray(
                     _start_ray(ray, address, num_cpus)
                 rasters = _Rasters(todo)
                 try:
-                    for row, embedding, seconds, chip in _stream(
-                        ray, root, model, probe.spec, todo, batch_size, actors, device
-                    ):
-                        summary.read_seconds += seconds
-                        for got in rasters.complete(row, embedding, chip):
-                            take(summary, sink, *got, max_nodata)
-                        if on_row is not None:
-                            on_row(row)
+                    # ray.init put its own SIGTERM handler in (sys.exit): ours
+                    # again, so SIGTERM saves the rows as Ctrl-C does.
+                    with sigterm_as_interrupt():
+                        for row, embedding, seconds, chip in _stream(
+                            ray, root, model, probe.spec, todo, batch_size, actors,
+                            device,
+                        ):  # fmt: skip
+                            summary.read_seconds += seconds
+                            for got in rasters.complete(row, embedding, chip):
+                                take(summary, sink, *got, max_nodata)
+                            if on_row is not None:
+                                on_row(row)
                 except KeyboardInterrupt as e:
                     raise interrupted_saving(sink) from e
             finish(out, root, run, summary)

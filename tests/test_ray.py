@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catchment_mae.cli.main import cli
-from tests.test_cli_embed_dir import archive  # noqa: F401 (a fixture)
+from tests.test_cli_embed_dir import archive, big_archive  # noqa: F401 (fixtures)
 
 pytest.importorskip("ray.data", reason="embed-dir --ray needs the ray extra")
 
@@ -89,3 +89,32 @@ def test_embed_dir_ray__same_table_as_the_plain_run(
             np.testing.assert_allclose(
                 row["embedding"], a_rows[k]["embedding"], atol=1e-5
             )
+
+
+def test_embed_dir_ray__sigterm_saves_the_rows_as_ctrl_c_does(
+    big_archive,  # noqa: F811
+    onnx_model,
+    tmp_path,
+):
+    """ray.init puts its own SIGTERM handler in: SIGTERM ended a Ray run with
+    exit 15 and a C++ stack on stderr, not the rows saved, one line and 130."""
+    import signal
+    import time
+
+    out = tmp_path / "r.parquet"
+    args = ["embed-dir", big_archive, "--model", onnx_model, "--out", out, "--ray",
+            "--num-workers", "2", "--rows-per-part", "4"]  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-c", NO_TORCH, *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    parts = out.with_name(out.name + ".parts")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(parts.glob("part-*.parquet")):
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].endswith("run the same command to continue")
+    assert "SIGTERM received" not in stderr
