@@ -212,10 +212,8 @@ class PartSink:
         self.first_seq = self.next_seq  # parts before this are an earlier run's
         self.rows: list[tuple[Row, np.ndarray | None]] = []
         self.complete = 0  # buffered rows whose rasters have all their rows
-        self.flushed = 0
         self.rasters = 0  # rasters flushed by this sink
         self._pending = 0  # complete rasters among the buffered rows
-        self._since_end = 0  # rows added since the last raster's end
         self.without_rows: set[str] = set()  # rasters whose chips were all skipped
 
     def add(
@@ -224,15 +222,13 @@ class PartSink:
         """Buffers a row (``embedding`` None for a failed file). A part ends
         only after a raster's last row, so a raster's chips land together."""
         self.rows.append((row, embedding))
-        self._since_end += 1
         if last_of_raster:
             self.end_raster(row.path)
 
     def end_raster(self, path: str) -> None:
         """The raster ``path``'s rows are complete: a part may end here."""
-        if not self._since_end:
+        if len(self.rows) == self.complete:  # no row since the last raster's end
             self.without_rows.add(path)
-        self._since_end = 0
         self.complete = len(self.rows)
         self._pending += 1
         if self.complete >= self.rows_per_part:
@@ -248,7 +244,6 @@ class PartSink:
         target = self.dir / f"part-{self.next_seq:06d}.parquet"
         _write_atomic(table, target)
         self.next_seq += 1
-        self.flushed += self.complete
         self.rasters += self._pending
         self.rows = self.rows[self.complete :]
         self.complete = self._pending = 0
