@@ -308,13 +308,12 @@ class SampleCache:
                 z, valid = self.arrays(stem)
                 for e in rows:
                     if e.row < 0:  # no arrays (Entry.empty): its facts alone
-                        if _with_facts(e, 0) != e.crc:
-                            bad.add(stem)
-                            break
-                        continue
-                    ok = z.shape[1:] == (len(e.mean), self.size, self.size)
-                    crc = zlib.crc32(valid[e.row], zlib.crc32(z[e.row])) if ok else -1
-                    crc = _with_facts(e, crc) if ok else -1
+                        crc = _with_facts(e, 0)
+                    elif z.shape[1:] == (len(e.mean), self.size, self.size):
+                        arrays = zlib.crc32(valid[e.row], zlib.crc32(z[e.row]))
+                        crc = _with_facts(e, arrays)
+                    else:
+                        crc = -1
                     if crc != e.crc:
                         bad.add(stem)
                         break
@@ -483,10 +482,10 @@ def _cannot_write(where: Path, e: OSError) -> CmaeError:
 
 
 def _index_row(e: Entry) -> dict[str, Any]:
-    exact = text_path(e.key.path) == e.key.path
+    text = text_path(e.key.path)
     return {
-        "path": text_path(e.key.path),
-        "path_bytes": None if exact else os.fsencode(e.key.path),
+        "path": text,
+        "path_bytes": None if text == e.key.path else os.fsencode(e.key.path),
         "file_size": e.key.size,
         "mtime_ns": e.key.mtime_ns,
         "window": list(e.key.window) if e.key.window else None,
