@@ -410,7 +410,7 @@ class ShardBuild:
                 del mm
         except OSError as e:
             self.discard()
-            raise _cannot_write(d, e) from e
+            raise cannot_write(d, e) from e
         self.entries: list[Entry] = []
 
     def target(self, row: int) -> ShardTarget:
@@ -440,7 +440,7 @@ class ShardBuild:
                 with ipc.new_file(f, table.schema) as writer:
                     writer.write_table(table)
         except OSError as e:  # a full disk, or the directory deleted meanwhile
-            raise _cannot_write(d, e) from e
+            raise cannot_write(d, e) from e
 
     def discard(self) -> None:
         _rw.pop(str(self.z_tmp), None)
@@ -466,19 +466,19 @@ def _with_facts(e: Entry, crc: int) -> int:
     return zlib.crc32(facts, crc)
 
 
-CANNOT_WRITE = "cannot write the cache"
+class CannotWrite(str):
+    """Why a shard row could not be written (a full disk, the directory gone):
+    the cache's reason, not the raster's; a reader hands it back as its reason,
+    and the run stops on it (:func:`cannot_write`)."""
 
 
-def cannot_write(where: Path, reason: str) -> CmaeError:
-    """The run's end when the cache cannot be written (``reason``: why)."""
+def cannot_write(where: Path, why: OSError | CannotWrite) -> CmaeError:
+    """The run's end when the cache in ``where`` cannot be written."""
+    reason = why if isinstance(why, CannotWrite) else why.strerror or str(why)
     return CmaeError(
-        f"{where}: {CANNOT_WRITE} ({reason}); free some space, choose another with "
-        "--cache DIR, or use --no-cache"
+        f"{where}: cannot write the cache ({reason}); free some space, choose "
+        "another with --cache DIR, or use --no-cache"
     )
-
-
-def _cannot_write(where: Path, e: OSError) -> CmaeError:
-    return cannot_write(where, e.strerror or str(e))
 
 
 def _index_row(e: Entry) -> dict[str, Any]:

@@ -40,8 +40,8 @@ import numpy as np
 
 from catchment_mae.batch.writer import warming_up
 from catchment_mae.cache import (
-    CANNOT_WRITE,
     SHARD_ROWS,
+    CannotWrite,
     Entry,
     FileKey,
     SampleCache,
@@ -151,7 +151,7 @@ def build_one(
     try:
         crc = write_row(target, r) if target is not None else 0
     except OSError as e:  # the cache's, not the raster's: the run stops (_settle)
-        return None, 0, f"{CANNOT_WRITE}: {e.strerror or e}"
+        return None, 0, CannotWrite(e.strerror or str(e))
     return Entry.of(key, r), crc, None
 
 
@@ -531,8 +531,8 @@ def _settle(
         entry, crc, reason = fut.result()
     except Exception as e:  # timed out, or the reader died
         entry, crc, reason = None, 0, failure_reason(e, pool.timeout)
-    if slot is not None and str(reason).startswith(CANNOT_WRITE + ": "):
-        raise cannot_write(slot.shard.build.cache.dir, str(reason).split(": ", 1)[1])
+    if slot is not None and isinstance(reason, CannotWrite):
+        raise cannot_write(slot.shard.build.cache.dir, reason)
     outcome[i] = entry if entry is not None else str(reason)
     if slot is None:
         return
