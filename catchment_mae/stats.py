@@ -148,7 +148,9 @@ class ScanResult:
     def std(self) -> list[float]:
         return [float(v) for v in self.stats.std]
 
-    def _far_by_raster(self, means: np.ndarray, stds: np.ndarray) -> np.ndarray:
+    def _far_by_raster(
+        self, counts: np.ndarray, means: np.ndarray, stds: np.ndarray
+    ) -> np.ndarray:
         """far_outliers per raster: the chips of one raster (train --tile) are
         pooled first, so a scene whose chips are mostly flat (sea stored as 0)
         does not make its land chips look far from the rest."""
@@ -158,7 +160,6 @@ class ScanResult:
             chips.setdefault(name, []).append(k)
         if len(chips) == len(names):
             return far_outliers(means, stds)
-        counts = np.array([n for n, _, _ in self.per_file], np.int64)
         pooled = {r: RunningStats() for r in chips}
         for r, at in chips.items():
             pooled[r].merge_many(counts[at], means[at], stds[at])
@@ -177,10 +178,11 @@ class ScanResult:
         self.stats = RunningStats()
         if not self.per_file:
             return far
+        counts = np.array([n for n, _, _ in self.per_file], np.int64)
         means = np.stack([m for _, m, _ in self.per_file])
         stds = np.stack([s for _, _, s in self.per_file])
         if leave_out:
-            far = self._far_by_raster(means, stds)
+            far = self._far_by_raster(counts, means, stds)
         warned = set()  # chips of one raster (train --tile): one line for all
         for k in np.flatnonzero(far):
             path = self.files[k]
@@ -190,11 +192,7 @@ class ScanResult:
                 log.warning("left out of the statistics %s: %s", path, reason)
                 warned.add(path)
         keep = ~far
-        self.stats.merge_many(
-            np.array([n for n, _, _ in self.per_file], np.int64)[keep],
-            means[keep],
-            stds[keep],
-        )
+        self.stats.merge_many(counts[keep], means[keep], stds[keep])
         return far
 
     def to_dict(self) -> dict[str, Any]:
