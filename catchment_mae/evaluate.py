@@ -9,11 +9,23 @@ column (the same terrain, catchment or region never on both sides: random splits
 flatter a model), stratified folds otherwise. With groups, also retrieval: how
 often a row's nearest neighbour is of its own group.
 
+A ``copy_of`` column marks coarser copies of other rows (``cmae synth
+--catchments-of`` writes them): those rows are left out of the probes and
+measured alone, as how often a copy's nearest original is its own. With
+``within`` (a categorical column, e.g. the source DEM), each numeric label's
+out-of-fold predictions are also scored around each class's mean: can the
+embedding rank rows inside one DEM, not only tell the DEMs apart?
+
+The same protocol can score any other features of the same rows (``cmae eval
+--baseline`` hands it simple terrain numbers computed from the rasters,
+:mod:`catchment_mae.geomorph`), so a report shows what the embedding adds.
+
 scikit-learn does the statistics; this module joins, splits and reports.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -31,6 +43,9 @@ DEFAULT_K = 20  # kNN neighbours (Lightly's and DINO's kNN use 20 to 200)
 DEFAULT_FOLDS = 5
 MIN_PER_CLASS = 2  # a class with fewer rows cannot be both trained on and tested
 RIDGE_ALPHAS = np.logspace(-3, 4, 15)
+# Label columns that are not labels: the join key, the split's groups, and the
+# original of a coarser copy.
+SPECIAL_COLUMNS = ("path", "group", "copy_of")
 
 
 @dataclass
@@ -40,6 +55,7 @@ class Embeddings:
     paths: list[str]
     vectors: np.ndarray
     failed: int = 0  # rows with an error (no embedding), left out
+    root: str | None = None  # the folder the table's paths are relative to
 
 
 @dataclass
@@ -52,6 +68,25 @@ class Joined:
     groups: np.ndarray | None
     counts: dict[str, int] = field(default_factory=dict)
     labels_without_row: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # one per row of vectors
+    copy_of: np.ndarray | None = None  # the original's path, "" for an original
+
+    def subset(self, rows: np.ndarray) -> Joined:
+        """The same join restricted to ``rows`` (a boolean mask)."""
+        return Joined(
+            vectors=self.vectors[rows],
+            labels={k: v[rows] for k, v in self.labels.items()},
+            kinds=self.kinds,
+            groups=None if self.groups is None else self.groups[rows],
+            counts=self.counts,
+            labels_without_row=self.labels_without_row,
+            paths=[p for p, keep in zip(self.paths, rows, strict=True) if keep],
+            copy_of=None if self.copy_of is None else self.copy_of[rows],
+        )
+
+    def with_vectors(self, vectors: np.ndarray) -> Joined:
+        """The same rows and labels, described by other vectors (a baseline)."""
+        return dataclasses.replace(self, vectors=vectors)
 
 
 def read_embeddings(path: str | os.PathLike[str]) -> Embeddings:
@@ -82,7 +117,18 @@ def read_embeddings(path: str | os.PathLike[str]) -> Embeddings:
     emb = good["embedding"].combine_chunks()
     dim = emb.type.list_size
     vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(paths), dim)
-    return Embeddings(paths, vectors.astype(np.float32), failed)
+    return Embeddings(paths, vectors.astype(np.float32), failed, _root(pf))
+
+
+def _root(pf: Any) -> str | None:
+    """The folder embed-dir listed (its table's ``listing``), or None."""
+    import json
+
+    meta = pf.schema_arrow.metadata or {}
+    try:
+        return str(json.loads(meta[b"listing"])["root"])
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def read_labels(path: str | os.PathLike[str]) -> Any:
@@ -122,7 +168,7 @@ def join(emb: Embeddings, labels: Any, categorical: tuple[str, ...] = ()) -> Joi
     missing = [p for p in label_paths if p not in index]
     rows_l = np.array([j for j, _ in matched], dtype=np.int64)
     rows_e = np.array([i for _, i in matched], dtype=np.int64)
-    columns = [c for c in labels.column_names if c not in ("path", "group")]
+    columns = [c for c in labels.column_names if c not in SPECIAL_COLUMNS]
     unknown = sorted(set(categorical) - set(columns))
     if unknown:
         raise CmaeError(f"--categorical: no label column {', '.join(unknown)}")
@@ -152,6 +198,10 @@ def join(emb: Embeddings, labels: Any, categorical: tuple[str, ...] = ()) -> Joi
             ],
             dtype=object,
         )
+    copy_of = None
+    if "copy_of" in labels.column_names:
+        c = labels["copy_of"].take(pa.array(rows_l)).to_pylist() if len(rows_l) else []
+        copy_of = np.array(["" if v is None else str(v) for v in c], dtype=object)
     counts = {
         "table_rows": len(emb.paths) + emb.failed,
         "failed": emb.failed,
@@ -167,27 +217,49 @@ def join(emb: Embeddings, labels: Any, categorical: tuple[str, ...] = ()) -> Joi
         groups=groups,
         counts=counts,
         labels_without_row=missing,
+        paths=[emb.paths[i] for i in rows_e],
+        copy_of=copy_of,
     )
 
 
 def evaluate(
-    joined: Joined, *, k: int = DEFAULT_K, folds: int = DEFAULT_FOLDS, seed: int = 0
+    joined: Joined,
+    *,
+    k: int = DEFAULT_K,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    within: str | None = None,
 ) -> dict[str, Any]:
-    """Every label's metrics, out of fold; the JSON ``cmae eval`` prints."""
-    if joined.counts["used"] < 4:
+    """Every label's metrics, out of fold; the JSON ``cmae eval`` prints.
+
+    Rows with a ``copy_of`` are left out of the probes and the group retrieval
+    and measured by :func:`copy_retrieval`; ``within`` names a categorical
+    column around whose classes' means the numeric labels are also scored."""
+    if within is not None and joined.kinds.get(within) != "categorical":
         raise CmaeError(
-            f"only {joined.counts['used']} labelled row(s) with an embedding: "
+            f"--within: {within!r} is not a categorical label column "
+            f"(columns: {', '.join(joined.kinds) or 'none'})"
+        )
+    originals = joined
+    if joined.copy_of is not None:
+        originals = joined.subset(joined.copy_of == "")
+    if len(originals.vectors) < 4:
+        raise CmaeError(
+            f"only {len(originals.vectors)} labelled row(s) with an embedding: "
             "need at least 4 to split"
         )
     out: dict[str, Any] = {"labels": {}}
-    for name, kind in joined.kinds.items():
-        y = joined.labels[name]
+    classes = originals.labels[within] if within is not None else None
+    for name, kind in originals.kinds.items():
+        y = originals.labels[name]
         if kind == "categorical":
-            out["labels"][name] = _categorical(joined, y, k, folds, seed)
+            out["labels"][name] = _categorical(originals, y, k, folds, seed)
         else:
-            out["labels"][name] = _numeric(joined, y, folds, seed)
-    if joined.groups is not None:
-        out["retrieval"] = retrieval(joined.vectors, joined.groups)
+            out["labels"][name] = _numeric(originals, y, folds, seed, classes)
+    if originals.groups is not None:
+        out["retrieval"] = retrieval(originals.vectors, originals.groups)
+    if joined.copy_of is not None:
+        out["copies"] = copy_retrieval(joined.vectors, joined.paths, joined.copy_of)
     out["rows"] = {
         **joined.counts,
         "labels_without_row_examples": joined.labels_without_row[:5],
@@ -197,6 +269,7 @@ def evaluate(
         "folds": folds,
         "split": "group" if joined.groups is not None else "stratified",
         "seed": seed,
+        "within": within,
         "knn": "cosine on embeddings centred on the training fold's mean, "
         "majority vote",
         "linear": "logistic regression (L-BFGS, C=1) on standardised embeddings",
@@ -278,7 +351,11 @@ def _categorical(
 
 
 def _numeric(
-    joined: Joined, y_all: np.ndarray, folds: int, seed: int
+    joined: Joined,
+    y_all: np.ndarray,
+    folds: int,
+    seed: int,
+    classes: np.ndarray | None = None,
 ) -> dict[str, Any]:
     from sklearn.linear_model import RidgeCV
     from sklearn.metrics import r2_score
@@ -302,8 +379,53 @@ def _numeric(
         probe.fit(x[train], y[train])
         pred[test] = probe.predict(x[test])
     result["r2"] = _round(r2_score(y, pred))
+    if classes is not None:
+        result["r2_within"] = within_r2(y, pred, classes[keep])
     result["_fit"] = (y, pred)  # for the report; not in the JSON
     return result
+
+
+def within_r2(y: np.ndarray, pred: np.ndarray, classes: np.ndarray) -> float | None:
+    """R² of the predictions around each class's mean: both ``y`` and ``pred``
+    centred on their class's mean, so a probe that only tells the classes apart
+    scores 0 and one that ranks the rows inside each class scores up to 1.
+    Classes of one row carry no spread and are left out; None without any."""
+    yc, pc = np.empty_like(y), np.empty_like(pred)
+    keep = np.zeros(len(y), dtype=bool)
+    for c in set(classes.tolist()):
+        sel = classes == c
+        if sel.sum() > 1:
+            yc[sel], pc[sel] = y[sel] - y[sel].mean(), pred[sel] - pred[sel].mean()
+            keep |= sel
+    total = float(np.sum(yc[keep] ** 2))
+    if not keep.any() or total <= 1e-12 * float(np.sum(y[keep] ** 2) + 1e-300):
+        return None  # one value in every class (up to rounding)
+    return _round(1.0 - float(np.sum((yc[keep] - pc[keep]) ** 2)) / total)
+
+
+def copy_retrieval(
+    vectors: np.ndarray, paths: list[str], copy_of: np.ndarray
+) -> dict[str, Any]:
+    """Share of copies whose nearest original (cosine, centred on every row's
+    mean) is their own, over copies whose original has a row; beside chance
+    (one over the originals)."""
+    originals = np.array([c == "" for c in copy_of.tolist()])
+    index = {p: i for i, p in enumerate(np.array(paths, dtype=object)[originals])}
+    copies = [
+        (i, index[c]) for i, c in enumerate(copy_of.tolist()) if c != "" and c in index
+    ]
+    if not copies or not originals.any():
+        return {"top1_own_original": None, "rows": 0, "chance": None}
+    x = vectors - vectors.mean(axis=0)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    rows = np.array([i for i, _ in copies])
+    nearest = (x[rows] @ x[originals].T).argmax(axis=1)
+    hits = int(np.sum(nearest == np.array([j for _, j in copies])))
+    return {
+        "top1_own_original": _round(hits / len(copies)),
+        "rows": len(copies),
+        "chance": _round(1.0 / int(originals.sum())),
+    }
 
 
 def retrieval(vectors: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
@@ -333,6 +455,31 @@ def retrieval(vectors: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
         "rows": int(rows.sum()),
         "chance": _round(float(chance)),
     }
+
+
+def handmade_vectors(
+    paths: list[str], root: str | os.PathLike[str]
+) -> tuple[np.ndarray, list[str]]:
+    """The baseline's features (:func:`catchment_mae.geomorph.handmade_features`)
+    of each raster, ``root / path``; and one line per raster that could not be
+    read. A missing value (an unreadable raster, no pixel size) takes its
+    column's median, so every row stays in the probes as in the embedding's."""
+    from catchment_mae.errors import BadRasterError
+    from catchment_mae.geomorph import FEATURES, handmade_features
+    from catchment_mae.raster import read_raster
+
+    out = np.full((len(paths), len(FEATURES)), np.nan)
+    problems = []
+    for i, rel in enumerate(paths):
+        try:
+            out[i] = handmade_features(read_raster(Path(root) / rel, bands=[1]))
+        except BadRasterError as e:
+            problems.append(str(e))
+    for j in range(out.shape[1]):
+        col = out[:, j]
+        known = np.isfinite(col)
+        col[~known] = np.median(col[known]) if known.any() else 0.0
+    return out, problems
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> list[list[int]]:

@@ -265,6 +265,16 @@ def _write_copy(src: Path, dst: Path, raster: Raster, k: int) -> None:
     transform scaled by ``k`` (the upper-left corner stays)."""
     z, valid = raster.data[0], raster.valid
     data = block_mean(z, valid, k) if k > 1 else np.where(valid, z, np.nan)
+    c, a, b, f, d, e = raster.info.geo.transform  # type: ignore[misc]
+    write_like(src, dst, data, (c, a * k, b * k, f, d * k, e * k))
+
+
+def write_like(
+    src: Path, dst: Path, data: np.ndarray, transform: tuple[float, ...]
+) -> None:
+    """Writes ``data`` (H, W; NaN = nodata) as a float32 GeoTIFF with the GeoKeys
+    of ``src`` and ``transform`` (GDAL order, pixel corners, as
+    ``GeoInfo.transform``); temp file, then rename."""
     data = np.where(np.isnan(data), NODATA, data).astype(np.float32)
     with tifffile.TiffFile(src) as tif:
         tags = tif.pages.first.tags
@@ -276,8 +286,7 @@ def _write_copy(src: Path, dst: Path, raster: Raster, k: int) -> None:
                 value = value if kind == "s" else tuple(np.atleast_1d(value).tolist())
                 count = 0 if kind == "s" else len(value)
                 geo_tags.append((code, kind, count, value, True))
-    c, a, b, f, d, e = raster.info.geo.transform  # type: ignore[misc]
-    a, b, d, e = a * k, b * k, d * k, e * k
+    c, a, b, f, d, e = transform
     if int(keys.get("GTRasterTypeGeoKey", 1)) == 2:  # PixelIsPoint: back to a centre
         c, f = c + 0.5 * a + 0.5 * b, f + 0.5 * d + 0.5 * e
     matrix = (a, b, 0.0, c, d, e, 0.0, f, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)

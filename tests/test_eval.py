@@ -303,3 +303,31 @@ def test_eval__train_without_scale_export_embed_and_evaluate(runner, tmp_path):
     assert out["labels"]["log_extent"]["kind"] == "numeric"
     assert out["retrieval"]["rows"] > 0
     assert 0 <= out["retrieval"]["top1_same_group"] <= 1
+
+
+def test_within_r2__ranking_inside_classes_not_telling_them_apart():
+    rng = np.random.default_rng(0)
+    classes = np.repeat(np.array(["a", "b", "c"], dtype=object), 50)
+    offset = np.repeat([0.0, 10.0, 20.0], 50)
+    inner = rng.normal(size=150)
+    y = offset + inner
+    assert ev.within_r2(y, y, classes) == 1.0
+    # Knowing only the class: a high R² overall, nothing within.
+    assert ev.within_r2(y, offset, classes) == pytest.approx(0.0, abs=1e-6)
+    noisy = ev.within_r2(y, offset + inner + rng.normal(scale=0.5, size=150), classes)
+    assert 0.6 < noisy < 0.9
+    assert ev.within_r2(offset, offset, classes) is None  # no spread in any class
+
+
+def test_copy_retrieval__copies_find_their_original():
+    rng = np.random.default_rng(1)
+    originals = rng.normal(size=(20, 8))
+    vectors = np.concatenate(
+        [originals, originals[:10] + 0.01 * rng.normal(size=(10, 8))]
+    )
+    paths = [f"o{i}" for i in range(20)] + [f"c{i}" for i in range(10)]
+    copy_of = np.array([""] * 20 + [f"o{i}" for i in range(10)], dtype=object)
+    r = ev.copy_retrieval(vectors, paths, copy_of)
+    assert r == {"top1_own_original": 1.0, "rows": 10, "chance": 0.05}
+    wrong = np.array([""] * 20 + [f"o{(i + 1) % 20}" for i in range(10)], dtype=object)
+    assert ev.copy_retrieval(vectors, paths, wrong)["top1_own_original"] == 0.0

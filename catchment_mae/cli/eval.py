@@ -47,6 +47,26 @@ from catchment_mae.cli import options
     help="Report PNG (projections and confusion matrices)  [default: TABLE.eval.png]",
 )
 @click.option("--no-report", is_flag=True, help="Write no PNG.")
+@click.option(
+    "--within",
+    metavar="COLUMN",
+    help="A categorical column (e.g. the source DEM): numeric labels are also "
+    "scored around each of its classes' means (R² within).",
+)
+@click.option(
+    "--baseline",
+    is_flag=True,
+    help="Also score simple terrain features computed from the rasters (elevation "
+    "statistics, neighbour differences, size, pixel size) in the same protocol, "
+    "printed beside the embedding's figures.",
+)
+@click.option(
+    "--rasters",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    metavar="DIR",
+    help="Where the table's paths lie, for --baseline  [default: the folder "
+    "embed-dir listed]",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @options.json_opt
 def eval_cmd(
@@ -57,6 +77,9 @@ def eval_cmd(
     categorical: tuple[str, ...],
     report: Path | None,
     no_report: bool,
+    within: str | None,
+    baseline: bool,
+    rasters: Path | None,
     seed: int,
     as_json: bool,
 ) -> None:
@@ -65,13 +88,19 @@ def eval_cmd(
     Categorical labels (text columns, or --categorical): kNN accuracy (cosine on
     mean-centred embeddings) and a linear probe (logistic regression), beside
     chance. Numeric labels: a ridge probe's R². All out of fold. Rows that
-    failed, rows without labels and labels without a row are counted.
+    failed, rows without labels and labels without a row are counted. A
+    'copy_of' column marks coarser copies: they are scored by how often their
+    nearest original is their own.
 
     \b
-    Example:
+    Examples:
       cmae synth bench/ --labelled
       cmae embed-dir bench/ --model m.onnx --out bench.parquet
       cmae eval bench.parquet --labels bench/labels.csv
+    \b
+      cmae synth real/ --catchments-of ~/dems     # catchments of your own DEMs
+      cmae embed-dir real/ --model m.onnx --out real.parquet
+      cmae eval real.parquet --labels real/labels.csv --within dem --baseline
     """
     try:
         import sklearn  # noqa: F401
@@ -81,11 +110,24 @@ def eval_cmd(
         raise click.ClickException(
             f"cmae eval needs {e.name}: pip install 'catchment-mae[eval]'"
         ) from e
-    joined = ev.join(
-        ev.read_embeddings(table), ev.read_labels(labels_path), categorical
-    )
-    result = ev.evaluate(joined, k=k, folds=folds, seed=seed)
+    emb = ev.read_embeddings(table)
+    joined = ev.join(emb, ev.read_labels(labels_path), categorical)
+    result = ev.evaluate(joined, k=k, folds=folds, seed=seed, within=within)
     result["table"], result["labels_file"] = str(table), str(labels_path)
+    if baseline:
+        root = rasters or emb.root
+        if root is None:
+            raise click.UsageError(
+                f"--baseline: {table} does not say where its rasters lie; give "
+                "--rasters DIR"
+            )
+        features, problems = ev.handmade_vectors(joined.paths, root)
+        for line in problems:
+            click.echo(f"cmae: baseline: {line}", err=True)
+        result["baseline"] = ev.evaluate(
+            joined.with_vectors(features), k=k, folds=folds, seed=seed, within=within
+        )
+        result["baseline"]["unreadable"] = len(problems)
     if not no_report:
         out = report or table.with_name(table.stem + ".eval.png")
         ev.write_report(joined, result, out)
@@ -98,30 +140,47 @@ def eval_cmd(
 
 
 def render(result: dict[str, Any]) -> str:
-    """The result as a table for people."""
+    """The result as a table for people (the baseline's figures beside, after a
+    slash, with --baseline)."""
+    base = result.get("baseline")
 
     def num(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}"
 
+    def cell(m: dict[str, Any], b: dict[str, Any] | None, key: str) -> str:
+        if key not in m:
+            return ""
+        return num(m[key]) + (f"/{num(b.get(key))}" if b is not None else "")
+
+    keys = ("knn_accuracy", "linear_accuracy", "chance", "r2", "r2_within")
+    heads = ("kNN", "linear", "chance", "R²", "R² within")
+    width = 13 if base else 7
     lines = [
-        f"{'label':<18} {'kind':<12} {'rows':>6} {'kNN':>7} {'linear':>7} "
-        f"{'chance':>7} {'R²':>7}"
+        f"{'label':<22} {'kind':<12} {'rows':>6} "
+        + " ".join(f"{h:>{width}}" for h in heads)
     ]
+    if base:
+        lines.insert(0, "figures: embedding/baseline (simple terrain features)")
     for name, m in result["labels"].items():
-        if m["kind"] == "categorical":
-            cells = (num(m["knn_accuracy"]), num(m["linear_accuracy"]),
-                     num(m["chance"]), "")  # fmt: skip
-        else:
-            cells = ("", "", "", num(m["r2"]))
+        b = base["labels"].get(name) if base else None
+        cells = [cell(m, b, key) for key in keys]
         lines.append(
-            f"{name[:18]:<18} {m['kind']:<12} {m['rows']:>6} "
-            + " ".join(f"{c:>7}" for c in cells)
+            f"{name[:22]:<22} {m['kind']:<12} {m['rows']:>6} "
+            + " ".join(f"{c:>{width}}" for c in cells)
         )
     if "retrieval" in result:
         r = result["retrieval"]
+        extra = f"/{num(base['retrieval']['top1_same_group'])}" if base else ""
         lines.append(
             f"retrieval: nearest neighbour of its own group {num(r['top1_same_group'])}"
-            f" over {r['rows']} rows (chance {num(r['chance'])})"
+            f"{extra} over {r['rows']} rows (chance {num(r['chance'])})"
+        )
+    if "copies" in result:
+        r = result["copies"]
+        extra = f"/{num(base['copies']['top1_own_original'])}" if base else ""
+        lines.append(
+            f"copies: nearest original is its own {num(r['top1_own_original'])}"
+            f"{extra} over {r['rows']} copies (chance {num(r['chance'])})"
         )
     rows, s = result["rows"], result["settings"]
     lines.append(
@@ -135,7 +194,8 @@ def render(result: dict[str, Any]) -> str:
         )
     )
     split = "group-disjoint" if s["split"] == "group" else "stratified"
-    lines.append(f"split: {split} {s['folds']}-fold; kNN k={s['k']}")
+    within = f"; R² within each {s['within']}" if s.get("within") else ""
+    lines.append(f"split: {split} {s['folds']}-fold; kNN k={s['k']}{within}")
     if "report" in result:
         lines.append(f"report: {result['report']}")
     return "\n".join(lines)

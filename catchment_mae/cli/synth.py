@@ -47,6 +47,23 @@ from catchment_mae.cli import options
     help="Instead: each georeferenced TIFF of DIR (first band) and its x2 and x4 "
     "down-sampled copies, with labels.csv (group = the source).",
 )
+@click.option(
+    "--catchments-of",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    metavar="DIR",
+    help="Instead: catchments delineated from each georeferenced DEM of DIR (also "
+    "at 2x and 4x coarser), with labels.csv (dem, group = top-level basin, "
+    "copy_of, area, slope, elevation, relief, elongation, hypsometric "
+    "integral). Needs the catchments extra (pyflwdir).",
+)
+@click.option(
+    "--per-dem",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="With --catchments-of: at most this many catchments per DEM, one per "
+    "doubling of area.",
+)
 @options.json_opt
 def synth(
     out_dir: Path,
@@ -56,6 +73,8 @@ def synth(
     seed: int,
     labelled: bool,
     copies_of: Path | None,
+    catchments_of: Path | None,
+    per_dem: int,
     as_json: bool,
 ) -> None:
     """Write COUNT fractal catchment DEMs (nodata outside an irregular outline,
@@ -63,13 +82,15 @@ def synth(
 
     With --labelled, a labelled benchmark instead (alpine, hills, plateau and
     floodplain terrains; labels family, resolution_m, log_extent, group); with
-    --copies-of, down-sampled copies of real DEMs.
+    --copies-of, down-sampled copies of real DEMs; with --catchments-of, the
+    real-terrain benchmark: catchments of your own DEMs and their attributes.
 
     \b
     Examples:
       cmae synth dems/ --count 64 --max-size 512
       cmae synth bench/ --labelled --count 96 --min-size 32 --max-size 512
       cmae synth copies/ --copies-of ~/dems
+      cmae synth real/ --catchments-of ~/dems --per-dem 12
     """
     from catchment_mae import terrain
     from catchment_mae.synth import generate_dems
@@ -78,8 +99,10 @@ def synth(
         raise click.BadParameter(
             f"--min-size {min_size} is larger than --max-size {max_size}"
         )
-    if labelled and copies_of:
-        raise click.UsageError("--labelled and --copies-of exclude each other")
+    if sum(map(bool, (labelled, copies_of, catchments_of))) > 1:
+        raise click.UsageError(
+            "--labelled, --copies-of and --catchments-of exclude each other"
+        )
     skipped: list[str] = []
     try:
         if labelled:
@@ -87,13 +110,23 @@ def synth(
                 out_dir, count, min_size=min_size, max_size=max_size, seed=seed
             )
             paths = [out_dir / r.path for r in rows]
-        elif copies_of:
-            labels, skipped = terrain.write_scale_copies(copies_of, out_dir)
+        elif copies_of or catchments_of:
+            if copies_of:
+                labels, skipped = terrain.write_scale_copies(copies_of, out_dir)
+            else:
+                from catchment_mae.catchments import write_catchment_benchmark
+
+                labels, skipped = write_catchment_benchmark(
+                    catchments_of, out_dir, per_dem=per_dem, seed=seed
+                )
             paths = [out_dir / str(r["path"]) for r in labels]
             for line in skipped:
                 click.echo(f"cmae: skipped {line}", err=True)
             if not paths:
-                raise click.ClickException(f"{copies_of}: no TIFF could be copied")
+                raise click.ClickException(
+                    f"{copies_of or catchments_of}: no TIFF could be "
+                    + ("copied" if copies_of else "delineated")
+                )
         else:
             paths = generate_dems(
                 out_dir, count, min_size=min_size, max_size=max_size, seed=seed
@@ -114,5 +147,5 @@ def synth(
             )
         )
     else:
-        labels = " and labels.csv" if labelled or copies_of else ""
+        labels = " and labels.csv" if labelled or copies_of or catchments_of else ""
         click.echo(f"wrote {len(paths)} DEM(s){labels} to {out_dir}", err=True)

@@ -1,0 +1,168 @@
+"""The real-terrain benchmark: catchments delineated from real DEMs.
+
+:func:`write_catchment_benchmark` routes the flow over each georeferenced DEM
+of a folder (pyflwdir's D8 from the DEM, its depressions filled), picks outlets
+just above confluences, spread over the sizes the DEM holds (one per
+doubling of the upstream area, up to ``per_dem``), and writes each catchment as
+its own GeoTIFF: the bounding box of its cells, nodata outside its outline, the
+source's georeferencing. Catchments whose box is large enough are also written
+at 2x and 4x coarser resolution (valid-weighted block means), as a user's
+archive holds the same land at several resolutions.
+
+``OUT/labels.csv`` holds, per raster: ``path``; ``dem`` (the source file);
+``group`` (the DEM and its top-level basin: rows of one basin never fall on both
+sides of a split); ``copy_of`` (a coarser copy's original, empty for an
+original); ``log10_resolution_m``; and the catchment's attributes computed on
+the original with its true ground spacing (:mod:`catchment_mae.geomorph`),
+repeated on its copies (the same land).
+
+Needs pyflwdir (``pip install 'catchment-mae[catchments]'``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catchment_mae.errors import BadRasterError, CmaeError
+from catchment_mae.geomorph import ATTRIBUTES, attributes, spacing_m
+from catchment_mae.raster import find_tiffs, read_raster
+from catchment_mae.terrain import block_mean, write_labels, write_like
+
+log = logging.getLogger(__name__)
+
+MIN_CELLS = 400  # the smallest catchment: 20 x 20 pixels' worth
+MAX_SHARE = 0.5  # the largest: half the DEM's valid cells
+MIN_COPY_SIDE = 16  # a coarser copy keeps at least this many pixels a side
+CONFLUENCE = (
+    1.25  # an outlet's downstream cell drains this much more: a tributary joins
+)
+LABEL_COLUMNS = ("path", "dem", "group", "copy_of", "log10_resolution_m", *ATTRIBUTES)
+
+
+def write_catchment_benchmark(
+    src_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    per_dem: int = 10,
+    factors: tuple[int, ...] = (2, 4),
+    min_cells: int = MIN_CELLS,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Writes the catchments of every DEM of ``src_dir`` and ``labels.csv`` to
+    ``out_dir``; returns the label rows and one line per DEM left out (not
+    georeferenced, unreadable, too large to read whole, no catchment)."""
+    try:
+        import pyflwdir  # noqa: F401
+    except ImportError as e:
+        raise CmaeError(
+            "delineating catchments needs pyflwdir: "
+            "pip install 'catchment-mae[catchments]'"
+        ) from e
+    src, out = Path(src_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    # Listed before anything is written: an OUT inside the source folder is
+    # never read as a DEM.
+    inside = out.resolve()
+    dems = [p for p in find_tiffs(src) if inside not in p.resolve().parents]
+    for number, path in enumerate(dems):
+        rel = path.relative_to(src).as_posix()
+        rng = np.random.default_rng([seed, number])
+        try:
+            rows += _dem_catchments(path, rel, out, per_dem, factors, min_cells, rng)
+        except BadRasterError as e:
+            skipped.append(f"{rel}: {e.reason}")
+    if rows:
+        write_labels(out / "labels.csv", rows)
+    return rows, skipped
+
+
+def _dem_catchments(
+    path: Path,
+    rel: str,
+    out: Path,
+    per_dem: int,
+    factors: tuple[int, ...],
+    min_cells: int,
+    rng: np.random.Generator,
+) -> list[dict[str, Any]]:
+    import pyflwdir
+
+    raster = read_raster(path, bands=[1])
+    if raster.info.level != 0 or raster.info.geo.transform is None:
+        raise BadRasterError(path, "not georeferenced, or too large to read whole")
+    dy, dx = spacing_m(raster)
+    z, valid = raster.data[0].astype(np.float64), raster.valid
+    nodata = -1e30
+    flw = pyflwdir.from_dem(
+        np.where(valid, z, nodata), nodata=nodata, transform=(dx, 0, 0, 0, -dy, 0)
+    )
+    upa = flw.upstream_area(unit="cell").ravel()
+    top = flw.basins().ravel()
+    outlets = _outlets(upa, flw.idxs_ds, int(valid.sum()), per_dem, min_cells, rng)
+    if not outlets:
+        raise BadRasterError(path, f"holds no catchment of {min_cells} cells or more")
+    stem = rel.replace("/", "__").rsplit(".", 1)[0]
+    c, a, b, f, d, e = raster.info.geo.transform
+    rows: list[dict[str, Any]] = []
+    for idx in outlets:
+        inside = flw.basins(idxs=np.array([idx])) > 0
+        ys, xs = np.nonzero(inside)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        zc, vc = z[y0:y1, x0:x1], inside[y0:y1, x0:x1] & valid[y0:y1, x0:x1]
+        oy, ox = divmod(int(idx), z.shape[1])
+        attrs = attributes(zc, vc, dy, dx, outlet=(oy - y0, ox - x0))
+        corner = (c + a * x0 + b * y0, f + d * x0 + e * y0)
+        name = f"{stem}__{idx}"
+        original = f"{name}_x1.tif"
+        for k in (1, *factors):
+            if k > 1 and min(zc.shape) // k < MIN_COPY_SIDE:
+                break
+            data = block_mean(zc, vc, k) if k > 1 else np.where(vc, zc, np.nan)
+            dst = f"{name}_x{k}.tif"
+            write_like(path, out / dst, data, (corner[0], a * k, b * k, corner[1],
+                       d * k, e * k))  # fmt: skip
+            rows.append(
+                {
+                    "path": dst,
+                    "dem": rel,
+                    "group": f"{rel}:{top[idx]}",
+                    "copy_of": "" if k == 1 else original,
+                    "log10_resolution_m": round(math.log10(math.sqrt(dy * dx) * k), 6),
+                    **{key: round(v, 6) for key, v in attrs.items()},
+                }
+            )
+    log.info("%s: %d catchment(s)", rel, len(outlets))
+    return rows
+
+
+def _outlets(
+    upa: np.ndarray,
+    downstream: np.ndarray,
+    cells: int,
+    per_dem: int,
+    min_cells: int,
+    rng: np.random.Generator,
+) -> list[int]:
+    """Outlets just above a confluence (where a tributary joins), at most one per
+    doubling of the upstream area, ``per_dem`` doublings spread over the range
+    the DEM holds, each drawn at random within its doubling."""
+    n = np.arange(upa.size)
+    own = np.maximum(upa, 1.0)
+    joined = (downstream != n) & (upa[downstream] >= CONFLUENCE * own)
+    cand = np.nonzero(joined & (upa >= min_cells) & (upa <= MAX_SHARE * cells))[0]
+    if cand.size == 0:
+        return []
+    octave = np.floor(np.log2(upa[cand])).astype(int)
+    present = np.unique(octave)
+    if present.size > per_dem:  # spread the choice over the whole range
+        present = present[np.unique(np.linspace(0, present.size - 1, per_dem).round())
+                          .astype(int)]  # fmt: skip
+    return sorted(int(rng.choice(cand[octave == o])) for o in present)
