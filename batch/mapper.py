@@ -176,6 +176,6 @@ class Mapper:
     ) -> np.ndarray:
         """(n, D) embeddings of model inputs (``valid_levels`` as uint8)."""
         valid = None
-        if "valid" in self.names:  # a --pool mean encoder weighs by validity
+        if "valid" in self.names:  # pool mean, or an encoder that sees validity
             valid = valid_levels.astype(np.float32) / VALID_LEVELS
         return run_encoder(self.session, image, scale, valid)

@@ -61,10 +61,10 @@ def _read(item: dict[str, Any], root: str, spec: PreprocessSpec) -> dict[str, An
     """A Ray Data task: one path (or chip) -> its row (pickled) and model input."""
     chip = pickle.loads(item["chip"]) if item["chip"] else None
     row, sample, seconds = read_one(root, item["path"], spec, chip)
-    s, c = spec.image_size, int(spec.in_chans or 1)
+    s, c = spec.image_size, int(spec.channels or 1)
     image, valid, scale = sample or (
-        np.zeros((c, s, s), np.float32), np.zeros((s, s), np.uint8),
-        np.zeros(2, np.float32),
+        np.zeros((c, s, s), np.float32), np.zeros((1, s, s), np.uint8),
+        np.zeros(int(spec.scale_dim or 2), np.float32),
     )  # fmt: skip
     return {
         "row": pickle.dumps(row),

@@ -200,11 +200,12 @@ class Reader:
         *,
         overlap: bool = False,
     ) -> None:
-        if spec.in_chans is None:
+        if spec.channels is None or spec.scale_dim is None:
             raise ValueError("the reader needs spec.in_chans")
         self.root, self.spec, self.pool = root, spec, pool
         self.batch_size, self.overlap = batch_size, overlap
-        batch_bytes = ((4 * spec.in_chans + 1) * spec.image_size**2 + 8) * batch_size
+        per_row = (4 * spec.channels + 1) * spec.image_size**2 + 4 * spec.scale_dim
+        batch_bytes = per_row * batch_size
         # One wave: up to four batches, within WAVE_BYTES. Ahead of a GPU: one
         # batch embedding, the others being read. ``overlap`` may turn False
         # (CUDA did not load): the rest is read in waves.
@@ -215,9 +216,10 @@ class Reader:
             self.n_batches = max(3, room // batch_bytes)
         self.ring = SlotRing(
             self.n_batches * batch_size,
-            spec.in_chans,
+            spec.channels,
             spec.image_size,
             shared=pool.workers > 0,
+            scale_dim=spec.scale_dim,
         )
         _rings[self.ring.layout.name] = self.ring  # reading inline finds it
         self.first_batch_at: float | None = None  # perf_counter() at its handing over

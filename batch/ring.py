@@ -3,7 +3,7 @@
 One POSIX shared-memory segment (``multiprocessing.shared_memory``) holds ``rows``
 slots of three numpy views: ``image`` (rows, C, S, S) float32, ``valid`` (rows, 1,
 S, S) uint8 (the valid fraction in 1/255 steps, as preprocessing keeps it) and
-``scale`` (rows, 2) float32. A reader process writes one raster into the slot it
+``scale`` (rows, scale_dim) float32. A reader process writes one raster into the slot it
 is given and sends back only the row's facts; a batch of consecutive slots is fed
 to onnxruntime as it lies, a view, with no copy through pipes and no
 concatenation. The segment is named ``cmae-PID-RANDOM`` and unlinked by its
@@ -30,9 +30,10 @@ class RingLayout:
 
     name: str  # the segment's name (a private ring's is unique too)
     rows: int
-    in_chans: int
+    in_chans: int  # channels of an image (the bands, and a slope channel)
     size: int
     shared: bool = True  # False: plain memory of this process (reading inline)
+    scale_dim: int = 2
 
     def offsets(self) -> tuple[int, int, int]:
         """Byte offsets of image, valid and scale; each 64-byte aligned."""
@@ -42,7 +43,7 @@ class RingLayout:
 
     @property
     def nbytes(self) -> int:
-        return self.offsets()[2] + self.rows * 2 * 4
+        return self.offsets()[2] + self.rows * self.scale_dim * 4
 
 
 class SlotRing:
@@ -53,13 +54,21 @@ class SlotRing:
         in_chans: channels of an image.
         size: the model's image size.
         shared: a shared-memory segment (else plain memory of this process).
+        scale_dim: length of the scale vector.
     """
 
-    def __init__(self, rows: int, in_chans: int, size: int, shared: bool = True):
+    def __init__(
+        self,
+        rows: int,
+        in_chans: int,
+        size: int,
+        shared: bool = True,
+        scale_dim: int = 2,
+    ):
         self._shm: shared_memory.SharedMemory | None = None
         self._owner = True
         name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        self.layout = RingLayout(name, rows, in_chans, size, shared)
+        self.layout = RingLayout(name, rows, in_chans, size, shared, scale_dim)
         if shared:
             try:
                 self._shm = shared_memory.SharedMemory(
@@ -92,7 +101,7 @@ class SlotRing:
         s = lay.size
         self.image = np.ndarray((lay.rows, lay.in_chans, s, s), np.float32, buf, a)
         self.valid = np.ndarray((lay.rows, 1, s, s), np.uint8, buf, b)
-        self.scale = np.ndarray((lay.rows, 2), np.float32, buf, c)
+        self.scale = np.ndarray((lay.rows, lay.scale_dim), np.float32, buf, c)
 
     def move(self, src: int, dst: int) -> None:
         """Copies slot ``src`` into slot ``dst`` (closing a failed file's gap)."""

@@ -1,56 +1,59 @@
-"""Embedding quality, and whether the scale input earns its place.
+"""Embedding quality on real terrain, beside a hand-made baseline.
 
-One run, on the CPU, with the commands a user runs:
+One run on the CPU, with the commands a user runs and their default settings:
 
-1. ``cmae synth OUT/bench --labelled``: terrains of four families (alpine, hills,
-   plateau, floodplain), each at 2-3 ground resolutions of 5-90 m, 32-512 px.
-   The surfaces are self-similar: only the scale input says how large a raster
-   is on the ground.
-2. For each scale mode (default ``ground`` and ``none``, the ablation): ``cmae
-   train`` vit_tiny at 64 px (patch 8), per-raster norm, the same epochs, seed and
-   settings; nothing is tuned, on any split.
-3. ``cmae export --pool cls`` and ``--pool mean``; ``cmae embed-dir`` of the
-   benchmark and of the real rasters' scale copies; ``cmae eval`` with
-   group-disjoint folds (a terrain's renderings never on both sides).
-4. Printed: family kNN / linear accuracy (and chance), the ridge R² of log ground
-   extent and of log resolution, and retrieval of a real raster's own x2/x4
-   copies (``cmae synth --copies-of``, from ``../shared/data/real`` when
-   present), for each mode and pooling. Written: ``OUT/quality.json``.
+1. ``cmae synth OUT/catchments --catchments-of DEMS``: catchments delineated
+   from real DEMs (``../shared/data/dems``: 38 DEMs of 1 m to 1 km, lidar to
+   SRTM; or ``--dems`` your own), also at 2x and 4x coarser resolution, with
+   their attributes computed on the ground and groups by top-level basin.
+2. ``cmae train OUT/catchments --out OUT/NAME.pth``: the defaults (chosen from
+   the archive and the device), then ``cmae export`` and ``cmae embed-dir``.
+   The same model with its initial weights (one epoch at lr 1e-12) is
+   measured too, so the figures show what training adds.
+3. ``cmae eval --within dem --baseline``: ridge R² of each attribute, R² of
+   log slope within each DEM, which-DEM accuracy, same-basin retrieval and how
+   often a coarser copy finds its original, beside the same figures for simple
+   terrain features computed from the rasters (geomorph.handmade_features).
+4. Nodata margins: the originals written again inside a margin of nodata half
+   their size on every side, embedded with the same model: cosine to
+   themselves without it.
+5. The synthetic terrain families (``cmae synth --labelled``): family accuracy
+   with the defaults, untrained, and without any scale input (``--scale none
+   --no-scale-stats``).
 
-Targets (issue 11): with the scale input, R²(log extent) >= 0.9 and clearly above
-the ablation's; family accuracy with it not lower; the linear probe far above
-chance for both poolings.
+Written: ``OUT/quality.json``; printed: the tables of benchmarks/README.md.
 
 Usage:
-    python benchmarks/quality.py                      # about 20 minutes on 2 cores
-    python benchmarks/quality.py --epochs 20 --count 48   # a quick look
+    python benchmarks/quality.py                  # about 25 minutes on 2 cores
+    python benchmarks/quality.py --variant "--no-slope-channel" --skip-synth
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
-REAL = HERE.parent.parent / "shared" / "data" / "real"
-# Real rasters that hold terrain (MANIFEST.tsv): DEMs, a slope and a hillshade.
-REAL_DEMS = (
-    "pysheds_dem.tif", "pysheds_roi.tif", "rioxarray_small_dem_3m_merged.tif",
-    "rioxarray_cog.tif", "rasterstats_slope.tif", "rasterio_shade.tif",
+DEMS = HERE.parent.parent / "shared" / "data" / "dems"
+ATTRIBUTES = (
+    "log10_area_km2", "mean_slope", "log10_slope", "mean_elevation", "relief",
+    "elongation", "hypsometric_integral",
 )  # fmt: skip
-DECODER = {"decoder_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4}
 
 
 def cmae(*args: str | Path) -> dict:
-    """Runs one cmae command with --json; its JSON, or the failure's stderr."""
+    """Runs one cmae command with --json; its JSON (the failure's stderr ends
+    the benchmark)."""
     cmd = [sys.executable, "-m", "catchment_mae.cli.main", *map(str, args), "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -58,133 +61,177 @@ def cmae(*args: str | Path) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {}
 
 
-def add_log_resolution(labels: Path) -> Path:
-    """A copy of labels.csv with ``log_resolution`` = ln(resolution_m)."""
-    with open(labels) as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["log_resolution"] = round(math.log(float(r["resolution_m"])), 6)
-    out = labels.with_name("labels_eval.csv")
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return out
+def model_run(
+    data: Path, out: Path, name: str, flags: list[str], labels: Path, extra: list[str]
+) -> dict:
+    """Train (with ``flags``), export, embed ``data`` and evaluate; the figures."""
+    pth = out / f"{name}.pth"
+    t0 = time.monotonic()
+    train = cmae("train", data, "--out", pth, "--cache", out / "cache", "--overwrite",
+                 *flags)  # fmt: skip
+    seconds = time.monotonic() - t0
+    onnx = out / f"{name}.onnx"
+    cmae("export", pth, "--out", onnx, "--overwrite")
+    table = out / f"{name}.parquet"
+    cmae("embed-dir", data, "--model", onnx, "--out", table, "--overwrite")
+    result = cmae("eval", table, "--labels", labels, "--no-report", *extra)
+    config = json.loads(pth.with_suffix(".json").read_text())
+    return {
+        "train_seconds": round(seconds, 1),
+        "train_loss": train.get("train_loss"),
+        "epochs": config["max_epochs"],
+        "model": {k: config[k] for k in ("vit_model_name", "image_size",
+                                          "patch_size", "embed_dim", "depth")},
+        "onnx": str(onnx),
+        "eval": result,
+    }  # fmt: skip
 
 
-def real_copies(out: Path) -> dict[str, Path]:
-    """Scale copies of the real rasters: the terrain ones, and every one."""
-    if not REAL.is_dir():
-        print(f"(no {REAL}: the real-raster retrieval is left out)")
-        return {}
-    sets = {}
-    dems = out / "real_dem_src"
-    dems.mkdir(exist_ok=True)
-    for name in REAL_DEMS:
-        link = dems / name
-        if not link.exists():
-            link.symlink_to(REAL / name)
-    for key, src in (("real_dems", dems), ("real_all", REAL)):
-        dst = out / key
-        cmae("synth", dst, "--copies-of", src)
-        labels = dst / "labels.csv"
-        # Only the group matters for retrieval; drop the numeric columns.
-        with open(labels) as f:
-            rows = [{"path": r["path"], "group": r["group"], "copy": "x" + r["factor"]}
-                    for r in csv.DictReader(f)]  # fmt: skip
-        with open(dst / "labels_eval.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["path", "group", "copy"])
-            w.writeheader()
-            w.writerows(rows)
-        sets[key] = dst
-    return sets
+def margins(data: Path, onnx: str, out: Path) -> dict:
+    """Each original catchment inside a nodata margin of half its size on every
+    side: the cosine of its embedding to the one without the margin."""
+    import pyarrow.parquet as pq
+
+    from catchment_mae.raster import read_raster
+    from catchment_mae.terrain import write_like
+
+    padded = out / "margins"
+    padded.mkdir(exist_ok=True)
+    names = sorted(p.name for p in data.glob("*_x1.tif"))
+    for name in names:
+        r = read_raster(data / name, bands=[1])
+        h, w = r.data.shape[1:]
+        dy, dx = h // 2, w // 2
+        z = np.full((h + 2 * dy, w + 2 * dx), np.nan)
+        z[dy : dy + h, dx : dx + w] = np.where(r.valid, r.data[0], np.nan)
+        c, a, b, f, d, e = r.info.geo.transform
+        write_like(data / name, padded / name, z,
+                   (c - a * dx - b * dy, a, b, f - d * dx - e * dy, d, e))  # fmt: skip
+    tables = {}
+    for key, folder in (("plain", data), ("padded", padded)):
+        tables[key] = out / f"margins_{key}.parquet"
+        cmae("embed-dir", folder, "--model", onnx, "--out", tables[key], "--overwrite")
+    vec = {}
+    for key, path in tables.items():
+        t = pq.read_table(path, columns=["path", "embedding"]).to_pylist()
+        vec[key] = {row["path"]: np.asarray(row["embedding"]) for row in t}
+    cos = []
+    for name in names:
+        a, b = vec["plain"][name], vec["padded"][name]
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return {"rasters": len(cos), "min_cosine": min(cos), "mean_cosine": np.mean(cos)}
+
+
+def synthetic(out: Path, flags: list[str]) -> dict:
+    """Family accuracy on the synthetic terrains: defaults, untrained, and
+    without any scale input."""
+    bench = out / "synth"
+    if not (bench / "labels.csv").is_file():
+        cmae("synth", bench, "--labelled", "--count", 96, "--min-size", 32,
+             "--max-size", 384, "--seed", 0)  # fmt: skip
+    runs = {}
+    for name, extra in (
+        ("default", []),
+        ("untrained", ["--epochs", "1", "--lr", "1e-12"]),
+        ("no_scale", ["--scale", "none", "--no-scale-stats"]),
+    ):
+        r = model_run(bench, out, f"synth_{name}", [*flags, *extra],
+                      bench / "labels.csv", ["--k", "10"])  # fmt: skip
+        fam = r["eval"]["labels"]["family"]
+        runs[name] = {"knn": fam["knn_accuracy"], "linear": fam["linear_accuracy"],
+                      "chance": fam["chance"], "train_seconds": r["train_seconds"]}  # fmt: skip
+    return runs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/cmae-quality"))
-    ap.add_argument("--count", type=int, default=160, help="terrains")
-    ap.add_argument("--epochs", type=int, default=150)
-    ap.add_argument("--modes", default="ground,none")
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dems", type=Path, default=DEMS)
+    ap.add_argument("--per-dem", type=int, default=10)
+    ap.add_argument("--variant", default="", help="extra cmae train flags")
+    ap.add_argument("--skip-synth", action="store_true")
+    ap.add_argument("--skip-untrained", action="store_true")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    bench = out / "bench"
-    if not (bench / "labels.csv").is_file():
-        cmae("synth", bench, "--labelled", "--count", args.count, "--min-size", 32,
-             "--max-size", 512, "--seed", args.seed)  # fmt: skip
-    labels = add_log_resolution(bench / "labels.csv")
-    real = real_copies(out)
-    (out / "decoder.json").write_text(json.dumps(DECODER))
+    if not args.dems.is_dir():
+        sys.exit(f"{args.dems}: no such folder of DEMs (give --dems)")
+    data = out / "catchments"
+    if not (data / "labels.csv").is_file():
+        cmae("synth", data, "--catchments-of", args.dems, "--per-dem", args.per_dem)
+    labels = data / "labels.csv"
+    flags = shlex.split(args.variant)
+    extra = ["--within", "dem", "--baseline"]
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "settings": {**vars(args), "out": str(out), "decoder": DECODER},
-        "runs": {},
-    }
-    for mode in args.modes.split(","):
-        t0 = time.monotonic()
-        pth = out / f"scale_{mode}.pth"
-        train = cmae(
-            "train", bench, "--out", pth, "--model", "vit_tiny_patch16_224",
-            "--image-size", args.image_size, "--patch-size", 8, "--batch-size", 32,
-            "--epochs", args.epochs, "--device", "cpu", "--scale", mode,
-            "--norm", "per-raster", "--seed", args.seed, "--cache", out / "cache",
-            "--config", out / "decoder.json", "--overwrite", "--log-every", 50,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "node": platform.node()},
+        "settings": {**vars(args), "out": str(out), "dems": str(args.dems)},
+    }  # fmt: skip
+    results["default"] = model_run(data, out, "terrain", flags, labels, extra)
+    print(table(results["default"]["eval"]), flush=True)
+    if not args.skip_untrained:
+        results["untrained"] = model_run(
+            data, out, "terrain_untrained", [*flags, "--epochs", "1", "--lr", "1e-12"],
+            labels, extra,
         )  # fmt: skip
-        train_s = time.monotonic() - t0
-        for pool in ("cls", "mean"):
-            onnx = out / f"scale_{mode}_{pool}.onnx"
-            cmae("export", pth, "--out", onnx, "--pool", pool, "--overwrite")
-            run: dict = {"train_seconds": round(train_s, 1),
-                         "final_train_loss": train.get("train_loss")}  # fmt: skip
-            for key, data, lab in [("bench", bench, labels)] + [
-                (k, d, d / "labels_eval.csv") for k, d in real.items()
-            ]:
-                table = out / f"{key}_{mode}_{pool}.parquet"
-                cmae("embed-dir", data, "--model", onnx, "--out", table, "--overwrite")
-                run[key] = cmae("eval", table, "--labels", lab, "--k", 20,
-                                "--report", table.with_suffix(".png"))  # fmt: skip
-            results["runs"][f"{mode}/{pool}"] = run
-            print(summary_line(mode, pool, run), flush=True)
-    (out / "quality.json").write_text(json.dumps(results, indent=1))
-    print_table(results)
+    results["margins"] = margins(data, results["default"]["onnx"], out)
+    if not args.skip_synth:
+        results["synthetic"] = synthetic(out, flags)
+    (out / "quality.json").write_text(json.dumps(results, indent=1, default=float))
+    print_report(results)
 
 
-def summary_line(mode: str, pool: str, run: dict) -> str:
-    lab = run["bench"]["labels"]
-    fam = lab["family"]
-    return (
-        f"scale {mode:<6} pool {pool:<4}: family kNN {fam['knn_accuracy']:.3f} linear "
-        f"{fam['linear_accuracy']:.3f} (chance {fam['chance']:.3f}); R2 log extent "
-        f"{lab['log_extent']['r2']:.3f}, log resolution "
-        f"{lab['log_resolution']['r2']:.3f}; trained in {run['train_seconds']:.0f} s"
+def table(ev: dict) -> str:
+    """Embedding against baseline, one row per figure (markdown)."""
+    base = ev["baseline"]
+    lines = ["| figure | embedding | hand-made baseline |", "| --- | --- | --- |"]
+    for name in ATTRIBUTES:
+        lines.append(f"| R² {name} | {ev['labels'][name]['r2']:.3f} | "
+                     f"{base['labels'][name]['r2']:.3f} |")  # fmt: skip
+    lines.append(
+        f"| R² log10 slope within a DEM | {ev['labels']['log10_slope']['r2_within']:.3f}"
+        f" | {base['labels']['log10_slope']['r2_within']:.3f} |"
     )
+    lines.append(f"| which DEM, linear | {ev['labels']['dem']['linear_accuracy']:.3f} | "
+                 f"{base['labels']['dem']['linear_accuracy']:.3f} |")  # fmt: skip
+    lines.append(f"| which DEM, kNN | {ev['labels']['dem']['knn_accuracy']:.3f} | "
+                 f"{base['labels']['dem']['knn_accuracy']:.3f} |")  # fmt: skip
+    lines.append(f"| same basin, top-1 | {ev['retrieval']['top1_same_group']:.3f} | "
+                 f"{base['retrieval']['top1_same_group']:.3f} |")  # fmt: skip
+    lines.append(f"| copy finds its original, top-1 | "
+                 f"{ev['copies']['top1_own_original']:.3f} | "
+                 f"{base['copies']['top1_own_original']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
-def print_table(results: dict) -> None:
+def print_report(r: dict) -> None:
+    ev, base = r["default"]["eval"], r["default"]["eval"]["baseline"]
     print()
-    print("| scale input | pooling | family kNN | family linear | chance | R² log "
-          "extent | R² log resolution | real DEM copies top-1 | all real copies "
-          "top-1 |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for key, run in results["runs"].items():
-        mode, pool = key.split("/")
-        lab = run["bench"]["labels"]
-
-        def top1(name: str, run: dict = run) -> str:
-            if name not in run:
-                return "-"
-            r = run[name]["retrieval"]
-            return f"{r['top1_same_group']:.3f} (chance {r['chance']:.3f}, {r['rows']})"
-
-        print(
-            f"| {mode} | {pool} | {lab['family']['knn_accuracy']:.3f} | "
-            f"{lab['family']['linear_accuracy']:.3f} | {lab['family']['chance']:.3f} | "
-            f"{lab['log_extent']['r2']:.3f} | {lab['log_resolution']['r2']:.3f} | "
-            f"{top1('real_dems')} | {top1('real_all')} |"
-        )
+    print(f"default run: {r['default']['model']}, {r['default']['epochs']} epochs, "
+          f"trained in {r['default']['train_seconds']:.0f} s")  # fmt: skip
+    print(table(ev))
+    if "untrained" in r:
+        print()
+        print("untrained (the same model, initial weights):")
+        print(table(r["untrained"]["eval"]))
+    m = r["margins"]
+    print(f"\nnodata margin of half the size on every side: min cosine "
+          f"{m['min_cosine']:.4f}, mean {m['mean_cosine']:.4f} over {m['rasters']}")  # fmt: skip
+    if "synthetic" in r:
+        print("\nsynthetic families (linear / kNN, chance):")
+        for name, s in r["synthetic"].items():
+            print(f"  {name:<10} {s['linear']:.3f} / {s['knn']:.3f} ({s['chance']:.3f})")
+    # The targets.
+    close = [n for n in ATTRIBUTES
+             if ev["labels"][n]["r2"] >= base["labels"][n]["r2"] - 0.02]  # fmt: skip
+    print(f"\nattributes within 0.02 of the baseline or above: {len(close)} of "
+          f"{len(ATTRIBUTES)} ({', '.join(close)})")  # fmt: skip
+    if "untrained" in r:
+        w = ev["labels"]["log10_slope"]["r2_within"]
+        u = r["untrained"]["eval"]["labels"]["log10_slope"]["r2_within"]
+        print(f"within-DEM log slope: trained {w:.3f}, untrained {u:.3f}")
+    print(f"trained in {r['default']['train_seconds'] / 60:.1f} min "
+          f"({math.ceil(r['default']['train_seconds'])} s)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ from catchment_mae.preprocess import PreprocessSpec, Resampled
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # 2: chips (a window in the key); 3: path_bytes
+# 2: chips (a window in the key); 3: path_bytes; 4: scale vectors of any length
+CACHE_FORMAT = 4
 # Rasters per shard: 51 MB of float16 at one band and 224 px.
 SHARD_ROWS = 512
 
@@ -75,7 +76,7 @@ _INDEX = pa.schema(
         pa.field("nodata_fraction", pa.float64()),
         pa.field("mean", pa.list_(pa.float64())),
         pa.field("std", pa.list_(pa.float64())),
-        pa.field("scale", pa.list_(pa.float32(), 2)),
+        pa.field("scale", pa.list_(pa.float32())),  # the scale vector
         pa.field("crc", pa.uint32()),
     ]
 )
@@ -127,7 +128,7 @@ class Entry:
     nodata_fraction: float
     mean: np.ndarray  # (C,) float64
     std: np.ndarray  # (C,) float64
-    scale: np.ndarray  # (2,) float32
+    scale: np.ndarray  # (scale_dim,) float32
     shard: str | None = None
     row: int = -1
     crc: int = 0
@@ -235,6 +236,7 @@ class SampleCache:
     def __init__(self, root: str | os.PathLike[str], spec: PreprocessSpec) -> None:
         self.dir = self.dir_for(root, spec)
         self.size = spec.image_size
+        self.derived = int(spec.slope_channel)  # channels beyond the bands
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not (self.dir / "key.json").exists():
@@ -309,7 +311,11 @@ class SampleCache:
                 for e in rows:
                     if e.row < 0:  # no arrays (Entry.empty): its facts alone
                         crc = _with_facts(e, 0)
-                    elif z.shape[1:] == (len(e.mean), self.size, self.size):
+                    elif z.shape[1:] == (
+                        len(e.mean) + self.derived,
+                        self.size,
+                        self.size,
+                    ):
                         arrays = zlib.crc32(valid[e.row], zlib.crc32(z[e.row]))
                         crc = _with_facts(e, arrays)
                     else:

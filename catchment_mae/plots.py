@@ -77,7 +77,7 @@ def save_reconstructions(
         torch.manual_seed(seed)
         idx_keep, idx_mask = model.random_masking(len(samples), images.device)
         pred = model.forward_decoder(
-            model.forward_encoder(images, scale, idx_keep), idx_keep, idx_mask
+            model.forward_encoder(images, scale, idx_keep, valid), idx_keep, idx_mask
         )
         patches = utils.patchify(images, p)
         pidx = idx_mask - 1

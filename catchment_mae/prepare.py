@@ -224,7 +224,9 @@ def prepare(
 def _screen(result: Prepared, spec: PreprocessSpec) -> None:
     """Merges the norm statistics, leaving out rasters no normalisation can use.
 
-    With statistics computed from the data, a raster far outside the rest
+    With statistics computed from the data, or with each raster's own mean and
+    spread in its scale vector (``scale_stats``: the model's input, and the
+    scale vector's centre and spread), a raster far outside the rest
     (stats.far_outliers) is left out first, so that it cannot decide them. Then,
     with fixed normalisation, a raster whose values would normalise to more than
     OUTLIER_FACTOR (its mean that many stds from norm_mean, or its own std that
@@ -232,7 +234,9 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
     """
     fixed = spec.norm == "fixed"
     result.per_file = [(e.count, e.mean, e.std) for e in result.entries]
-    keep = ~result.finish(leave_out=fixed and spec.norm_mean is None)
+    keep = ~result.finish(
+        leave_out=(fixed and spec.norm_mean is None) or spec.scale_stats
+    )
     left_out = np.flatnonzero(~keep).tolist()
     reasons = dict(zip(left_out, (r for _, r in result.outliers), strict=True))
     if fixed and result.stats.count is not None:
@@ -466,7 +470,8 @@ def _build(
             if cache is not None:
                 if not shards or shards[-1].used == shards[-1].build.rows:
                     rows = min(SHARD_ROWS, len(todo) - n)
-                    shards.append(_Shard(cache.new_shard(rows, int(spec.in_chans))))
+                    chans = int(spec.channels or 1)  # the bands, and a slope channel
+                    shards.append(_Shard(cache.new_shard(rows, chans)))
                 slot = shards[-1].take()
             target = slot.shard.build.target(slot.row) if slot else None
             pending.append(

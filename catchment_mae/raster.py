@@ -993,7 +993,7 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     Raises:
         BadRasterError: the file is missing, not a TIFF, or holds no image.
     """
-    return _header(Path(path), with_geo=False)[:2]  # type: ignore[return-value]
+    return _header(Path(path), with_geo=False)[:2]
 
 
 def pixel_metres(path: str | os.PathLike[str]) -> tuple[int, int, float, float]:
@@ -1005,7 +1005,7 @@ def pixel_metres(path: str | os.PathLike[str]) -> tuple[int, int, float, float]:
         BadRasterError: as image_size, or without usable georeferencing.
     """
     path = Path(path)
-    h, w, geo = _header(path, with_geo=True)
+    h, w, geo, _ = _header(path, with_geo=True)
     info = RasterInfo(str(path), h, w, 0, "", None, h, w, geo=geo)  # type: ignore[arg-type]
     try:
         h_m, w_m = ground_extent_m(info)
@@ -1015,7 +1015,18 @@ def pixel_metres(path: str | os.PathLike[str]) -> tuple[int, int, float, float]:
     return h, w, h_m / h, w_m / w
 
 
-def _header(path: Path, with_geo: bool) -> tuple[int, int, GeoInfo | None]:
+def header(path: str | os.PathLike[str]) -> tuple[int, int, int, GeoInfo]:
+    """(height, width, bands, georeferencing) of a TIFF's full-resolution image,
+    from its header only (bands without an alpha band).
+
+    Raises:
+        BadRasterError: the file is missing, not a TIFF, or holds no image.
+    """
+    h, w, geo, bands = _header(Path(path), with_geo=True)
+    return h, w, bands, geo  # type: ignore[return-value]
+
+
+def _header(path: Path, with_geo: bool) -> tuple[int, int, GeoInfo | None, int]:
     check_file(path)
     try:
         with tifffile.TiffFile(path) as tif:
@@ -1026,7 +1037,8 @@ def _header(path: Path, with_geo: bool) -> tuple[int, int, GeoInfo | None]:
             if full is None:
                 raise BadRasterError(path, "TIFF holds no image")
             h, w = _page_hw(full, path)
-            return h, w, _geo_info(full, h, w) if with_geo else None
+            bands = int(full.samplesperpixel) - int(_alpha_index(full) is not None)
+            return h, w, _geo_info(full, h, w) if with_geo else None, bands
     except BadRasterError:
         raise
     except Exception as e:  # tifffile raises many types; keep the reason

@@ -20,8 +20,12 @@ log = logging.getLogger(__name__)
 
 # Version of the metadata layout below. Readers accept this version and older
 # ones they know; a newer file is refused with a clear message.
-ONNX_FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# 2: a scale vector of any length (scale_dim), a slope channel, the validity as
+# an input of any encoder that sees it, and the scale vector after the pooled
+# tokens in the embedding (embedding_layout). Encoders of format 1 read as they
+# were trained: their preprocessing has none of these.
+ONNX_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 CUDA = "CUDAExecutionProvider"
 
 
@@ -141,13 +145,14 @@ def _check_not_torch(path: str | os.PathLike[str]) -> None:
 def run_encoder(session: Any, image: Any, scale: Any, valid: Any = None) -> Any:
     """The ``embedding`` output, (B, D), of an exported encoder for one batch.
 
-    ``image`` (B, C, S, S) and ``scale`` (B, 2) go to every encoder; ``valid``
-    (B, 1, S, S) only to those exported with ``--pool mean``, which need it.
+    ``image`` (B, C, S, S) and ``scale`` (B, K) go to every encoder; ``valid``
+    (B, 1, S, S) only to those that need it (``--pool mean``, or an encoder that
+    sees where the raster has data).
     """
     feed = {"image": image, "scale": scale, "valid": valid}
     names = [i.name for i in session.get_inputs()]
     if "valid" in names and valid is None:
-        raise ValueError("this encoder (pool mean) needs the valid mask as input")
+        raise ValueError("this encoder needs the valid mask as input")
     (embedding,) = session.run(["embedding"], {k: feed[k] for k in names})
     return embedding
 

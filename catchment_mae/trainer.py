@@ -204,6 +204,7 @@ def train_one_epoch(
             on_batch_end(
                 {
                     "epoch": epoch,
+                    "epochs": cfg.max_epochs,
                     "step": done,
                     "steps": steps,
                     "loss": mean,
@@ -269,12 +270,13 @@ def _stand_in(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A one-image batch of zeros, every pixel valid: a step's input on a rank
     whose batch failed (its loss is multiplied by 0)."""
-    size, chans = cfg.image_size, int(cfg.in_chans or 1)
+    size = int(cfg.image_size or 1)
+    chans = int(cfg.in_chans or 1) + int(bool(cfg.slope_channel))
     images = torch.zeros(1, chans, size, size, device=device)
     return (
         images,
         torch.ones(1, 1, size, size, device=device),
-        torch.zeros(1, 2, device=device),
+        torch.zeros(1, cfg.scale_dim, device=device),
     )
 
 
@@ -392,6 +394,10 @@ def train(
     if not cfg.input_dir:
         raise ConfigError("input_dir is not set")
     ckpt = load_checkpoint(resume) if resume is not None else None
+    if ckpt is not None and not cfg.resolved:  # the choices its first part made
+        cfg = cfg.merged(
+            {k: v for k, v in ckpt["config"].items() if _left_to_choose(cfg, k)}
+        )
     # A resumed run finishes the outputs its first part was about to write.
     check_writable(
         [cfg.weights_path, cfg.config_path], overwrite=overwrite or ckpt is not None
@@ -405,12 +411,14 @@ def train(
         )
     device = distributed.start(ranks, pick_device(cfg.device))
     try:
+        items = _listing(cfg, within)
+        cfg, chosen = _choose(cfg, items, device)
         if _streams(cfg, ckpt, strict, ranks):
-            stream = _start_pass(cfg, within)
+            stream = _start_pass(cfg, items)
             try:
                 result = _train(
                     cfg, None, device, ckpt, resume, progress, on_batch_end,
-                    on_epoch_end, ranks, stream,
+                    on_epoch_end, ranks, chosen, stream,
                 )  # fmt: skip
             finally:
                 stream.close()
@@ -421,14 +429,14 @@ def train(
         # into the cache; the others then find it there.
         if not ranks.local_main:
             distributed.barrier(ranks)
-        prepared = _prepare(cfg, strict, progress and ranks.main, within)
+        prepared = _prepare(cfg, items, strict, progress and ranks.main)
         if ranks.local_main:
             distributed.barrier(ranks)
         first_pass = time.perf_counter() - t0
         try:
             result = _train(
                 cfg, prepared, device, ckpt, resume, progress, on_batch_end,
-                on_epoch_end, ranks,
+                on_epoch_end, ranks, chosen,
             )  # fmt: skip
             result.first_pass_seconds = first_pass
             return result
@@ -451,10 +459,14 @@ def _train(
     on_batch_end: Callable[[dict[str, Any]], None] | None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
     ranks: Ranks,
+    chosen: str = "",
     stream: PassInThread | None = None,
 ) -> TrainResult:
     """The epochs, after the first pass (``prepared``) or during it (``stream``:
-    the first epoch steps on the samples as they are read; see _streams)."""
+    the first epoch steps on the samples as they are read; see _streams).
+    ``chosen`` (what the run chose, one line) is said before the first step."""
+    if chosen and ranks.main:
+        log.info("%s", chosen)
     if stream is not None:
         first = stream.first()  # its band count is the model's
         if cfg.in_chans is None:
@@ -595,6 +607,41 @@ def _train(
     )
 
 
+def _left_to_choose(cfg: TrainConfig, key: str) -> bool:
+    """Whether ``key`` is one :mod:`catchment_mae.defaults` would choose in
+    ``cfg`` (so a checkpoint's value for it is the run's)."""
+    from catchment_mae.config import AUTO
+
+    return key in AUTO_KEYS and getattr(cfg, key) in (None, AUTO)
+
+
+# The keys defaults.resolve may choose.
+AUTO_KEYS = (
+    "vit_model_name", "image_size", "patch_size", "embed_dim", "depth", "num_heads",
+    "max_epochs", "norm", "scale", "slope_channel",
+)  # fmt: skip
+
+
+def _choose(
+    cfg: TrainConfig, items: list[Any], device: torch.device
+) -> tuple[TrainConfig, str]:
+    """Chooses what the config leaves open (:mod:`catchment_mae.defaults`) and
+    gives torch the threads chosen (CPU); returns the config and the line that
+    says what the run does."""
+    from catchment_mae.defaults import resolve
+    from catchment_mae.workers import available_cores
+
+    paths = list(dict.fromkeys(i[0] if isinstance(i, tuple) else i for i in items))
+    threads = cfg.threads
+    if threads is None:  # a machine's setting, not the model's: not recorded
+        # Under torchrun the launcher gave each process its share of the cores.
+        threads = torch.get_num_threads() if ranks_from_env().active else None
+        threads = threads or available_cores()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    return resolve(cfg, paths, len(items), device.type, threads)
+
+
 def _streams(
     cfg: TrainConfig, ckpt: dict[str, Any] | None, strict: bool, ranks: Ranks
 ) -> bool:
@@ -617,17 +664,22 @@ def _streams(
     # read every raster first (streamed, the first epoch's order would differ).
     from_data = cfg.extra.get("norm_stats_from") == "data"
     known = cfg.norm == "per-raster" or (cfg.norm_mean is not None and not from_data)
+    # The scale vector's centre and spread come from every raster too (and a
+    # NAME.json whose ones did reproduces a run that read every raster first).
+    scale_from_data = cfg.extra.get("scale_stats_from") == "data"
+    known = known and not (
+        cfg.scale_stats and (cfg.scale_mean is None or scale_from_data)
+    )
     return (
         known and cfg.cache and not strict and not ranks.active
         and ckpt is None and cfg.max_epochs > 0
     )  # fmt: skip
 
 
-def _start_pass(cfg: TrainConfig, within: str | Path | None) -> PassInThread:
+def _start_pass(cfg: TrainConfig, items: list[Any]) -> PassInThread:
     """The first pass (as :func:`_prepare`) in a thread, in a seeded order."""
     from catchment_mae.cache import default_cache_dir
 
-    items = _listing(cfg, within)
     order = np.random.default_rng(epoch_seed(cfg.seed, 0)).permutation(len(items))
     return PassInThread(
         items,
@@ -736,12 +788,11 @@ def split_indices(
 
 # -------------------------------------------------------------------- helpers
 def _prepare(
-    cfg: TrainConfig, strict: bool, progress: bool, within: str | Path | None
+    cfg: TrainConfig, items: list[Any], strict: bool, progress: bool
 ) -> Prepared:
     """The first pass: every raster read once (into the cache), checked, measured."""
     from tqdm.auto import tqdm
 
-    items = _listing(cfg, within)
     bar = tqdm(
         total=len(items), desc="reading", unit="chip" if cfg.tile else "file",
         disable=None if progress else True, leave=False,
@@ -789,7 +840,8 @@ def _listing(cfg: TrainConfig, within: str | Path | None) -> list[Any]:
 
 
 def _complete_config(cfg: TrainConfig, prepared: Prepared) -> TrainConfig:
-    """Fills in_chans and, for fixed norm, the data's mean/std."""
+    """Fills in_chans, the data's mean/std (fixed norm) and the scale vector's
+    centre and spread (with scale_stats)."""
     updates: dict[str, Any] = {}
     if cfg.in_chans is None:
         updates["in_chans"] = prepared.bands
@@ -797,6 +849,13 @@ def _complete_config(cfg: TrainConfig, prepared: Prepared) -> TrainConfig:
         updates["norm_mean"] = prepared.mean
         updates["norm_std"] = [s if s > 0 else 1.0 for s in prepared.std]
         updates["extra"] = {**cfg.extra, "norm_stats_from": "data"}
+    if cfg.scale_stats and cfg.scale_mean is None:
+        vectors = np.stack([e.scale for e in prepared.entries]).astype(np.float64)
+        spread = vectors.std(axis=0)
+        updates["scale_mean"] = [round(float(v), 6) for v in vectors.mean(axis=0)]
+        updates["scale_std"] = [round(float(v), 6) if v > 1e-6 else 1.0 for v in spread]
+        extra = updates.get("extra", cfg.extra)
+        updates["extra"] = {**extra, "scale_stats_from": "data"}
     return cfg.merged(updates)
 
 
@@ -854,11 +913,13 @@ def _chain(
 
 
 class _ProgressBar:
-    """tqdm bar per epoch: loss, images/s; ETA from tqdm."""
+    """tqdm bar per epoch: loss, images/s; ETA from tqdm. Once, after the first
+    steps, a line with the time the whole run will take at that rate."""
 
     def __init__(self, enabled: bool, cfg: TrainConfig, n_files: int) -> None:
         self.enabled, self.cfg, self.n_files = enabled, cfg, n_files
         self.bar: Any = None
+        self.estimated = not enabled
 
     def start_epoch(self, epoch: int) -> None:
         from tqdm.auto import tqdm
@@ -874,6 +935,15 @@ class _ProgressBar:
         )
 
     def update(self, info: dict[str, Any]) -> None:
+        if not self.estimated and info["step"] >= min(info["steps"], 10):
+            self.estimated = True
+            done = info["epoch"] * info["steps"] + info["step"]
+            left = (self.cfg.max_epochs * info["steps"] - done) * self.cfg.batch_size
+            seconds = left / max(info["images_per_s"], 1e-9)
+            log.info(
+                "%.0f img/s: about %s to go (%d epochs)",
+                info["images_per_s"], _duration(seconds), self.cfg.max_epochs,
+            )  # fmt: skip
         if self.bar is not None:
             self.bar.set_postfix(
                 loss=f"{info['loss']:.4f}", img_s=f"{info['images_per_s']:.1f}"
@@ -893,6 +963,15 @@ class _ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    """A time span as people say it: "45 s", "12 min", "3.5 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _save_plots(

@@ -1,8 +1,13 @@
 """Export the encoder with its scale input to one self-describing, validated .onnx.
 
 The graph is :class:`catchment_mae.model.Embedder`: inputs ``image``
-[batch, C, S, S] and ``scale`` [batch, 2] (plus ``valid`` [batch, 1, S, S] for
-``pool="mean"``), output ``embedding`` [batch, D]; no masking, no decoder.
+[batch, C, S, S] (the bands, then the slope channel where the model has one) and
+``scale`` [batch, K] (plus ``valid`` [batch, 1, S, S] for ``pool="mean"`` or an
+encoder that sees the validity), output ``embedding`` [batch, D] (D = the width,
+plus K where the standardised scale vector follows); no masking, no decoder.
+The metadata says what each input holds (``channels``, ``scale_definition``,
+``scale_mean``/``scale_std``) and how the embedding is laid out
+(``embedding_layout``).
 
 Exporter: ``torch.onnx.export(..., dynamo=True)``, the torch.export-based exporter
 that torch >= 2.9 uses by default. We pass it explicitly because the default has
@@ -32,7 +37,7 @@ from catchment_mae import __version__
 from catchment_mae.config import TrainConfig
 from catchment_mae.errors import BadRasterError, ExportError
 from catchment_mae.io import atomic_output, check_writable, sha256_file
-from catchment_mae.model import Embedder, ScaleAwareMAE, load_model
+from catchment_mae.model import Embedder, ScaleAwareMAE, embedder, load_model
 from catchment_mae.preprocess import NODATA_POLICY, PreprocessSpec, load_sample
 from catchment_mae.raster import find_tiffs
 from catchment_mae.runtime import ONNX_FORMAT_VERSION, create_session
@@ -49,6 +54,10 @@ SCALE_DEFINITIONS = {
     "metres on the ground",
     "none": "0, 0 for every raster (trained without the scale input)",
 }
+STATS_DEFINITION = (
+    "; then log(max(valid share, eps)) of the raster (after trimming), and per band "
+    "its valid mean, then per band its valid std, then per band log(std + eps)"
+)
 
 
 @dataclass
@@ -84,7 +93,7 @@ def export_encoder(
     out: str | os.PathLike[str],
     *,
     opset: int = DEFAULT_OPSET,
-    pool: str = "cls",
+    pool: str | None = None,
     fp16: bool = False,
     quantize: str | None = None,
     validate: bool = True,
@@ -98,7 +107,8 @@ def export_encoder(
         out: the ``.onnx`` to write; variants go beside it (``.fp16.onnx``,
             ``.int8.onnx``).
         opset: ONNX opset.
-        pool: "cls" (the original tool's embedding) or "mean".
+        pool: "cls" (the original tool's embedding) or "mean"; None: the
+            config's.
         fp16: also write an fp16 variant (for GPUs); its cosine to fp32 is reported.
         quantize: "int8" also writes a dynamically quantised variant (for CPUs).
         validate: compare torch and onnxruntime (random inputs and real rasters).
@@ -129,7 +139,7 @@ def export_model(
     out: str | os.PathLike[str],
     *,
     opset: int = DEFAULT_OPSET,
-    pool: str = "cls",
+    pool: str | None = None,
     fp16: bool = False,
     quantize: str | None = None,
     validate: bool = True,
@@ -140,22 +150,20 @@ def export_model(
     import onnx
 
     out = Path(out)
-    embedder = Embedder(model.encoder, pool).eval().cpu()
+    graph = embedder(model, cfg, pool).cpu()
+    pool = graph.pool
     spec = cfg.preprocess_spec()
-    inputs = ["image", "scale"] + (["valid"] if pool == "mean" else [])
-    proto = _trace(embedder, spec, inputs, opset)
-    meta = build_metadata(cfg, spec, pool, model.embed_dim, inputs, weights_sha256)
+    inputs = ["image", "scale"] + (["valid"] if graph.needs_valid else [])
+    proto = _trace(graph, spec, inputs, opset)
+    dim = model.embed_dim + (int(spec.scale_dim or 0) if graph.with_scale else 0)
+    meta = build_metadata(cfg, spec, pool, dim, inputs, weights_sha256)
     _set_metadata(proto, {**meta, "precision": "fp32"})
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"{out}: the exported graph fails onnx.checker: {e}") from e
     report = ExportReport(
-        path=str(out),
-        pool=pool,
-        embedding_dim=model.embed_dim,
-        opset=opset,
-        inputs=inputs,
+        path=str(out), pool=pool, embedding_dim=dim, opset=opset, inputs=inputs
     )
 
     with tempfile.TemporaryDirectory(
@@ -163,10 +171,10 @@ def export_model(
     ) as tmp:
         fp32_tmp = Path(tmp) / "fp32.onnx"
         onnx.save(proto, fp32_tmp)
-        batches = _validation_inputs(spec, cfg, rasters, pool) if validate else []
+        batches = _validation_inputs(spec, cfg, rasters, inputs) if validate else []
         if validate:
             report.parity, report.ms_per_sample = _check_parity(
-                embedder, fp32_tmp, batches
+                graph, fp32_tmp, batches
             )
         variants: dict[str, Path] = {}
         if fp16:
@@ -211,8 +219,14 @@ def build_metadata(
         "norm_std": dumps(list(spec.norm_std) if spec.norm_std else None),
         "resize": spec.resize,
         "scale": spec.scale,
-        "scale_definition": SCALE_DEFINITIONS[spec.scale],
+        "scale_definition": SCALE_DEFINITIONS[spec.scale]
+        + (STATS_DEFINITION if spec.scale_stats else ""),
         "scale_eps": repr(spec.scale_eps),
+        "scale_dim": str(spec.scale_dim),
+        "scale_mean": dumps(cfg.scale_mean),
+        "scale_std": dumps(cfg.scale_std),
+        "channels": dumps(channel_names(spec)),
+        "embedding_layout": embedding_layout(cfg, pool, embedding_dim),
         "nodata": dumps(spec.nodata),
         "nodata_policy": NODATA_POLICY,
         "pool": pool,
@@ -224,12 +238,43 @@ def build_metadata(
     }
 
 
+def channel_names(spec: PreprocessSpec) -> list[str]:
+    """What each channel of the ``image`` input holds."""
+    bands = list(spec.bands) if spec.bands else range(1, int(spec.in_chans or 0) + 1)
+    names = [f"band {b}, normalised ({spec.norm})" for b in bands]
+    if spec.slope_channel:
+        names.append(
+            "ground slope of the first band: (log10(max(slope m/m, 1e-4)) + 1) / 0.7"
+        )
+    return names
+
+
+def embedding_layout(cfg: TrainConfig, pool: str, dim: int) -> str:
+    """How the ``embedding`` output is laid out, in words."""
+    what = (
+        "the class token"
+        if pool == "cls"
+        else "the valid-weighted mean of the patch tokens"
+    )
+    if not cfg.scale_stats:
+        return f"{dim} values: {what} after the final norm"
+    k = cfg.scale_dim
+    return (
+        f"{dim - k} values: {what} after the final norm; then {k} values: the scale "
+        "input, standardised by scale_mean/scale_std (the raster's extent, valid "
+        "share, levels and spreads, as the encoder was given them)"
+    )
+
+
 # ------------------------------------------------------------------- tracing
 def _example(
     spec: PreprocessSpec, batch: int, inputs: list[str]
 ) -> tuple[torch.Tensor, ...]:
     s = spec.image_size
-    args = [torch.randn(batch, spec.in_chans, s, s), torch.randn(batch, 2) + 5.0]
+    args = [
+        torch.randn(batch, int(spec.channels or 1), s, s),
+        torch.randn(batch, int(spec.scale_dim or 2)) + 5.0,
+    ]
     if "valid" in inputs:
         args.append(torch.ones(batch, 1, s, s))
     return tuple(args)
@@ -287,18 +332,20 @@ def _install(tmp: Path, target: Path) -> None:
 
 # ---------------------------------------------------------------- validation
 def _validation_inputs(
-    spec: PreprocessSpec, cfg: TrainConfig, rasters: Any, pool: str
+    spec: PreprocessSpec, cfg: TrainConfig, rasters: Any, inputs: list[str]
 ) -> list[tuple[str, dict[str, np.ndarray]]]:
     """Random batches and batches of real rasters through the shared preprocessing."""
     rng = np.random.default_rng(0)
-    s, c = spec.image_size, spec.in_chans
+    s, c, k = spec.image_size, int(spec.channels or 1), int(spec.scale_dim or 2)
+    centre = np.asarray(cfg.scale_mean or [5.0] * k, np.float32)
+    spread = np.asarray(cfg.scale_std or [1.5] * k, np.float32)
     batches = []
     for b in VALIDATION_BATCHES:
         feed = {
             "image": rng.standard_normal((b, c, s, s)).astype(np.float32),
-            "scale": np.log(rng.uniform(8, 5000, (b, 2))).astype(np.float32),
+            "scale": (centre + spread * rng.standard_normal((b, k))).astype(np.float32),
         }
-        if pool == "mean":
+        if "valid" in inputs:
             feed["valid"] = (rng.random((b, 1, s, s)) > 0.3).astype(np.float32)
         batches.append(("random", feed))
     samples = _real_samples(spec, cfg, rasters, max(VALIDATION_BATCHES))
@@ -310,7 +357,7 @@ def _validation_inputs(
             "image": np.stack([x.image for x in chosen]),
             "scale": np.stack([x.scale for x in chosen]),
         }
-        if pool == "mean":
+        if "valid" in inputs:
             feed["valid"] = np.stack([x.valid for x in chosen])
         batches.append(("rasters", feed))
     return batches

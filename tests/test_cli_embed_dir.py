@@ -79,7 +79,7 @@ def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_pat
     assert not [t for t in threading.enumerate() if t.name == "cmae-warm-up"]
     table = pq.read_table(out)
     assert table.num_rows == 17
-    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 38)
     assert table.schema.names == [
         "path", "embedding", "height", "width", "bands", "dtype", "nodata_fraction",
         "file_size", "mtime", "crs", "pixel_size_x", "pixel_size_y", "geometry",
@@ -100,9 +100,8 @@ def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_pat
         if r["error"] is not None:
             continue
         s = load_sample(archive / r["path"], spec)
-        (ref,) = sess.run(
-            ["embedding"], {"image": s.image[None], "scale": s.scale[None]}
-        )
+        feed = {"image": s.image[None], "scale": s.scale[None], "valid": s.valid[None]}
+        (ref,) = sess.run(["embedding"], feed)
         np.testing.assert_allclose(r["embedding"], ref[0], atol=1e-5)
         assert (r["height"], r["width"]) == (s.info.height, s.info.width)
         assert (
@@ -110,7 +109,7 @@ def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_pat
         )
         assert 0.0 <= r["nodata_fraction"] < 1.0 and r["mtime"] is not None
     meta = table.schema.metadata
-    assert json.loads(meta[b"model_metadata"])["embedding_dim"] == "32"
+    assert json.loads(meta[b"model_metadata"])["embedding_dim"] == "38"
     assert meta[b"model_sha256"].decode() == __import__(
         "catchment_mae.io"
     ).io.sha256_file(onnx_model)
@@ -300,7 +299,7 @@ def test_embed_dir__another_model_or_a_second_writer(
     out = tmp_path / "m.parquet"
     assert _run(runner, archive, "--model", onnx_model, "--out", out).exit_code == 0
     other = tmp_path / "other.onnx"
-    export_encoder(trained.weights_path, other, pool="mean", validate=False)
+    export_encoder(trained.weights_path, other, pool="cls", validate=False)
     r = _run(runner, archive, "--model", other, "--out", out)
     assert r.exit_code == 1 and "was written with another model" in r.stderr
     with open(tmp_path / ".m.parquet.lock", "w") as held:
@@ -399,7 +398,7 @@ def test_embed__original_json_per_file(runner, archive, onnx_model):
     assert r.exit_code == 0, r.output
     first, second = (json.loads(line) for line in r.stdout.splitlines())
     assert set(first) == expected_keys and first["status"] == "success"
-    assert first["shape"] == [32] and len(first["embedding"]) == 32
+    assert first["shape"] == [38] and len(first["embedding"]) == 38
     assert second == {
         "status": "error",
         "message": f"{archive / 'empty.tif'}: empty file (0 bytes)",

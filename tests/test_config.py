@@ -84,8 +84,12 @@ def test_config__precedence_defaults_then_file_then_flags():
 
 
 def test_config__lr_rule():
-    assert TrainConfig(batch_size=256).base_lr == pytest.approx(1.5e-4)
+    assert TrainConfig(batch_size=32).base_lr == pytest.approx(5e-4)
+    assert TrainConfig(batch_size=128).base_lr == pytest.approx(1e-3)  # sqrt
     assert TrainConfig(batch_size=64, lr=0.01).base_lr == 0.01
+    # A format-1 NAME.json keeps MAE's linear rule it was trained with.
+    old = TrainConfig.from_dict({"batch_size": 256, "format_version": 1})
+    assert old.base_lr == pytest.approx(1.5e-4)
 
 
 def test_config__norm_statistics_given_anew_are_not_the_data_s():

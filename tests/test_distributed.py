@@ -161,9 +161,11 @@ def test_train__a_signal_stops_every_rank(tmp_path, dems, sig):
     _, stderr = proc.communicate(timeout=60)
     assert time.monotonic() - t0 < 30
     assert proc.returncode == 130, stderr
-    said = [ln for ln in stderr.strip().splitlines() if not ln.startswith("epoch ")]
+    said = [ln for ln in stderr.strip().splitlines() if ln.startswith("cmae")]
     assert "Traceback" not in stderr and len(said) == 1, stderr  # rank 0's line
     assert said[0].startswith("cmae: error: interrupted after ")
+    plan = [ln for ln in stderr.splitlines() if ln.startswith("training ")]
+    assert len(plan) == 1 and "1 thread(s)" in plan[0], stderr  # rank 0's, its share
     assert torch.load(ckpt, weights_only=True)["epoch"] >= 0  # whole, plain data
     time.sleep(1)
     assert not [p for p in family if psutil.pid_exists(p)

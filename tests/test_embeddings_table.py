@@ -27,7 +27,8 @@ from tests.conftest import REPO
 @pytest.fixture(scope="module")
 def table(tmp_path_factory, dem_dir, real_dir, onnx_model):
     """Generated DEMs (random UTM zones, both hemispheres), a real DEM in
-    EPSG:4326, a raster without georeferencing, and a file that fails."""
+    EPSG:4326, a raster without georeferencing (a model of ground extents cannot
+    embed it: a row with its reason), and a file that fails."""
     d = tmp_path_factory.mktemp("geo_archive")
     for p in sorted(dem_dir.glob("*.tif")):
         shutil.copy(p, d / p.name)
@@ -36,7 +37,7 @@ def table(tmp_path_factory, dem_dir, real_dir, onnx_model):
     (d / "empty.tif").write_bytes(b"")
     out = d.parent / "geo_emb" / "embeddings.parquet"
     summary = embed_dir(d, onnx_model, out, num_workers=0)
-    assert (summary.embedded, summary.failed) == (14, 1)
+    assert (summary.embedded, summary.failed) == (13, 2)
     return d, out
 
 
@@ -78,12 +79,12 @@ def test_table__pandas_and_duckdb_nearest_neighbour(table):
     df = pd.read_parquet(out)
     ok = df[df["error"].isna()].sort_values("path")
     vectors = np.stack(ok["embedding"].to_numpy()).astype(np.float64)
-    assert vectors.shape == (14, 32) and np.isfinite(vectors).all()
+    assert vectors.shape == (13, 38) and np.isfinite(vectors).all()
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     cos = unit @ unit[0]
     expected = [ok["path"].iloc[i] for i in np.argsort(-cos)[1:4]]
     got = duckdb.sql(
-        f"""WITH t AS (SELECT path, embedding::FLOAT[32] AS e FROM '{out}'
+        f"""WITH t AS (SELECT path, embedding::FLOAT[38] AS e FROM '{out}'
                        WHERE error IS NULL),
                  q AS (SELECT path, e FROM t ORDER BY path LIMIT 1)
             SELECT t.path, array_cosine_similarity(t.e, q.e) AS c
@@ -123,7 +124,7 @@ def test_table__readme_reading_block_runs(table):
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "14 embedded, 1 failed, width 32"
+    assert lines[0] == "13 embedded, 2 failed, width 38"
     assert lines[1] == "('OGC', 'CRS84') 13 footprints"
     assert lines[3].endswith("rasters north of the equator")
 
@@ -144,18 +145,19 @@ def test_info__onnx(runner, onnx_model):
     r = runner.invoke(cli, ["info", str(onnx_model), "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
-    assert [i["name"] for i in info["inputs"]] == ["image", "scale"]
-    assert info["inputs"][0]["shape"] == ["batch", 1, 32, 32]
+    assert [i["name"] for i in info["inputs"]] == ["image", "scale", "valid"]
+    assert info["inputs"][0]["shape"] == ["batch", 2, 32, 32]  # band and slope
+    assert info["inputs"][1]["shape"] == ["batch", 6]
     assert info["outputs"] == [
-        {"name": "embedding", "shape": ["batch", 32], "type": "tensor(float)"}
+        {"name": "embedding", "shape": ["batch", 38], "type": "tensor(float)"}
     ]
     meta = info["metadata"]
-    assert meta["embedding_dim"] == 32 and meta["preprocess"]["image_size"] == 32
+    assert meta["embedding_dim"] == 38 and meta["preprocess"]["image_size"] == 32
     assert len(meta["weights_sha256"]) == 64
     human = runner.invoke(cli, ["info", str(onnx_model)])
     assert human.exit_code == 0
-    assert "input:      image ['batch', 1, 32, 32]" in human.stdout
-    assert "embedding width 32" in human.stdout
+    assert "input:      image ['batch', 2, 32, 32]" in human.stdout
+    assert "embedding width 38" in human.stdout
 
 
 def test_info__table_and_unfinished_run(runner, table, onnx_model, tmp_path):
@@ -163,12 +165,12 @@ def test_info__table_and_unfinished_run(runner, table, onnx_model, tmp_path):
     r = runner.invoke(cli, ["info", str(out), "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
-    assert (info["rows"], info["embedded"], info["failed"]) == (15, 14, 1)
-    assert info["with_footprint"] == 13 and info["embedding_dim"] == 32
+    assert (info["rows"], info["embedded"], info["failed"]) == (15, 13, 2)
+    assert info["with_footprint"] == 13 and info["embedding_dim"] == 38
     assert info["model"] == onnx_model.name and "unfinished_run" not in info
     assert "geometry" in [c["name"] for c in info["schema"]]
     human = runner.invoke(cli, ["info", str(out)]).stdout
-    assert "15 (14 embedded, 1 failed; 13 with a footprint)" in human
+    assert "15 (13 embedded, 2 failed; 13 with a footprint)" in human
     # Parts of an interrupted run, with no table yet.
     parts = tmp_path / "x.parquet.parts"
     parts.mkdir()

@@ -14,7 +14,7 @@ import torch
 
 from catchment_mae.errors import ExportError, ModelLoadError, OutputExistsError
 from catchment_mae.export.onnx import MAX_ABS_TOL, MIN_COS_TOL, export_encoder
-from catchment_mae.model import Embedder, load_model
+from catchment_mae.model import embedder, load_model
 from catchment_mae.preprocess import load_sample
 from catchment_mae.runtime import (
     ModelFileError,
@@ -36,6 +36,29 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
+# The tiny model of the ``trained`` fixture, on synthetic DEMs: one band and its
+# slope channel, a scale vector of 2 extents + valid share + mean, std, log std.
+CHANNELS, SCALE_DIM, WIDTH = 2, 6, 32
+
+
+def _feed(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random model inputs of the tiny model's shapes."""
+    rng = np.random.default_rng(seed)
+    scale = np.concatenate(
+        [np.log(rng.uniform(10, 4000, (batch, 2))), rng.normal(size=(batch, 4))], 1
+    )
+    return {
+        "image": rng.standard_normal((batch, CHANNELS, 32, 32)).astype(np.float32),
+        "scale": scale.astype(np.float32),
+        "valid": (rng.random((batch, 1, 32, 32)) > 0.2).astype(np.float32),
+    }
+
+
+def _torch(embedder, feed: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.inference_mode():
+        return embedder(*(torch.from_numpy(feed[k]) for k in feed)).numpy()
+
+
 def test_export__graph_inputs_outputs_and_checker(exported):
     out, report = exported
     model = onnx.load(out)
@@ -49,10 +72,12 @@ def test_export__graph_inputs_outputs_and_checker(exported):
         o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
         for o in model.graph.output
     }
-    assert list(ins) == ["image", "scale"]
-    assert ins["image"][1:] == [1, 32, 32] and ins["scale"][1:] == [2]
+    assert list(ins) == ["image", "scale", "valid"]
+    assert ins["image"][1:] == [CHANNELS, 32, 32] and ins["scale"][1:] == [SCALE_DIM]
+    assert ins["valid"][1:] == [1, 32, 32]
     assert isinstance(ins["image"][0], str)  # dynamic batch axis
-    assert list(outs) == ["embedding"] and outs["embedding"][1:] == [32]
+    assert list(outs) == ["embedding"]
+    assert outs["embedding"][1:] == [WIDTH + SCALE_DIM]
     for i in model.graph.input:
         assert i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     ops = {n.op_type for n in model.graph.node}
@@ -68,36 +93,40 @@ def test_export__metadata_round_trip(exported, trained):
     sess = create_session(out, "cpu")
     meta = read_metadata(sess, out)
     cfg = trained.config
-    assert meta["cmae_format_version"] == "1"
+    assert meta["cmae_format_version"] == "2"
     assert meta["vit_model_name"] == cfg.vit_model_name
     assert int(meta["image_size"]) == 32 and int(meta["in_chans"]) == 1
     assert json.loads(meta["norm_mean"]) == cfg.norm_mean
     assert json.loads(meta["norm_std"]) == cfg.norm_std
-    assert meta["pool"] == "cls" and int(meta["embedding_dim"]) == 32
-    assert meta["scale"] == "pixels" and float(meta["scale_eps"]) == 1e-6
+    assert meta["pool"] == "mean" and int(meta["embedding_dim"]) == WIDTH + SCALE_DIM
+    assert meta["scale"] == "ground" and float(meta["scale_eps"]) == 1e-6
+    assert (
+        int(meta["scale_dim"]) == SCALE_DIM
+        and "log(std + eps)" in (meta["scale_definition"])
+    )
+    assert json.loads(meta["scale_mean"]) == cfg.scale_mean
+    assert json.loads(meta["scale_std"]) == cfg.scale_std
+    channels = json.loads(meta["channels"])
+    assert len(channels) == CHANNELS and "slope" in channels[1]
+    assert meta["embedding_layout"].startswith(f"{WIDTH} values")
     assert meta["resize"] == cfg.resize and "GDAL_NODATA" in meta["nodata_policy"]
     from catchment_mae.io import sha256_file
 
     assert meta["weights_sha256"] == sha256_file(trained.weights_path)
     spec = spec_from_metadata(meta)
     assert spec.image_size == 32 and list(spec.norm_mean) == cfg.norm_mean
+    assert spec.slope_channel and spec.scale_stats and spec.trim
     assert json.loads(meta["config"])["input_dir"] == cfg.input_dir
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_export__dynamic_batch_and_parity(exported, trained, batch):
     out, _ = exported
-    model, _ = load_model(trained.weights_path)
-    embedder = Embedder(model.encoder).eval()
-    rng = np.random.default_rng(batch)
-    image = rng.standard_normal((batch, 1, 32, 32)).astype(np.float32)
-    scale = np.log(rng.uniform(10, 4000, (batch, 2))).astype(np.float32)
-    got = create_session(out, "cpu").run(
-        ["embedding"], {"image": image, "scale": scale}
-    )[0]
-    with torch.inference_mode():
-        ref = embedder(torch.from_numpy(image), torch.from_numpy(scale)).numpy()
-    assert got.shape == (batch, 32)
+    model, cfg = load_model(trained.weights_path)
+    feed = _feed(batch, seed=batch)
+    got = create_session(out, "cpu").run(["embedding"], feed)[0]
+    ref = _torch(embedder(model, cfg), feed)
+    assert got.shape == (batch, WIDTH + SCALE_DIM)
     assert np.abs(got - ref).max() <= MAX_ABS_TOL
     assert _cos(got, ref).min() >= MIN_COS_TOL
 
@@ -111,11 +140,13 @@ def test_export__torch_path_and_onnx_path_give_the_same_embedding(
     sess = create_session(out, "cpu")
     spec = spec_from_metadata(read_metadata(sess))
     samples = [load_sample(p, spec) for p in sorted(dem_dir.glob("*.tif"))[:5]]
-    image = np.stack([s.image for s in samples])
-    scale = np.stack([s.scale for s in samples])
-    got = sess.run(["embedding"], {"image": image, "scale": scale})[0]
-    with torch.inference_mode():
-        ref = model.embed(torch.from_numpy(image), torch.from_numpy(scale)).numpy()
+    feed = {
+        "image": np.stack([s.image for s in samples]),
+        "scale": np.stack([s.scale for s in samples]),
+        "valid": np.stack([s.valid for s in samples]),
+    }
+    got = sess.run(["embedding"], feed)[0]
+    ref = _torch(embedder(model, cfg), feed)
     assert (
         np.abs(got - ref).max() <= MAX_ABS_TOL and _cos(got, ref).min() >= MIN_COS_TOL
     )
@@ -129,12 +160,7 @@ def test_export__report_and_variants(exported):
         p.max_abs <= MAX_ABS_TOL and p.min_cos >= MIN_COS_TOL for p in report.parity
     )
     assert report.ms_per_sample["onnxruntime"] > 0
-    feed = {
-        "image": np.random.default_rng(0)
-        .standard_normal((3, 1, 32, 32))
-        .astype(np.float32),
-        "scale": np.full((3, 2), 5.0, np.float32),
-    }
+    feed = _feed(3)
     ref = create_session(out).run(["embedding"], feed)[0]
     for name in ("fp16", "int8"):
         path = out.with_name(f"tiny.{name}.onnx")
@@ -142,34 +168,41 @@ def test_export__report_and_variants(exported):
         sess = create_session(path, "cpu")
         assert read_metadata(sess)["precision"] == name
         got = sess.run(["embedding"], feed)[0]
-        assert got.shape == (3, 32) and got.dtype == np.float32  # float32 I/O kept
+        assert got.shape == (3, WIDTH + SCALE_DIM) and got.dtype == np.float32
         assert 0.5 < _cos(got, ref).min() <= 1.0 + 1e-6
         assert 0.5 < report.variants[name]["min_cos_to_fp32"] <= 1.0 + 1e-6
     assert report.variants["fp16"]["min_cos_to_fp32"] > 0.999
 
 
-def test_export__mean_pool_uses_valid_fraction(trained, tmp_path):
-    out = tmp_path / "mean.onnx"
-    report = export_encoder(trained.weights_path, out, pool="mean")
-    assert report.inputs == ["image", "scale", "valid"]
-    sess = create_session(out)
-    assert [i.name for i in sess.get_inputs()] == ["image", "scale", "valid"]
-    assert read_metadata(sess)["pool"] == "mean"
-    rng = np.random.default_rng(0)
-    image = rng.standard_normal((2, 1, 32, 32)).astype(np.float32)
-    scale = np.full((2, 2), 5.0, np.float32)
-    full = np.ones((2, 1, 32, 32), np.float32)
-    half = full.copy()
+def test_export__pools_weigh_patches_by_valid_fraction(trained, tmp_path):
+    model, cfg = load_model(trained.weights_path)
+    feed = _feed(2)
+    feed["valid"][:] = 1.0
+    half = feed["valid"].copy()
     half[:, :, :, 16:] = 0.0  # right half nodata: its patches weigh nothing
-    a = sess.run(None, {"image": image, "scale": scale, "valid": full})[0]
-    b = sess.run(None, {"image": image, "scale": scale, "valid": half})[0]
-    model, _ = load_model(trained.weights_path)
+    out = tmp_path / "mean.onnx"
+    export_encoder(trained.weights_path, out)  # the config's pool: mean
+    sess = create_session(out)
+    a = sess.run(None, feed)[0]
+    b = sess.run(None, {**feed, "valid": half})[0]
     with torch.inference_mode():
-        tokens = model.encoder(torch.from_numpy(image), torch.from_numpy(scale))
+        t = {k: torch.from_numpy(v) for k, v in feed.items()}
+        full_tokens = model.encoder(t["image"], t["scale"], None, t["valid"])
+        half_tokens = model.encoder(
+            t["image"], t["scale"], None, torch.from_numpy(half)
+        )
     # 4x4 patches of 8 px: the valid half is columns 0-1 of each patch row.
-    left = tokens[:, 1:].reshape(2, 4, 4, 32)[:, :, :2].reshape(2, -1, 32).mean(1)
-    np.testing.assert_allclose(a, tokens[:, 1:].mean(1).numpy(), atol=1e-5)
-    np.testing.assert_allclose(b, left.numpy(), atol=1e-5)
+    left = half_tokens[:, 1:].reshape(2, 4, 4, 32)[:, :, :2].reshape(2, -1, 32)
+    np.testing.assert_allclose(a[:, :WIDTH], full_tokens[:, 1:].mean(1), atol=1e-5)
+    np.testing.assert_allclose(b[:, :WIDTH], left.mean(1), atol=1e-5)
+    # The standardised scale vector follows the pooled tokens, whatever the pool.
+    facts = (feed["scale"] - np.array(cfg.scale_mean)) / np.array(cfg.scale_std)
+    np.testing.assert_allclose(a[:, WIDTH:], facts, atol=1e-5)
+    cls = tmp_path / "cls.onnx"
+    report = export_encoder(trained.weights_path, cls, pool="cls")
+    assert report.pool == "cls" and report.inputs == ["image", "scale", "valid"]
+    got = create_session(cls).run(None, feed)[0]
+    np.testing.assert_allclose(got[:, :WIDTH], full_tokens[:, 0], atol=1e-5)
 
 
 def test_export__bad_inputs(trained, tmp_path):
@@ -244,9 +277,10 @@ from catchment_mae.runtime import spec_from_metadata
 sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 spec = spec_from_metadata(sess.get_modelmeta().custom_metadata_map)
 sample = load_sample(sys.argv[2], spec)
-(embedding,) = sess.run(
-    ["embedding"], {"image": sample.image[None], "scale": sample.scale[None]}
-)
+feed = {"image": sample.image[None], "scale": sample.scale[None]}
+if "valid" in [i.name for i in sess.get_inputs()]:
+    feed["valid"] = sample.valid[None]
+(embedding,) = sess.run(["embedding"], feed)
 print(json.dumps(embedding[0].tolist()))
 """
 
@@ -266,10 +300,10 @@ def test_downstream__onnxruntime_without_torch_matches_torch(
     model, cfg = load_model(trained.weights_path)
 
     s = load_sample(tif, cfg.preprocess_spec())
-    with torch.inference_mode():
-        ref = model.embed(
-            torch.from_numpy(s.image[None]), torch.from_numpy(s.scale[None])
-        ).numpy()
+    ref = _torch(
+        embedder(model, cfg),
+        {"image": s.image[None], "scale": s.scale[None], "valid": s.valid[None]},
+    )
     assert (
         np.abs(got - ref).max() <= MAX_ABS_TOL and _cos(got, ref).min() >= MIN_COS_TOL
     )

@@ -19,11 +19,16 @@ def _model(in_chans: int = 1, **kw) -> torch.nn.Module:
     return build_model(TrainConfig.from_dict({**TINY, **kw}), in_chans=in_chans)
 
 
-def _batch(b: int = 3, c: int = 1, s: int = 32):
+def _batch(b: int = 3, c: int = 1, s: int = 32, k: int | None = None):
+    """Images, validity and scale vectors (the extents, then made-up facts of
+    the raster for a model whose scale vector has ``k`` values)."""
     g = torch.Generator().manual_seed(1)
     images = torch.randn(b, c, s, s, generator=g)
     valid = torch.ones(b, 1, s, s)
     scale = torch.log(torch.tensor([[50.0, 80.0], [400.0, 400.0], [3000.0, 900.0]]))[:b]
+    k = 3 + 3 * c if k is None else k
+    if k > 2:
+        scale = torch.cat([scale, torch.randn(b, k - 2, generator=g)], dim=1)
     return images, valid, scale
 
 
@@ -50,7 +55,10 @@ def test_model__any_channel_count(in_chans):
     assert pred.shape == (3, idx_mask.shape[1], 8 * 8 * in_chans)
     assert idx_mask.shape[1] == 12  # 75 % of 16 patches
     assert torch.isfinite(loss) and loss > 0
-    assert model.embed(images, scale).shape == (3, 32)
+    assert model.embed(images, scale, valid).shape == (3, 32)
+    # The patch embedding sees the bands and the validity; the head predicts bands.
+    assert model.vit.patch_embed.proj.in_channels == in_chans + 1
+    assert model.encoder.scale_embed.mlp[0].in_features == 3 + 3 * in_chans
 
 
 def test_model__every_parameter_gets_a_gradient():
@@ -69,16 +77,65 @@ def test_model__every_parameter_gets_a_gradient():
     )
 
 
-def test_model__scale_changes_the_embedding():
+def test_model__scale_and_validity_change_the_embedding():
     model = _model().eval()
-    images, _, scale = _batch()
+    images, valid, scale = _batch()
     with torch.no_grad():
-        a = model.embed(images, scale)
-        b = model.embed(images, scale + 1.0)
-        c = model.embed(images, scale.clone())
+        a = model.embed(images, scale, valid)
+        b = model.embed(images, scale + 1.0, valid)
+        c = model.embed(images, scale.clone(), valid)
+        outline = valid.clone()
+        outline[:, :, :8] = 0.0
+        d = model.embed(images, scale, outline)
     assert torch.isfinite(a).all()
     assert (a - b).abs().max() > 1e-3
+    assert (a - d).abs().max() > 1e-3  # the encoder sees where data lies
     assert torch.equal(a, c)
+    with pytest.raises(ValueError, match="pass valid"):
+        model.embed(images, scale)
+
+
+def test_model__scale_vector_is_standardised_by_the_config():
+    k = 6
+    model = _model(scale_mean=[1.0] * k, scale_std=[2.0] * k).eval()
+    plain = _model().eval()  # the same weights (seed), centre 0 and spread 1
+    images, valid, scale = _batch(k=k)
+    with torch.no_grad():
+        a = model.embed(images, scale, valid)
+        b = plain.embed(images, (scale - 1.0) / 2.0, valid)
+    torch.testing.assert_close(a, b)
+    # The centre and spread come from the config, not the weights.
+    assert not any("shift" in key or "spread" in key for key in model.state_dict())
+
+
+def test_embedder__pools_and_the_scale_vector_it_was_given():
+    from catchment_mae.model import Embedder
+
+    k = 6
+    model = _model(scale_mean=[0.5] * k, scale_std=[4.0] * k).eval()
+    images, valid, scale = _batch(k=k)
+    valid[0, :, :16] = 0.0  # the top half of the first raster is nodata
+    with torch.no_grad():
+        cls = Embedder(model.encoder, "cls")(images, scale, valid)
+        mean = Embedder(model.encoder, "mean", with_scale=True)(images, scale, valid)
+        tokens = model.forward_encoder(images, scale, None, valid)
+    torch.testing.assert_close(cls, tokens[:, 0])
+    assert mean.shape == (3, 32 + k)
+    torch.testing.assert_close(mean[:, 32:], (scale - 0.5) / 4.0)
+    # Patches without data count for nothing in the mean.
+    torch.testing.assert_close(mean[0, :32], tokens[0, 1 + 8 :].mean(dim=0))
+
+
+def test_model__format_1_config_builds_the_model_it_trained():
+    cfg = TrainConfig.from_dict({**TINY, "format_version": 1})
+    assert (cfg.scale_stats, cfg.valid_channel, cfg.trim, cfg.pool) == (
+        False, False, False, "cls",
+    )  # fmt: skip
+    model = build_model(cfg, in_chans=1).eval()
+    assert model.vit.patch_embed.proj.in_channels == 1
+    images, valid, scale = _batch(k=2)
+    with torch.no_grad():
+        assert model.embed(images, scale).shape == (3, 32)
 
 
 def test_model__nodata_pixels_count_for_nothing():
@@ -91,7 +148,7 @@ def test_model__nodata_pixels_count_for_nothing():
     idx_keep, idx_mask = model.random_masking(3, images.device)
     with torch.no_grad():
         pred = model.forward_decoder(
-            model.forward_encoder(images, scale, idx_keep), idx_keep, idx_mask
+            model.forward_encoder(images, scale, idx_keep, valid), idx_keep, idx_mask
         )
         loss_a = model.forward_loss(images, valid, pred, idx_mask)
         loss_b = model.forward_loss(changed, valid, pred, idx_mask)

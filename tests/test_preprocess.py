@@ -225,3 +225,77 @@ def test_norm_coefficients__many_rasters_at_once_as_one_by_one(norm):
     assert a.shape == b.shape == (6, 3) and a.dtype == b.dtype == np.float32
     assert np.array_equal(a, np.stack([r[0] for r in rows]))
     assert np.array_equal(b, np.stack([r[1] for r in rows]))
+
+
+# ------------------------------------------------------------ terrain inputs
+def _terrain(**kw) -> PreprocessSpec:
+    base = dict(
+        image_size=16, in_chans=1, norm="per-raster", scale="ground", trim=True,
+        scale_stats=True, slope_channel=True,
+    )  # fmt: skip
+    base.update(kw)
+    return PreprocessSpec(**base)
+
+
+def test_preprocess__a_nodata_margin_changes_nothing(make_dem):
+    """A catchment alone, and inside a margin of nodata half its size on every
+    side: the same model input, extent and facts."""
+    from catchment_mae.synth import dem_array
+    from tests.conftest import dem_spec
+
+    spec = dem_spec(height=40, width=60, pixel=30.0, seed=3)
+    z = dem_array(spec)
+    padded = np.full((80, 120), spec.nodata, np.float32)
+    padded[20:60, 30:90] = z
+    alone = make_dem("alone.tif", z, height=40, width=60, pixel=30.0)
+    margin = make_dem("margin.tif", padded, height=80, width=120, pixel=30.0)
+    a, b = load_sample(alone, _terrain()), load_sample(margin, _terrain())
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.valid, b.valid)
+    np.testing.assert_array_equal(a.scale, b.scale)
+    # Without trimming, the margin is part of the input and of the extent.
+    c = load_sample(margin, _terrain(trim=False))
+    assert not np.array_equal(a.image, c.image)
+    assert c.scale[0] > a.scale[0] + 0.5
+
+
+def test_preprocess__slope_channel_and_the_raster_s_facts(make_dem):
+    """A plane rising 0.2 m per metre on 10 m pixels: the slope channel is
+    (log10(0.2) + 1) / 0.7 wherever there is data; the scale vector holds the
+    extents, then the valid share and the band's mean, std and log std."""
+    xx = np.mgrid[0:32, 0:48][1].astype(np.float32)
+    z = 500.0 + 0.2 * 10.0 * xx
+    valid = np.ones((32, 48), bool)
+    valid[:, :6] = False  # nodata on the left: trimmed
+    valid[10:20, 20:30] = False  # a hole inside: kept
+    path = make_dem("plane.tif", np.where(valid, z, -9999.0), height=32, width=48,
+                    pixel=10.0)  # fmt: skip
+    s = load_sample(path, _terrain())
+    assert s.image.shape == (2, 16, 16)
+    inside = s.valid[0] > 0.99
+    expected = (math.log10(0.2) + 1.0) / 0.7
+    np.testing.assert_allclose(s.image[1][inside], expected, atol=1e-3)
+    np.testing.assert_allclose(s.image[1][s.valid[0] == 0], 0.0)
+    kept = z[valid]
+    share = valid[:, 6:].mean()
+    np.testing.assert_allclose(
+        s.scale,
+        [math.log(320.0), math.log(420.0), math.log(share), kept.mean(), kept.std(),
+         math.log(kept.std() + 1e-6)],
+        rtol=1e-5,
+    )  # fmt: skip
+    # Normalising passes the slope channel as it is, with any norm.
+    a, b = norm_coefficients(np.array([5.0]), np.array([2.0]), _terrain())
+    assert a.tolist() == [1.0, 1.0] and b.tolist() == [0.0, 0.0]
+    fixed = _terrain(norm="fixed", norm_mean=(1.0,), norm_std=(4.0,))
+    a, b = norm_coefficients(np.array([5.0]), np.array([2.0]), fixed)
+    assert a.tolist() == [0.5, 1.0] and b.tolist() == [1.0, 0.0]
+
+
+def test_preprocess__slope_channel_needs_ground_and_says_so():
+    with pytest.raises(ValueError, match="slope_channel needs scale 'ground'"):
+        _terrain(scale="pixels")
+    s = _terrain()
+    assert (s.channels, s.scale_dim) == (2, 6)
+    assert (_terrain(in_chans=3, slope_channel=False).scale_dim) == 12
+    assert PreprocessSpec(image_size=8, in_chans=2).scale_dim == 2  # format 1

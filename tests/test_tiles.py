@@ -11,7 +11,8 @@ import pytest
 
 from catchment_mae.batch.chips import grid
 from catchment_mae.cli.main import cli
-from catchment_mae.preprocess import load_sample
+from catchment_mae.preprocess import load_sample, trimmed
+from catchment_mae.raster import pixel_metres, read_raster
 from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
 from tests.conftest import dem_spec
 
@@ -89,9 +90,8 @@ def test_embed_dir_tile__one_row_per_chip(runner, scenes, onnx_model, tmp_path):
     spec = spec_from_metadata(read_metadata(sess, onnx_model))
     for r in chips:
         s = load_sample(scenes / "big.tif", spec, window=(r["x0"], r["y0"], 100, 100))
-        (ref,) = sess.run(
-            ["embedding"], {"image": s.image[None], "scale": s.scale[None]}
-        )
+        feed = {"image": s.image[None], "scale": s.scale[None], "valid": s.valid[None]}
+        (ref,) = sess.run(["embedding"], feed)
         np.testing.assert_allclose(r["embedding"], ref[0], atol=1e-5)
 
 
@@ -163,7 +163,7 @@ def test_readme__chip_queries_run(runner, scenes, onnx_model, tmp_path):
     assert r.returncode == 0, r.stderr
     nearest, per_raster = r.stdout.splitlines()
     assert nearest.count("'big.tif'") == 3
-    assert per_raster == "[('big.tif', 32)]"
+    assert per_raster == "[('big.tif', 38)]"
 
 
 # ------------------------------------------------------------ training on chips
@@ -213,8 +213,13 @@ def test_train_tile__a_sample_per_chip_nodata_chips_left_out(scenes, tmp_path):
         item = read[i]
         assert np.array_equal(cached["z"][i].numpy(), item["z"])
         assert np.array_equal(cached["valid"][i].numpy(), item["valid"])
-        # A chip's scale input is its own size, not the scene's.
-        assert np.allclose(item["scale"], np.log([100 + 1e-6] * 2))
+        # A chip's scale input is its own size on the ground (without its
+        # border rows and columns of nodata), not the scene's.
+        _, _, dy, dx = pixel_metres(scenes / "big.tif")
+        _, _, (ky, kx) = trimmed(read_raster(scenes / "big.tif", window=keys[i].window))
+        assert ky * kx < 1.0  # the catchment's outline leaves a margin
+        extent = np.log([100 * dy * ky, 100 * dx * kx])
+        assert np.allclose(item["scale"][:2], extent, atol=1e-4)
     # The nodata chips are known too: a second run reads no chip (it read
     # those two again, every run).
     again = train(cfg, progress=False, overwrite=True)

@@ -30,10 +30,10 @@ from catchment_mae.cli import options
 @click.option(
     "--pool",
     type=click.Choice(["cls", "mean"]),
-    default="cls",
-    show_default=True,
+    default=None,
     help="cls: class token (the original tool's embedding); mean: patch tokens "
-    "weighted by their valid fraction (adds a `valid` input).",
+    "weighted by their valid fraction (adds a `valid` input)  [default: the "
+    "model's, mean for models trained since the terrain inputs]",
 )
 @click.option(
     "--fp16",
@@ -62,7 +62,7 @@ def export(
     weights: Path,
     out: Path,
     opset: int,
-    pool: str,
+    pool: str | None,
     fp16: bool,
     quantize: str | None,
     validate: bool,
@@ -71,8 +71,9 @@ def export(
     as_json: bool,
 ) -> None:
     """Export WEIGHTS (a NAME.pth with NAME.json beside it) to one self-contained
-    .onnx: inputs `image` [batch, C, S, S] and `scale` [batch, 2], output
-    `embedding` [batch, D], with the preprocessing in its metadata. Validated
+    .onnx: inputs `image` [batch, C, S, S], `scale` [batch, K] and, where the
+    model needs it, `valid` [batch, 1, S, S]; output `embedding` [batch, D], with
+    the preprocessing and the layout in its metadata. Validated
     against torch (max abs <= 1e-4, cosine >= 0.99999) before anything is written.
 
     \b

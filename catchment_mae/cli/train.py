@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from catchment_mae.cli import options
-from catchment_mae.config import TrainConfig
+from catchment_mae.config import AUTO, POOLS, TrainConfig
 from catchment_mae.preprocess import SCALE_MODES
 from catchment_mae.ranks import is_main_process, ranks_from_env
 
@@ -26,17 +26,22 @@ from catchment_mae.ranks import is_main_process, ranks_from_env
     help="A config JSON (the original tool's keys or a NAME.json); flags override it.",
 )
 @click.option(
-    "--out", "model_output_path", help="Output NAME.pth (NAME.json goes beside it)."
+    "--out",
+    "model_output_path",
+    help="Output NAME.pth (NAME.json goes beside it)  [default: "
+    "catchment_foundation_model.pth, the original tool's]",
 )
 @click.option(
     "--model",
     "vit_model_name",
-    help="timm ViT name, e.g. vit_small_patch16_224 (never downloaded).",
+    help="timm ViT name, e.g. vit_small_patch16_224 (never downloaded)  [default: "
+    "auto: a 6-block ViT of vit_tiny's width on 64 px inputs, 8 px patches]",
 )
 @click.option(
     "--image-size",
     type=click.IntRange(min=8),
-    help="Model input size S (rasters are resized to S x S).",
+    help="Model input size S (rasters are resized to S x S; a multiple of the "
+    "patch size)  [default: 64 with the auto model, else 224]",
 )
 @click.option(
     "--patch-size", type=click.IntRange(min=1), help="Override the ViT's patch size."
@@ -59,18 +64,52 @@ from catchment_mae.ranks import is_main_process, ranks_from_env
     "--norm",
     type=click.Choice(["fixed", "per-raster"]),
     help="fixed: --norm-mean/--norm-std (computed from the data if not given); "
-    "per-raster: each raster's own valid mean/std.",
+    "per-raster: each raster's own valid mean/std (its level and spread travel "
+    "in the scale vector)  [default: fixed where --norm-mean is given, else "
+    "per-raster]",
 )
 @options.norm_mean_opt
 @options.norm_std_opt
 @click.option(
     "--scale",
-    type=click.Choice(SCALE_MODES),
+    type=click.Choice([AUTO, *SCALE_MODES]),
     help="Scale input: raster size in pixels, its extent in metres (needs "
-    "georeferencing), or none (zeros: the ablation without it).",
+    "georeferencing), or none (zeros: the ablation without it)  [default: auto: "
+    "ground where the rasters are georeferenced, else pixels]",
 )
 @click.option(
-    "--epochs", "max_epochs", type=click.IntRange(min=1), help="Epochs (max_epochs)."
+    "--scale-stats/--no-scale-stats",
+    default=None,
+    help="The raster's valid share and each band's mean and spread join the "
+    "scale vector (and the embedding)  [default: yes]",
+)
+@click.option(
+    "--slope-channel/--no-slope-channel",
+    default=None,
+    help="One more input channel: the ground slope of the first band  [default: "
+    "for one georeferenced band, an elevation model]",
+)
+@click.option(
+    "--valid-channel/--no-valid-channel",
+    default=None,
+    help="The encoder sees where the raster has data  [default: yes]",
+)
+@click.option(
+    "--trim/--no-trim",
+    default=None,
+    help="Crop border rows and columns without data before resizing  [default: yes]",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(POOLS),
+    help="The embedding cmae export writes: class token or valid-weighted mean "
+    "of the patch tokens  [default: mean]",
+)
+@click.option(
+    "--epochs",
+    "max_epochs",
+    type=click.IntRange(min=1),
+    help="Epochs (max_epochs)  [default: from the archive's size and the device]",
 )
 @options.batch_size_opt
 @click.option(
@@ -84,7 +123,12 @@ from catchment_mae.ranks import is_main_process, ranks_from_env
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
-    help="Peak learning rate (default: 1.5e-4 * batch / 256).",
+    help="Peak learning rate  [default: 5e-4 * sqrt(batch / 32)]",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="torch's threads on a CPU  [default: the cores this process may use]",
 )
 @click.option(
     "--warmup-epochs",
@@ -191,12 +235,16 @@ def train(
 ) -> None:
     """Train a scale-aware MAE on INPUT_DIR and write NAME.pth + NAME.json.
 
-    Settings come from the defaults, then --config, then the flags. Bad files are
-    skipped with their reason; with --strict the first one stops the run.
+    Settings come from the defaults, then --config, then the flags. What is left
+    open (the model, its input size, the epochs, the scale input, ...) is chosen
+    from the archive and the device, said in one line, and recorded in NAME.json.
+    Bad files are skipped with their reason; with --strict the first one stops
+    the run.
 
     \b
     Examples:
-      cmae train dems/ --out models/catchments.pth --epochs 50
+      cmae train dems/ --out models/catchments.pth
+      cmae train dems/ --out m.pth --model vit_small_patch16_224 --epochs 50
       cmae train --config seed_config.json --epochs 5 --device cpu
 
     With --nproc N (or under torchrun, for several machines) it trains with
@@ -228,6 +276,7 @@ def train(
     if input_dir is not None:
         overrides["input_dir"] = input_dir
     cfg = cfg.merged(overrides)
+    _check_image_size(cfg)
     verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
     result = run_training(
         cfg, overwrite=overwrite, resume=resume, strict=strict, progress=verbosity >= 0
@@ -250,6 +299,20 @@ def train(
             f"trained on {what}, {summary['skipped']} skipped; "
             f"wrote {summary['weights']} and {summary['config']}",
             err=True,
+        )
+
+
+def _check_image_size(cfg: TrainConfig) -> None:
+    """An input size the patches do not tile is a usage error, said before
+    anything is read."""
+    from catchment_mae.model import patch_size_of
+
+    patch = patch_size_of(cfg)
+    if cfg.image_size is not None and cfg.image_size % patch:
+        raise click.BadParameter(
+            f"{cfg.image_size} is not a multiple of the patch size {patch} (the "
+            "model's, or --patch-size)",
+            param_hint="'--image-size'",
         )
 
 

@@ -106,8 +106,10 @@ class ModelCache:
                 "model_path",
             ) from e
 
+        from catchment_mae.model import embedder
+
         model, cfg = load_model(path)
-        return ("torch", model, cfg.preprocess_spec())
+        return ("torch", embedder(model, cfg), cfg.preprocess_spec())
 
 
 def _embed_request() -> tuple[np.ndarray, Any, str]:
@@ -164,9 +166,10 @@ def _run(kind: str, model: Any, sample: Any) -> np.ndarray:
 
     with torch.inference_mode():
         return (
-            model.embed(
+            model(
                 torch.from_numpy(sample.image[None]),
                 torch.from_numpy(sample.scale[None]),
+                torch.from_numpy(sample.valid[None]),
             )[0]
             .float()
             .numpy()

@@ -84,8 +84,8 @@ def train_config(values: dict[str, Any]) -> tuple[Any, bool]:
         # The decode-once cache stays inside the server's roots too.
         "cache_dir": str(s.model_root / ".cache"),
     }
-    vit = str(values.get("vit_model_name") or "vit_small_patch16_224").strip()
-    problem = vit_problem(vit)
+    vit = str(values.get("vit_model_name") or "auto").strip()
+    problem = None if vit == "auto" else vit_problem(vit)
     if problem is not None:
         raise Refused(400, f"vit_model_name: {problem}", "vit_model_name")
     config["vit_model_name"] = vit
@@ -110,7 +110,8 @@ def train_config(values: dict[str, Any]) -> tuple[Any, bool]:
             config[key] = float(str(raw).strip())
         except ValueError:
             raise Refused(400, f"{key}: must be a number, got {raw!r}", key) from None
-    config["norm"] = str(values.get("norm") or "fixed")
+    if values.get("norm"):  # else chosen as cmae train chooses it
+        config["norm"] = str(values["norm"])
     for key in LIST_FIELDS:
         raw = values.get(key)
         if raw is None or str(raw).strip() == "":
@@ -157,11 +158,11 @@ def _train_work(cfg: Any, overwrite: bool):
         def on_batch(info: dict[str, Any]) -> None:
             check_cancel(job)
             done = info["epoch"] * info["steps"] + info["step"]
-            total = cfg.max_epochs * info["steps"]
+            total = info["epochs"] * info["steps"]  # chosen at the start if auto
             elapsed = time.perf_counter() - start
             job.progress = {
                 "epoch": info["epoch"] + 1,
-                "epochs": cfg.max_epochs,
+                "epochs": info["epochs"],
                 "step": info["step"],
                 "steps": info["steps"],
                 "loss": info["loss"],
