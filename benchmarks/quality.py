@@ -138,8 +138,12 @@ def synthetic(out: Path, flags: list[str]) -> dict:
         r = model_run(bench, out, f"synth_{name}", [*flags, *extra],
                       bench / "labels.csv", ["--k", "10"])  # fmt: skip
         fam = r["eval"]["labels"]["family"]
-        runs[name] = {"knn": fam["knn_accuracy"], "linear": fam["linear_accuracy"],
-                      "chance": fam["chance"], "train_seconds": r["train_seconds"]}  # fmt: skip
+        runs[name] = {
+            "knn": fam["knn_accuracy"],
+            "linear": fam["linear_accuracy"],
+            "chance": fam["chance"],
+            "train_seconds": r["train_seconds"],
+        }
     return runs
 
 
@@ -181,26 +185,25 @@ def main() -> None:
     print_report(results)
 
 
+def figures(ev: dict) -> list[tuple[str, float]]:
+    """The benchmark's figures of one ``cmae eval`` result, in order."""
+    lab = ev["labels"]
+    rows = [(f"R² {name}", lab[name]["r2"]) for name in ATTRIBUTES]
+    rows += [
+        ("R² log10 slope within a DEM", lab["log10_slope"]["r2_within"]),
+        ("which DEM, linear", lab["dem"]["linear_accuracy"]),
+        ("which DEM, kNN", lab["dem"]["knn_accuracy"]),
+        ("same basin, top-1", ev["retrieval"]["top1_same_group"]),
+        ("copy finds its original, top-1", ev["copies"]["top1_own_original"]),
+    ]
+    return rows
+
+
 def table(ev: dict) -> str:
     """Embedding against baseline, one row per figure (markdown)."""
-    base = ev["baseline"]
     lines = ["| figure | embedding | hand-made baseline |", "| --- | --- | --- |"]
-    for name in ATTRIBUTES:
-        lines.append(f"| R² {name} | {ev['labels'][name]['r2']:.3f} | "
-                     f"{base['labels'][name]['r2']:.3f} |")  # fmt: skip
-    lines.append(
-        f"| R² log10 slope within a DEM | {ev['labels']['log10_slope']['r2_within']:.3f}"
-        f" | {base['labels']['log10_slope']['r2_within']:.3f} |"
-    )
-    lines.append(f"| which DEM, linear | {ev['labels']['dem']['linear_accuracy']:.3f} | "
-                 f"{base['labels']['dem']['linear_accuracy']:.3f} |")  # fmt: skip
-    lines.append(f"| which DEM, kNN | {ev['labels']['dem']['knn_accuracy']:.3f} | "
-                 f"{base['labels']['dem']['knn_accuracy']:.3f} |")  # fmt: skip
-    lines.append(f"| same basin, top-1 | {ev['retrieval']['top1_same_group']:.3f} | "
-                 f"{base['retrieval']['top1_same_group']:.3f} |")  # fmt: skip
-    lines.append(f"| copy finds its original, top-1 | "
-                 f"{ev['copies']['top1_own_original']:.3f} | "
-                 f"{base['copies']['top1_own_original']:.3f} |")  # fmt: skip
+    for (name, a), (_, b) in zip(figures(ev), figures(ev["baseline"]), strict=True):
+        lines.append(f"| {name} | {a:.3f} | {b:.3f} |")
     return "\n".join(lines)
 
 
@@ -215,12 +218,16 @@ def print_report(r: dict) -> None:
         print("untrained (the same model, initial weights):")
         print(table(r["untrained"]["eval"]))
     m = r["margins"]
-    print(f"\nnodata margin of half the size on every side: min cosine "
-          f"{m['min_cosine']:.4f}, mean {m['mean_cosine']:.4f} over {m['rasters']}")  # fmt: skip
+    print(
+        "\nnodata margin of half the size on every side: min cosine "
+        f"{m['min_cosine']:.4f}, mean {m['mean_cosine']:.4f} over {m['rasters']}"
+    )
     if "synthetic" in r:
         print("\nsynthetic families (linear / kNN, chance):")
-        for name, s in r["synthetic"].items():
-            print(f"  {name:<10} {s['linear']:.3f} / {s['knn']:.3f} ({s['chance']:.3f})")
+        for name, f in r["synthetic"].items():
+            print(
+                f"  {name:<10} {f['linear']:.3f} / {f['knn']:.3f} ({f['chance']:.3f})"
+            )
     # The targets.
     close = [n for n in ATTRIBUTES
              if ev["labels"][n]["r2"] >= base["labels"][n]["r2"] - 0.02]  # fmt: skip

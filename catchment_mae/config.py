@@ -36,6 +36,7 @@ FORMAT_1: dict[str, Any] = {
     "scale_stats": False,
     "slope_channel": False,
     "valid_channel": False,
+    "drop_empty_patches": False,
     "pool": "cls",
 }
 DEVICES = ("auto", "cpu", "cuda")
@@ -114,6 +115,9 @@ class TrainConfig:
     # The encoder sees where the raster has data (one more input channel): a
     # catchment's outline is part of what it encodes.
     valid_channel: bool = True
+    # Patches without a valid pixel take no part in attention, and masking keeps
+    # patches with data first.
+    drop_empty_patches: bool = True
     # The embedding cmae export writes by default: "cls" (the original tool's),
     # or "mean" (patch tokens weighted by their valid share); with scale_stats
     # the standardised scale vector follows either.

@@ -118,14 +118,21 @@ def render(info: dict[str, Any]) -> str:
             lines.append(f"  input:      {a['name']} {a['shape']} {a['type']}")
         for a in info["outputs"]:
             lines.append(f"  output:     {a['name']} {a['shape']} {a['type']}")
+        channels = meta.get("channels") or []
         lines += [
             f"  image:      {meta.get('image_size')} px, {meta.get('in_chans')} "
-            f"channel(s), bands {meta.get('bands') or 'all'}",
+            f"band(s), bands {meta.get('bands') or 'all'}",
+            *(f"  channel {i}:  {name}" for i, name in enumerate(channels)),
             f"  normalise:  {_norm(meta)}",
             f"  resize:     {meta.get('resize')}",
             f"  scale:      {meta.get('scale_definition')}, eps "
             f"{meta.get('scale_eps')}",
             f"  nodata:     {str(meta.get('nodata_policy')).removeprefix('nodata: ')}",
+            *(
+                [f"  embedding:  {meta['embedding_layout']}"]
+                if meta.get("embedding_layout")
+                else []
+            ),
             f"  weights:    sha256 {meta.get('weights_sha256')}",
             f"  file:       {info['file_size']} bytes, sha256 {info['sha256']}",
         ]

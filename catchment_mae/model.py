@@ -173,6 +173,8 @@ class ScaleAwareEncoder(nn.Module):
         scale_hidden_dim: hidden width of ``scale_embed``.
         scale_dim, scale_mean, scale_std: the scale vector (see ScaleEmbed).
         valid_channel: the validity joins the images as one more channel.
+        drop_empty: patches without a valid pixel take no part in attention
+            (:meth:`attention_mask`).
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class ScaleAwareEncoder(nn.Module):
         scale_mean: list[float] | None = None,
         scale_std: list[float] | None = None,
         valid_channel: bool = False,
+        drop_empty: bool = False,
     ) -> None:
         super().__init__()
         self.patch_size = int(vit.patch_embed.patch_size[0])
@@ -196,6 +199,7 @@ class ScaleAwareEncoder(nn.Module):
             self.embed_dim, scale_hidden_dim, scale_dim, scale_mean, scale_std
         )
         self.valid_channel = valid_channel
+        self.drop_empty = drop_empty
 
     @property
     def vit(self) -> nn.Module:
@@ -222,9 +226,9 @@ class ScaleAwareEncoder(nn.Module):
             (batch_size, num_tokens, embed_dim) after the final norm.
         """
         backbone, vit = self.backbone, self.backbone.vit
+        if (self.valid_channel or self.drop_empty) and valid is None:
+            raise ValueError("this encoder sees the validity: pass valid")
         if self.valid_channel:
-            if valid is None:
-                raise ValueError("this encoder sees the validity: pass valid")
             images = torch.cat([images, 2.0 * valid.to(images.dtype) - 1.0], dim=1)
         tokens = backbone.images_to_tokens(images)  # [B, L, D]
         tokens = self.add_scale_embed(tokens, scale)
@@ -233,9 +237,27 @@ class ScaleAwareEncoder(nn.Module):
         if idx_keep is not None:
             tokens = utils.get_at_index(tokens, idx_keep)  # [B, K, D]
         tokens = vit.norm_pre(tokens)
-        tokens = vit.blocks(tokens)
+        mask = self.attention_mask(valid, idx_keep) if self.drop_empty else None
+        for block in vit.blocks:
+            tokens = block(tokens, attn_mask=mask)
         out: Tensor = vit.norm(tokens)
         return out
+
+    def empty_patches(self, valid: Tensor) -> Tensor:
+        """(batch_size, num_patches) bool: the patches without a valid pixel."""
+        share = nn.functional.avg_pool2d(valid.float(), self.patch_size).flatten(1)
+        return share <= 0
+
+    def attention_mask(self, valid: Tensor, idx_keep: Tensor | None) -> Tensor:
+        """A boolean attention mask, (batch_size, 1, 1, num_tokens), True where
+        a token may be attended to (SDPA's meaning): no token attends to a patch
+        without data, so the nodata around a catchment's outline (however much
+        there is) changes none of its tokens."""
+        empty = self.empty_patches(valid)
+        keys = torch.cat([torch.zeros_like(empty[:, :1]), empty], dim=1)  # class: 0
+        if idx_keep is not None:
+            keys = torch.gather(keys, 1, idx_keep)
+        return ~keys[:, None, None, :]
 
     def add_scale_embed(self, tokens: Tensor, scale: Tensor) -> Tensor:
         """Adds ``scale_embed(scale)`` to every patch token.
@@ -260,7 +282,9 @@ class ScaleAwareMAE(nn.Module):
         mask_ratio: fraction of patch tokens hidden from the encoder.
         norm_pix_loss: normalise each target patch by its valid mean and std.
         scale_hidden_dim: hidden width of ``scale_embed``.
-        scale_dim, scale_mean, scale_std, valid_channel: see ScaleAwareEncoder.
+        scale_dim, scale_mean, scale_std, valid_channel, drop_empty: see
+            ScaleAwareEncoder; with drop_empty, masking keeps patches with data
+            before any without (:meth:`random_masking`).
     """
 
     def __init__(
@@ -277,6 +301,7 @@ class ScaleAwareMAE(nn.Module):
         scale_mean: list[float] | None = None,
         scale_std: list[float] | None = None,
         valid_channel: bool = False,
+        drop_empty: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
@@ -290,8 +315,9 @@ class ScaleAwareMAE(nn.Module):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.encoder = ScaleAwareEncoder(
-            vit, scale_hidden_dim, scale_dim, scale_mean, scale_std, valid_channel
-        )
+            vit, scale_hidden_dim, scale_dim, scale_mean, scale_std, valid_channel,
+            drop_empty,
+        )  # fmt: skip
         self.patch_size = self.encoder.patch_size
         self.embed_dim = self.encoder.embed_dim
         self.sequence_length = self.encoder.backbone.sequence_length
@@ -380,20 +406,31 @@ class ScaleAwareMAE(nn.Module):
         return (err * w).sum() / (w.sum() * c).clamp_min(1e-6)
 
     def random_masking(
-        self, batch_size: int, device: torch.device
+        self, batch_size: int, device: torch.device, valid: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """(idx_keep, idx_mask); the class token is always kept."""
-        return utils.random_token_mask(
-            size=(batch_size, self.sequence_length),
-            mask_ratio=self.mask_ratio,
-            device=device,
-        )
+        """(idx_keep, idx_mask); the class token is always kept (lightly's
+        ``random_token_mask``). With ``drop_empty`` and ``valid``, patches with
+        data are kept before any without: the encoder's quarter of a narrow
+        catchment's patches is not spent on the nodata around it (in the
+        preview of an elongated one, most kept patches were empty)."""
+        if not (self.encoder.drop_empty and valid is not None):
+            return utils.random_token_mask(
+                size=(batch_size, self.sequence_length),
+                mask_ratio=self.mask_ratio,
+                device=device,
+            )
+        noise = torch.rand(batch_size, self.sequence_length, device=device)
+        noise[:, 0] = -1.0  # the class token
+        noise[:, 1:] += self.encoder.empty_patches(valid).to(noise.dtype)
+        num_keep = max(1, int((self.sequence_length - 1) * (1 - self.mask_ratio)) + 1)
+        indices = torch.argsort(noise, dim=1)
+        return indices[:, :num_keep], indices[:, num_keep:]
 
     def forward(
         self, images: Tensor, valid: Tensor, scale: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One MAE step: returns (loss, pred, idx_mask)."""
-        idx_keep, idx_mask = self.random_masking(images.shape[0], images.device)
+        idx_keep, idx_mask = self.random_masking(images.shape[0], images.device, valid)
         x_encoded = self.forward_encoder(images, scale, idx_keep, valid)
         pred = self.forward_decoder(x_encoded, idx_keep, idx_mask)
         loss = self.forward_loss(images, valid, pred, idx_mask)
@@ -422,6 +459,7 @@ def build_model(cfg: TrainConfig, in_chans: int | None = None) -> ScaleAwareMAE:
         scale_mean=cfg.scale_mean,
         scale_std=cfg.scale_std,
         valid_channel=cfg.valid_channel,
+        drop_empty=cfg.drop_empty_patches,
     )
 
 
@@ -458,7 +496,8 @@ class Embedder(nn.Module):
     @property
     def needs_valid(self) -> bool:
         """Whether ``valid`` is an input."""
-        return self.pool == "mean" or self.encoder.valid_channel
+        enc = self.encoder
+        return self.pool == "mean" or enc.valid_channel or enc.drop_empty
 
     def forward(
         self, image: Tensor, scale: Tensor, valid: Tensor | None = None

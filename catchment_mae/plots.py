@@ -75,7 +75,7 @@ def save_reconstructions(
     p, c = model.patch_size, model.in_chans
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        idx_keep, idx_mask = model.random_masking(len(samples), images.device)
+        idx_keep, idx_mask = model.random_masking(len(samples), images.device, valid)
         pred = model.forward_decoder(
             model.forward_encoder(images, scale, idx_keep, valid), idx_keep, idx_mask
         )

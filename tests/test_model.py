@@ -95,6 +95,33 @@ def test_model__scale_and_validity_change_the_embedding():
         model.embed(images, scale)
 
 
+def test_model__patches_without_data_change_nothing_and_are_masked_last():
+    """Whatever lies under a patch without data (here: values, as a file's
+    nodata could hold), no other token sees it; masking keeps patches with
+    data before any without."""
+    model = _model().eval()
+    images, valid, scale = _batch()
+    valid[:, :, :, 24:] = 0.0  # the right column of patches has no data
+    other = images.clone()
+    other[:, :, :, 24:] = 50.0
+    with torch.no_grad():
+        a = model.forward_encoder(images, scale, None, valid)
+        b = model.forward_encoder(other, scale, None, valid)
+    data = [i for i in range(1, 17) if (i - 1) % 4 != 3]  # tokens of patches with data
+    torch.testing.assert_close(a[:, [0, *data]], b[:, [0, *data]])
+    plain = _model(drop_empty_patches=False).eval()
+    with torch.no_grad():
+        c = plain.forward_encoder(images, scale, None, valid)
+        d = plain.forward_encoder(other, scale, None, valid)
+    assert (c[:, 0] - d[:, 0]).abs().max() > 1e-3  # without it, the class token sees
+    torch.manual_seed(0)
+    idx_keep, idx_mask = model.random_masking(3, images.device, valid)
+    assert idx_keep.shape == (3, 5) and idx_mask.shape == (3, 12)  # 1 + 25 % of 16
+    assert (idx_keep[:, 0] == 0).all()
+    empty = {4, 8, 12, 16}  # token numbers of the right column
+    assert not empty & set(idx_keep[:, 1:].flatten().tolist())
+
+
 def test_model__scale_vector_is_standardised_by_the_config():
     k = 6
     model = _model(scale_mean=[1.0] * k, scale_std=[2.0] * k).eval()

@@ -127,10 +127,11 @@ def test_browser__train_export_embed(server, page):
     form.locator("button[type=submit]").click()
     page.locator("#embed-result").wait_for(state="visible", timeout=60_000)
     shown = json.loads(page.locator("#embed-json").input_value())
-    assert shown["status"] == "success" and shown["shape"] == [32]
+    assert shown["status"] == "success" and shown["shape"] == [38]
     sess = create_session(models / "browser_model.onnx")
     s = load_sample(tif, spec_from_metadata(read_metadata(sess)))
-    (ref,) = sess.run(["embedding"], {"image": s.image[None], "scale": s.scale[None]})
+    feed = {"image": s.image[None], "scale": s.scale[None], "valid": s.valid[None]}
+    (ref,) = sess.run(["embedding"], feed)
     np.testing.assert_allclose(shown["embedding"], ref[0], atol=1e-5)
     assert page.locator("#embed-preview").evaluate("img => img.naturalWidth") >= 128
     _shot(page, "4-embedded")

@@ -95,6 +95,13 @@ from catchment_mae.ranks import is_main_process, ranks_from_env
     help="The encoder sees where the raster has data  [default: yes]",
 )
 @click.option(
+    "--drop-empty/--no-drop-empty",
+    "drop_empty_patches",
+    default=None,
+    help="Patches without data take no part in attention, and masking keeps "
+    "patches with data first  [default: yes]",
+)
+@click.option(
     "--trim/--no-trim",
     default=None,
     help="Crop border rows and columns without data before resizing  [default: yes]",

@@ -52,8 +52,8 @@ def start_train() -> tuple[Response, int]:
 def export() -> Response:
     values = common.params(("model_path", "pool"))
     pth = common.model_path(values, {".pth"})
-    pool = str(values.get("pool") or "cls")
-    if pool not in ("cls", "mean"):
+    pool = str(values["pool"]) if values.get("pool") else None  # None: the model's
+    if pool not in (None, "cls", "mean"):
         raise Refused(400, f"pool: must be cls or mean, got {pool!r}", "pool")
     from catchment_mae.export.onnx import export_encoder
 
