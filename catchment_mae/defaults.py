@@ -41,6 +41,8 @@ SAMPLES_PER_CORE = 12_000
 SAMPLES_GPU = 400_000
 MIN_EPOCHS, MAX_EPOCHS = 20, 400
 GEO_PROBES = 64  # rasters whose headers say whether the archive is georeferenced
+# The keys :func:`resolve` may choose (where the config leaves them None or auto).
+CHOSEN_KEYS = (*SMALL_VIT, "max_epochs", "norm", "scale", "slope_channel")
 
 
 def resolve(

@@ -611,15 +611,9 @@ def _left_to_choose(cfg: TrainConfig, key: str) -> bool:
     """Whether ``key`` is one :mod:`catchment_mae.defaults` would choose in
     ``cfg`` (so a checkpoint's value for it is the run's)."""
     from catchment_mae.config import AUTO
+    from catchment_mae.defaults import CHOSEN_KEYS
 
-    return key in AUTO_KEYS and getattr(cfg, key) in (None, AUTO)
-
-
-# The keys defaults.resolve may choose.
-AUTO_KEYS = (
-    "vit_model_name", "image_size", "patch_size", "embed_dim", "depth", "num_heads",
-    "max_epochs", "norm", "scale", "slope_channel",
-)  # fmt: skip
+    return key in CHOSEN_KEYS and getattr(cfg, key) in (None, AUTO)
 
 
 def _choose(

@@ -130,3 +130,15 @@ def test_cli_train__an_image_size_the_patches_do_not_tile_is_a_usage_error(
         assert r.exit_code == 1 and "no .tif/.tiff files" in r.stderr
         return
     assert r.exit_code == 2 and says in r.stderr and "Traceback" not in r.output
+
+
+def test_train__resuming_keeps_what_the_first_part_chose(tiny_config, tmp_path):
+    """A run resumed with settings left to choose takes its checkpoint's
+    choices (its epochs among them), not new ones."""
+    from catchment_mae.trainer import train
+
+    first = train({**tiny_config, "max_epochs": 2}, progress=False)
+    open_cfg = {k: v for k, v in tiny_config.items() if k != "max_epochs"}
+    again = train(open_cfg, resume=first.checkpoint_path, progress=False)
+    assert again.config.max_epochs == 2 and again.epochs_run == 0
+    assert again.config.scale == first.config.scale == "ground"
