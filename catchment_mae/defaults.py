@@ -24,7 +24,8 @@ from catchment_mae.workers import available_cores
 
 # The model when none is named: a ViT of timm's vit_tiny width, 6 blocks deep,
 # on 64 px inputs cut in 8 px patches (64 tokens). On 2 CPU cores it trains at
-# about 180 samples/s; 12 blocks took twice as long and scored no better.
+# about 120-180 samples/s; in exploratory runs on the real-terrain benchmark,
+# 12 blocks took twice as long and scored no better.
 SMALL_VIT: dict[str, Any] = {
     "vit_model_name": "vit_tiny_patch16_224",
     "image_size": 64,
@@ -36,7 +37,8 @@ SMALL_VIT: dict[str, Any] = {
 NAMED_MODEL_IMAGE_SIZE = 224  # a timm model named by the user keeps its own size
 # Samples seen in a run whose epochs were not given: per CPU core, and on a GPU.
 # The epochs are this over the number of samples, within [MIN_EPOCHS, MAX_EPOCHS].
-# On the real-terrain benchmark (608 rasters) 30 epochs scored as well as 90.
+# In exploratory runs on the real-terrain benchmark (608 rasters), 30 epochs
+# scored as well as 90.
 SAMPLES_PER_CORE = 12_000
 SAMPLES_GPU = 400_000
 MIN_EPOCHS, MAX_EPOCHS = 20, 400

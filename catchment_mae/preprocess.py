@@ -334,8 +334,8 @@ def slope_channel(
 
     The slope is what resizing a DEM loses: a 64 px image of a 500 px catchment
     no longer shows its hillslopes, and its std and extent alone do not say how
-    steep they are (on the real-terrain benchmark, log slope R² within one DEM
-    0.39 from them, 0.78 with this channel, untrained)."""
+    steep they are (on the real-terrain benchmark, R² of log slope within one
+    DEM 0.85 with this channel, 0.10 without)."""
     h_m, w_m = ground_extent_m(info)  # of the raster; its pixels as read:
     dy, dx = h_m / info.read_height, w_m / info.read_width
     zz = np.where(valid, z.astype(np.float64), np.nan)

@@ -101,3 +101,14 @@ def test_config__norm_statistics_given_anew_are_not_the_data_s():
     assert saved.merged({"epochs": None}).extra == {"norm_stats_from": "data"}
     given = saved.merged({"norm_mean": [5.0], "norm_std": [6.0]})
     assert given.extra == {} and given.norm_mean == [5.0]
+
+
+def test_config__scale_statistics_fit_the_scale_vector():
+    TrainConfig(in_chans=1, scale_mean=[0.0] * 6, scale_std=[1.0] * 6)
+    TrainConfig(scale_stats=False, scale_mean=[0.0] * 2, scale_std=[1.0] * 2)
+    with pytest.raises(ConfigError, match="scale_mean and scale_std must be given"):
+        TrainConfig(scale_mean=[0.0] * 6)
+    with pytest.raises(ConfigError, match="have 2/2 values; the scale vector has 6"):
+        TrainConfig(in_chans=1, scale_mean=[0.0] * 2, scale_std=[1.0] * 2)
+    with pytest.raises(ConfigError, match="scale_std values must be > 0"):
+        TrainConfig(in_chans=1, scale_mean=[0.0] * 6, scale_std=[0.0] * 6)
