@@ -22,6 +22,7 @@ ground; log-spaced bins, shares summing to 1) and the log pixel size in metres.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -50,14 +51,30 @@ def spacing_m(raster: Raster) -> tuple[float, float]:
     return h_m / h, w_m / w
 
 
-def slope(z: np.ndarray, valid: np.ndarray, dy: float, dx: float) -> np.ndarray:
-    """Gradient magnitude (m/m) by central differences (one-sided at the edges);
-    NaN where a neighbour it needs is nodata."""
-    zz = np.where(valid, z.astype(np.float64), np.nan)
-    if min(zz.shape) < 2:
-        return np.full(zz.shape, np.nan)
-    gy, gx = np.gradient(zz, dy, dx)
-    return np.hypot(gy, gx)
+# Rows of a raster whose slopes are computed at once: the temporaries of a strip
+# stay a few MB however large the raster (the reader's memory budget holds).
+SLOPE_STRIP_ROWS = 256
+
+
+def slope(
+    z: np.ndarray, valid: np.ndarray, dy: float, dx: float, dtype: Any = np.float64
+) -> np.ndarray:
+    """Gradient magnitude (m/m) by central differences (one-sided at the edges),
+    as ``dtype``; NaN where a neighbour it needs is nodata. Computed in strips of
+    rows, so its temporaries are a strip's, not the raster's."""
+    h, w = z.shape
+    out = np.full((h, w), np.nan, dtype)
+    if h < 2 or w < 2:
+        return out
+    for top in range(0, h, SLOPE_STRIP_ROWS):
+        lo, hi = max(top - 1, 0), min(top + SLOPE_STRIP_ROWS + 1, h)
+        zz = np.where(valid[lo:hi], z[lo:hi].astype(dtype), np.nan)
+        with np.errstate(invalid="ignore"):
+            gy, gx = np.gradient(zz, dy, dx)
+            strip = np.hypot(gy, gx)
+        end = min(top + SLOPE_STRIP_ROWS, h)
+        out[top:end] = strip[top - lo : top - lo + end - top]
+    return out
 
 
 def attributes(

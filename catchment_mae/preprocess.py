@@ -289,6 +289,7 @@ def resample(raster: Raster, spec: PreprocessSpec) -> Resampled:
         ].astype(np.float32)
         x = np.where(valid, x, np.float32(0.0)).astype(np.float32)  # NaN * 0: NaN
         num, den = resize_valid_weighted(x, valid.astype(np.float32), spec.image_size)
+    del x  # the slope channel's arrays take its place
     levels = np.rint(np.clip(den, 0.0, 1.0) * VALID_LEVELS).astype(np.uint8)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.where(levels > 0, num / den, 0.0)
@@ -336,19 +337,17 @@ def slope_channel(
     no longer shows its hillslopes, and its std and extent alone do not say how
     steep they are (on the real-terrain benchmark, R² of log slope within one
     DEM 0.85 with this channel, 0.10 without)."""
+    from catchment_mae.geomorph import slope
+
     h_m, w_m = ground_extent_m(info)  # of the raster; its pixels as read:
     dy, dx = h_m / info.read_height, w_m / info.read_width
-    zz = np.where(valid, z.astype(np.float64), np.nan)
-    if min(zz.shape) < 2:
-        grad = np.full(zz.shape, np.nan)
-    else:
-        with np.errstate(invalid="ignore"):
-            gy, gx = np.gradient(zz, dy, dx)
-            grad = np.hypot(gy, gx)
-    known = np.isfinite(grad)
+    v = slope(z, valid, dy, dx, np.float32)  # NaN where a neighbour is nodata
+    known = np.isfinite(v)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        v = (np.log10(np.maximum(grad, SLOPE_FLOOR)) - SLOPE_CENTRE) / SLOPE_SPREAD
-    v = np.where(known, v, 0.0).astype(np.float32)
+        np.log10(np.maximum(v, SLOPE_FLOOR, out=v), out=v)  # in place: no copies
+        v -= SLOPE_CENTRE
+        v /= SLOPE_SPREAD
+    v[~known] = 0.0
     num, den = resize_valid_weighted(v[None], known.astype(np.float32), spec.image_size)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where((levels > 0) & (den > 0), num[0] / den, 0.0)

@@ -56,3 +56,17 @@ def test_handmade_features__slopes_on_the_ground_and_size():
     assert coarse[names.index("log_pixel_m")] == pytest.approx(math.log(30.0))
     assert coarse[names.index("log_valid_pixels")] == pytest.approx(math.log(35 * 60))
     assert coarse[names.index("log_height_px")] == pytest.approx(math.log(35))
+
+
+def test_slope__strips_give_the_whole_raster_s_gradient(monkeypatch):
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(53, 40)).cumsum(axis=0) * 10.0
+    valid = rng.random((53, 40)) > 0.1
+    zz = np.where(valid, z, np.nan)
+    gy, gx = np.gradient(zz, 5.0, 7.0)
+    whole = np.hypot(gy, gx)
+    monkeypatch.setattr(geomorph, "SLOPE_STRIP_ROWS", 8)  # 7 strips, halos between
+    np.testing.assert_allclose(geomorph.slope(z, valid, 5.0, 7.0), whole)
+    narrow = geomorph.slope(z, valid, 5.0, 7.0, np.float32)
+    assert narrow.dtype == np.float32
+    np.testing.assert_allclose(narrow, whole, rtol=1e-5)

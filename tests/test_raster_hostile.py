@@ -182,17 +182,31 @@ def test_bombs__band_count_checked_before_reading(bombs):
              in_chans=1)  # fmt: skip
 
 
-def test_bombs__peak_memory_stays_under_the_budget(bombs, tmp_path):
-    """Each crafted file, and two legitimate big ones, read and preprocessed in
-    one child process after the other: the rise of the child's high-water mark
-    (Linux VmHWM, reset per file through clear_refs) stays under the budget."""
+@pytest.mark.parametrize("inputs", ["plain", "terrain"])
+def test_bombs__peak_memory_stays_under_the_budget(bombs, tmp_path, inputs):
+    """Each crafted file, and legitimate big ones, read and preprocessed in one
+    child process after the other: the rise of the child's high-water mark
+    (Linux VmHWM, reset per file through clear_refs) stays under the budget;
+    also with the terrain inputs (trimming, the slope channel, the raster's
+    facts) on a georeferenced DEM read by decimation."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("measuring peak memory per file needs Linux's clear_refs")
     legit = tmp_path / "legit_big.tif"  # read by decimation
-    tifffile.imwrite(
-        legit, np.random.default_rng(0).random((6000, 6000), np.float32),
-        rowsperstrip=64, compression="zlib",
-    )  # fmt: skip
+    big = np.random.default_rng(0).random((6000, 6000), np.float32)
+    if inputs == "terrain":
+        from catchment_mae.synth import write_dem
+        from tests.conftest import dem_spec
+
+        big[:, :1500] = -9999.0  # nodata to trim
+        write_dem(legit, dem_spec(height=6000, width=6000, pixel=10.0, seed=1), big)
+    else:
+        tifffile.imwrite(legit, big, rowsperstrip=64, compression="zlib")
+    del big
+    terrain = (
+        ', trim=True, scale="ground", slope_channel=True, scale_stats=True'
+        if inputs == "terrain"
+        else ""
+    )
     rgb = tmp_path / "legit_rgb.tif"  # three bands, read whole
     tifffile.imwrite(
         rgb, np.random.default_rng(1).integers(0, 255, (900, 900, 3), np.uint8),
@@ -211,6 +225,7 @@ def test_bombs__peak_memory_stays_under_the_budget(bombs, tmp_path):
         read_raster({str(legit)!r}, max_pixels=100)  # warm up the imports
         spec = PreprocessSpec(
             image_size=224, in_chans=None, norm="per-raster", max_memory_mb={BUDGET}
+            {terrain}
         )
         out = {{}}
         for path in json.loads(sys.argv[1]):
@@ -234,7 +249,8 @@ def test_bombs__peak_memory_stays_under_the_budget(bombs, tmp_path):
     for path, (rise, what) in got.items():
         assert rise < BUDGET << 20, (path, rise >> 20, what)
     assert got[str(legit)][1].startswith("read ")  # decimated within the budget
-    assert got[str(rgb)][1] == "read 900x900"
+    if inputs == "plain":  # three bands without georeferencing: no ground slope
+        assert got[str(rgb)][1] == "read 900x900"
 
 
 def _two_page_tiff(path: Path) -> tuple[int, int]:
