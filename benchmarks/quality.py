@@ -14,9 +14,12 @@ One run on the CPU, with the commands a user runs and their default settings:
    log slope within each DEM, which-DEM accuracy, same-basin retrieval and how
    often a coarser copy finds its original, beside the same figures for simple
    terrain features computed from the rasters (geomorph.handmade_features).
-4. Nodata margins: the originals written again inside a margin of nodata half
-   their size on every side, embedded with the same model: cosine to
-   themselves without it.
+4. Windows: ``cmae synth OUT/windows --windows-of DEMS``, square windows of the
+   same DEMs (tiles of an archive rather than catchments, none overlapping
+   another) with their coarser copies, embedded with the same models and
+   evaluated alike. Nodata margins: the originals written again inside a margin
+   of nodata half their size on every side, embedded with the same model:
+   cosine to themselves without it.
 5. The synthetic terrain families (``cmae synth --labelled``): family accuracy
    with the defaults, untrained, and without any scale input (``--scale none
    --no-scale-stats``).
@@ -122,6 +125,23 @@ def margins(data: Path, onnx: str, out: Path) -> dict:
     return {"rasters": len(cos), "min_cosine": min(cos), "mean_cosine": np.mean(cos)}
 
 
+def windows(dems: Path, out: Path, results: dict, extra: list[str]) -> dict:
+    """The trained (and untrained) models on square windows of the same DEMs."""
+    data = out / "windows"
+    if not (data / "labels.csv").is_file():
+        cmae("synth", data, "--windows-of", dems)
+    evals = {}
+    for run in ("default", "untrained"):
+        if run not in results:
+            continue
+        table = out / f"windows_{run}.parquet"
+        cmae("embed-dir", data, "--model", results[run]["onnx"], "--out", table,
+             "--overwrite")  # fmt: skip
+        evals[run] = cmae("eval", table, "--labels", data / "labels.csv",
+                          "--no-report", *extra)  # fmt: skip
+    return evals
+
+
 def synthetic(out: Path, flags: list[str]) -> dict:
     """Family accuracy on the synthetic terrains: defaults, untrained, and
     without any scale input."""
@@ -178,6 +198,7 @@ def main() -> None:
             data, out, "terrain_untrained", [*flags, "--epochs", "1", "--lr", "1e-12"],
             labels, extra,
         )  # fmt: skip
+    results["windows"] = windows(args.dems, out, results, extra)
     results["margins"] = margins(data, results["default"]["onnx"], out)
     if not args.skip_synth:
         results["synthetic"] = synthetic(out, flags)
@@ -202,8 +223,12 @@ def figures(ev: dict) -> list[tuple[str, float]]:
 def table(ev: dict) -> str:
     """Embedding against baseline, one row per figure (markdown)."""
     lines = ["| figure | embedding | hand-made baseline |", "| --- | --- | --- |"]
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     for (name, a), (_, b) in zip(figures(ev), figures(ev["baseline"]), strict=True):
-        lines.append(f"| {name} | {a:.3f} | {b:.3f} |")
+        lines.append(f"| {name} | {cell(a)} | {cell(b)} |")
     return "\n".join(lines)
 
 
@@ -217,6 +242,9 @@ def print_report(r: dict) -> None:
         print()
         print("untrained (the same model, initial weights):")
         print(table(r["untrained"]["eval"]))
+    for run, ev_w in r.get("windows", {}).items():
+        print(f"\nwindows of the same DEMs, {run}:")
+        print(table(ev_w))
     m = r["margins"]
     print(
         "\nnodata margin of half the size on every side: min cosine "

@@ -119,3 +119,40 @@ def test_cli_synth_catchments_then_eval_with_baseline(runner, bench, tmp_path):
         "eval", str(table), "--labels", str(out / "labels.csv"), "--baseline",
     ])  # fmt: skip
     assert no_root.exit_code == 2 and "--rasters" in no_root.stderr
+
+
+def test_synth_windows__squares_of_the_dem_with_their_copies(runner, tmp_path):
+    src = tmp_path / "dems"
+    src.mkdir()
+    (src / DEM.name).symlink_to(DEM)
+    out = tmp_path / "windows"
+    r = runner.invoke(cli, ["synth", str(out), "--windows-of", str(src), "--per-dem",
+                            "4", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with open(out / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    originals = [row for row in rows if row["copy_of"] == ""]
+    groups = {row["group"] for row in rows}
+    assert 1 <= len(originals) == len(groups) <= 4  # as many as fit, apart
+    src_raster = read_raster(DEM)
+    taken = np.zeros(src_raster.valid.shape, int)
+    for row in originals:
+        w = read_raster(out / row["path"])
+        h, wd = w.data.shape[1:]
+        assert h == wd and 64 <= h <= 97  # square, within the DEM's 97 px
+        assert w.valid.mean() >= 0.5
+        _, a, _, f, _, e = w.info.geo.transform
+        x0 = round((w.info.geo.transform[0] - src_raster.info.geo.transform[0]) / a)
+        y0 = round((f - src_raster.info.geo.transform[3]) / e)
+        window = src_raster.data[0, y0 : y0 + h, x0 : x0 + wd]
+        np.testing.assert_array_equal(w.data[0][w.valid], window[w.valid])
+        taken[y0 : y0 + h, x0 : x0 + wd] += 1
+        assert float(row["relief"]) == pytest.approx(
+            float(w.data[0][w.valid].max() - w.data[0][w.valid].min()), abs=1e-3
+        )
+    assert taken.max() == 1  # no pixel in two windows
+    copies = [row for row in rows if row["copy_of"]]
+    assert copies and all(c["copy_of"].endswith("_x1.tif") for c in copies)
+    both = runner.invoke(cli, ["synth", str(out), "--windows-of", str(src),
+                               "--catchments-of", str(src)])  # fmt: skip
+    assert both.exit_code == 2 and "exclude each other" in both.output

@@ -57,12 +57,19 @@ from catchment_mae.cli import options
     "integral). Needs the catchments extra (pyflwdir).",
 )
 @click.option(
+    "--windows-of",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    metavar="DIR",
+    help="Instead: square windows (64-512 px) of each georeferenced DEM of DIR, "
+    "also at 2x and 4x coarser, with labels.csv as --catchments-of writes it.",
+)
+@click.option(
     "--per-dem",
     type=click.IntRange(min=1),
     default=10,
     show_default=True,
     help="With --catchments-of: at most this many catchments per DEM, one per "
-    "doubling of area.",
+    "doubling of area; with --windows-of: this many windows per DEM.",
 )
 @options.json_opt
 def synth(
@@ -74,6 +81,7 @@ def synth(
     labelled: bool,
     copies_of: Path | None,
     catchments_of: Path | None,
+    windows_of: Path | None,
     per_dem: int,
     as_json: bool,
 ) -> None:
@@ -83,7 +91,8 @@ def synth(
     With --labelled, a labelled benchmark instead (alpine, hills, plateau and
     floodplain terrains; labels family, resolution_m, log_extent, group); with
     --copies-of, down-sampled copies of real DEMs; with --catchments-of, the
-    real-terrain benchmark: catchments of your own DEMs and their attributes.
+    real-terrain benchmark: catchments of your own DEMs and their attributes
+    (--windows-of: square windows of them).
 
     \b
     Examples:
@@ -91,6 +100,7 @@ def synth(
       cmae synth bench/ --labelled --count 96 --min-size 32 --max-size 512
       cmae synth copies/ --copies-of ~/dems
       cmae synth real/ --catchments-of ~/dems --per-dem 12
+      cmae synth tiles/ --windows-of ~/dems
     """
     from catchment_mae import terrain
     from catchment_mae.synth import generate_dems
@@ -99,9 +109,10 @@ def synth(
         raise click.BadParameter(
             f"--min-size {min_size} is larger than --max-size {max_size}"
         )
-    if sum(map(bool, (labelled, copies_of, catchments_of))) > 1:
+    if sum(map(bool, (labelled, copies_of, catchments_of, windows_of))) > 1:
         raise click.UsageError(
-            "--labelled, --copies-of and --catchments-of exclude each other"
+            "--labelled, --copies-of, --catchments-of and --windows-of exclude "
+            "each other"
         )
     skipped: list[str] = []
     try:
@@ -110,22 +121,26 @@ def synth(
                 out_dir, count, min_size=min_size, max_size=max_size, seed=seed
             )
             paths = [out_dir / r.path for r in rows]
-        elif copies_of or catchments_of:
+        elif copies_of or catchments_of or windows_of:
+            from catchment_mae import catchments
+
             if copies_of:
                 labels, skipped = terrain.write_scale_copies(copies_of, out_dir)
-            else:
-                from catchment_mae.catchments import write_catchment_benchmark
-
-                labels, skipped = write_catchment_benchmark(
+            elif catchments_of:
+                labels, skipped = catchments.write_catchment_benchmark(
                     catchments_of, out_dir, per_dem=per_dem, seed=seed
+                )
+            else:
+                labels, skipped = catchments.write_windows(
+                    windows_of, out_dir, per_dem=per_dem, seed=seed
                 )
             paths = [out_dir / str(r["path"]) for r in labels]
             for line in skipped:
                 click.echo(f"cmae: skipped {line}", err=True)
             if not paths:
                 raise click.ClickException(
-                    f"{copies_of or catchments_of}: no TIFF could be "
-                    + ("copied" if copies_of else "delineated")
+                    f"{copies_of or catchments_of or windows_of}: no TIFF could be "
+                    + ("copied" if copies_of else "cut")
                 )
         else:
             paths = generate_dems(
@@ -147,5 +162,6 @@ def synth(
             )
         )
     else:
-        labels = " and labels.csv" if labelled or copies_of or catchments_of else ""
+        benchmark = labelled or copies_of or catchments_of or windows_of
+        labels = " and labels.csv" if benchmark else ""
         click.echo(f"wrote {len(paths)} DEM(s){labels} to {out_dir}", err=True)
