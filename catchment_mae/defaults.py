@@ -34,7 +34,7 @@ SMALL_VIT: dict[str, Any] = {
     "depth": 6,
     "num_heads": 3,
 }
-NAMED_MODEL_IMAGE_SIZE = 224  # a timm model named by the user keeps its own size
+NAMED_MODEL_IMAGE_SIZE = 224  # a named timm model without a size of its own
 # Samples seen in a run whose epochs were not given: per CPU core, and on a GPU.
 # The epochs are this over the number of samples, within [MIN_EPOCHS, MAX_EPOCHS].
 # In exploratory runs on the real-terrain benchmark (608 rasters), 30 epochs
@@ -72,7 +72,7 @@ def resolve(
             if getattr(cfg, key) in (None, AUTO):
                 updates[key] = value
     elif cfg.image_size is None:
-        updates["image_size"] = NAMED_MODEL_IMAGE_SIZE
+        updates["image_size"] = native_image_size(cfg.vit_model_name)
     if cfg.max_epochs is None:
         updates["max_epochs"] = epochs_for(samples, device, cores)
     if cfg.norm is None:
@@ -89,6 +89,20 @@ def resolve(
             why.append("a slope channel (one georeferenced band: elevations)")
     out = cfg.merged(updates) if updates else cfg
     return out, describe(out, samples, device, why, threads)
+
+
+def native_image_size(name: str) -> int:
+    """The input size a timm model was made for (its pretrained config's:
+    224 for vit_small_patch16_224, 384 for vit_base_patch16_384), else
+    NAMED_MODEL_IMAGE_SIZE. Reads timm's registry only (imported here: the
+    trainer calls this, never the torch-free paths)."""
+    import timm
+
+    try:
+        size = timm.models.get_pretrained_cfg(name).input_size[-1]
+    except (AttributeError, RuntimeError, TypeError, IndexError):
+        return NAMED_MODEL_IMAGE_SIZE
+    return int(size)
 
 
 def describe(

@@ -16,6 +16,7 @@ from catchment_mae.defaults import (
     SAMPLES_GPU,
     SMALL_VIT,
     epochs_for,
+    native_image_size,
     resolve,
 )
 from catchment_mae.raster import find_tiffs
@@ -66,6 +67,7 @@ def test_resolve__several_bands_get_no_slope_and_given_settings_stay(tmp_path):
     assert (cfg.vit_model_name, cfg.image_size, cfg.patch_size) == (
         "vit_small_patch16_224", 224, None,
     )  # fmt: skip
+    assert native_image_size("vit_base_patch16_384") == 384
     assert (cfg.max_epochs, cfg.norm, cfg.scale) == (7, "fixed", "pixels")
     assert "thread" not in line and "scale" not in line.split(";")[1]
 

@@ -319,3 +319,30 @@ def test_downstream__readme_snippet_is_the_tested_one():
         if "sys.argv" in line:
             continue
         assert line in readme, line
+
+
+def test_export__a_format_1_model_keeps_its_contract(tmp_path, dem_dir):
+    """A NAME.json of format 1 (before the terrain inputs) trains, exports and
+    embeds as those models did: image and scale alone, two extents in pixels,
+    the class token."""
+    from catchment_mae.batch.runner import embed_dir
+    from catchment_mae.trainer import train
+    from tests.conftest import TINY
+
+    cfg = dict(
+        TINY, input_dir=str(dem_dir), model_output_path=str(tmp_path / "m.pth"),
+        max_epochs=1, scale="pixels", norm="fixed", format_version=1,
+    )  # fmt: skip
+    result = train(cfg, progress=False)
+    assert not (result.config.scale_stats or result.config.slope_channel)
+    out = tmp_path / "m.onnx"
+    report = export_encoder(result.weights_path, out)
+    assert report.inputs == ["image", "scale"] and report.pool == "cls"
+    sess = create_session(out, "cpu")
+    assert [i.shape[1:] for i in sess.get_inputs()] == [[1, 32, 32], [2]]
+    spec = spec_from_metadata(read_metadata(sess))
+    assert (spec.trim, spec.scale_stats, spec.slope_channel) == (False, False, False)
+    summary = embed_dir(dem_dir, out, tmp_path / "e.parquet", num_workers=0)
+    assert (summary.embedded, summary.failed) == (12, 0)
+    s = load_sample(sorted(dem_dir.glob("*.tif"))[0], spec)
+    np.testing.assert_allclose(s.scale, np.log([s.info.height, s.info.width]), 1e-6)

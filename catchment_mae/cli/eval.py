@@ -168,20 +168,17 @@ def render(result: dict[str, Any]) -> str:
             f"{name[:22]:<22} {m['kind']:<12} {m['rows']:>6} "
             + " ".join(f"{c:>{width}}" for c in cells)
         )
-    if "retrieval" in result:
-        r = result["retrieval"]
-        extra = f"/{num(base['retrieval']['top1_same_group'])}" if base else ""
-        lines.append(
-            f"retrieval: nearest neighbour of its own group {num(r['top1_same_group'])}"
-            f"{extra} over {r['rows']} rows (chance {num(r['chance'])})"
-        )
-    if "copies" in result:
-        r = result["copies"]
-        extra = f"/{num(base['copies']['top1_own_original'])}" if base else ""
-        lines.append(
-            f"copies: nearest original is its own {num(r['top1_own_original'])}"
-            f"{extra} over {r['rows']} copies (chance {num(r['chance'])})"
-        )
+    for key, figure, says, rows_are in (
+        ("retrieval", "top1_same_group", "nearest neighbour of its own group", "rows"),
+        ("copies", "top1_own_original", "nearest original is its own", "copies"),
+    ):
+        if key in result:
+            r = result[key]
+            extra = f"/{num(base[key][figure])}" if base else ""
+            lines.append(
+                f"{key}: {says} {num(r[figure])}{extra} over {r['rows']} {rows_are} "
+                f"(chance {num(r['chance'])})"
+            )
     rows, s = result["rows"], result["settings"]
     lines.append(
         f"rows: {rows['table_rows']} in the table, {rows['used']} labelled and used, "
