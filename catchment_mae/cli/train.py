@@ -41,7 +41,8 @@ from catchment_mae.ranks import is_main_process, ranks_from_env
     "--image-size",
     type=click.IntRange(min=8),
     help="Model input size S (rasters are resized to S x S; a multiple of the "
-    "patch size)  [default: 64 with the auto model, else 224]",
+    "patch size)  [default: 64 with the auto model, else the size the named "
+    "model was made for, e.g. 224]",
 )
 @click.option(
     "--patch-size", type=click.IntRange(min=1), help="Override the ViT's patch size."
