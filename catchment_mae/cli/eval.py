@@ -60,11 +60,9 @@ from catchment_mae.cli import options
     "statistics, neighbour differences, size, pixel size) in the same protocol, "
     "printed beside the embedding's figures.",
 )
-@click.option(
+@options.folder_opt(
     "--rasters",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    metavar="DIR",
-    help="Where the table's paths lie, for --baseline  [default: the folder "
+    "Where the table's paths lie, for --baseline  [default: the folder "
     "embed-dir listed]",
 )
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -117,6 +117,16 @@ norm_std_opt = click.option(
 )
 
 
+def folder_opt(name: str, help: str) -> Any:
+    """An option naming a folder that must exist (``DIR``), as a Path."""
+    return click.option(
+        name,
+        type=click.Path(file_okay=False, exists=True, path_type=Path),
+        metavar="DIR",
+        help=help,
+    )
+
+
 def drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 

@@ -40,27 +40,21 @@ from catchment_mae.cli import options
     help="The labelled benchmark for cmae eval: COUNT terrains of four families, "
     "each at 2-3 ground resolutions (5-90 m), and OUT_DIR/labels.csv.",
 )
-@click.option(
+@options.folder_opt(
     "--copies-of",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    metavar="DIR",
-    help="Instead: each georeferenced TIFF of DIR (first band) and its x2 and x4 "
+    "Instead: each georeferenced TIFF of DIR (first band) and its x2 and x4 "
     "down-sampled copies, with labels.csv (group = the source).",
 )
-@click.option(
+@options.folder_opt(
     "--catchments-of",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    metavar="DIR",
-    help="Instead: catchments delineated from each georeferenced DEM of DIR (also "
+    "Instead: catchments delineated from each georeferenced DEM of DIR (also "
     "at 2x and 4x coarser), with labels.csv (dem, group = top-level basin, "
     "copy_of, area, slope, elevation, relief, elongation, hypsometric "
     "integral). Needs the catchments extra (pyflwdir).",
 )
-@click.option(
+@options.folder_opt(
     "--windows-of",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    metavar="DIR",
-    help="Instead: square windows (64-512 px) of each georeferenced DEM of DIR, "
+    "Instead: square windows (64-512 px) of each georeferenced DEM of DIR, "
     "also at 2x and 4x coarser, with labels.csv as --catchments-of writes it.",
 )
 @click.option(
