@@ -288,12 +288,12 @@ class TrainConfig:
                 f"scale_eps must be > 0, got {self.scale_eps}", key="scale_eps"
             )
         for key in ("blr", "weight_decay", "warmup_epochs", "min_lr"):
-            if getattr(self, key) < 0:
+            if not 0 <= getattr(self, key) < math.inf:
                 raise ConfigError(
-                    f"{key} must be >= 0, got {getattr(self, key)}", key=key
+                    f"{key} must be >= 0 and finite, got {getattr(self, key)}", key=key
                 )
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}", key="lr")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ConfigError(f"lr must be > 0 and finite, got {self.lr}", key="lr")
         if (
             self.patch_size is not None
             and self.image_size is not None

@@ -64,15 +64,9 @@ def resolve(
         device: "cpu" or "cuda", the device the run trains on.
         threads: torch's threads on a CPU (said in the line).
     """
-    updates: dict[str, Any] = {}
+    updates: dict[str, Any] = shape_updates(cfg)
     why: list[str] = []
     cores = available_cores()
-    if cfg.vit_model_name == AUTO:
-        for key, value in SMALL_VIT.items():
-            if getattr(cfg, key) in (None, AUTO):
-                updates[key] = value
-    elif cfg.image_size is None:
-        updates["image_size"] = native_image_size(cfg.vit_model_name)
     if cfg.max_epochs is None:
         updates["max_epochs"] = epochs_for(samples, device, cores)
     if cfg.norm is None:
@@ -89,6 +83,16 @@ def resolve(
             why.append("a slope channel (one georeferenced band: elevations)")
     out = cfg.merged(updates) if updates else cfg
     return out, describe(out, samples, device, why, threads)
+
+
+def shape_updates(cfg: TrainConfig) -> dict[str, Any]:
+    """The model's shape where ``cfg`` leaves it to be chosen: the small ViT's
+    keys for the auto model, a named model's own input size."""
+    if cfg.vit_model_name == AUTO:
+        return {k: v for k, v in SMALL_VIT.items() if getattr(cfg, k) in (None, AUTO)}
+    if cfg.image_size is None:
+        return {"image_size": native_image_size(cfg.vit_model_name)}
+    return {}
 
 
 def native_image_size(name: str) -> int:

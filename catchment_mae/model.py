@@ -463,6 +463,39 @@ def build_model(cfg: TrainConfig, in_chans: int | None = None) -> ScaleAwareMAE:
     )
 
 
+def training_memory(cfg: TrainConfig, in_chans: int = 1) -> tuple[int, int, int]:
+    """At least what training ``cfg`` holds in memory, in bytes; its parameters;
+    its tokens a sample. ``cfg``'s model shape must be chosen
+    (:func:`catchment_mae.defaults.shape_updates`).
+
+    Weights, gradients and AdamW's two moments: 16 bytes a parameter, counted on
+    the meta device (no memory, no time). Activations kept for the backward
+    pass: per block ``s b h (34 + 5 a s / h)`` bytes in 16 bits (Korthikanti et
+    al. 2022, "Reducing Activation Recomputation in Large Transformer Models"),
+    twice that in fp32, for the encoder's visible tokens and the decoder's
+    whole sequence."""
+    with torch.device("meta"):
+        model = build_model(cfg, in_chans)
+    params = sum(p.numel() for p in model.parameters())
+    vit = model.encoder.backbone.vit
+    tokens = model.sequence_length
+    visible = round((tokens - 1) * (1 - cfg.mask_ratio)) + 1
+    bytes_per_value = 2 if cfg.precision != "fp32" else 4
+
+    def activations(s: int, h: int, a: int, layers: int) -> float:
+        per_block = s * cfg.batch_size * h * (34 + 5 * a * s / h) / 2
+        return layers * per_block * bytes_per_value
+
+    total = 16 * params
+    total += activations(
+        visible, vit.embed_dim, vit.blocks[0].attn.num_heads, len(vit.blocks)
+    )
+    total += activations(
+        tokens, cfg.decoder_dim, cfg.decoder_num_heads, cfg.decoder_depth
+    )
+    return int(total), params, tokens - 1
+
+
 class Embedder(nn.Module):
     """The encoder alone, ``image, scale -> embedding``: what ``cmae export`` traces.
 

@@ -97,3 +97,21 @@ def test_serve__ctrl_c_or_sigterm_stops_cleanly(serve, tmp_path, sig):
     assert proc.returncode == 0, stderr
     assert stderr.strip() == "cmae serve: stopped"
     assert uploads() == []
+
+
+def test_serve__answers_while_many_connections_trickle(serve):
+    """Clients that open a connection and send a request a byte at a time
+    (slowloris) hold no thread; 150 of them leave the server answering."""
+    _, _, port = serve()
+    held = []
+    try:
+        for _ in range(150):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            held.append(s)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/health")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+    finally:
+        for s in held:
+            s.close()

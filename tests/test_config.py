@@ -46,6 +46,8 @@ def test_config__json_round_trip(tmp_path):
         ({"norm_mean": [1.0], "norm_std": [0.0]}, r"norm_std\[0\] must be > 0"),
         ({"norm_mean": [1.0]}, "must be given together"),
         ({"mask_ratio": 1.0}, r"mask_ratio must be in \(0, 1\)"),
+        ({"lr": float("nan")}, "lr must be > 0 and finite, got nan"),
+        ({"min_lr": float("inf")}, "min_lr must be >= 0 and finite"),
         ({"norm": "global"}, "norm must be one of fixed, per-raster"),
         (
             {"in_chans": 2, "bands": [1, 2, 3]},

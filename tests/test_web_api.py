@@ -530,3 +530,61 @@ def test_requests__clear_answers_instead_of_500s(fenced):
     assert api.headers["Cache-Control"] == "no-store"
     assert api.headers["Referrer-Policy"] == "no-referrer"
     assert "default-src 'self'" in client.get("/").headers["Content-Security-Policy"]
+
+
+def test_requests__lone_surrogates_and_long_fields_are_400s(fenced):
+    client, *_ = fenced
+    routes = [
+        ("/embed", {"model_path": "m.onnx", "image_path": "\ud800"}),
+        ("/api/embed", {"model_path": "\ud800", "image_path": "dems/x.tif"}),
+        ("/api/embed-dir", {"dataset": "\ud800", "model_path": "m.onnx", "name": "t"}),
+        ("/api/train", {**TINY_FORM, "name": "t", "dataset": "d\udfff"}),
+        ("/api/export", {"model_path": "\udc80.pth"}),
+    ]
+    for path, fields in routes:
+        body = json.dumps(fields)  # escapes the surrogate: valid JSON text
+        r = _post(client, path, data=body, content_type="application/json")
+        assert r.status_code == 400, (path, r.status_code, r.json)
+        assert "not valid text" in r.json["message"], r.json
+    long = {"dataset": "dems", "model_path": "m.onnx", "name": "t",
+            "vit_model_name": "v" * 5000}  # fmt: skip
+    r = _post(client, "/api/train", json=long)
+    assert r.status_code == 400 and r.json["field"] == "vit_model_name", r.json
+    many = {**TINY_FORM, "name": "t", "norm_mean": [1.0] * 10_000}
+    r = _post(client, "/api/train", json=many)
+    assert r.status_code == 400 and r.json["field"] == "norm_mean", r.json
+    form = "a=" + "x" * (2 << 20)  # a form that is not multipart: capped as JSON is
+    r = _post(client, "/embed", data=form,
+              content_type="application/x-www-form-urlencoded")  # fmt: skip
+    assert r.status_code == 413 and "form larger than" in r.json["message"], r.json
+
+
+def test_api_train__a_model_too_big_for_the_machine_is_refused(fenced):
+    client, *_ = fenced
+    huge = {**TINY_FORM, "name": "big", "embed_dim": "2048", "depth": "48",
+            "num_heads": "32", "decoder_dim": "2048", "decoder_depth": "24",
+            "decoder_num_heads": "32", "image_size": "1024", "patch_size": "16",
+            "batch_size": "1024"}  # fmt: skip
+    r = _post(client, "/api/train", json=huge)
+    assert r.status_code == 400 and "GB" in r.json["message"], r.json
+    tokens = {**TINY_FORM, "name": "big", "image_size": "1024", "patch_size": "1"}
+    r = _post(client, "/api/train", json=tokens)
+    assert r.status_code == 400 and "tokens" in r.json["message"], r.json
+    for bad in ("nan", "inf", "-1"):
+        r = _post(client, "/api/train", json={**TINY_FORM, "name": "b", "lr": bad})
+        assert r.status_code == 400 and r.json["field"] == "lr", (bad, r.json)
+    assert client.get("/api/jobs").json["jobs"] == []
+
+
+def test_downloads__no_store_and_a_removed_table_is_a_404(fenced):
+    client, _, models, _ = fenced
+    fields = {"dataset": "dems", "model_path": "m.onnx", "name": "gone"}
+    r = _post(client, "/api/embed-dir", json=fields)
+    j = _wait(client, r.json["job"])
+    ok = client.get(j["download"])
+    assert ok.status_code == 200 and ok.headers["Cache-Control"] == "no-store"
+    model = client.get("/api/models/download?path=m.onnx")
+    assert model.headers["Cache-Control"] == "no-store"
+    (models / "embeddings" / "gone.parquet").unlink()
+    r = client.get(j["download"])
+    assert r.status_code == 404 and "no longer" in r.json["message"], r.json

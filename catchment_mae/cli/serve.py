@@ -14,6 +14,11 @@ log = logging.getLogger("catchment_mae")
 
 # How long a stop waits for running jobs to end at their next batch.
 STOP_TIMEOUT = 30
+# Connections held open at once. waitress reads a request in its event loop and
+# hands a thread only a whole one, so a connection that trickles its request
+# costs a socket, not a thread; at waitress's default of 100, 110 such clients
+# kept every other request from being answered.
+CONNECTION_LIMIT = 1000
 
 
 @click.command(short_help="Web UI and JSON API: train, export, embed (Flask).")
@@ -120,7 +125,10 @@ def serve(
         # folder's exit hook runs; a running training keeps its checkpoint.
         # (waitress returns at KeyboardInterrupt.)
         with sigterm_as_interrupt():
-            waitress.serve(app, host=host, port=port, threads=threads, ident="cmae")
+            waitress.serve(
+                app, host=host, port=port, threads=threads, ident="cmae",
+                connection_limit=_open_files_for(CONNECTION_LIMIT),
+            )  # fmt: skip
     except OSError as e:  # the port is taken, the address is not this machine's
         raise click.ClickException(
             f"cannot listen on {shown}:{port}: {e.strerror or e} (another server "
@@ -137,3 +145,24 @@ def serve(
             ", ".join(left),
         )
     click.echo("cmae serve: stopped", err=True)
+
+
+def _open_files_for(connections: int) -> int:
+    """Raises this process's open-file limit to hold ``connections`` sockets and
+    the files jobs open beside them, as far as the hard limit allows; the
+    connections that fit."""
+    import resource
+
+    spare = 256  # models, rasters, tables, the pools' pipes
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + spare
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return connections
+    return max(1, min(connections, soft - spare))

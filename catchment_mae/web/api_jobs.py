@@ -35,7 +35,12 @@ def download(job_id: str) -> Response:
     if j.status != "done" or not j.result or "out" not in j.result:
         raise Refused(409, f"job {job_id} has nothing to download (yet)")
     path = output(settings().model_root / j.result["out"], "job")
-    return send_file(path, as_attachment=True, download_name=path.name)
+    try:
+        return send_file(path, as_attachment=True, download_name=path.name)
+    except FileNotFoundError:
+        raise Refused(
+            404, f"job {job_id}: its table {j.result['out']} is no longer there"
+        ) from None
 
 
 def get_job(job_id: str) -> Job:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ INT_FIELDS: dict[str, tuple[int, int]] = {
     "decoder_num_heads": (1, 32),
 }
 FLOAT_FIELDS = ("mask_ratio", "lr")
+# The share of the machine's (or GPU's) memory a training job may plan to take.
+MEMORY_SHARE = 0.8
 LIST_FIELDS = ("norm_mean", "norm_std")
 TRAIN_FIELDS = (
     "dataset", "name", "vit_model_name", "norm", "overwrite",
@@ -110,6 +113,8 @@ def train_config(values: dict[str, Any]) -> tuple[Any, bool]:
             config[key] = float(str(raw).strip())
         except ValueError:
             raise Refused(400, f"{key}: must be a number, got {raw!r}", key) from None
+        if not math.isfinite(config[key]):
+            raise Refused(400, f"{key}: must be a finite number, got {raw!r}", key)
     if values.get("norm"):  # else chosen as cmae train chooses it
         config["norm"] = str(values["norm"])
     for key in LIST_FIELDS:
@@ -127,6 +132,7 @@ def train_config(values: dict[str, Any]) -> tuple[Any, bool]:
         cfg = TrainConfig.from_dict(config)
     except ConfigError as e:
         raise Refused(400, str(e), e.key) from e
+    _check_memory(cfg)
     stem = cfg.output_stem
     for path in (
         cfg.weights_path, cfg.config_path, cfg.checkpoint_path, cfg.metrics_path,
@@ -136,6 +142,41 @@ def train_config(values: dict[str, Any]) -> tuple[Any, bool]:
         common.output(path, "name")
     common.output(Path(cfg.cache_dir), "name", folder=True)
     return cfg, common.flag(values.get("overwrite"))
+
+
+def _check_memory(cfg: Any) -> None:
+    """Refuses a model that would not fit the machine (MEMORY_SHARE of its
+    memory, or of the GPU's), before anything starts: a request must not make
+    the server allocate until the machine gives out."""
+    from catchment_mae.defaults import shape_updates
+    from catchment_mae.errors import ConfigError
+    from catchment_mae.model import training_memory
+    from catchment_mae.trainer import pick_device
+
+    try:
+        shaped = cfg.merged(shape_updates(cfg))
+        need, params, tokens = training_memory(shaped, cfg.in_chans or 1)
+        device = pick_device(cfg.device)
+    except (ConfigError, ValueError) as e:
+        raise Refused(400, str(e), getattr(e, "key", None)) from e
+    have = _memory_bytes(device.type)
+    if need > MEMORY_SHARE * have:
+        raise Refused(
+            400,
+            f"this model takes about {need / 1e9:.1f} GB to train ({params / 1e6:.0f} "
+            f"M parameters, {tokens} tokens a sample, batch {cfg.batch_size}): more "
+            f"than {MEMORY_SHARE:.0%} of the {have / 1e9:.1f} GB of this "
+            f"{'GPU' if device.type == 'cuda' else 'machine'}; choose a smaller "
+            "model, image size or batch",
+        )
+
+
+def _memory_bytes(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _train_work(cfg: Any, overwrite: bool):

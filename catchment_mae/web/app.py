@@ -139,7 +139,8 @@ def _headers(response: Response) -> Response:
     response.headers.setdefault("Referrer-Policy", "no-referrer")
     response.headers.setdefault("Content-Security-Policy", CSP)
     if not request.path.startswith("/static/"):
-        response.headers.setdefault("Cache-Control", "no-store")
+        # Downloads too (send_file says no-cache: kept, but revalidated).
+        response.headers["Cache-Control"] = "no-store"
     return response
 
 

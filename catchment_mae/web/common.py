@@ -20,6 +20,10 @@ FORM_FIELD_LIMIT = 64 << 10  # bytes of one form field that is not a file
 FORM_PARTS_LIMIT = 100  # parts of a multipart body
 # Nesting of a JSON body: a body nested 100,000 deep made the parser recurse out.
 JSON_DEPTH_LIMIT = 32
+# A field's text and list lengths: job records keep the fields, and GET /api/jobs
+# answers them all (strings of 0.9 MB each once made it answer 46 MB).
+FIELD_TEXT_LIMIT = 4096
+FIELD_LIST_LIMIT = 256
 
 
 @dataclass
@@ -73,8 +77,43 @@ def params(known: tuple[str, ...]) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise Refused(400, "JSON body must be an object of fields")
     else:
+        if (
+            not request.mimetype.startswith("multipart/")
+            and (request.content_length or 0) > JSON_LIMIT
+        ):  # the urlencoded parser holds the whole body, then more
+            raise Refused(413, f"form larger than {JSON_LIMIT >> 10} kB")
         body = request.form
-    return {k: body[k] for k in known if k in body}
+    values = {k: body[k] for k in known if k in body}
+    for key, value in values.items():
+        _check_field(key, value)
+    return values
+
+
+def _check_field(key: str, value: Any) -> None:
+    """Refuses text that is no text (a lone surrogate, which JSON can carry and
+    no file name can hold) and fields longer than a form ever needs."""
+    if isinstance(value, list):
+        if len(value) > FIELD_LIST_LIMIT:
+            raise Refused(
+                400, f"{key}: {len(value)} items, at most {FIELD_LIST_LIMIT}", key
+            )
+        for item in value:
+            _check_field(key, item)
+    elif isinstance(value, dict):
+        raise Refused(400, f"{key}: a value, not an object", key)
+    elif isinstance(value, str):
+        if len(value) > FIELD_TEXT_LIMIT:
+            raise Refused(
+                400,
+                f"{key}: {len(value)} characters, at most {FIELD_TEXT_LIMIT}",
+                key,
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Refused(
+                400, f"{key}: not valid text (a lone surrogate)", key
+            ) from None
 
 
 def _depth(raw: bytes) -> int:
