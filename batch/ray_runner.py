@@ -31,7 +31,7 @@ import numpy as np
 
 from catchment_mae.batch.chips import Chip
 from catchment_mae.batch.mapper import Mapper
-from catchment_mae.batch.reader import read_one
+from catchment_mae.batch.reader import failed_row, read_one
 from catchment_mae.batch.runner import (
     RunSummary,
     _lock,
@@ -52,15 +52,38 @@ from catchment_mae.errors import CmaeError
 from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import check_writable, text_path
 from catchment_mae.preprocess import PreprocessSpec
-from catchment_mae.workers import failure_reason
+from catchment_mae.workers import READ_TIMEOUT, ReaderPool, failure_reason
 
 log = logging.getLogger(__name__)
 
 
-def _read(item: dict[str, Any], root: str, spec: PreprocessSpec) -> dict[str, Any]:
-    """A Ray Data task: one path (or chip) -> its row (pickled) and model input."""
+_pools: dict[float, ReaderPool] = {}  # a Ray worker's reader, by its timeout
+
+
+def _read(
+    item: dict[str, Any], root: str, spec: PreprocessSpec, timeout: float | None
+) -> dict[str, Any]:
+    """A Ray Data task: one path (or chip) -> its row (pickled) and model input.
+
+    With a ``timeout``, the read runs in a reader process of this Ray worker's
+    own, replaced when a file takes longer (a decoder stuck in C cannot be
+    interrupted in the worker itself), and the file gets a row saying so."""
     chip = pickle.loads(item["chip"]) if item["chip"] else None
-    row, sample, seconds = read_one(root, item["path"], spec, chip)
+    if timeout is None:
+        row, sample, seconds = read_one(root, item["path"], spec, chip)
+    else:
+        pool = _pools.get(timeout) or _pools.setdefault(
+            timeout, ReaderPool(1, timeout=timeout)
+        )
+        t0 = time.perf_counter()
+        try:
+            row, sample, seconds = pool.submit(
+                read_one, root, item["path"], spec, chip
+            ).result()
+        except Exception as e:  # timed out, the reader died
+            reason = failure_reason(e, timeout)
+            row, sample = failed_row(item["path"], chip, reason), None
+            seconds = time.perf_counter() - t0
     s, c = spec.image_size, int(spec.channels or 1)
     image, valid, scale = sample or (
         np.zeros((c, s, s), np.float32), np.zeros((1, s, s), np.uint8),
@@ -133,6 +156,7 @@ def embed_dir_ray(
     max_nodata: float = 1.0,
     tile_m: float | None = None,
     stride_m: float | None = None,
+    timeout: float | None = READ_TIMEOUT,
 ) -> RunSummary:
     """:func:`catchment_mae.batch.runner.embed_dir` on Ray Data.
 
@@ -143,6 +167,7 @@ def embed_dir_ray(
             with onnxruntime's threads; the other CPUs read).
         num_cpus: CPUs of the local Ray started when ``address`` is None.
         on_row: called for every raster (or chip) read.
+        timeout: seconds one file may take (None: no limit); its row says so.
         The other arguments are embed_dir's.
     """
     # Ray Data reads its logging set-up when imported: errors only on stderr;
@@ -182,7 +207,7 @@ def embed_dir_ray(
                     with sigterm_as_interrupt():
                         for row, embedding, seconds, chip in _stream(
                             ray, root, model, probe.spec, todo, batch_size, actors,
-                            device,
+                            device, timeout,
                         ):  # fmt: skip
                             summary.read_seconds += seconds
                             for got in rasters.complete(row, embedding, chip):
@@ -269,6 +294,7 @@ def _stream(
     batch_size: int,
     actors: int | None,
     device: str,
+    timeout: float | None,
 ) -> Any:
     """(row, embedding or None, read seconds, chip or None) of every path or
     chip, as they finish."""
@@ -288,7 +314,11 @@ def _stream(
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     # Reads are tasks of their own (their resources differ from the actors', so
     # Ray does not fuse them into the actors, which would read one file at a time).
-    ds = ds.map(_read, fn_kwargs={"root": str(root), "spec": spec}, num_cpus=0.5)
+    ds = ds.map(
+        _read,
+        fn_kwargs={"root": str(root), "spec": spec, "timeout": timeout},
+        num_cpus=0.5,
+    )
     # The actors' settings travel in their class, not as constructor arguments
     # (Ray warns that those cannot be restored if an actor restarts).
     settings = (str(Path(model).resolve()), "cuda" if gpus else "cpu", threads)

@@ -159,6 +159,12 @@ def read_one(
     return _chip_row(row, chip, r), (image, r.valid, r.scale), time.perf_counter() - t0
 
 
+def failed_row(rel: str, chip: Chip | None, reason: str) -> Row:
+    """The row of a file (or chip) whose read did not report: it timed out, its
+    reader died."""
+    return _chip_row(Row(rel, error=reason), chip, None)
+
+
 def _chip_row(row: Row, chip: Chip | None, r: Any) -> Row:
     """A chip's row: its window, and the raster's own size (not the chip's)."""
     if chip is None or chip.error is not None:  # not cut: no window
@@ -276,8 +282,7 @@ class Reader:
             try:
                 row, seconds = future.result()
             except Exception as e:  # timed out, reader died, ...: the file's row
-                reason = failure_reason(e, self.pool.timeout)
-                row = _chip_row(Row(rel, error=reason), chip, None)
+                row = failed_row(rel, chip, failure_reason(e, self.pool.timeout))
                 items.append(Item(row, chip=chip))
                 continue
             slot = base + j if row.error is None else None

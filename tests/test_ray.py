@@ -118,3 +118,43 @@ def test_embed_dir_ray__sigterm_saves_the_rows_as_ctrl_c_does(
     assert p.returncode == 130, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].endswith("run the same command to continue")
     assert "SIGTERM received" not in stderr
+
+
+def never_returns(root, rel, spec, chip=None):
+    """A read that hangs (a decoder stuck in C, as far as the pool can tell)."""
+    import time
+
+    time.sleep(600)
+
+
+def test_ray_read__a_file_past_its_time_budget_is_a_row(monkeypatch, onnx_model):
+    import pickle
+
+    import catchment_mae.batch.ray_runner as ray_runner
+    from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
+
+    spec = spec_from_metadata(read_metadata(create_session(onnx_model)))
+    monkeypatch.setattr(ray_runner, "read_one", never_returns)
+    monkeypatch.setattr(ray_runner, "_pools", {})
+    out = ray_runner._read({"path": "a/x.tif", "chip": b""}, "/data", spec, 0.5)
+    row = pickle.loads(out["row"])
+    assert not out["ok"] and row.path == "a/x.tif"
+    assert row.error == "timed out after 0.5 s (the reader was stopped)"
+    for pool in ray_runner._pools.values():
+        pool.close(kill=True)
+
+
+def test_embed_dir_ray__timeout_is_passed_on(runner, monkeypatch, tmp_path, onnx_model):
+    import catchment_mae.batch.ray_runner as ray_runner
+
+    seen = {}
+
+    def fake(*args, **kw):
+        seen.update(kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_runner, "embed_dir_ray", fake)
+    r = runner.invoke(cli, ["embed-dir", str(tmp_path), "--model", str(onnx_model),
+                            "--out", str(tmp_path / "t.parquet"), "--ray",
+                            "--timeout", "7"])  # fmt: skip
+    assert seen["timeout"] == 7.0, r.output

@@ -203,6 +203,7 @@ def embed_dir(
                 overwrite=overwrite, rows_per_part=rows_per_part,
                 on_row=lambda row: bar.update(1), tile=tile, stride=stride,
                 max_nodata=max_nodata, tile_m=tile_m, stride_m=stride_m,
+                timeout=timeout,
             )  # fmt: skip
         else:
             summary = run(
