@@ -163,6 +163,7 @@ class ReaderPool:
         initializer: run in each worker as it starts (also after a replacement),
             with ``initargs``; inline, run once here.
         timeout: seconds one task may take before its worker is replaced.
+        clock: what the time budgets are measured on (tests pass their own).
     """
 
     def __init__(
@@ -171,8 +172,9 @@ class ReaderPool:
         initializer: Callable[..., None] | None = None,
         initargs: Iterable[Any] = (),
         timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.workers, self.timeout = workers, timeout
+        self.workers, self.timeout, self._clock = workers, timeout, clock
         self._closed = False
         self._error: str | None = None
         if workers == 0:
@@ -278,7 +280,7 @@ class ReaderPool:
                         return
                     task = self._queue.popleft()
                 if not w.tasks:
-                    w.started = time.monotonic()
+                    w.started = self._clock()
                 w.tasks.append(task)
                 try:
                     w.conn.send((task[0], task[2], task[3]))
@@ -296,7 +298,7 @@ class ReaderPool:
         timeout = None if block else 0.0
         if block and self.timeout is not None and busy:
             first = min(w.started for w in busy)
-            timeout = max(0.0, first + self.timeout - time.monotonic())
+            timeout = max(0.0, first + self.timeout - self._clock())
         ready = {key.fileobj for key, _ in self._selector.select(timeout)}
         if self._wake_r in ready:
             while self._wake_r.poll():
@@ -320,7 +322,7 @@ class ReaderPool:
                 w.tasks
                 and w.up
                 and self.timeout is not None
-                and time.monotonic() - w.started > self.timeout
+                and self._clock() - w.started > self.timeout
             ):
                 self._replace(i, TimeoutError(self.timeout))
 
@@ -330,15 +332,14 @@ class ReaderPool:
             while w.tasks and w.conn.poll():
                 self._heard(w, w.conn.recv())
 
-    @staticmethod
-    def _heard(w: _Worker, message: Any) -> None:
+    def _heard(self, w: _Worker, message: Any) -> None:
         """A worker's message: up (None), or its running task's outcome."""
         if message is None:  # up: its first task starts now
-            w.up, w.started = True, time.monotonic()
+            w.up, w.started = True, self._clock()
             return
         task_id, ok, value = message
         future = w.tasks.popleft()[1]
-        w.started = time.monotonic()  # the next one starts now
+        w.started = self._clock()  # the next one starts now
         if ok:
             future.set_result(value)
         else:

@@ -36,6 +36,38 @@ def fail() -> None:
     raise ValueError("bad value\nsecond line")
 
 
+def hang(started: str) -> None:
+    """Says it runs (a file), then sleeps until its worker is stopped."""
+    open(started, "w").close()
+    time.sleep(600)
+
+
+def wait_for(path: str) -> None:
+    """A worker's start-up that lasts until the test says (a file appears)."""
+    for _ in range(60_000):
+        if os.path.exists(path):
+            return
+        time.sleep(0.001)
+
+
+class Clock:
+    """The pool's clock, moved by the test alone: budgets pass when it says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _until(condition, what: str) -> None:
+    for _ in range(30_000):
+        if condition():
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"never happened: {what}")
+
+
 def test_pool__answers_in_workers_and_inline():
     with ReaderPool(2) as pool:
         futures = [pool.submit(square, i) for i in range(20)]
@@ -72,26 +104,37 @@ def test_pool__an_idle_worker_killed_is_replaced():
         assert not pids & {pool.submit(pid).result(timeout=30) for _ in range(4)}
 
 
-def test_pool__a_task_past_its_budget_is_stopped_and_the_rest_go_on():
-    with ReaderPool(2, timeout=0.5) as pool:
-        stuck = pool.submit(sleep, 60)
+def test_pool__a_task_past_its_budget_is_stopped_and_the_rest_go_on(tmp_path):
+    clock, started = Clock(), tmp_path / "started"
+    with ReaderPool(2, timeout=0.5, clock=clock) as pool:
+        stuck = pool.submit(hang, str(started))
+        _until(started.exists, "the stuck task started")
         quick = [pool.submit(sleep, 0.01) for _ in range(4)]
-        t0 = time.monotonic()
+        # The other worker runs the rest; one may wait in the stuck one's pipe.
+        _until(lambda: sum(f.done() for f in quick) >= 3, "the rest ran")
+        assert not stuck.done()  # its budget has not passed on the pool's clock
+        clock.now += 0.6
+        pool.submit(square, 1)  # wakes the pool, which looks at the time again
         with pytest.raises(TimeoutError):
-            stuck.result(timeout=30)
-        assert time.monotonic() - t0 < 5
-        assert [f.result(timeout=30) for f in quick] == ["woke"] * 4
+            stuck.result(timeout=60)
+        assert [f.result(timeout=60) for f in quick] == ["woke"] * 4
         assert failure_reason(TimeoutError(), 0.5) == (
             "timed out after 0.5 s (the reader was stopped)"
         )
 
 
-def test_pool__a_task_s_budget_starts_when_its_worker_is_up():
+def test_pool__a_task_s_budget_starts_when_its_worker_is_up(tmp_path):
     """Tasks go to each worker as soon as it is started, and their time budget
     runs from when it is up: a slow start is not the task's time."""
-    with ReaderPool(2, initializer=time.sleep, initargs=(1.0,), timeout=0.5) as pool:
+    clock, go = Clock(), tmp_path / "go"
+    with ReaderPool(
+        2, initializer=wait_for, initargs=(str(go),), timeout=0.5, clock=clock
+    ) as pool:
         futures = [pool.submit(square, i) for i in range(4)]
-        assert [f.result(timeout=30) for f in futures] == [0, 1, 4, 9]
+        clock.now += 10.0  # the workers take "10 s" to start
+        pool.submit(square, 0)  # the pool looks at the time while they start
+        go.touch()
+        assert [f.result(timeout=60) for f in futures] == [0, 1, 4, 9]
 
 
 def test_prestart__the_forkserver_starts_at_once_deaf_to_ctrl_c():
