@@ -49,7 +49,11 @@ def footprint(geo: GeoInfo, height: int, width: int) -> Footprint:
     transformer = _to_crs84(geo.crs)
     if transformer is None:
         return fp
-    ring = _ring(geo.transform, height, width)
+    with np.errstate(all="ignore"):  # an infinite pixel scale: inf * 0
+        ring = _ring(geo.transform, height, width)
+    if not np.isfinite(ring).all():
+        log.debug("footprint in %s: corners not finite: none", geo.crs)
+        return fp
     try:
         lon, lat = transformer.transform(ring[:, 0], ring[:, 1], errcheck=True)
     except Exception as e:  # outside the CRS's area, PROJ errors: no footprint
@@ -148,8 +152,10 @@ def _to_crs84(crs: str) -> Any:
         if geodetic is not None and geodetic.equals(_wgs84(), ignore_axis_order=True):
             target = geodetic
         return Transformer.from_crs(source, target, always_xy=True)
-    except ProjError as e:  # CRSError is one; user-defined CRSs raise others
-        log.debug("CRS %r cannot be resolved: no footprint (%s)", crs, e)
+    except (ProjError, RecursionError, ValueError) as e:
+        # CRSError is a ProjError; user-defined CRSs raise others, and a
+        # citation of JSON nested 1,200 deep made pyproj's parser recurse out.
+        log.debug("CRS %.80r cannot be resolved: no footprint (%s)", crs, e)
         return None
 
 

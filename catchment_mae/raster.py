@@ -232,8 +232,10 @@ def read_raster(
     path = Path(path)
     check_file(path)
     budget = Budget(max_memory_mb)
+    codec = None
     try:
         with tifffile.TiffFile(path) as tif:
+            codec = _codec(tif)
             return _read(
                 tif, path, bands, nodata, min_size, max_pixels, budget, in_chans,
                 window,
@@ -243,7 +245,17 @@ def read_raster(
     except MemoryError as e:
         raise BadRasterError(path, "too large to read into memory") from e
     except Exception as e:  # tifffile/imagecodecs raise many types; keep the reason
-        raise BadRasterError(path, f"cannot decode TIFF: {_reason(e)}") from e
+        raise BadRasterError(path, f"cannot decode TIFF: {_reason(e, codec)}") from e
+
+
+def _codec(tif: Any) -> str | None:
+    """The first page's compression in lower case ("jpegxl"), if it can be read."""
+    try:
+        compression = tif.pages.first.compression
+    except Exception:  # a damaged first page: its reading names the reason
+        return None
+    name = getattr(compression, "name", None)
+    return None if not name or name == "NONE" else str(name).lower()
 
 
 def check_file(path: Path) -> None:
@@ -275,10 +287,10 @@ def check_file(path: Path) -> None:
 _PARSER_ERRORS = (AttributeError, TypeError, IndexError, KeyError, AssertionError)
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, codec: str | None = None) -> str:
     """A decoding failure in words, without the library's class names (a fuzz
     run met DeflateError, ZstdError, JpegNError, TiffFileError, ZeroDivisionError
-    ... from damaged files)."""
+    ... from damaged files); ``codec``: the file's compression, where known."""
     name = type(e).__name__
     log.debug("tifffile/imagecodecs: %s: %s", name, e)
     if isinstance(e, _PARSER_ERRORS + (ArithmeticError, struct.error)):
@@ -286,8 +298,13 @@ def _reason(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if type(e).__module__.startswith("imagecodecs"):
         inner = re.search(r"imcd_(\w+?)_decode", msg)
-        codec = inner.group(1) if inner else name.removesuffix("Error").lower()
-        return f"damaged compressed data ({codec.rstrip('n') or 'codec'})"
+        named = inner.group(1) if inner else name.removesuffix("Error").lower()
+        if named in ("imcd", ""):  # imagecodecs' own error class, no codec named
+            named = codec or "codec"
+        return f"damaged compressed data ({named.rstrip('n') or 'codec'})"
+    if type(e) is RuntimeError and codec is not None:
+        # JPEG XL's decoder: "could not determine frame count"
+        return f"damaged compressed data ({codec})"
     # tifffile names its enums' members as Python shows them:
     # "<COMPRESSION.SGILOG: 34676> not supported".
     msg = re.sub(r"<(\w+)\.(\w+): (\d+)>", r"\1 \2 (\3)", msg).replace(

@@ -437,3 +437,64 @@ def test_decoder_reasons__tifffile_s_own_words_made_plain():
     assert _reason(ValueError("corrupted strip @ 3 cannot be reshaped")) == (
         "damaged strip data"
     )
+
+
+def _user_crs_tiff(path: Path, citation: str, scale: float = 10.0) -> Path:
+    keys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1,
+            1026, 34737, len(citation) + 1, 0]  # fmt: skip
+    tifffile.imwrite(path, np.arange(32 * 32, dtype=np.float32).reshape(32, 32),
+                     extratags=[
+        (33550, "d", 3, (scale, scale, 0.0), True),
+        (33922, "d", 6, (0.0, 0.0, 0.0, 500_000.0, 4_000_000.0, 0.0), True),
+        (34735, "H", len(keys), tuple(keys), True),
+        (34737, "s", 0, citation + "|", True),
+    ])  # fmt: skip
+    return path
+
+
+def test_geokeys__a_crs_citation_nested_deep_is_no_crs(tmp_path):
+    """A user-defined CRS whose citation is JSON nested 1,200 deep once made
+    pyproj recurse out, outside the reader's error handling."""
+    from catchment_mae.batch.reader import read_one
+
+    deep = '{"a":' * 1200 + "1" + "}" * 1200
+    for i, citation in enumerate((deep, "[" * 5000 + "]" * 5000)):
+        _user_crs_tiff(tmp_path / f"deep{i}.tif", citation)
+        spec = PreprocessSpec(image_size=16, in_chans=1, norm="per-raster")
+        row, sample, _ = read_one(str(tmp_path), f"deep{i}.tif", spec)
+        assert row.error is None and sample is not None, row.error
+        assert row.geometry is None  # no footprint: the CRS cannot be used
+
+
+def test_geokeys__an_infinite_pixel_scale_warns_nothing(tmp_path, recwarn):
+    import warnings
+
+    from catchment_mae.batch.reader import read_one
+
+    warnings.simplefilter("always")
+    for i, scale in enumerate((float("inf"), 1e308)):
+        _user_crs_tiff(tmp_path / f"inf{i}.tif", "WGS 84 / UTM zone 33N", scale)
+        spec = PreprocessSpec(image_size=16, in_chans=1, norm="per-raster")
+        row, _, _ = read_one(str(tmp_path), f"inf{i}.tif", spec)
+        assert row.geometry is None
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_jpegxl__damaged_strips_in_words(tmp_path):
+    """JPEG XL's decoder raises a bare RuntimeError ("could not determine frame
+    count") for a damaged header: named as the codec's damage, not the class."""
+    pytest.importorskip("imagecodecs")
+    path = tmp_path / "jxl.tif"
+    image = (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)
+    try:
+        tifffile.imwrite(path, image, compression="jpegxl")
+    except Exception:  # noqa: BLE001 (an imagecodecs build without JPEG XL)
+        pytest.skip("this imagecodecs cannot write JPEG XL")
+    with tifffile.TiffFile(path) as tif:
+        at = tif.pages[0].dataoffsets[0]
+    raw = bytearray(path.read_bytes())
+    raw[at + 4] = 0  # inside the codestream's size header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BadRasterError) as e:
+        read_raster(path)
+    assert e.value.reason == "cannot decode TIFF: damaged compressed data (jpegxl)"
