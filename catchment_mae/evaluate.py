@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from catchment_mae.errors import CmaeError
+from catchment_mae.io import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -532,12 +533,10 @@ def write_report(joined: Joined, result: dict[str, Any], out: Path) -> None:
         ax.set_xticks([]), ax.set_yticks([])
         _second_panel(axes[row, 1], name, info)
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
     try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, out)
+        with atomic_output(out, "wb") as f:
+            fig.savefig(f, format="png", dpi=90)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CmaeError(f"{out}: cannot write the report: {e.strerror or e}") from e
     finally:
         plt.close(fig)

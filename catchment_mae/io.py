@@ -41,6 +41,21 @@ def atomic_output(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
         raise
 
 
+def fresh_output(path: str | os.PathLike[str], mode: str = "w") -> IO[Any]:
+    """``path`` opened as a new file, for an output written as it grows (a log
+    of epochs): the old name is unlinked first and the new file is created
+    exclusively, so a hard link there loses only its name and a symlink planted
+    there (even between the two steps) is refused, never written through."""
+    path = Path(path)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        return os.fdopen(os.open(path, flags, 0o644), mode)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_output(path, "w") as f:
         f.write(text)

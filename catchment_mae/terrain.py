@@ -31,6 +31,7 @@ import numpy as np
 import tifffile
 
 from catchment_mae.errors import BadRasterError, OutputError
+from catchment_mae.io import atomic_output
 from catchment_mae.preprocess import resize_weights
 from catchment_mae.raster import Raster, find_tiffs, read_raster
 from catchment_mae.synth import (
@@ -196,15 +197,12 @@ def write_labels(path: Path, rows: Iterable[Rendering | dict[str, object]]) -> N
     """Writes a labels CSV (temp file, then rename)."""
     items = [r.__dict__ if isinstance(r, Rendering) else r for r in rows]
     columns = list(items[0]) if items else list(LABEL_COLUMNS)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w", newline="") as f:
+        with atomic_output(path, "w") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(items)
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
 
 

@@ -42,7 +42,7 @@ from catchment_mae.config import TrainConfig
 from catchment_mae.data import epoch_seed
 from catchment_mae.errors import ConfigError, NoInputError, TrainingError
 from catchment_mae.interrupt import ignore_interrupts, sigterm_as_interrupt
-from catchment_mae.io import check_writable
+from catchment_mae.io import check_writable, fresh_output
 from catchment_mae.loaders import (
     StreamedEpoch,
     loader_workers,
@@ -522,7 +522,9 @@ def _train(
     try:
         with (
             sigterm_as_interrupt(),
-            open(cfg.metrics_path if writes else os.devnull, "w") as metrics,
+            fresh_output(cfg.metrics_path)
+            if writes
+            else open(os.devnull, "w") as metrics,
         ):
             for stats in history:  # a resumed run rewrites the finished epochs first
                 metrics.write(json.dumps(stats) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -359,3 +360,19 @@ def test_sigterm_as_interrupt__a_rank_that_drops_signals_keeps_dropping_them():
     finally:
         signal.signal(signal.SIGTERM, before[0])
         signal.signal(signal.SIGINT, before[1])
+
+
+def test_train__outputs_never_written_through_links(tiny_config, tmp_path):
+    """A hard link or a symlink planted at an output's name loses that name;
+    the file it leads to is never written."""
+    out = Path(tiny_config["model_output_path"]).parent
+    out.mkdir(parents=True)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("KEEP")
+    os.link(outside, out / "m.metrics.jsonl")
+    (out / "m.loss.png").symlink_to(outside)
+    result = train(tiny_config, progress=False)
+    assert outside.read_text() == "KEEP"
+    lines = result.metrics_path.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[-1])["epoch"] == 2
+    assert not (out / "m.loss.png").is_symlink()
