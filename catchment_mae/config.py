@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catchment_mae.errors import ConfigError
+from catchment_mae.errors import ConfigError, ModelLoadError
 from catchment_mae.preprocess import SCALE_MODES, PreprocessSpec
 
 POOLS = ("cls", "mean")
@@ -422,6 +422,20 @@ class TrainConfig:
         if self.in_chans is None:
             raise ConfigError("in_chans is not set (and was not taken from the data)")
         return 3 + 3 * self.in_chans
+
+
+def model_files(weights_path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``NAME.pth`` and the ``NAME.json`` beside it (the original tool's pair),
+    checked to be there (ModelLoadError); no torch, so a command says so at once."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: weights file does not exist")
+    cfg_path = path.with_suffix(".json")
+    if not cfg_path.is_file():
+        raise ModelLoadError(
+            f"{cfg_path}: missing; cmae needs the NAME.json written beside NAME.pth"
+        )
+    return path, cfg_path
 
 
 def default_lr(batch_size: int) -> float:

@@ -1,7 +1,9 @@
-"""``cmae info``: what an exported encoder or an embeddings table holds (no torch)."""
+"""``cmae info``: what an exported encoder, trained weights or an embeddings table
+hold (no torch)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -13,7 +15,8 @@ from catchment_mae.errors import CmaeError
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A JSON-able description of an ``.onnx`` encoder or a ``.parquet`` table.
+    """A JSON-able description of an ``.onnx`` encoder, ``.pth`` weights (from
+    the ``NAME.json`` beside them) or a ``.parquet`` table.
 
     Raises:
         CmaeError: missing file, another kind of file, or unreadable.
@@ -22,11 +25,47 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     p = Path(path)
     suffix = p.suffix.lower()
-    if suffix not in (".onnx", ".parquet"):
-        raise CmaeError(f"{p}: cmae info reads .onnx encoders and .parquet tables")
+    if suffix not in (".onnx", ".parquet", ".pth"):
+        raise CmaeError(
+            f"{p}: cmae info reads .onnx encoders, .pth weights (with their "
+            ".json) and .parquet tables"
+        )
     if not p.is_file() and not (suffix == ".parquet" and parts_dir(p).is_dir()):
         raise CmaeError(f"{p}: no such file")
+    if suffix == ".pth":
+        return describe_weights(p)
     return describe_onnx(p) if suffix == ".onnx" else describe_table(p)
+
+
+def describe_weights(path: Path) -> dict[str, Any]:
+    """Trained weights: the config they were trained with (``NAME.json``), the
+    last epoch of ``NAME.metrics.jsonl`` and whether an ``NAME.onnx`` is beside
+    them. Epoch checkpoints (``NAME.ckpt.pth``) are read by ``cmae train
+    --resume``, not here."""
+    from catchment_mae.config import TrainConfig, model_files
+
+    if path.name.endswith(".ckpt.pth"):
+        raise CmaeError(
+            f"{path}: an epoch checkpoint; continue it with cmae train --resume "
+            f"{path}, or describe the weights beside it"
+        )
+    _, cfg_path = model_files(path)
+    cfg = TrainConfig.from_json(cfg_path)
+    last = None
+    metrics = cfg_path.with_suffix(".metrics.jsonl")
+    if metrics.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            lines = metrics.read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else None
+    onnx = path.with_suffix(".onnx")
+    return {
+        "kind": "weights",
+        "path": str(path),
+        "file_size": path.stat().st_size,
+        "config": cfg.to_dict(),
+        "last_epoch": last,
+        "onnx": str(onnx) if onnx.is_file() else None,
+    }
 
 
 def describe_onnx(path: Path) -> dict[str, Any]:
@@ -106,6 +145,8 @@ def describe_table(path: Path) -> dict[str, Any]:
 
 def render(info: dict[str, Any]) -> str:
     """The description for a terminal."""
+    if info["kind"] == "weights":
+        return _render_weights(info)
     if info["kind"] == "onnx":
         meta = info["metadata"]
         lines = [
@@ -175,6 +216,40 @@ def render(info: dict[str, Any]) -> str:
             f"  unfinished: {u['rows']} row(s) in {u['parts']} part file(s); "
             f"{u['hint']}"
         )
+    return "\n".join(lines)
+
+
+def _render_weights(info: dict[str, Any]) -> str:
+    c, last = info["config"], info["last_epoch"]
+    shape = ", ".join(
+        f"{k.replace('_', ' ')} {c[k]}"
+        for k in ("patch_size", "embed_dim", "depth")
+        if c.get(k) is not None
+    )
+    lines = [
+        f"{info['path']}: cmae weights (config format {c.get('format_version')}, "
+        f"{info['file_size']} bytes)",
+        f"  model:      {c['vit_model_name']} at {c['image_size']} px"
+        + (f" ({shape})" if shape else "")
+        + f", pool {c['pool']}",
+        f"  input:      {c['in_chans']} band(s), bands {c['bands'] or 'all'}, norm "
+        f"{c['norm']}, scale {c['scale']}"
+        + (", slope channel" if c.get("slope_channel") else ""),
+        f"  trained on: {c['input_dir']}, {c['max_epochs']} epoch(s), batch "
+        f"{c['batch_size']}",
+    ]
+    if last:
+        loss = last.get("train_loss")
+        lines.append(
+            f"  last epoch: {last.get('epoch')}, train loss "
+            + (f"{loss:.4f}" if isinstance(loss, float) else str(loss))
+        )
+    lines.append(
+        f"  encoder:    {info['onnx']}"
+        if info["onnx"]
+        else f"  encoder:    none yet: cmae export {info['path']} --out "
+        f"{Path(info['path']).with_suffix('.onnx')}"
+    )
     return "\n".join(lines)
 
 

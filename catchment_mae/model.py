@@ -20,7 +20,6 @@ same network, so no deprecation warning reaches users.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from lightly.models.modules import (
 )
 from torch import Tensor, nn
 
-from catchment_mae.config import POOLS, TrainConfig
+from catchment_mae.config import POOLS, TrainConfig, model_files
 from catchment_mae.errors import ConfigError, ModelLoadError
 
 # The timm modules whose models are VisionTransformers: the one rule for what
@@ -570,14 +569,7 @@ def load_model(
         ModelLoadError: a missing or unreadable file, a config that does not
             match, or weights that do not fit the config.
     """
-    path = Path(weights_path)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: weights file does not exist")
-    cfg_path = path.with_suffix(".json")
-    if not cfg_path.is_file():
-        raise ModelLoadError(
-            f"{cfg_path}: missing; cmae needs the NAME.json written beside NAME.pth"
-        )
+    path, cfg_path = model_files(weights_path)
     from catchment_mae.checkpoint import read_torch_file
 
     state = read_torch_file(path, ModelLoadError)

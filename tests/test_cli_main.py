@@ -75,6 +75,33 @@ def test_commands_work_without_torch(tmp_path):
     assert "cmae: error:" in r.stderr and "torch" in r.stderr
 
 
+def test_wrong_paths_are_said_before_torch_is_imported(tmp_path):
+    """A wrong path is answered at once: the commands that need torch check
+    their paths first (importing torch, timm and lightly took 11-38 s on a busy
+    machine). Without torch, the path is still what the line names."""
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", NO_TORCH, *map(str, args)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    (tmp_path / "m.pth").write_bytes(b"")
+    (tmp_path / "m.json").write_text("{}")
+    cases = [
+        (("train", tmp_path / "nope", "--out", tmp_path / "x.pth"),
+         "input directory does not exist"),
+        (("train", tmp_path, "--out", tmp_path / "m.pth"), "already exists"),
+        (("train", tmp_path, "--out", tmp_path / "y.pth", "--resume",
+          tmp_path / "gone.ckpt.pth"), "no such checkpoint"),
+        (("export", tmp_path / "nope.pth", "--out", tmp_path / "x.onnx"),
+         "weights file does not exist"),
+        (("eval", tmp_path / "nope.parquet", "--labels", tmp_path / "l.csv"),
+         "no such file"),
+    ]  # fmt: skip
+    for args, words in cases:
+        r = run(*args)
+        assert r.returncode == 1 and words in r.stderr, (args, r.stderr)
+        assert "torch" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
 def test_torch_free_modules_do_not_import_torch():
     code = (
         "import sys; import catchment_mae, catchment_mae.raster, "

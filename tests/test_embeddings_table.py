@@ -160,6 +160,21 @@ def test_info__onnx(runner, onnx_model):
     assert "embedding width 38" in human.stdout
 
 
+def test_info__weights_say_how_they_were_trained(runner, trained, tmp_path):
+    r = runner.invoke(cli, ["info", str(trained.weights_path), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["kind"] == "weights" and info["config"]["image_size"] == 32
+    assert info["last_epoch"]["epoch"] == 2 and info["onnx"] is None
+    human = runner.invoke(cli, ["info", str(trained.weights_path)]).stdout
+    assert "last epoch: 2, train loss" in human
+    assert f"none yet: cmae export {trained.weights_path} --out" in human
+    lone = tmp_path / "lone.pth"
+    lone.write_bytes(b"")
+    r = runner.invoke(cli, ["info", str(lone)])
+    assert r.exit_code == 1 and "lone.json: missing" in r.stderr
+
+
 def test_info__table_and_unfinished_run(runner, table, onnx_model, tmp_path):
     archive, out = table
     r = runner.invoke(cli, ["info", str(out), "--json"])
@@ -185,10 +200,12 @@ def test_info__bad_files(runner, tmp_path, real_dir):
     bad.write_bytes(b"PAR1 not really")
     cases = {
         tmp_path / "missing.onnx": "no such file",
-        tmp_path / "x.tif": "reads .onnx encoders and .parquet tables",
+        tmp_path / "x.tif": "reads .onnx encoders, .pth weights (with their .json)",
+        tmp_path / "m.ckpt.pth": "continue it with cmae train --resume",
         bad: "not a readable Parquet table",
     }
     (tmp_path / "x.tif").write_bytes(b"")
+    (tmp_path / "m.ckpt.pth").write_bytes(b"")
     for path, reason in cases.items():
         r = runner.invoke(cli, ["info", str(path)])
         assert r.exit_code == 1 and reason in r.stderr, r.stderr

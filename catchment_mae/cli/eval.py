@@ -100,16 +100,17 @@ def eval_cmd(
       cmae embed-dir real/ --model m.onnx --out real.parquet
       cmae eval real.parquet --labels real/labels.csv --within dem --baseline
     """
+    from catchment_mae import evaluate as ev
+
+    emb = ev.read_embeddings(table)  # a wrong path is said before sklearn loads
+    labels = ev.read_labels(labels_path)
     try:
         import sklearn  # noqa: F401
-
-        from catchment_mae import evaluate as ev
     except ImportError as e:
         raise click.ClickException(
             f"cmae eval needs {e.name}: pip install 'catchment-mae[eval]'"
         ) from e
-    emb = ev.read_embeddings(table)
-    joined = ev.join(emb, ev.read_labels(labels_path), categorical)
+    joined = ev.join(emb, labels, categorical)
     result = ev.evaluate(joined, k=k, folds=folds, seed=seed, within=within)
     result["table"], result["labels_file"] = str(table), str(labels_path)
     if baseline:

@@ -81,6 +81,9 @@ def export(
       cmae export models/catchments.pth --out catchments.onnx
       cmae export m.pth --out m.onnx --quantize int8 --fp16 --json
     """
+    from catchment_mae.config import model_files
+
+    model_files(weights)  # a wrong path is said before torch loads
     from catchment_mae.export.onnx import export_encoder
 
     report = export_encoder(

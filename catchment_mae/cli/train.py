@@ -264,6 +264,14 @@ def train(
       torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29400 -m catchment_mae.cli.main train dems/ --out m.pth
     """
+    cfg = TrainConfig.from_json(config_file) if config_file else TrainConfig()
+    overrides = options.drop_none(flags)
+    if no_cache:
+        overrides["cache"] = False
+    if input_dir is not None:
+        overrides["input_dir"] = input_dir
+    cfg = cfg.merged(overrides)
+    _check_paths(cfg, overwrite, resume)
     if reads_here(nproc, flags.get("num_workers")):
         from catchment_mae.workers import prestart
 
@@ -277,13 +285,6 @@ def train(
             ctx.exit(code)  # each process said why (rank 0 for an interruption)
         return
 
-    cfg = TrainConfig.from_json(config_file) if config_file else TrainConfig()
-    overrides = options.drop_none(flags)
-    if no_cache:
-        overrides["cache"] = False
-    if input_dir is not None:
-        overrides["input_dir"] = input_dir
-    cfg = cfg.merged(overrides)
     _check_image_size(cfg)
     verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
     result = run_training(
@@ -308,6 +309,25 @@ def train(
             f"wrote {summary['weights']} and {summary['config']}",
             err=True,
         )
+
+
+def _check_paths(cfg: TrainConfig, overwrite: bool, resume: Path | None) -> None:
+    """The mistakes a path can hold, said before torch is imported (a second,
+    not the ten or more that torch, timm and lightly take on a busy machine)."""
+    from catchment_mae.errors import NoInputError, TrainingError
+    from catchment_mae.io import check_writable
+
+    if cfg.input_dir:
+        root = Path(cfg.input_dir)
+        if not root.exists():
+            raise NoInputError(f"{root}: input directory does not exist")
+        if not root.is_dir():
+            raise NoInputError(f"{root}: not a directory")
+    if resume is not None:
+        if not Path(resume).is_file():
+            raise TrainingError(f"{resume}: no such checkpoint (NAME.ckpt.pth)")
+    elif cfg.input_dir:
+        check_writable([cfg.weights_path, cfg.config_path], overwrite=overwrite)
 
 
 def _check_image_size(cfg: TrainConfig) -> None:
