@@ -36,7 +36,12 @@ from catchment_mae.batch.ring import RingLayout, SlotRing
 from catchment_mae.batch.writer import Row
 from catchment_mae.errors import BadRasterError
 from catchment_mae.geo import footprint
-from catchment_mae.preprocess import PreprocessSpec, load_resampled, normalise
+from catchment_mae.preprocess import (
+    PreprocessSpec,
+    check_in_range,
+    load_resampled,
+    normalise,
+)
 from catchment_mae.raster import check_file
 from catchment_mae.workers import ReaderPool, failure_reason
 
@@ -146,6 +151,7 @@ def read_one(
         if chip is not None and chip.error is not None:
             raise BadRasterError(path, chip.error)
         r = load_resampled(path, spec, window=chip.window if chip else None)
+        check_in_range(r, spec)
         image = normalise(r, spec).image
     except BadRasterError as e:
         row = Row(path=rel, file_size=size, mtime=mtime, error=e.reason)

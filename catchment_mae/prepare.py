@@ -58,12 +58,13 @@ from catchment_mae.errors import (
 )
 from catchment_mae.preprocess import (
     ALL_NODATA,
+    OUTLIER_FACTOR,
     PreprocessSpec,
     load_resampled,
-    norm_coefficients,
+    norm_peaks,
 )
 from catchment_mae.raster import image_size
-from catchment_mae.stats import OUTLIER_FACTOR, ScanResult
+from catchment_mae.stats import ScanResult
 from catchment_mae.workers import ReaderPool, failure_reason
 
 log = logging.getLogger(__name__)
@@ -276,15 +277,6 @@ def norm_refusal(entry: Entry, spec: PreprocessSpec) -> str | None:
         return None
     peak = float(norm_peaks(entry.mean, entry.std, spec))
     return None if peak <= OUTLIER_FACTOR else _refusal(peak, spec)  # NaN: refused
-
-
-def norm_peaks(mean: np.ndarray, std: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """How far from 0 fixed normalisation takes each raster's values, in
-    norm_stds: its mean's distance from norm_mean, or its own std, whichever is
-    larger (``mean``, ``std``: (C,) for one raster, (N, C) for N; NaN where
-    they or the norm are NaN)."""
-    a, b = norm_coefficients(mean, std, spec)
-    return np.maximum(np.abs(b).max(axis=-1), a.max(axis=-1))
 
 
 def _refusal(peak: float, spec: PreprocessSpec) -> str:

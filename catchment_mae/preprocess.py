@@ -54,6 +54,12 @@ from catchment_mae.raster import (
 )
 
 RESIZE_RULE = "valid-weighted-antialias-triangle"
+# A raster whose values lie this many of the training data's stds from its mean
+# (or spread this many times wider) is not data of the kind a model knows: a
+# float32 DEM whose header byte flipped holds 1e38, a mis-scaled one 1e16, an
+# overview whose nodata the tag does not match -1.3e30. Training leaves such a
+# raster out (one turned the loss into NaN); embedding refuses it with a reason.
+OUTLIER_FACTOR = 1000.0
 # The scale input: the raster's size in pixels, its extent in metres, or nothing
 # (zeros: the ablation that trains the same model without it).
 SCALE_MODES = ("pixels", "ground", "none")
@@ -239,7 +245,9 @@ def load_sample(
 ) -> Sample:
     """Reads and preprocesses one TIFF (or one chip of it: ``window`` is x0, y0,
     width, height). Raises BadRasterError naming file and reason."""
-    return normalise(load_resampled(path, spec, maxworkers, window), spec)
+    r = load_resampled(path, spec, maxworkers, window)
+    check_in_range(r, spec)
+    return normalise(r, spec)
 
 
 def load_resampled(
@@ -352,6 +360,41 @@ def slope_channel(
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where((levels > 0) & (den > 0), num[0] / den, 0.0)
     return out[None].astype(np.float32)
+
+
+def norm_peaks(mean: np.ndarray, std: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """How far a raster's values lie from the training data's, in its stds
+    (``norm_mean``, ``norm_std``, both set): its mean's distance from norm_mean,
+    or its own std, whichever is larger (``mean``, ``std``: (C,) for one raster,
+    (N, C) for N; NaN where they or the norm are NaN). With fixed normalisation,
+    how far from 0 its normalised values reach."""
+    m = np.asarray(spec.norm_mean, np.float64)
+    s = np.asarray(spec.norm_std, np.float64)
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.maximum(np.abs((mean - m) / s).max(axis=-1), (std / s).max(axis=-1))
+
+
+def check_in_range(r: Resampled, spec: PreprocessSpec) -> None:
+    """Refuses (BadRasterError) to embed a raster whose values lie more than
+    OUTLIER_FACTOR of the training data's stds from its mean, or spread that
+    many times wider: a nodata value the file's tag does not match, a wrong
+    scale; its embedding would mean nothing, by either normalisation (per
+    raster, its level and spread reach the model through the scale vector).
+    Models that recorded no training statistics are not checked."""
+    if spec.norm_mean is None or spec.norm_std is None:
+        return
+    peak = float(norm_peaks(r.mean, r.std, spec))
+    if peak <= OUTLIER_FACTOR:
+        return
+    shown = lambda v: ", ".join(f"{x:.3g}" for x in v)  # noqa: E731
+    raise BadRasterError(
+        r.info.path,
+        f"its values lie far outside the data the model was trained on (mean "
+        f"{shown(r.mean)}, std {shown(r.std)}; the training data's mean "
+        f"{shown(spec.norm_mean)}, std {shown(spec.norm_std)}); check its nodata "
+        "value and scaling",
+    )
 
 
 def norm_coefficients(

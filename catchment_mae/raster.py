@@ -849,7 +849,11 @@ def _gdal_nodata(page: Any) -> float | None:
 
 
 def _equals_nodata(arr: np.ndarray, value: float) -> np.ndarray | None:
-    """Where ``arr`` holds ``value`` as GDAL compares it (cast to the data type).
+    """Where ``arr`` holds ``value`` as GDAL compares it: cast to the data type,
+    and for floats within GDAL's ``ARE_REAL_EQUAL`` (a few float32 steps, as
+    ``|a - b| < 2 eps32 |a + b|``), so a float64 raster's overview that stores
+    its nodata rounded through float32 (-1.2676506002282294e30 under a tag of
+    -1.26765060000000006e30, rio-tiler's full-earth COG) is still nodata.
 
     Returns None when the value cannot occur in that type (e.g. -9999 in uint8),
     and for NaN, which the finite check covers.
@@ -869,7 +873,11 @@ def _equals_nodata(arr: np.ndarray, value: float) -> np.ndarray | None:
             cast = dt.type(value)
         if not np.isfinite(cast):
             return None
-        return arr == cast
+        tolerance = 4 * float(np.finfo(np.float32).eps) * abs(float(cast))
+        if tolerance == 0:
+            return arr == cast
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.abs(arr - cast) <= dt.type(tolerance)
     if dt.kind == "b":
         return arr == bool(value)
     return None

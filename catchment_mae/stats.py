@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from catchment_mae.errors import BadRasterError, NoInputError, band_mismatch
-from catchment_mae.preprocess import check_usable
+from catchment_mae.preprocess import OUTLIER_FACTOR, check_usable
 from catchment_mae.raster import (
     DEFAULT_MAX_MEMORY_MB,
     DEFAULT_MAX_PIXELS,
@@ -91,12 +91,10 @@ class RunningStats:
         return np.sqrt(self.m2 / self.count)
 
 
-# A raster whose mean lies this many times the data's spread from the median
-# raster's (or whose own std is this many times it) is not the same kind of data:
-# a float32 DEM whose header byte flipped holds values of 1e38, a mis-scaled one
-# 1e16. With its pixels, one file decides the statistics of all (mean 3.9e11,
+# A raster whose mean lies OUTLIER_FACTOR times the data's spread from the
+# median raster's (or whose own std is that many times it) is not the same kind
+# of data. With its pixels, one file decides the statistics of all (mean 3.9e11,
 # std 3.2e13 over a directory of ordinary DEMs); it is left out, with a reason.
-OUTLIER_FACTOR = 1000.0
 
 
 def far_outliers(means: np.ndarray, stds: np.ndarray) -> np.ndarray:

@@ -528,3 +528,58 @@ def test_read_raster__multi_page_reads_the_first_full_resolution_image(tmp_path)
         tw.write(np.full((32, 40), 2, np.uint8))
     r = read_raster(path)
     assert r.data.shape == (1, 32, 40) and (r.data == 1).all()
+
+
+def test_nodata__as_gdal_compares_it_in_a_float64_cog_s_overviews(tmp_path):
+    """rio-tiler's full-earth COG (float64) keeps its nodata in the overviews
+    rounded through float32 (-1.2676506002282294e30 under a tag of
+    -1.26765060000000006e30); GDAL takes both as nodata, and so must we."""
+    tag = "-1.26765060000000006e30"
+    path = tmp_path / "cog.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for k, size in enumerate((256, 128, 64)):
+            nodata = float(tag) if k == 0 else float(np.float32(float(tag)))
+            image = np.full((size, size), nodata, np.float64)
+            image[size // 4 : -size // 4, size // 4 : -size // 4] = 100.0 + k
+            extra = [(42113, "s", 0, tag, True)] if k == 0 else []
+            tw.write(image, photometric="minisblack", tile=(32, 32),
+                     subfiletype=1 if k else 0, extratags=extra)  # fmt: skip
+    for min_size, level in ((None, 0), (128, 1), (64, 2)):
+        r = read_raster(path, min_size=min_size)
+        assert r.info.level == level
+        assert r.valid.mean() == 0.25, (level, r.valid.mean())
+        assert r.data[0][r.valid].min() == 100.0 + level
+    # Values near the nodata but not within float32 rounding stay data.
+    near = tmp_path / "near.tif"
+    image = np.full((32, 32), -1000.0, np.float32)
+    image[0, 0], image[0, 1] = -1000.001, -1000.5
+    tifffile.imwrite(near, image, extratags=[(42113, "s", 0, "-1000", True)])
+    r = read_raster(near)
+    assert r.valid.sum() == 2
+
+
+def test_embedding__a_raster_far_outside_the_training_data_is_refused(
+    tmp_path, onnx_model
+):
+    from catchment_mae.batch.runner import embed_dir
+    from catchment_mae.preprocess import load_sample
+    from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
+
+    spec = spec_from_metadata(read_metadata(create_session(onnx_model)))
+    assert spec.norm_mean is not None
+    d = tmp_path / "d"
+    d.mkdir()
+    from catchment_mae.synth import DemSpec, geotiff_tags
+
+    tags = geotiff_tags(DemSpec(48, 48, 30.0, 32633, (500_000.0, 4e6), "float32",
+                                -9999.0, 0))  # fmt: skip
+    good = np.random.default_rng(0).normal(spec.norm_mean[0], 5, (48, 48))
+    tifffile.imwrite(d / "good.tif", good.astype(np.float32), extratags=tags)
+    bad = good.copy()
+    bad[:10] = -1.2676506e30  # a nodata no tag names
+    tifffile.imwrite(d / "bad.tif", bad.astype(np.float32), extratags=tags)
+    with pytest.raises(BadRasterError, match="far outside the data the model"):
+        load_sample(d / "bad.tif", spec)
+    summary = embed_dir(d, onnx_model, tmp_path / "t.parquet", num_workers=0)
+    assert summary.embedded == 1 and summary.failed == 1
+    assert "check its nodata value" in summary.failures[0]["error"]
