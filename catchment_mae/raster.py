@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,10 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from catchment_mae import codestreams
+from catchment_mae.codestreams import declared_size
 from catchment_mae.errors import BadRasterError, NoInputError, band_mismatch
+from catchment_mae.ifds import listing_bytes
 
 ALL_NODATA = "has no valid pixels (all nodata)"  # a raster or chip with no value
 # Samples per pixel a raster may declare (hyperspectral cubes have a few hundred).
@@ -47,6 +50,9 @@ DEFAULT_MAX_MEMORY_MB = 1024
 # IFDs looked at: a COG's image, overviews and masks take a few dozen at most;
 # a chain of 200,000 IFDs, or one that loops back, must not be walked.
 MAX_PAGES = 64
+# Strips or tiles one read may decode: 4 million one-byte strips took 39 s in
+# Python's loop alone. A 100,000 px square scene of 256 px tiles has 152,600.
+MAX_SEGMENTS = 1 << 18
 
 # GeoTIFF keys and units (GeoTIFF 1.1 spec, section 7).
 _USER_DEFINED = 32767
@@ -232,6 +238,7 @@ def read_raster(
     path = Path(path)
     check_file(path)
     budget = Budget(max_memory_mb)
+    check_directories(path, budget)
     codec = None
     try:
         with tifffile.TiffFile(path) as tif:
@@ -256,6 +263,24 @@ def _codec(tif: Any) -> str | None:
         return None
     name = getattr(compression, "name", None)
     return None if not name or name == "NONE" else str(name).lower()
+
+
+def check_directories(path: Path, budget: Budget) -> None:
+    """Refuses a file whose directories (IFDs) would take more than a quarter
+    of the memory budget to list (:func:`catchment_mae.ifds.listing_bytes`),
+    before the TIFF parser lists them."""
+    try:
+        with open(path, "rb") as f:
+            need = listing_bytes(f, MAX_PAGES)
+    except OSError as e:
+        raise BadRasterError(path, f"cannot open: {e.strerror or e}") from e
+    if need > budget.segment:
+        raise BadRasterError(
+            path,
+            f"its directories list about {_mb(need)} of tag values, above the "
+            f"{_mb(budget.segment)} they may take (a quarter of the memory "
+            f"budget, {budget.max_memory_mb} MB: cmae train --max-memory)",
+        )
 
 
 def check_file(path: Path) -> None:
@@ -714,12 +739,24 @@ def _read_page(
         for r in rows
         for c in cols
     ]
-    if len(needed) * seg_bytes > budget.decoded:
+    if len(needed) > MAX_SEGMENTS:
+        raise BadRasterError(
+            path,
+            f"reading it would decode {len(needed):,} strips or tiles, more than "
+            f"the {MAX_SEGMENTS:,} a raster may",
+        )
+    compression = int(page.keyframe.compression)
+    cost = _DECODE_COST.get(compression, 1)
+    if len(needed) * seg_bytes * cost > budget.decoded:
+        name = _CODESTREAMS[compression] if cost > 1 else ""
+        slow = (
+            f", {name} data counted {cost} times (slow to decode)" if cost > 1 else ""
+        )
         raise BadRasterError(
             path,
             f"reading it would decode {_mb(len(needed) * seg_bytes)}, above the "
             f"{_mb(budget.decoded)} a raster may (four times the memory budget: "
-            "cmae train --max-memory)",
+            f"cmae train --max-memory){slow}",
         )
     oh, ow = -(-(wy1 - wy0) // ky), -(-(wx1 - wx0) // kx)
     out = np.zeros((spp, oh, ow), dtype=page.dtype)
@@ -742,11 +779,15 @@ def _read_page(
                 blocks[i] = block
         data = [i for i in data if i not in blocks]
     keyframe = page.keyframe
+    check = _codestream_check(
+        page, path, (h, w) if keyframe.compression == 6 else (th, tw)
+    )
     decodeargs: dict[str, Any] = {"_fullsize": page.is_tiled}
     if keyframe.compression in {6, 7, 34892, 33007}:  # JPEG, as tifffile does
         decodeargs["jpegtables"] = page.jpegtables
         decodeargs["jpegheader"] = keyframe.jpegheader
     fh = page.parent.filehandle
+    decoded_bytes = 0
     segments = fh.read_segments(
         [offsets[i] for i in data], [counts[i] for i in data], indices=data,
         sort=True, flat=True, buffersize=min(budget.segment, 8 << 20),
@@ -756,9 +797,17 @@ def _read_page(
         if block is None:
             if raw is None:
                 continue
+            check(raw)
             decoded, _, shape = keyframe.decode(raw, i, **decodeargs)
             if decoded is None:
                 continue
+            decoded_bytes += np.asarray(decoded).nbytes
+            if decoded_bytes > budget.decoded:  # what is decoded, not declared
+                raise BadRasterError(
+                    path,
+                    f"decoding it took over {_mb(budget.decoded)} (four times "
+                    "the memory budget: cmae train --max-memory)",
+                )
             block = np.asarray(decoded).reshape(shape)[0]  # (rows, cols, contig)
             if ident is not None:
                 _SEGMENTS.put((*ident, i), block)
@@ -779,6 +828,50 @@ def _read_page(
         target[...] = part.transpose(2, 0, 1)
         present[oy : oy + len(ys), ox : ox + len(xs)] = True
     return out, present
+
+
+def _codestream_check(
+    page: Any, path: Path, segment: tuple[int, int]
+) -> Callable[[bytes], None]:
+    """What refuses a strip's or tile's compressed data whose own header
+    declares an image larger than the ``segment`` (height, width) it stands for
+    (the whole page for old-style JPEG): image codecs decode to the size they
+    declare, so a 216-byte JPEG declaring 60000 x 60000 would take 3.6 GB."""
+    compression = int(page.keyframe.compression)
+    if compression not in _CODESTREAMS:
+        return lambda raw: None
+    lerc = tuple(page.tags.valueof(50674) or ())  # LercParameters
+    kind = "tile" if page.is_tiled else "strip"
+    name = _CODESTREAMS[compression]
+
+    def check(raw: bytes) -> None:
+        size = declared_size(compression, raw, lerc)
+        if size is not None and (size[0] > segment[0] or size[1] > segment[1]):
+            raise BadRasterError(
+                path,
+                f"a {kind}'s {name} data declares {size[1]}x{size[0]} pixels, "
+                f"more than the {segment[1]}x{segment[0]} {kind} it stands for",
+            )
+
+    return check
+
+
+# Decoding work per decoded byte, against the deflate-like codecs': a raster may
+# decode budget.decoded / cost. JPEG 2000 decoded 16 tiles within the plain
+# decode cap in 73 s on an idle machine; JPEG XL is of its kind.
+_DECODE_COST = {
+    **dict.fromkeys(codestreams.JPEG2000, 16),
+    **dict.fromkeys(codestreams.JPEGXL, 16),
+    **dict.fromkeys(codestreams.WEBP, 4),
+}
+_CODESTREAMS = {
+    **dict.fromkeys(codestreams.JPEG, "JPEG"),
+    **dict.fromkeys(codestreams.JPEG2000, "JPEG 2000"),
+    codestreams.PNG: "PNG",
+    **dict.fromkeys(codestreams.WEBP, "WebP"),
+    codestreams.LERC: "LERC",
+    **dict.fromkeys(codestreams.JPEGXL, "JPEG XL"),
+}
 
 
 class _SegmentCache:
@@ -1053,6 +1146,7 @@ def header(path: str | os.PathLike[str]) -> tuple[int, int, int, GeoInfo]:
 
 def _header(path: Path, with_geo: bool) -> tuple[int, int, GeoInfo | None, int]:
     check_file(path)
+    check_directories(path, Budget(DEFAULT_MAX_MEMORY_MB))
     try:
         with tifffile.TiffFile(path) as tif:
             images = [p for p in _list_pages(tif) if not p.subfiletype & _FILETYPE_MASK]

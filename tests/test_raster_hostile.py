@@ -156,7 +156,48 @@ def bombs(tmp_path) -> dict[str, Path]:
          325: (LONG, [len(blob)])}
     )  # fmt: skip
     files["one tile of 2 GiB"] = craft(d / "tile.tif", tags, blob)
+    # 64 x 64 TIFFs whose one strip's codestream declares a huge image.
+    for name, (compression, stream) in codec_bombs().items():
+        files[name] = craft(
+            d / f"{name.split()[0]}.tif",
+            gray(64, 64, [8], [len(stream)], compression=compression),
+            stream,
+        )
     return files
+
+
+def codec_bombs() -> dict[str, tuple[int, bytes]]:
+    """Codestreams of an 8 x 8 image whose headers were edited to declare a huge
+    one (checksums made right), by what they declare; TIFF compression codes."""
+    import imagecodecs
+
+    small = np.zeros((8, 8), np.uint8)
+    out: dict[str, tuple[int, bytes]] = {}
+    jpeg = bytearray(imagecodecs.jpeg8_encode(small))
+    at = jpeg.find(b"\xff\xc0")  # SOF0: length, precision, height, width
+    struct.pack_into(">HH", jpeg, at + 5, 60000, 60000)
+    out["jpeg 60000x60000"] = (7, bytes(jpeg))
+    ljpeg = bytearray(
+        imagecodecs.ljpeg_encode(small.astype(np.uint16), bitspersample=12)
+    )
+    at = ljpeg.find(b"\xff\xc3")  # SOF3: lossless
+    struct.pack_into(">HH", ljpeg, at + 5, 40000, 40000)
+    out["ljpeg12 40000x40000"] = (7, bytes(ljpeg))
+    j2k = bytearray(imagecodecs.jpeg2k_encode(small, codecformat="J2K"))
+    at = j2k.find(b"\xff\x4f\xff\x51")  # SOC, SIZ: Lsiz, Rsiz, Xsiz, Ysiz
+    struct.pack_into(">II", j2k, at + 8, 20000, 20000)
+    out["jpeg2000 20000x20000"] = (34712, bytes(j2k))
+    png = bytearray(imagecodecs.png_encode(small))
+    struct.pack_into(">II", png, 16, 20000, 20000)  # IHDR, then its CRC
+    struct.pack_into(">I", png, 29, zlib.crc32(bytes(png[12:29])))
+    out["png 20000x20000"] = (34933, bytes(png))
+    lerc = bytearray(imagecodecs.lerc_encode(small.astype(np.float32), version=2))
+    struct.pack_into("<ii", lerc, 10, 20000, 20000)  # version 2: no checksum
+    out["lerc 20000x20000"] = (34887, bytes(lerc))
+    webp = bytearray(imagecodecs.webp_encode(np.dstack([small] * 3), lossless=True))
+    struct.pack_into("<I", webp, 21, (16383 << 14) | 16383)  # VP8L: 16384 x 16384
+    out["webp 16384x16384"] = (50001, bytes(webp))
+    return out
 
 
 @pytest.mark.parametrize(
@@ -171,6 +212,23 @@ def bombs(tmp_path) -> dict[str, Path]:
         ("empty strip", ["holds no pixel data"]),
         ("64 bands in one strip", ["one strip decodes to"]),
         ("one tile of 2 GiB", ["one tile decodes to 2,048 MB"]),
+        *(
+            (
+                name,
+                [
+                    f"a strip's {label} data declares {name.split()[1]} pixels, "
+                    "more than the 64x64 strip"
+                ],
+            )
+            for name, label in (
+                ("jpeg 60000x60000", "JPEG"),
+                ("ljpeg12 40000x40000", "JPEG"),
+                ("jpeg2000 20000x20000", "JPEG 2000"),
+                ("png 20000x20000", "PNG"),
+                ("lerc 20000x20000", "LERC"),
+                ("webp 16384x16384", "WebP"),
+            )
+        ),  # fmt: skip
     ],
 )
 def test_bombs__refused_before_decoding(bombs, name, fragments):
@@ -498,3 +556,87 @@ def test_jpegxl__damaged_strips_in_words(tmp_path):
     with pytest.raises(BadRasterError) as e:
         read_raster(path)
     assert e.value.reason == "cannot decode TIFF: damaged compressed data (jpegxl)"
+
+
+def test_slow_codecs__jpeg2000_counts_sixteen_times_against_the_decode_cap(tmp_path):
+    """16 JPEG 2000 tiles within the plain decode cap took 73 s: such data is
+    counted 16 times, so a few-kB file cannot ask for a minute of decoding."""
+    tags = gray(4096, 4096, [], [], bits=32, compression=34712)
+    for code in (273, 278, 279):
+        del tags[code]
+    tags.update({322: (LONG, [1024]), 323: (LONG, [1024]),
+                 324: (LONG, [8] * 16), 325: (LONG, [8] * 16)})  # fmt: skip
+    path = craft(tmp_path / "j2k.tif", tags, b"\0" * 8)
+    _refused(path, "reading it would decode 64 MB", "JPEG 2000 data counted 16 times")
+
+
+def test_segments__a_million_one_byte_strips_are_refused_at_once(tmp_path):
+    n = 300_000
+    path = craft(tmp_path / "strips.tif", gray(1, n, [8] * n, [1] * n, rps=1), b"\0")
+    t0 = time.monotonic()
+    with pytest.raises(BadRasterError, match="300,000 strips or tiles, more than"):
+        read_raster(path)
+    assert time.monotonic() - t0 < 30
+
+
+def test_directories__arrays_shared_by_64_ifds_are_refused_before_listing(tmp_path):
+    """64 IFDs whose offset and byte-count arrays (a million each) point at one
+    shared array took 5.1 GB as tuples before any pixel was read."""
+    n, ifds = 1_000_000, 64
+    arrays = struct.pack(f"<{n}I", *([8] * n))  # offsets and counts alike
+    ifd_at = 8 + len(arrays)
+    tags = sorted(
+        {
+            256: (LONG, 1, 1),
+            257: (LONG, 1, n),
+            258: (SHORT, 1, 8),
+            259: (SHORT, 1, 1),
+            262: (SHORT, 1, 1),
+            273: (LONG, n, 8),
+            277: (SHORT, 1, 1),
+            278: (LONG, 1, 1),
+            279: (LONG, n, 8),
+        }.items()
+    )
+    size = 2 + 12 * len(tags) + 4
+    body = b""
+    for k in range(ifds):
+        body += struct.pack("<H", len(tags))
+        for code, (typ, count, value) in tags:
+            body += struct.pack("<HHII", code, typ, count, value)
+        body += struct.pack("<I", ifd_at + (k + 1) * size if k + 1 < ifds else 0)
+    path = tmp_path / "ifds.tif"
+    path.write_bytes(b"II*\0" + struct.pack("<I", ifd_at) + arrays + body)
+    _refused(path, "its directories list about", "of tag values")
+    from catchment_mae.raster import image_size
+
+    with pytest.raises(BadRasterError, match="its directories list about"):
+        image_size(path)
+
+
+def test_codestreams__declared_sizes_of_real_encodings():
+    """The header readers against the encoders' own output, sizes of every
+    kind (JPEG XL's small and ratio forms among them)."""
+    import imagecodecs
+
+    from catchment_mae.codestreams import declared_size
+
+    for h, w in ((37, 53), (64, 64), (1000, 17), (300, 400), (123, 1)):
+        a = (np.arange(h * w) % 251).astype(np.uint8).reshape(h, w)
+        streams = {
+            7: [imagecodecs.jpeg8_encode(a),
+                imagecodecs.ljpeg_encode(a.astype(np.uint16), bitspersample=12)],
+            34712: [imagecodecs.jpeg2k_encode(a),
+                    imagecodecs.jpeg2k_encode(a, codecformat="J2K")],
+            34933: [imagecodecs.png_encode(a)],
+            50001: [imagecodecs.webp_encode(np.dstack([a] * 3), level=50)],
+            34887: [imagecodecs.lerc_encode(a.astype(np.float32), version=v)
+                    for v in (2, 3, 4)],
+            50002: [imagecodecs.jpegxl_encode(a),
+                    imagecodecs.jpegxl_encode(a, lossless=True)],
+        }  # fmt: skip
+        for compression, encoded in streams.items():
+            for stream in encoded:
+                assert declared_size(compression, stream) == (h, w), compression
+    assert declared_size(8, b"anything") is None  # deflate: no header of sizes
+    assert declared_size(7, b"\xff\xd8\xff") is None  # cut short
