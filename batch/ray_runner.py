@@ -215,10 +215,10 @@ def embed_dir_ray(
                             if on_row is not None:
                                 on_row(row)
                 except KeyboardInterrupt as e:
-                    raise interrupted_saving(sink) from e
+                    raise interrupted_saving(sink, overwrite) from e
             finish(out, root, run, summary)
     except KeyboardInterrupt as e:
-        raise interrupted_kept(out) from e
+        raise interrupted_kept(out, overwrite) from e
     finally:
         if started and ray.is_initialized():
             ray.shutdown()

@@ -92,7 +92,12 @@ class RunSummary:
         if self.nothing_new:
             return f"nothing new: all {self.already_done} raster(s) already embedded"
         done = f" ({self.already_done} already done)" if self.already_done else ""
-        return f"{self.embedded} embedded, {self.failed} failed{done}"
+        skipped = (
+            f", {self.chips_skipped} chip(s) left out (nodata above --max-nodata)"
+            if self.chips_skipped
+            else ""
+        )
+        return f"{self.embedded} embedded, {self.failed} failed{done}{skipped}"
 
 
 def embed_dir(
@@ -191,7 +196,7 @@ def embed_dir(
                 summary.wait_seconds = reader.wait_seconds
             except KeyboardInterrupt as e:
                 pool.close(kill=True)
-                raise interrupted_saving(sink) from e
+                raise interrupted_saving(sink, overwrite) from e
             pool.close(kill=True)  # all read: nothing of theirs is left to lose
             summary.provider = mapper.provider
             summary.session_seconds = mapper.session_seconds
@@ -199,7 +204,7 @@ def embed_dir(
             summary.inference_seconds = mapper.inference_seconds
             finish(out, root, run, summary)
     except KeyboardInterrupt as e:  # between batches, while merging, ...
-        raise interrupted_kept(out) from e
+        raise interrupted_kept(out, overwrite) from e
     return checked(summary, start)
 
 
@@ -308,20 +313,26 @@ def finish(out: Path, root: Path, run: Run, summary: RunSummary) -> None:
     summary.write_seconds += time.perf_counter() - t0
 
 
-def interrupted_saving(sink: PartSink) -> EmbedInterrupted:
+def interrupted_saving(sink: PartSink, overwrite: bool) -> EmbedInterrupted:
     """Flushes what this run embedded; the error that says where it is."""
     sink.flush()
     return EmbedInterrupted(
         f"interrupted: {sink.rasters} raster(s) of this run are saved in "
-        f"{sink.dir}; run the same command to continue"
+        f"{sink.dir}; {_to_continue(overwrite)}"
     )
 
 
-def interrupted_kept(out: Path) -> EmbedInterrupted:
+def interrupted_kept(out: Path, overwrite: bool) -> EmbedInterrupted:
     return EmbedInterrupted(
         f"interrupted: the rows written so far are kept in {parts_dir(out)}; "
-        "run the same command to continue"
+        f"{_to_continue(overwrite)}"
     )
+
+
+def _to_continue(overwrite: bool) -> str:
+    if overwrite:  # run again with it, the saved rows would be thrown away
+        return "run the same command without --overwrite to continue"
+    return "run the same command to continue"
 
 
 def checked(summary: RunSummary, start: float) -> RunSummary:

@@ -32,11 +32,30 @@ def configure_worker(levels: dict[str, int]) -> None:
     """Sets each named logger's level; ours gets the one-line stderr format."""
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LineHandler(sys.stderr)
     handler.setFormatter(Formatter())
     pkg = logging.getLogger("catchment_mae")
     pkg.handlers[:] = [handler]
     pkg.propagate = False
+
+
+class _LineHandler(logging.StreamHandler):
+    """On a terminal, each message starts on a cleared line: a progress bar
+    (tqdm redraws its line with a carriage return) shared its line with a
+    warning ("embedding: 1raster [00:04]cmae: warning: ..."); the bar draws
+    itself again below at its next update. Reader processes write here too, so
+    tqdm's own logging redirection (main process only) would not do."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return "\r\x1b[2K" + text if _is_terminal(self.stream) else text
+
+
+def _is_terminal(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):  # closed, or not a file
+        return False
 
 
 class Formatter(logging.Formatter):

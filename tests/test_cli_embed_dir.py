@@ -321,11 +321,11 @@ def big_archive(tmp_path, dem_dir):
     return d
 
 
-def _start(archive, model, out):
+def _start(archive, model, out, *extra):
     import time
 
     args = ["embed-dir", archive, "--model", model, "--out", out, "--batch-size", "1",
-            "--rows-per-part", "1", "--num-workers", "0", "--json"]  # fmt: skip
+            "--rows-per-part", "1", "--num-workers", "0", "--json", *extra]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "catchment_mae.cli.main", *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -339,19 +339,23 @@ def _start(archive, model, out):
     raise AssertionError(f"no parts appeared: {proc.communicate()}")
 
 
-@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM", "SIGTERM, --overwrite"])
 def test_embed_dir__interrupted_run_resumes_with_one_row_per_raster(
     big_archive, onnx_model, tmp_path, how
 ):
     import signal
 
     out = tmp_path / "i.parquet"
-    proc = _start(big_archive, onnx_model, out)
+    extra = ["--overwrite"] if "overwrite" in how else []
+    proc = _start(big_archive, onnx_model, out, *extra)
     proc.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    if how == "SIGTERM":
+    if how.startswith("SIGTERM"):
         assert proc.returncode == 130, stderr
-        assert "run the same command to continue" in stderr.splitlines()[-1]
+        hint = "run the same command without --overwrite to continue"
+        if not extra:
+            hint = "run the same command to continue"
+        assert stderr.splitlines()[-1].endswith(hint), stderr
     else:
         assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # nothing half-written; the parts hold the rows
@@ -495,3 +499,46 @@ def test_embed_dir__a_table_from_before_listings_were_kept_is_checked_by_its_row
     r = _run(runner, archive, "--model", onnx_model, "--out", out, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["rows"] == rows - 1
     assert b"listing" in pq.read_schema(out).metadata
+
+
+def test_embed_dir__warnings_never_share_the_progress_bar_s_line(
+    archive, onnx_model, tmp_path
+):
+    """On a terminal, tqdm redraws its bar with a carriage return; every
+    warning starts on a cleared line of its own (reader processes' too)."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import struct
+    import termios
+
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "catchment_mae.cli.main", "embed-dir", str(archive),
+         "--model", str(onnx_model), "--out", str(tmp_path / "t.parquet"),
+         "--num-workers", "2", "--batch-size", "2"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child,
+    )  # fmt: skip
+    os.close(child)
+    raw = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        raw += chunk
+    proc.wait(timeout=120)
+    os.close(main)
+    text = raw.decode(errors="replace")
+    assert "embedding:" in text  # a bar was drawn
+    warnings = text.count("cmae: warning:")
+    assert warnings >= 4, text[-2000:]  # the archive's broken files
+    # What the terminal shows of each line: the text after its last \r, with
+    # the clear-line sequence taken out; a warning is always at its start.
+    shown = [re.sub(r"\x1b\[2K", "", line.rsplit("\r", 1)[-1]) for line in
+             text.replace("\r\n", "\n").split("\n")]  # fmt: skip
+    assert sum(line.startswith("cmae: warning:") for line in shown) == warnings

@@ -52,6 +52,20 @@ def test_embed_dir_tile__one_row_per_chip(runner, scenes, onnx_model, tmp_path):
     summary = _embed(runner, scenes, onnx_model, out)
     # 2 x 3 chips; the right column is all nodata: skipped and counted.
     assert summary["embedded"] == 4 and summary["chips_skipped"] == 2
+    again = runner.invoke(
+        cli,
+        [
+            "embed-dir",
+            str(scenes),
+            "--model",
+            str(onnx_model),
+            "--out",
+            str(tmp_path / "c2.parquet"),
+            "--tile",
+            "100",
+        ],
+    )
+    assert "2 chip(s) left out (nodata above --max-nodata)" in again.stderr
     assert summary["failed"] == 1  # broken.tif: one row with its reason
     rows = pq.read_table(out).to_pylist()
     chips = [r for r in rows if r["path"] == "big.tif"]
