@@ -8,7 +8,9 @@ is given and sends back only the row's facts; a batch of consecutive slots is fe
 to onnxruntime as it lies, a view, with no copy through pipes and no
 concatenation. The segment is named ``cmae-PID-RANDOM`` and unlinked by its
 creator on every way out; if the creator is killed (``kill -9``), Python's
-resource tracker unlinks it. No torch here.
+resource tracker unlinks it, and when the tracker dies with it (``kill -9`` of
+the process group), the next ring made on the machine removes the segments
+whose creator is gone (:func:`remove_orphans`). No torch here.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class SlotRing:
         name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
         self.layout = RingLayout(name, rows, in_chans, size, shared, scale_dim)
         if shared:
+            remove_orphans()
             try:
                 self._shm = shared_memory.SharedMemory(
                     name=name, create=True, size=self.layout.nbytes
@@ -125,6 +128,36 @@ class SlotRing:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def remove_orphans(folder: str = "/dev/shm") -> list[str]:
+    """Unlinks the rings in ``folder`` (Linux keeps POSIX shared memory there)
+    whose creating process is no longer running; the names removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:  # not Linux, or no such folder: nothing to look at
+        return removed
+    for name in names:
+        if not name.startswith(SEGMENT_PREFIX):
+            continue
+        pid = name[len(SEGMENT_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        with contextlib.suppress(OSError):  # gone already, or another user's
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: running, as another user
+        return True
+    return True
 
 
 def _unlink(name: str) -> None:

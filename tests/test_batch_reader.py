@@ -476,3 +476,30 @@ def test_read_one__a_file_gone_or_a_dangling_link_says_so_in_words(tmp_path):
     assert sample is None and row.error == "a symlink to nothing (dangling)"
     row, _, _ = read_one(str(tmp_path), "gone.tif", SPEC)
     assert row.error == "file does not exist"
+
+
+def test_embed_dir__kill_9_of_the_group_leaves_no_segment_past_the_next_run(
+    many, onnx_model, tmp_path
+):
+    """kill -9 of the whole process group kills Python's resource tracker too:
+    the run's segment stays in /dev/shm, and the next run removes it (its
+    creator is gone); segments of running processes are left alone."""
+    out = tmp_path / "k.parquet"
+    proc = _cmae(
+        "embed-dir", many, "--model", onnx_model, "--out", out, "--num-workers", 2,
+        "--batch-size", 2, "--rows-per-part", 4, start_new_session=True,
+    )  # fmt: skip
+    _wait_for_readers(proc, out)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    left = _segments(proc.pid)
+    assert left  # what the issue saw: nobody unlinked it
+    mine = SlotRing(rows=1, in_chans=1, size=8)  # a running process's ring
+    try:
+        again = _cmae("embed-dir", many, "--model", onnx_model, "--out", out, "--json")
+        _, stderr = again.communicate(timeout=120)
+        assert again.returncode == 0, stderr
+        assert not _segments(proc.pid)
+        assert mine.layout.name in _segments(os.getpid())
+    finally:
+        mine.close()

@@ -176,6 +176,25 @@ def test_entry__ctrl_c_while_the_commands_import_is_one_line(monkeypatch, capsys
     assert capsys.readouterr().err == "cmae: error: interrupted\n"
 
 
+def test_entry__sigterm_while_the_commands_import_is_one_line():
+    """SIGTERM in the first second (the commands' imports; torch's in train)
+    ended the process by the signal: exit 143 and not a word."""
+    code = (
+        "import builtins, os, signal, sys\n"
+        "real = builtins.__import__\n"
+        "def signalled(name, *args, **kwargs):\n"
+        "    if name == 'catchment_mae.cli.main':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = signalled\n"
+        "from catchment_mae.cli.entry import main\n"
+        "sys.argv = ['cmae', '--help']\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 130 and r.stderr == "cmae: error: interrupted\n", r
+
+
 def modules_a_read_imports(root: str, rels: list[str]) -> list[str]:
     """The modules a reader process imports to read ``rels`` (all of them read)."""
     import sys

@@ -1,12 +1,22 @@
-"""The ``cmae`` script's entry: a Ctrl-C while the commands are imported (a
-few tenths of a second) ends with the one-line message, not a traceback."""
+"""The ``cmae`` script's entry: a Ctrl-C or SIGTERM while the commands are
+imported (a few tenths of a second) ends with the one-line message, not a
+traceback nor a silent death by the signal."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
+def sigterm_raises(*_: object) -> None:
+    """SIGTERM, as Ctrl-C, raises KeyboardInterrupt: the commands' one error
+    boundary turns it into ``cmae: error: interrupted`` and exit code 130
+    (a service manager's stop, ``timeout``), wherever the run is."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, sigterm_raises)
     try:
         from catchment_mae.cli.main import main as run
     except KeyboardInterrupt:

@@ -90,6 +90,11 @@ for _command in COMMANDS:
 
 
 def main() -> None:
+    import signal
+
+    from catchment_mae.cli.entry import sigterm_raises
+
+    signal.signal(signal.SIGTERM, sigterm_raises)  # python -m catchment_mae.cli.main
     cli(prog_name="cmae")
 
 
