@@ -424,13 +424,17 @@ class TrainConfig:
         return 3 + 3 * self.in_chans
 
 
-def model_files(weights_path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """``NAME.pth`` and the ``NAME.json`` beside it (the original tool's pair),
-    checked to be there (ModelLoadError); no torch, so a command says so at once."""
+def model_files(
+    weights_path: str | os.PathLike[str],
+    config_path: str | os.PathLike[str] | None = None,
+) -> tuple[Path, Path]:
+    """``NAME.pth`` and the ``NAME.json`` beside it (the original tool's pair;
+    ``config_path`` where it lies elsewhere), checked to be there
+    (ModelLoadError); no torch, so a command says so at once."""
     path = Path(weights_path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: weights file does not exist")
-    cfg_path = path.with_suffix(".json")
+    cfg_path = path.with_suffix(".json") if config_path is None else Path(config_path)
     if not cfg_path.is_file():
         raise ModelLoadError(
             f"{cfg_path}: missing; cmae needs the NAME.json written beside NAME.pth"

@@ -562,14 +562,16 @@ def embedder(
 
 def load_model(
     weights_path: str | os.PathLike[str],
+    config_path: str | os.PathLike[str] | None = None,
 ) -> tuple[ScaleAwareMAE, TrainConfig]:
-    """Loads ``NAME.pth`` with the ``NAME.json`` beside it (the original tool's pair).
+    """Loads ``NAME.pth`` with the ``NAME.json`` beside it (the original tool's
+    pair; ``config_path`` where the server opened it itself).
 
     Raises:
         ModelLoadError: a missing or unreadable file, a config that does not
             match, or weights that do not fit the config.
     """
-    path, cfg_path = model_files(weights_path)
+    path, cfg_path = model_files(weights_path, config_path)
     from catchment_mae.checkpoint import read_torch_file
 
     state = read_torch_file(path, ModelLoadError)

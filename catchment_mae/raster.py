@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import itertools
 import logging
 import math
@@ -17,7 +18,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
@@ -236,12 +237,27 @@ def read_raster(
         BadRasterError: naming the file and the reason.
     """
     path = Path(path)
-    check_file(path)
     budget = Budget(max_memory_mb)
-    check_directories(path, budget)
+    with open_checked(path, budget) as f:
+        return _read_open(f, path, bands, nodata, min_size, max_pixels, budget,
+                          in_chans, window)  # fmt: skip
+
+
+def _read_open(
+    f: BinaryIO,
+    path: Path,
+    bands: Sequence[int] | None,
+    nodata: float | None,
+    min_size: int | None,
+    max_pixels: int,
+    budget: Budget,
+    in_chans: int | None,
+    window: tuple[int, int, int, int] | None,
+) -> Raster:
+    """read_raster on the file it opened (and checked)."""
     codec = None
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(f) as tif:
             codec = _codec(tif)
             return _read(
                 tif, path, bands, nodata, min_size, max_pixels, budget, in_chans,
@@ -265,46 +281,57 @@ def _codec(tif: Any) -> str | None:
     return None if not name or name == "NONE" else str(name).lower()
 
 
-def check_directories(path: Path, budget: Budget) -> None:
-    """Refuses a file whose directories (IFDs) would take more than a quarter
-    of the memory budget to list (:func:`catchment_mae.ifds.listing_bytes`),
-    before the TIFF parser lists them."""
+def open_checked(path: Path, budget: Budget | None = None) -> BinaryIO:
+    """``path`` opened once, and refused (BadRasterError) when it is missing,
+    unreadable, not a regular file, empty or not a TIFF (its first bytes), or,
+    with a ``budget``, when its directories (IFDs) would take more than a
+    quarter of it to list (:func:`catchment_mae.ifds.listing_bytes`); before
+    any decoding. Everything after reads this handle: what was checked is what
+    is read, whatever the name leads to by then (a path of /proc/self/fd too)."""
     try:
-        with open(path, "rb") as f:
-            need = listing_bytes(f, MAX_PAGES)
-    except OSError as e:
-        raise BadRasterError(path, f"cannot open: {e.strerror or e}") from e
-    if need > budget.segment:
-        raise BadRasterError(
-            path,
-            f"its directories list about {_mb(need)} of tag values, above the "
-            f"{_mb(budget.segment)} they may take (a quarter of the memory "
-            f"budget, {budget.max_memory_mb} MB: cmae train --max-memory)",
-        )
-
-
-def check_file(path: Path) -> None:
-    """Refuses (BadRasterError) a missing, unreadable, non-regular, empty or
-    non-TIFF file, from its first bytes, before any decoding."""
-    try:
-        st = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as e:
         if path.is_symlink():
             raise BadRasterError(path, "a symlink to nothing (dangling)") from e
         raise BadRasterError(path, "file does not exist") from e
     except OSError as e:
         raise BadRasterError(path, f"cannot open: {e.strerror or e}") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise BadRasterError(path, "not a regular file")
-    if st.st_size == 0:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadRasterError(path, "not a regular file")
         raise BadRasterError(path, "empty file (0 bytes)")
+    raw = io.FileIO(fd, "rb", closefd=True)
     try:
-        with open(path, "rb") as f:
-            head = f.read(4)
+        os.set_blocking(fd, True)
+        raw.name = str(path)  # type: ignore[misc]  (tifffile names the file by it)
+        f = io.BufferedReader(raw)
+        head = f.read(4)
+        if head not in TIFF_MAGIC:
+            raise BadRasterError(path, f"not a TIFF file (starts with {head!r})")
+        need = listing_bytes(f, MAX_PAGES) if budget is not None else 0
+        if need > budget.segment if budget is not None else False:
+            raise BadRasterError(
+                path,
+                f"its directories list about {_mb(need)} of tag values, above the "
+                f"{_mb(budget.segment)} they may take (a quarter of the memory "
+                f"budget, {budget.max_memory_mb} MB: cmae train --max-memory)",
+            )
+        f.seek(0)
+        return f
     except OSError as e:
+        raw.close()
         raise BadRasterError(path, f"cannot open: {e.strerror or e}") from e
-    if head not in TIFF_MAGIC:
-        raise BadRasterError(path, f"not a TIFF file (starts with {head!r})")
+    except BaseException:
+        raw.close()
+        raise
+
+
+def check_file(path: Path) -> None:
+    """Refuses (BadRasterError) a missing, unreadable, non-regular, empty or
+    non-TIFF file, from its first bytes, before any decoding."""
+    open_checked(path).close()
 
 
 # Errors that mean a malformed file tripped a parser, not a reason a user can act
@@ -771,7 +798,7 @@ def _read_page(
     blocks: dict[int, np.ndarray] = {}
     ident = None
     if window is not None:  # chips: neighbours share strips and tiles
-        st = os.stat(path)
+        st = os.fstat(page.parent.filehandle.fileno())  # what is read
         ident = (str(path), st.st_size, st.st_mtime_ns, page.offset)
         for i in data:
             block = _SEGMENTS.get((*ident, i))
@@ -1145,10 +1172,15 @@ def header(path: str | os.PathLike[str]) -> tuple[int, int, int, GeoInfo]:
 
 
 def _header(path: Path, with_geo: bool) -> tuple[int, int, GeoInfo | None, int]:
-    check_file(path)
-    check_directories(path, Budget(DEFAULT_MAX_MEMORY_MB))
+    with open_checked(path, Budget(DEFAULT_MAX_MEMORY_MB)) as f:
+        return _header_open(f, path, with_geo)
+
+
+def _header_open(
+    f: BinaryIO, path: Path, with_geo: bool
+) -> tuple[int, int, GeoInfo | None, int]:
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(f) as tif:
             images = [p for p in _list_pages(tif) if not p.subfiletype & _FILETYPE_MASK]
             full = next(
                 (p for p in images if not p.subfiletype & _FILETYPE_REDUCED), None

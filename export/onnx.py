@@ -99,6 +99,7 @@ def export_encoder(
     validate: bool = True,
     rasters: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    config_path: str | os.PathLike[str] | None = None,
 ) -> ExportReport:
     """Exports ``NAME.pth`` (+ ``NAME.json``) to ``out`` and validates it.
 
@@ -115,6 +116,7 @@ def export_encoder(
         rasters: directory of TIFFs for validation (default: the config's
             input_dir, else synthetic DEMs).
         overwrite: replace existing outputs.
+        config_path: the ``NAME.json`` where it is not beside the weights.
 
     Raises:
         ModelLoadError, ExportError, OutputExistsError, OutputError.
@@ -125,7 +127,7 @@ def export_encoder(
     targets = [out] + ([variant_path(out, "fp16")] if fp16 else [])
     targets += [variant_path(out, "int8")] if quantize else []
     check_writable(targets, overwrite=overwrite)
-    model, cfg = load_model(weights_path)
+    model, cfg = load_model(weights_path, config_path)
     sha = sha256_file(weights_path)
     return export_model(
         model, cfg, out, opset=opset, pool=pool, fp16=fp16, quantize=quantize,

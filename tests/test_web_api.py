@@ -588,3 +588,108 @@ def test_downloads__no_store_and_a_removed_table_is_a_404(fenced):
     (models / "embeddings" / "gone.parquet").unlink()
     r = client.get(j["download"])
     assert r.status_code == 404 and "no longer" in r.json["message"], r.json
+
+
+# ------------------------------------------------------------------- races
+class Swapper:
+    """Flips ``name`` between what it is and a symlink to ``outside``, as fast
+    as it can, in a thread: every check-then-use of that name races it."""
+
+    def __init__(self, name: Path, outside: Path) -> None:
+        import threading
+
+        self.name, self.outside = name, outside
+        self.keep = name.with_name(name.name + ".keep")
+        os.link(name, self.keep) if name.is_file() else name.rename(self.keep)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        tmp_link = self.name.with_name(self.name.name + ".l")
+        tmp_real = self.name.with_name(self.name.name + ".r")
+        while not self.stop.is_set():
+            os.symlink(self.outside, tmp_link)
+            os.replace(tmp_link, self.name)
+            if self.keep.is_dir():
+                os.symlink(self.keep.name, tmp_real)  # a link that stays inside
+            else:
+                os.link(self.keep, tmp_real)
+            os.replace(tmp_real, self.name)
+
+    def __enter__(self) -> Swapper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.fixture
+def raced(tmp_path, dem_dir, onnx_model):
+    """Roots, and outside them a raster of its own size and a secret model."""
+    from catchment_mae.synth import write_dem
+    from tests.conftest import dem_spec
+
+    data, models, outside = tmp_path / "data", tmp_path / "models", tmp_path / "out"
+    shutil.copytree(dem_dir, data / "dems")
+    outside.mkdir()
+    write_dem(outside / "race.tif", dem_spec(height=77, width=91, seed=5))
+    (outside / "sub").mkdir()
+    write_dem(outside / "sub" / "race.tif", dem_spec(height=77, width=91, seed=6))
+    (data / "dems" / "race.tif").write_bytes(
+        (data / "dems" / "catchment_0000.tif").read_bytes()
+    )
+    (data / "sub").mkdir()
+    shutil.copy(data / "dems" / "race.tif", data / "sub" / "race.tif")
+    models.mkdir()
+    shutil.copy(onnx_model, models / "m.onnx")
+    (outside / "secret.onnx").write_bytes(b"SECRET" * 100)
+    app = create_app(data, models)
+    with app.test_client() as c:
+        yield c, data, models, outside
+
+
+def test_races__reads_never_leave_the_roots(raced):
+    """Each route, 100 requests against a thread that swaps the file (or a
+    folder on its path) for a symlink that leads out: never the outside file's
+    data in an answer; a swap seen is a clear 400."""
+    client, data, models, outside = raced
+    inside = client.post("/api/embed", headers=SAME_ORIGIN, json={
+        "model_path": "m.onnx", "image_path": "dems/race.tif"}).json  # fmt: skip
+    assert (inside["height"], inside["width"]) != (77, 91)
+    out_emb = []
+    for k, rel in enumerate(("race.tif", "sub/race.tif")):
+        shutil.copy(outside / rel, data / f"probe{k}.tif")
+        out_emb.append(client.post("/embed", headers=SAME_ORIGIN, json={
+            "model_path": "m.onnx", "image_path": f"probe{k}.tif"}).json["embedding"])
+        (data / f"probe{k}.tif").unlink()
+    cases = [
+        (data / "dems" / "race.tif", outside / "race.tif", "dems/race.tif"),
+        (data / "sub", outside / "sub", "sub/race.tif"),  # a folder on the path
+    ]
+    for name, target, image_path in cases:
+        seen = set()
+        with Swapper(name, target):
+            for _ in range(100):
+                for route in ("/api/embed", "/embed"):
+                    r = _post(client, route, json={
+                        "model_path": "m.onnx", "image_path": image_path})  # fmt: skip
+                    seen.add(r.status_code)
+                    assert r.status_code in (200, 400, 404), r.json
+                    if r.status_code != 200:
+                        assert r.json["field"] == "image_path", r.json
+                    elif route == "/api/embed":
+                        assert (r.json["height"], r.json["width"]) == (
+                            inside["height"], inside["width"])  # fmt: skip
+                    else:
+                        assert r.json["embedding"] not in out_emb, "LEAK"
+                        assert r.json["embedding"] == inside["embedding"]
+        assert 200 in seen, seen
+    secret = (outside / "secret.onnx").read_bytes()
+    shutil.copy(models / "m.onnx", models / "dl.onnx")
+    with Swapper(models / "dl.onnx", outside / "secret.onnx"):
+        for _ in range(100):
+            r = client.get("/api/models/download?path=dl.onnx")
+            assert r.status_code in (200, 400), r.status_code
+            assert secret not in r.data

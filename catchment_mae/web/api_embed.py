@@ -4,6 +4,8 @@ and a whole directory into a Parquet table (a background job)."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
 import shutil
 import tempfile
 import threading
@@ -19,7 +21,7 @@ from catchment_mae.raster import check_file
 from catchment_mae.web import common
 from catchment_mae.web.common import settings, state
 from catchment_mae.web.jobs import Job, check_cancel
-from catchment_mae.web.security import Refused, confine
+from catchment_mae.web.security import Refused, confine, held
 
 bp = Blueprint("embed", __name__)
 EMBED_FIELDS = ("model_path", "image_path")
@@ -72,22 +74,39 @@ def start_embed_dir() -> tuple[Response, int]:
 
 
 class ModelCache:
-    """Loaded models by (path, mtime): an .onnx session, or a torch .pth model."""
+    """Loaded models by (path, mtime): an .onnx session, or a torch .pth model.
+    The files are opened inside --model-root (security.held) and read through
+    their descriptors, the .pth's NAME.json too."""
 
     def __init__(self, device: str) -> None:
         self.device = device
         self._cache: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path) -> Any:
-        key = (str(path), path.stat().st_mtime_ns)
-        with self._lock:
-            if key not in self._cache:
-                self._cache = {k: v for k, v in self._cache.items() if k[0] != key[0]}
-                self._cache[key] = self._load(path)
-            return self._cache[key]
+    def get(self, root: Path, path: Path) -> Any:
+        with contextlib.ExitStack() as stack:
+            weights = stack.enter_context(held(root, path, "model_path"))
+            config = None
+            if path.suffix.lower() == ".pth":
+                sidecar = confine(root, str(path.with_suffix(".json")),
+                                  "model_path", "--model-root")  # fmt: skip
+                config = stack.enter_context(held(root, sidecar, "model_path"))
+            key = (str(path), os.stat(weights).st_mtime_ns)
+            with self._lock:
+                if key not in self._cache:
+                    self._cache = {
+                        k: v for k, v in self._cache.items() if k[0] != key[0]
+                    }
+                    try:
+                        self._cache[key] = self._load(path, weights, config)
+                    except CmaeError as e:  # named as the request named it
+                        text = str(e).replace(str(weights), path.name)
+                        if config is not None:
+                            text = text.replace(str(config), sidecar.name)
+                        raise Refused(400, f"model_path: {text}", "model_path") from e
+                return self._cache[key]
 
-    def _load(self, path: Path) -> Any:
+    def _load(self, path: Path, weights: Path, config: Path | None) -> Any:
         if path.suffix.lower() == ".onnx":
             from catchment_mae.runtime import (
                 create_session,
@@ -95,7 +114,8 @@ class ModelCache:
                 spec_from_metadata,
             )
 
-            sess = create_session(path, "cpu" if self.device == "cpu" else "auto")
+            device = "cpu" if self.device == "cpu" else "auto"
+            sess = create_session(weights, device)
             return ("onnx", sess, spec_from_metadata(read_metadata(sess, path)))
         try:
             from catchment_mae.model import load_model
@@ -108,7 +128,7 @@ class ModelCache:
 
         from catchment_mae.model import embedder
 
-        model, cfg = load_model(path)
+        model, cfg = load_model(weights, config)
         return ("torch", embedder(model, cfg), cfg.preprocess_spec())
 
 
@@ -122,6 +142,7 @@ def _embed_request() -> tuple[np.ndarray, Any, str]:
     model_path = common.model_path(values, {".pth", ".onnx"})
     upload = request.files.get("image")
     tmp_dir = None
+    stack = contextlib.ExitStack()
     try:
         if upload is not None and upload.filename:
             tmp_dir = Path(tempfile.mkdtemp(dir=s.upload_dir))
@@ -134,21 +155,21 @@ def _embed_request() -> tuple[np.ndarray, Any, str]:
             if not image.is_file():
                 raise Refused(400, "image_path: not a file", "image_path")
             label = str(values.get("image_path"))
+            # What was checked is what is read: through its descriptor.
+            image = stack.enter_context(held(s.data_root, image, "image_path"))
         field = "image" if tmp_dir else "image_path"
         try:
             check_file(image)  # not a TIFF: refused before any model is loaded
         except BadRasterError as e:
             raise Refused(400, f"{field}: {label}: {e.reason}", field) from e
-        try:
-            kind, model, spec = state().models.get(model_path)
-        except CmaeError as e:
-            raise Refused(400, f"model_path: {e}", "model_path") from e
+        kind, model, spec = state().models.get(s.model_root, model_path)
         try:
             sample = load_sample(image, spec)
         except BadRasterError as e:
             raise Refused(400, f"{label}: {e.reason}", field) from e
         vector = _run(kind, model, sample)
     finally:
+        stack.close()
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     rel = model_path.relative_to(s.model_root).as_posix()

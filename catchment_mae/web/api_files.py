@@ -12,7 +12,7 @@ from flask import Blueprint, Response, jsonify, request, send_file
 from catchment_mae import __version__
 from catchment_mae.raster import is_tiff_name
 from catchment_mae.web.common import settings
-from catchment_mae.web.security import Refused, confine
+from catchment_mae.web.security import Refused, confine, open_inside
 
 bp = Blueprint("files", __name__)
 SERVED = (".onnx", ".pth", ".json", ".png", ".parquet")
@@ -39,7 +39,18 @@ def download_model() -> Response:
     path = confine(s.model_root, request.args.get("path"), "path", "--model-root")
     if path.suffix.lower() not in SERVED or not path.is_file():
         raise Refused(400, "path: only model files are served", "path")
-    return send_file(path, as_attachment=True, download_name=path.name)
+    return send_inside(s.model_root, path, "path")
+
+
+def send_inside(root: Path, path: Path, field: str) -> Response:
+    """``path`` (inside ``root``) as a download, sent from the descriptor it
+    was opened by (security.open_inside), so a swap after the check sends
+    nothing from elsewhere."""
+    fd = open_inside(root, path, field)
+    return send_file(
+        os.fdopen(fd, "rb"), as_attachment=True, download_name=path.name,
+        last_modified=os.fstat(fd).st_mtime,
+    )  # fmt: skip
 
 
 def list_data(root: Path, limit: int = 500) -> dict[str, Any]:
@@ -84,9 +95,10 @@ def _describe(path: Path, root: Path) -> dict[str, Any]:
     }
     cfg_path = path.with_suffix(".json")
     if entry["kind"] == "pth" and cfg_path.is_file() and not cfg_path.is_symlink():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, ValueError):
+        try:  # opened without following a link that took its place
+            with os.fdopen(open_inside(root, cfg_path, "path"), "rb") as f:
+                cfg = json.loads(f.read(1 << 20))
+        except (Refused, OSError, ValueError):
             cfg = {}
         if not isinstance(cfg, dict):
             cfg = {}

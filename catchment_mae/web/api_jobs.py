@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, send_file
+from flask import Blueprint, Response, jsonify
 
+from catchment_mae.web.api_files import send_inside
 from catchment_mae.web.common import output, settings, state
 from catchment_mae.web.jobs import Job
 from catchment_mae.web.security import Refused
@@ -34,13 +35,13 @@ def download(job_id: str) -> Response:
     j = get_job(job_id)
     if j.status != "done" or not j.result or "out" not in j.result:
         raise Refused(409, f"job {job_id} has nothing to download (yet)")
-    path = output(settings().model_root / j.result["out"], "job")
-    try:
-        return send_file(path, as_attachment=True, download_name=path.name)
-    except FileNotFoundError:
+    root = settings().model_root
+    path = output(root / j.result["out"], "job")
+    if not path.is_file():
         raise Refused(
             404, f"job {job_id}: its table {j.result['out']} is no longer there"
-        ) from None
+        )
+    return send_inside(root, path, "job")
 
 
 def get_job(job_id: str) -> Job:

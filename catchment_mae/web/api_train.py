@@ -10,10 +10,11 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from catchment_mae.errors import CmaeError
 from catchment_mae.web import common
 from catchment_mae.web.common import settings, state
 from catchment_mae.web.jobs import Job, check_cancel
-from catchment_mae.web.security import Refused
+from catchment_mae.web.security import Refused, confine, held
 
 bp = Blueprint("train", __name__)
 
@@ -60,9 +61,30 @@ def export() -> Response:
         raise Refused(400, f"pool: must be cls or mean, got {pool!r}", "pool")
     from catchment_mae.export.onnx import export_encoder
 
+    root = settings().model_root
     out = common.output(pth.with_suffix(".onnx"), "model_path")
-    report = export_encoder(pth, out, pool=pool, overwrite=True)
-    rel = out.relative_to(settings().model_root).as_posix()
+    sidecar = confine(root, str(pth.with_suffix(".json")), "model_path", "--model-root")
+    # Read through the descriptors of what was checked; written into the held
+    # folder's descriptor (a temp file there, then a rename): a component
+    # swapped for a symlink meanwhile leads nowhere else.
+    with (
+        held(root, pth, "model_path") as weights,
+        held(root, sidecar, "model_path") as config,
+        held(root, out.parent, "model_path", directory=True) as folder,
+    ):
+        try:
+            report = export_encoder(
+                weights, folder / out.name, pool=pool, overwrite=True,
+                config_path=config,
+            )  # fmt: skip
+        except CmaeError as e:
+            text = (
+                str(e)
+                .replace(str(weights), pth.name)
+                .replace(str(config), sidecar.name)
+            )
+            raise Refused(400, f"model_path: {text}", "model_path") from e
+    rel = out.relative_to(root).as_posix()
     return jsonify(
         status="success",
         onnx=rel,

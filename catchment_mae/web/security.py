@@ -3,7 +3,11 @@
 - Paths: every server-side path is confined to a root (``--data-root`` or
   ``--model-root``). Relative paths are taken from the root, absolute paths must
   lie inside it, and the check is made on the resolved path, so ``..`` and
-  symlinks that lead out are refused.
+  symlinks that lead out are refused. What was checked is then opened from the
+  root's descriptor, one component at a time without following links
+  (:func:`open_inside`): a component swapped for a symlink between the check and
+  the use is refused, never followed; the file is read through its descriptor
+  (:func:`fd_path`), and outputs are written into a held folder's descriptor.
 - Host header: on a loopback bind, only loopback names are answered (DNS
   rebinding: a hostile page whose name resolves to 127.0.0.1 is refused).
 - Cross-site requests: a state-changing request whose ``Origin`` (or
@@ -17,9 +21,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hmac
 import ipaddress
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -81,6 +89,62 @@ def confine(
     if must_exist and not exists:
         raise Refused(404, f"{field}: {raw!r} does not exist under {root_name}", field)
     return resolved
+
+
+def open_inside(root: Path, path: Path, field: str, directory: bool = False) -> int:
+    """A descriptor of ``path`` (a resolved path inside ``root``, as
+    :func:`confine` returns), opened from ``root``'s descriptor one component
+    at a time with ``O_NOFOLLOW``: a component swapped for a symlink (or a
+    folder for a file) since the check is refused with Refused(400), never
+    followed. A regular file, or with ``directory`` a folder; close it."""
+    parts = path.relative_to(root).parts
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+            flags |= os.O_NONBLOCK if last and not directory else os.O_DIRECTORY
+            nxt = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if not directory:
+            os.set_blocking(fd, True)
+        return fd
+    except OSError as e:
+        os.close(fd)
+        if e.errno == errno.ENOENT:
+            why = "does not exist"
+        elif e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
+            why = "a symlink or another kind of file is in its place"
+        else:
+            why = e.strerror or str(e)
+        rel = path.relative_to(root).as_posix()
+        raise Refused(400, f"{field}: {rel}: {why}", field) from e
+
+
+_PROC_FD = Path("/proc/self/fd")
+
+
+def fd_path(fd: int, name: Path) -> Path:
+    """A path that opens what ``fd`` refers to, whatever ``name`` leads to now
+    (Linux's /proc/self/fd); ``name`` itself where there is no /proc (the
+    check before the use then stands alone)."""
+    return _PROC_FD / str(fd) if _PROC_FD.is_dir() else name
+
+
+@contextlib.contextmanager
+def held(root: Path, path: Path, field: str, directory: bool = False) -> Iterator[Path]:
+    """:func:`open_inside`'s descriptor for the block, as a path that reaches
+    the file or folder opened (for a folder, the names under it are created in
+    it, wherever its name leads by then)."""
+    fd = open_inside(root, path, field, directory)
+    try:
+        yield fd_path(fd, path)
+    finally:
+        os.close(fd)
 
 
 def _has_symlink(root: Path, candidate: Path) -> bool:
