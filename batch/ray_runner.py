@@ -61,7 +61,11 @@ _pools: dict[float, ReaderPool] = {}  # a Ray worker's reader, by its timeout
 
 
 def _read(
-    item: dict[str, Any], root: str, spec: PreprocessSpec, timeout: float | None
+    item: dict[str, Any],
+    root: str,
+    spec: PreprocessSpec,
+    timeout: float | None,
+    within: str | None = None,
 ) -> dict[str, Any]:
     """A Ray Data task: one path (or chip) -> its row (pickled) and model input.
 
@@ -70,7 +74,7 @@ def _read(
     interrupted in the worker itself), and the file gets a row saying so."""
     chip = pickle.loads(item["chip"]) if item["chip"] else None
     if timeout is None:
-        row, sample, seconds = read_one(root, item["path"], spec, chip)
+        row, sample, seconds = read_one(root, item["path"], spec, chip, within)
     else:
         pool = _pools.get(timeout) or _pools.setdefault(
             timeout, ReaderPool(1, timeout=timeout)
@@ -78,7 +82,7 @@ def _read(
         t0 = time.perf_counter()
         try:
             row, sample, seconds = pool.submit(
-                read_one, root, item["path"], spec, chip
+                read_one, root, item["path"], spec, chip, within
             ).result()
         except Exception as e:  # timed out, the reader died
             reason = failure_reason(e, timeout)
@@ -207,7 +211,7 @@ def embed_dir_ray(
                     with sigterm_as_interrupt():
                         for row, embedding, seconds, chip in _stream(
                             ray, root, model, probe.spec, todo, batch_size, actors,
-                            device, timeout,
+                            device, timeout, within,
                         ):  # fmt: skip
                             summary.read_seconds += seconds
                             for got in rasters.complete(row, embedding, chip):
@@ -295,6 +299,7 @@ def _stream(
     actors: int | None,
     device: str,
     timeout: float | None,
+    within: str | os.PathLike[str] | None,
 ) -> Any:
     """(row, embedding or None, read seconds, chip or None) of every path or
     chip, as they finish."""
@@ -316,7 +321,12 @@ def _stream(
     # Ray does not fuse them into the actors, which would read one file at a time).
     ds = ds.map(
         _read,
-        fn_kwargs={"root": str(root), "spec": spec, "timeout": timeout},
+        fn_kwargs={
+            "root": str(root),
+            "spec": spec,
+            "timeout": timeout,
+            "within": None if within is None else str(within),
+        },  # fmt: skip
         num_cpus=0.5,
     )
     # The actors' settings travel in their class, not as constructor arguments

@@ -119,11 +119,12 @@ def read_into_slot(
     layout: RingLayout,
     slot: int,
     chip: Chip | None = None,
+    within: str | None = None,
 ) -> tuple[Row, float]:
     """Reads and preprocesses one file (or chip) into ``slot`` of the ring: its
     row and the seconds it took. A file that cannot be used is a row with its
     reason."""
-    row, sample, seconds = read_one(root, rel, spec, chip)
+    row, sample, seconds = read_one(root, rel, spec, chip, within)
     if sample is not None:
         ring = _ring(layout)
         ring.image[slot], ring.valid[slot], ring.scale[slot] = sample
@@ -131,12 +132,16 @@ def read_into_slot(
 
 
 def read_one(
-    root: str, rel: str, spec: PreprocessSpec, chip: Chip | None = None
+    root: str,
+    rel: str,
+    spec: PreprocessSpec,
+    chip: Chip | None = None,
+    within: str | None = None,
 ) -> tuple[Row, tuple[np.ndarray, np.ndarray, np.ndarray] | None, float]:
     """One file's (or chip's) row and its model input (normalised image, valid
     levels as uint8, scale), or None with the row's reason; and the seconds it
     took. A chip's row has the raster's size and the chip's window, footprint
-    and nodata fraction."""
+    and nodata fraction. ``within``: the file opened must lie in this folder."""
     t0 = time.perf_counter()
     path = Path(root) / rel
     size = mtime = None
@@ -150,7 +155,8 @@ def read_one(
             size, mtime = st.st_size, st.st_mtime
         if chip is not None and chip.error is not None:
             raise BadRasterError(path, chip.error)
-        r = load_resampled(path, spec, window=chip.window if chip else None)
+        window = chip.window if chip else None
+        r = load_resampled(path, spec, window=window, within=within)
         check_in_range(r, spec)
         image = normalise(r, spec).image
     except BadRasterError as e:
@@ -211,10 +217,12 @@ class Reader:
         batch_size: int,
         *,
         overlap: bool = False,
+        within: str | os.PathLike[str] | None = None,
     ) -> None:
         if spec.channels is None or spec.scale_dim is None:
             raise ValueError("the reader needs spec.in_chans")
         self.root, self.spec, self.pool = root, spec, pool
+        self.within = None if within is None else str(within)
         self.batch_size, self.overlap = batch_size, overlap
         per_row = (4 * spec.channels + 1) * spec.image_size**2 + 4 * spec.scale_dim
         batch_bytes = per_row * batch_size
@@ -275,7 +283,7 @@ class Reader:
         for j, item in enumerate(rels):
             rel, chip = item if isinstance(item, tuple) else (item, None)
             future = self.pool.submit(
-                read_into_slot, root, rel, spec, layout, base + j, chip
+                read_into_slot, root, rel, spec, layout, base + j, chip, self.within
             )
             jobs.append((rel, chip, future))
         return _Pending(index, jobs)

@@ -187,8 +187,9 @@ def embed_dir(
             sink = run.sink
             try:
                 with Reader(
-                    root, mapper.spec, pool, batch_size, overlap=mapper.gpu
-                ) as reader:
+                    root, mapper.spec, pool, batch_size, overlap=mapper.gpu,
+                    within=within,
+                ) as reader:  # fmt: skip
                     _embed_all(
                         run.work, reader, mapper, sink, summary, on_item, max_nodata
                     )

@@ -51,9 +51,11 @@ def save_reconstructions(
     device: Any,
     path: str | os.PathLike[str],
     seed: int = 0,
+    within: str | None = None,
 ) -> None:
     """For a few rasters (or (path, chip window) pairs): input, what the
-    encoder saw, reconstruction (channel 1)."""
+    encoder saw, reconstruction (channel 1); each file opened must lie in the
+    folder ``within``, where given."""
     import torch
     from lightly.models import utils
 
@@ -63,7 +65,7 @@ def save_reconstructions(
     for f in files:
         f, window = f if isinstance(f, tuple) else (f, None)
         try:
-            samples.append(load_sample(f, spec, window=window))
+            samples.append(load_sample(f, spec, window=window, within=within))
         except Exception:  # a preview must never fail a finished run
             continue
     if not samples:

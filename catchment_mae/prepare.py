@@ -139,12 +139,17 @@ def item_name(path: Path, window: Window | None) -> str:
 
 
 def build_one(
-    path: str, key: FileKey, spec: PreprocessSpec, target: ShardTarget | None
+    path: str,
+    key: FileKey,
+    spec: PreprocessSpec,
+    target: ShardTarget | None,
+    within: str | None = None,
 ) -> tuple[Entry | None, int, str | None]:
     """Reader-process task: reads one raster, writes it into its shard row (if
-    caching); returns its entry and CRC, or its failure reason."""
+    caching); returns its entry and CRC, or its failure reason. ``within``: the
+    file opened must lie in this folder."""
     try:
-        r = load_resampled(path, spec, window=key.window)
+        r = load_resampled(path, spec, window=key.window, within=within)
     except BadRasterError as e:
         return None, 0, e.reason
     except Exception as e:  # a reader must report, not die: keep the reason
@@ -168,8 +173,10 @@ def prepare(
     order: Sequence[int] | None = None,
     on_sample: Callable[[int, Entry], None] | None = None,
     stop: threading.Event | None = None,
+    within: str | os.PathLike[str] | None = None,
 ) -> Prepared:
-    """Checks, measures and (with ``cache_root``) caches every raster of ``files``.
+    """Checks, measures and (with ``cache_root``) caches every raster of ``files``
+    (each file opened must lie in the folder ``within``, where given).
 
     ``spec.in_chans`` (or, when None, the first good raster's band count in
     listing order) is the band count every raster must have.
@@ -202,7 +209,7 @@ def prepare(
         _prepare(
             result, items, spec, workers, on_file, timeout, max_nodata,
             list(order) if order is not None else list(range(len(items))), on_sample,
-            stop,
+            stop, None if within is None else str(within),
         )  # fmt: skip
     except BaseException:
         if result.cache is not None:
@@ -298,6 +305,7 @@ def _prepare(
     order: list[int],
     on_sample: Callable[[int, Entry], None] | None,
     stop: threading.Event | None,
+    within: str | None,
 ) -> None:
     outcome: dict[int, Entry | str] = {}  # item index -> entry or reason
     keys: dict[int, FileKey] = {}
@@ -327,7 +335,9 @@ def _prepare(
         while k < len(todo):
             if stop is not None and stop.is_set():
                 raise _Stopped
-            entry, _, reason = build_one(str(files[todo[k]]), keys[todo[k]], spec, None)
+            entry, _, reason = build_one(
+                str(files[todo[k]]), keys[todo[k]], spec, None, within
+            )
             if entry is not None:
                 bands = len(entry.mean)  # read again below, into the cache
                 break
@@ -363,7 +373,10 @@ def _prepare(
         # main thread at the first commit while the readers ran dry, on 2 cores
         # (benchmarks/feed_pass.py); it runs beside the readers' start instead.
         with ReaderPool(workers, timeout=timeout) as pool, warming_up():
-            _build(result.cache, files, keys, todo, spec, pool, outcome, report, stop)
+            _build(
+                result.cache, files, keys, todo, spec, pool, outcome, report, stop,
+                within,
+            )  # fmt: skip
     report()
     report.in_listing_order()
 
@@ -450,6 +463,7 @@ def _build(
     outcome: dict[int, Entry | str],
     report: Callable[[], None],
     stop: threading.Event | None = None,
+    within: str | None = None,
 ) -> None:
     """Reads ``todo`` in the pool, into new cache shards; fills ``outcome``."""
     # Read here (no reader process), each file is settled as soon as it is read.
@@ -467,7 +481,13 @@ def _build(
                 slot = shards[-1].take()
             target = slot.shard.build.target(slot.row) if slot else None
             pending.append(
-                (i, pool.submit(build_one, str(files[i]), keys[i], spec, target), slot)
+                (
+                    i,
+                    pool.submit(
+                        build_one, str(files[i]), keys[i], spec, target, within
+                    ),
+                    slot,
+                )
             )
             while len(pending) >= limit:
                 _settle(*_oldest(pending, stop), pool, outcome, keys)

@@ -242,10 +242,12 @@ def load_sample(
     spec: PreprocessSpec,
     maxworkers: int | None = 1,
     window: tuple[int, int, int, int] | None = None,
+    within: str | os.PathLike[str] | None = None,
 ) -> Sample:
     """Reads and preprocesses one TIFF (or one chip of it: ``window`` is x0, y0,
-    width, height). Raises BadRasterError naming file and reason."""
-    r = load_resampled(path, spec, maxworkers, window)
+    width, height). Raises BadRasterError naming file and reason. ``within``:
+    the file opened must lie in this folder."""
+    r = load_resampled(path, spec, maxworkers, window, within)
     check_in_range(r, spec)
     return normalise(r, spec)
 
@@ -255,9 +257,11 @@ def load_resampled(
     spec: PreprocessSpec,
     maxworkers: int | None = 1,
     window: tuple[int, int, int, int] | None = None,
+    within: str | os.PathLike[str] | None = None,
 ) -> Resampled:
     """Reads one TIFF (or one chip of it) and resamples it (steps 1, 2 and 4 of
-    the module docstring). A chip's scale vector is the chip's own size."""
+    the module docstring). A chip's scale vector is the chip's own size.
+    ``within``: the file opened must lie in this folder (read_raster)."""
     raster = read_raster(
         path,
         bands=spec.bands,
@@ -268,6 +272,7 @@ def load_resampled(
         in_chans=spec.in_chans if spec.bands is None else None,
         maxworkers=maxworkers,
         window=window,
+        within=within,
     )
     return resample(raster, spec)
 

@@ -214,6 +214,7 @@ def read_raster(
     in_chans: int | None = None,
     maxworkers: int | None = 1,
     window: tuple[int, int, int, int] | None = None,
+    within: str | os.PathLike[str] | None = None,
 ) -> Raster:
     """Reads a TIFF into a float32 ``(C, H, W)`` array and a validity mask.
 
@@ -232,13 +233,16 @@ def read_raster(
         window: (x0, y0, width, height) in full-resolution pixels: read only this
             chip (the strips or tiles it touches), clipped to the raster; the
             result describes the chip (its size, its georeferencing).
+        within: the file opened must lie inside this folder (the web UI's
+            --data-root): checked on the open file itself, so a name swapped
+            for a link that leads out after the folder was walked is refused.
 
     Raises:
         BadRasterError: naming the file and the reason.
     """
     path = Path(path)
     budget = Budget(max_memory_mb)
-    with open_checked(path, budget) as f:
+    with open_checked(path, budget, within) as f:
         return _read_open(f, path, bands, nodata, min_size, max_pixels, budget,
                           in_chans, window)  # fmt: skip
 
@@ -281,13 +285,18 @@ def _codec(tif: Any) -> str | None:
     return None if not name or name == "NONE" else str(name).lower()
 
 
-def open_checked(path: Path, budget: Budget | None = None) -> BinaryIO:
+def open_checked(
+    path: Path,
+    budget: Budget | None = None,
+    within: str | os.PathLike[str] | None = None,
+) -> BinaryIO:
     """``path`` opened once, and refused (BadRasterError) when it is missing,
     unreadable, not a regular file, empty or not a TIFF (its first bytes), or,
     with a ``budget``, when its directories (IFDs) would take more than a
     quarter of it to list (:func:`catchment_mae.ifds.listing_bytes`); before
     any decoding. Everything after reads this handle: what was checked is what
-    is read, whatever the name leads to by then (a path of /proc/self/fd too)."""
+    is read, whatever the name leads to by then (a path of /proc/self/fd too).
+    With ``within``, the file opened must lie inside that folder."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as e:
@@ -296,6 +305,9 @@ def open_checked(path: Path, budget: Budget | None = None) -> BinaryIO:
         raise BadRasterError(path, "file does not exist") from e
     except OSError as e:
         raise BadRasterError(path, f"cannot open: {e.strerror or e}") from e
+    if within is not None and not _opened_inside(fd, within):
+        os.close(fd)
+        raise BadRasterError(path, "leads outside the folder being read (a symlink)")
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
         os.close(fd)
@@ -326,6 +338,16 @@ def open_checked(path: Path, budget: Budget | None = None) -> BinaryIO:
     except BaseException:
         raw.close()
         raise
+
+
+def _opened_inside(fd: int, folder: str | os.PathLike[str]) -> bool:
+    """Whether the file open as ``fd`` lies inside ``folder``: the kernel's own
+    name for it (Linux's /proc/self/fd), not the name it was opened by."""
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:  # no /proc: the walk's check stands alone
+        return True
+    return real.is_relative_to(Path(folder).resolve())
 
 
 def check_file(path: Path) -> None:

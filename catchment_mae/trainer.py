@@ -16,6 +16,7 @@ The loss stays on the device: it is read back (a host sync on a GPU) every
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -410,11 +411,12 @@ def train(
             key="batch_size",
         )
     device = distributed.start(ranks, pick_device(cfg.device))
+    confined = _READ_WITHIN.set(None if within is None else str(within))
     try:
         items = _listing(cfg, within)
         cfg, chosen = _choose(cfg, items, device)
         if _streams(cfg, ckpt, strict, ranks):
-            stream = _start_pass(cfg, items)
+            stream = _start_pass(cfg, items, within)
             try:
                 result = _train(
                     cfg, None, device, ckpt, resume, progress, on_batch_end,
@@ -429,7 +431,7 @@ def train(
         # into the cache; the others then find it there.
         if not ranks.local_main:
             distributed.barrier(ranks)
-        prepared = _prepare(cfg, items, strict, progress and ranks.main)
+        prepared = _prepare(cfg, items, strict, progress and ranks.main, within)
         if ranks.local_main:
             distributed.barrier(ranks)
         first_pass = time.perf_counter() - t0
@@ -444,6 +446,7 @@ def train(
             if prepared.cache is not None:
                 prepared.cache.close()
     finally:
+        _READ_WITHIN.reset(confined)
         distributed.stop(ranks)
         if device.type == "cuda":  # a server's next job sees the memory free
             torch.cuda.empty_cache()
@@ -672,7 +675,9 @@ def _streams(
     )  # fmt: skip
 
 
-def _start_pass(cfg: TrainConfig, items: list[Any]) -> PassInThread:
+def _start_pass(
+    cfg: TrainConfig, items: list[Any], within: str | Path | None = None
+) -> PassInThread:
     """The first pass (as :func:`_prepare`) in a thread, in a seeded order."""
     from catchment_mae.cache import default_cache_dir
 
@@ -686,6 +691,7 @@ def _start_pass(cfg: TrainConfig, items: list[Any]) -> PassInThread:
         max_nodata=cfg.max_nodata,
         order=order.tolist(),
         where=cfg.input_dir,
+        within=within,
     )
 
 
@@ -784,7 +790,11 @@ def split_indices(
 
 # -------------------------------------------------------------------- helpers
 def _prepare(
-    cfg: TrainConfig, items: list[Any], strict: bool, progress: bool
+    cfg: TrainConfig,
+    items: list[Any],
+    strict: bool,
+    progress: bool,
+    within: str | Path | None = None,
 ) -> Prepared:
     """The first pass: every raster read once (into the cache), checked, measured."""
     from tqdm.auto import tqdm
@@ -813,6 +823,7 @@ def _prepare(
             on_file=on_file,
             timeout=READ_TIMEOUT,
             max_nodata=cfg.max_nodata,
+            within=within,
         )
     except NoInputError as e:
         raise NoInputError(f"{cfg.input_dir}: {e}") from e
@@ -970,6 +981,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+# The folder a run's rasters must lie in (train's ``within``), for the reads
+# after its first pass (the preview), in the thread that trains.
+_READ_WITHIN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "read_within", default=None
+)
+
+
 def _save_plots(
     cfg: TrainConfig,
     model: ScaleAwareMAE,
@@ -989,4 +1007,5 @@ def _save_plots(
         device,
         stem.with_name(stem.name + ".preview.png"),
         cfg.seed,
+        within=_READ_WITHIN.get(),
     )

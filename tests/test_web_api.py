@@ -607,7 +607,9 @@ class Swapper:
     def _run(self) -> None:
         tmp_link = self.name.with_name(self.name.name + ".l")
         tmp_real = self.name.with_name(self.name.name + ".r")
+        self.n = 0
         while not self.stop.is_set():
+            self.n += 1
             os.symlink(self.outside, tmp_link)
             os.replace(tmp_link, self.name)
             if self.keep.is_dir():
@@ -623,6 +625,8 @@ class Swapper:
     def __exit__(self, *_: object) -> None:
         self.stop.set()
         self.thread.join()
+        self.name.unlink()  # a link, or the file's other name
+        self.keep.rename(self.name)  # as it was
 
 
 @pytest.fixture
@@ -661,8 +665,13 @@ def test_races__reads_never_leave_the_roots(raced):
     out_emb = []
     for k, rel in enumerate(("race.tif", "sub/race.tif")):
         shutil.copy(outside / rel, data / f"probe{k}.tif")
-        out_emb.append(client.post("/embed", headers=SAME_ORIGIN, json={
-            "model_path": "m.onnx", "image_path": f"probe{k}.tif"}).json["embedding"])
+        out_emb.append(
+            client.post(
+                "/embed",
+                headers=SAME_ORIGIN,
+                json={"model_path": "m.onnx", "image_path": f"probe{k}.tif"},
+            ).json["embedding"]
+        )
         (data / f"probe{k}.tif").unlink()
     cases = [
         (data / "dems" / "race.tif", outside / "race.tif", "dems/race.tif"),
@@ -693,3 +702,45 @@ def test_races__reads_never_leave_the_roots(raced):
             r = client.get("/api/models/download?path=dl.onnx")
             assert r.status_code in (200, 400), r.status_code
             assert secret not in r.data
+
+
+def test_races__jobs_never_read_outside_the_data_root(raced):
+    """embed-dir and training jobs walk the data root, then read each file in
+    reader processes: a folder swapped for a link that leads out in between
+    is refused by what each read opened, never read."""
+    import pyarrow.feather as feather
+    import pyarrow.parquet as pq
+
+    from catchment_mae.synth import write_dem
+    from tests.conftest import dem_spec
+
+    client, data, models, outside = raced
+    (data / "racy").mkdir()
+    (outside / "racy").mkdir()
+    for i in range(20):
+        shutil.copy(data / "dems" / "race.tif", data / "racy" / f"r{i:02d}.tif")
+        write_dem(outside / "racy" / f"r{i:02d}.tif", dem_spec(77, 91, seed=i))
+    for k in range(3):
+        r = _post(client, "/api/embed-dir", json={
+            "dataset": "racy", "model_path": "m.onnx", "name": f"r{k}"})  # fmt: skip
+        assert r.status_code == 202, r.json
+        with Swapper(data / "racy", outside / "racy"):  # as the job walks and reads
+            job = _wait(client, r.json["job"])
+        assert job["status"] in ("done", "failed"), job
+        table = models / "embeddings" / f"r{k}.parquet"
+        rows = pq.read_table(table).to_pylist() if table.exists() else []
+        assert not [row for row in rows if row["height"] == 77], rows
+    for k in range(2):
+        form = {**TINY_FORM, "dataset": "racy", "name": f"t{k}", "max_epochs": "1"}
+        r = _post(client, "/api/train", json=form)
+        assert r.status_code == 202, r.json
+        with Swapper(data / "racy", outside / "racy"):
+            job = _wait(client, r.json["job"])
+        assert job["status"] in ("done", "failed"), job
+    # The cache holds what training read: never an outside raster's 77 x 91.
+    heights = [
+        row["height"]
+        for index in (models / ".cache").rglob("*.arrow")
+        for row in feather.read_table(index).to_pylist()
+    ]
+    assert 77 not in heights, heights
