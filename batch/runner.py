@@ -309,7 +309,7 @@ def finish(out: Path, root: Path, run: Run, summary: RunSummary) -> None:
         summary.nothing_new, summary.rows = True, previous.num_rows
     else:
         summary.rows = merge(
-            out, previous, plan.order, sink.dim, run.metadata, run.tiled
+            out, previous, plan.order, sink.dim, run.metadata, run.tiled, sink.dir
         )
     summary.write_seconds += time.perf_counter() - t0
 
@@ -319,7 +319,7 @@ def interrupted_saving(sink: PartSink, overwrite: bool) -> EmbedInterrupted:
     sink.flush()
     return EmbedInterrupted(
         f"interrupted: {sink.rasters} raster(s) of this run are saved in "
-        f"{sink.dir}; {_to_continue(overwrite)}"
+        f"{sink.where}; {_to_continue(overwrite)}"
     )
 
 
@@ -432,7 +432,7 @@ def _lock(out: Path) -> Iterator[None]:
     lock_path = out.with_name(f".{out.name}.lock")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        handle = try_lock(lock_path)  # held for the whole block
+        handle = try_lock(lock_path, nofollow=True)  # held for the whole block
     except OSError as e:
         raise OutputError(f"{out}: cannot write there: {e.strerror or e}") from e
     if handle is None:  # the holder's lock file stays

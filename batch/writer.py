@@ -22,6 +22,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 
 from catchment_mae.errors import CmaeError, OutputError
 from catchment_mae.geo import Footprint, geoparquet_metadata
-from catchment_mae.io import text_path
+from catchment_mae.io import open_dir, text_path
 from catchment_mae.raster import RasterInfo
 
 ROWS_PER_PART = 1024
@@ -202,11 +203,15 @@ class PartSink:
         self.schema = schema(dim, tiled).with_metadata(
             {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
         )
-        self.dir = parts_dir(out)
+        self.dir = self.where = parts_dir(out)  # where: its name, for people
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            # Written into the folder made here, whatever its name leads to
+            # later; a link planted in its place is refused.
+            fd, self.dir = open_dir(self.dir)
         except OSError as e:
             raise OutputError(f"{self.dir}: cannot write: {e.strerror or e}") from e
+        weakref.finalize(self, os.close, fd)
         existing = sorted(self.dir.glob("part-*.parquet"))
         self.next_seq = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         self.first_seq = self.next_seq  # parts before this are an earlier run's
@@ -333,9 +338,10 @@ def read_previous(
             ``grid`` or another listing, or is unreadable.
     """
     table_there = out.exists() and out.stat().st_size > 0  # empty: mktemp's
-    sources = ([out] if table_there else []) + sorted(
-        parts_dir(out).glob("part-*.parquet")
-    )
+    parts = parts_dir(out)
+    sources = [out] if table_there else []
+    if not parts.is_symlink():  # a link in its place is not this run's parts
+        sources += sorted(parts.glob("part-*.parquet"))
     tables = []
     tiled = grid is not None
     schema_names = schema(1, tiled).names
@@ -436,6 +442,7 @@ def merge(
     dim: int,
     metadata: dict[str, Any],
     tiled: bool = False,
+    parts: Path | None = None,
 ) -> int:
     """Writes ``out`` from the previous rows and all parts; one row per path
     (per chip with ``tiled``).
@@ -443,10 +450,12 @@ def merge(
     The newest rows of a path win (a raster's chips come from the newest source
     that holds the raster); paths not in ``order`` (files gone, or in another
     shard) are dropped; rows follow ``order`` (the listing), chips in grid
-    order. Returns the number of rows written.
+    order. Returns the number of rows written. ``parts``: the folder of parts
+    as the sink holds it (PartSink.dir), else found by name.
     """
     tables = [previous] if previous is not None else []
-    tables += [pq.read_table(p) for p in sorted(parts_dir(out).glob("part-*.parquet"))]
+    folder = parts if parts is not None else parts_dir(out)
+    tables += [pq.read_table(p) for p in sorted(folder.glob("part-*.parquet"))]
     sources = [k for k, t in enumerate(tables) for _ in range(t.num_rows)]
     sch = schema(dim, tiled).with_metadata(
         {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
@@ -538,7 +547,8 @@ def remove_stale_temps(out: Path) -> None:
     table (a kill -9 during the merge) and ``.part-*.tmp`` in its parts. Called
     with the output's lock held, so no running writer owns them."""
     stale = list(out.parent.glob(f".{glob.escape(out.name)}.*.tmp"))
-    stale += list(parts_dir(out).glob(".part-*.tmp"))
+    if not parts_dir(out).is_symlink():
+        stale += list(parts_dir(out).glob(".part-*.tmp"))
     for path in stale:
         with contextlib.suppress(OSError):
             path.unlink()

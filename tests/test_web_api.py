@@ -593,30 +593,34 @@ def test_downloads__no_store_and_a_removed_table_is_a_404(fenced):
 # ------------------------------------------------------------------- races
 class Swapper:
     """Flips ``name`` between what it is and a symlink to ``outside``, as fast
-    as it can, in a thread: every check-then-use of that name races it."""
+    as it can, in a thread: every check-then-use of that name races it. A
+    folder is moved aside and back (for an instant it is missing)."""
 
     def __init__(self, name: Path, outside: Path) -> None:
         import threading
 
         self.name, self.outside = name, outside
         self.keep = name.with_name(name.name + ".keep")
-        os.link(name, self.keep) if name.is_file() else name.rename(self.keep)
+        self.folder = name.is_dir()
+        if not self.folder:
+            os.link(name, self.keep)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        tmp_link = self.name.with_name(self.name.name + ".l")
-        tmp_real = self.name.with_name(self.name.name + ".r")
-        self.n = 0
+        link = self.name.with_name(self.name.name + ".l")
+        real = self.name.with_name(self.name.name + ".r")
         while not self.stop.is_set():
-            self.n += 1
-            os.symlink(self.outside, tmp_link)
-            os.replace(tmp_link, self.name)
-            if self.keep.is_dir():
-                os.symlink(self.keep.name, tmp_real)  # a link that stays inside
-            else:
-                os.link(self.keep, tmp_real)
-            os.replace(tmp_real, self.name)
+            if self.folder:
+                os.rename(self.name, self.keep)
+                os.symlink(self.outside, self.name)
+                os.unlink(self.name)
+                os.rename(self.keep, self.name)
+                continue
+            os.symlink(self.outside, link)
+            os.replace(link, self.name)
+            os.link(self.keep, real)
+            os.replace(real, self.name)
 
     def __enter__(self) -> Swapper:
         self.thread.start()
@@ -625,8 +629,9 @@ class Swapper:
     def __exit__(self, *_: object) -> None:
         self.stop.set()
         self.thread.join()
-        self.name.unlink()  # a link, or the file's other name
-        self.keep.rename(self.name)  # as it was
+        if not self.folder:  # the file as it was, under its one name
+            self.name.unlink()
+            self.keep.rename(self.name)
 
 
 @pytest.fixture
@@ -744,3 +749,25 @@ def test_races__jobs_never_read_outside_the_data_root(raced):
         for row in feather.read_table(index).to_pylist()
     ]
     assert 77 not in heights, heights
+
+
+def test_races__embed_dir_never_writes_outside_the_model_root(raced):
+    """The embeddings folder swapped for a link that leads out while the job
+    runs: the table, its parts and its lock land in the folder that was
+    checked, nothing outside."""
+    client, data, models, outside = raced
+    (models / "embeddings").mkdir()
+    (outside / "emb").mkdir()
+    for k in range(5):
+        r = _post(client, "/api/embed-dir", json={
+            "dataset": "dems", "model_path": "m.onnx", "name": f"w{k}"})  # fmt: skip
+        assert r.status_code == 202, r.json
+        with Swapper(models / "embeddings", outside / "emb"):
+            job = _wait(client, r.json["job"])
+        if job["status"] == "failed":  # a link, or moved aside, when it began
+            assert job["error"].startswith("name: embeddings: "), job
+            assert job["error"].endswith(("is in its place", "does not exist")), job
+        else:
+            assert job["status"] == "done", job["error"]
+            assert (models / "embeddings" / f"w{k}.parquet").is_file()
+        assert list((outside / "emb").iterdir()) == []

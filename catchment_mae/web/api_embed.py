@@ -60,6 +60,12 @@ def start_embed_dir() -> tuple[Response, int]:
     model = common.model_path(values, {".onnx"})
     name = common.name(values, "name")
     folder = common.output(s.model_root / "embeddings", "name", folder=True)
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise Refused(
+            400, f"name: cannot make {folder.name}: {e.strerror}", "name"
+        ) from e
     out = common.output(folder / f"{name}.parquet", "name")
     for extra in (
         out.with_name(out.name + ".parts"),
@@ -219,7 +225,6 @@ def _embed_dir_work(src: Path, model: Path, out: Path, overwrite: bool):
     def work(job: Job) -> dict[str, Any]:
         from catchment_mae.batch.runner import embed_dir
 
-        out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         job.progress = {"done": 0}
 
@@ -232,9 +237,23 @@ def _embed_dir_work(src: Path, model: Path, out: Path, overwrite: bool):
                 "rasters_per_s": n / max(time.perf_counter() - start, 1e-9),
             }
 
-        summary = embed_dir(
-            src, model, out, overwrite=overwrite, within=s.data_root, on_item=on_item
-        )
+        # The table, its parts and its lock are written into the folder held
+        # here, whatever its name leads to later (a link that leads out).
+        try:
+            holding = held(s.model_root, out.parent, "name", directory=True)
+            folder = holding.__enter__()
+        except Refused as e:
+            raise CmaeError(e.message) from e
+        with contextlib.ExitStack() as stack:
+            stack.push(holding)
+            try:
+                summary = embed_dir(
+                    src, model, folder / out.name, overwrite=overwrite,
+                    within=s.data_root, on_item=on_item,
+                )  # fmt: skip
+            except CmaeError as e:
+                where = out.parent.relative_to(s.model_root).as_posix()
+                raise CmaeError(str(e).replace(str(folder), where)) from e
         return {
             "out": out.relative_to(s.model_root).as_posix(),
             "summary": summary.line(),
