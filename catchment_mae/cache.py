@@ -50,7 +50,7 @@ import pyarrow.ipc as ipc
 
 from catchment_mae import __version__
 from catchment_mae.errors import CmaeError
-from catchment_mae.io import atomic_output, atomic_write_text, text_path
+from catchment_mae.io import atomic_output, atomic_write_text, open_dir, text_path
 from catchment_mae.preprocess import PreprocessSpec, Resampled
 
 log = logging.getLogger(__name__)
@@ -234,17 +234,24 @@ class SampleCache:
     """
 
     def __init__(self, root: str | os.PathLike[str], spec: PreprocessSpec) -> None:
-        self.dir = self.dir_for(root, spec)
+        self.where = self.dir = self.dir_for(root, spec)  # where: for people
         self.size = spec.image_size
         self.derived = int(spec.slope_channel)  # channels beyond the bands
+        self._fd = None
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.where.mkdir(parents=True, exist_ok=True)
+            # Used through its descriptor (readers too): a link planted in its
+            # place, now or later, is refused or leads nowhere else.
+            self._fd, self.dir = open_dir(self.where, children=True)
             if not (self.dir / "key.json").exists():
                 atomic_write_text(self.dir / "key.json", _key_text(spec) + "\n")
-            self._lock = open(self.dir / ".lock", "a")  # noqa: SIM115 (held)
+            flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+            self._lock = os.fdopen(os.open(self.dir / ".lock", flags, 0o600), "a")
         except OSError as e:
+            if self._fd is not None:
+                os.close(self._fd)
             raise CmaeError(
-                f"{self.dir}: cannot use the cache there ({e.strerror or e}); "
+                f"{self.where}: cannot use the cache there ({e.strerror or e}); "
                 "choose another with --cache DIR, or train with --no-cache"
             ) from e
         self.exclusive = _flock(self._lock, exclusive=True)  # nobody else here
@@ -381,6 +388,9 @@ class SampleCache:
 
     def close(self) -> None:
         self._lock.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def __enter__(self) -> SampleCache:
         return self
@@ -416,7 +426,7 @@ class ShardBuild:
                 del mm
         except OSError as e:
             self.discard()
-            raise cannot_write(d, e) from e
+            raise cannot_write(cache.where, e) from e
         self.entries: list[Entry] = []
 
     def target(self, row: int) -> ShardTarget:
@@ -446,7 +456,7 @@ class ShardBuild:
                 with ipc.new_file(f, table.schema) as writer:
                     writer.write_table(table)
         except OSError as e:  # a full disk, or the directory deleted meanwhile
-            raise cannot_write(d, e) from e
+            raise cannot_write(self.cache.where, e) from e
 
     def discard(self) -> None:
         _rw.pop(str(self.z_tmp), None)

@@ -56,15 +56,18 @@ def fresh_output(path: str | os.PathLike[str], mode: str = "w") -> IO[Any]:
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
 
 
-def open_dir(path: str | os.PathLike[str]) -> tuple[int, Path]:
+def open_dir(path: str | os.PathLike[str], children: bool = False) -> tuple[int, Path]:
     """The directory at ``path`` opened without following a link in its place
     (OSError for a link or a file), and a path that reaches that directory
-    whatever ``path`` leads to later (Linux's /proc/self/fd; ``path`` itself
-    elsewhere): names created under it are created in it. Close the descriptor."""
+    whatever ``path`` leads to later (Linux's /proc/self/fd; with ``children``,
+    /proc/PID/fd, which this process's reader processes reach too; ``path``
+    itself where there is no /proc): names created under it are created in it.
+    Close the descriptor."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
-    proc = Path("/proc/self/fd")
-    return fd, (proc / str(fd) if proc.is_dir() else Path(path))
+    if not Path("/proc/self/fd").is_dir():
+        return fd, Path(path)
+    return fd, Path("/proc", str(os.getpid()) if children else "self", "fd", str(fd))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

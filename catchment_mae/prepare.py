@@ -549,7 +549,7 @@ def _settle(
     except Exception as e:  # timed out, or the reader died
         entry, crc, reason = None, 0, failure_reason(e, pool.timeout)
     if slot is not None and isinstance(reason, CannotWrite):
-        raise cannot_write(slot.shard.build.cache.dir, reason)
+        raise cannot_write(slot.shard.build.cache.where, reason)
     outcome[i] = entry if entry is not None else str(reason)
     if slot is None:
         return
@@ -570,7 +570,7 @@ def cache_facts(prepared: Prepared) -> dict[str, Any]:
     cache = prepared.cache
     total = len(prepared.files) + len(prepared.failed) + prepared.chips_skipped
     return {
-        "cache_dir": None if cache is None else str(cache.dir),
+        "cache_dir": None if cache is None else str(cache.where),
         "cache_reused": prepared.reused,
         "cache_read": total - prepared.reused if cache is not None else 0,
         "cache_bytes": 0 if cache is None else cache.nbytes(),
@@ -591,7 +591,7 @@ def describe(prepared: Prepared) -> str:
     size = cache.nbytes() / 2**20
     return (
         f"cache: {prepared.reused} of {total} {what} reused, "
-        f"{total - prepared.reused} read now; {size:.1f} MB in {cache.dir}"
+        f"{total - prepared.reused} read now; {size:.1f} MB in {cache.where}"
     )
 
 

@@ -155,18 +155,18 @@ def test_prepare__other_settings_or_version_use_another_directory(
         _files(dems), dataclasses.replace(SPEC, image_size=16), cache_root=root,
         workers=0,
     )  # fmt: skip
-    assert b.reused == 0 and b.cache.dir != a.cache.dir
+    assert b.reused == 0 and b.cache.where != a.cache.where
     b.cache.close()
     # Normalisation is applied per batch: it does not change the key.
     c = prepare(
         _files(dems), dataclasses.replace(SPEC, norm="fixed"), cache_root=root,
         workers=0,
     )  # fmt: skip
-    assert c.reused == 12 and c.cache.dir == a.cache.dir
+    assert c.reused == 12 and c.cache.where == a.cache.where
     c.cache.close()
     monkeypatch.setattr("catchment_mae.cache.__version__", "99.0")
     d = _prepare(dems, root)
-    assert d.reused == 0 and d.cache.dir not in (a.cache.dir, b.cache.dir)
+    assert d.reused == 0 and d.cache.where not in (a.cache.where, b.cache.where)
     d.cache.close()
 
 
@@ -180,7 +180,7 @@ def test_cache__a_damaged_shard_is_rebuilt_never_trusted(
     first = _prepare(dems, root)
     stem = first.entries[0].shard
     first.cache.close()
-    d = first.cache.dir
+    d = first.cache.where
     if damage == "flip a byte":
         z = np.load(d / f"{stem}.z.npy", mmap_mode="r+")
         z[first.entries[5].row, 0, 3, 3] += 1
@@ -220,7 +220,7 @@ def test_cache__a_build_that_died_leaves_nothing_used(dems, tmp_path):
     cache = SampleCache(root, SPEC)
     build = cache.new_shard(4, 1)  # never committed: as if killed mid-build
     cache.close()
-    assert list(cache.dir.glob("*.tmp"))
+    assert list(cache.where.glob("*.tmp"))
     got = _prepare(dems, root)
     assert got.reused == 0
     got.cache.close()
@@ -245,7 +245,7 @@ def test_cached_dataset__batches_equal_the_embedding_path(dems, tmp_path):
             norm_std=(got.std if norm == "fixed" else None),
         )  # fmt: skip
         idx = [3, 0, 7, 11, 5]
-        cached = CachedDataset([got.entries[i] for i in idx], spec, got.cache.dir)
+        cached = CachedDataset([got.entries[i] for i in idx], spec, got.cache.where)
         batch = cached.__getitems__(list(range(len(idx))))
         images, valid, scale = to_model_input(batch, torch.device("cpu"))
         plain = collate([RasterDataset(got.files, spec)[i] for i in idx])
@@ -265,7 +265,7 @@ def test_loader__workers_persist_across_epochs_and_the_order_follows_the_epoch(
 ):
     got = _prepare(dems, tmp_path / "c")
     spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
-    ds = CachedDataset(got.entries, spec, got.cache.dir)
+    ds = CachedDataset(got.entries, spec, got.cache.where)
     loader = make_loader(
         ds, 4, shuffle=True, seed=3, num_workers=2, device=torch.device("cpu")
     )
@@ -288,7 +288,7 @@ def test_device_loader__gives_the_batches_of_the_worker_loader(
 
     got = _prepare(dems, tmp_path / "c")
     spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
-    ds = CachedDataset(got.entries, spec, got.cache.dir)
+    ds = CachedDataset(got.entries, spec, got.cache.where)
     cpu = torch.device("cpu")
     loader = make_loader(ds, 3, shuffle=True, seed=5, num_workers=0, device=cpu)
     held = DeviceLoader(ds, 3, EpochSampler(len(ds), 5, True, batch=3), cpu)
@@ -320,7 +320,7 @@ def test_cache_on_gpu__when_it_fits_and_a_clear_error_when_forced(
 
     got = _prepare(dems, tmp_path / "c")
     spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
-    ds = CachedDataset(got.entries, spec, got.cache.dir)
+    ds = CachedDataset(got.entries, spec, got.cache.where)
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (4 * ds.nbytes, 0))
     assert hold_on_gpu(ds, cuda, None)
@@ -428,3 +428,35 @@ def test_cache__deleted_during_the_epochs_the_run_ends_well(tiny_config, tmp_pat
                    on_epoch_end=lambda stats: shutil.rmtree(root, True))  # fmt: skip
     assert len(result.history) == 2 and not root.exists()
     assert os.path.exists(cfg["model_output_path"])
+
+
+def test_cache__a_link_planted_for_its_folder_is_refused_never_written_through(
+    tmp_path,
+):
+    """A link at the cache's folder (``ROOT/samples-*``, or its ``.lock``) that
+    leads out: refused, never written through; the folder is used through
+    the descriptor it was opened by, whatever its name leads to later."""
+    from catchment_mae.errors import CmaeError
+
+    root, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    root.mkdir()
+    SampleCache.dir_for(root, SPEC).symlink_to(outside)
+    with pytest.raises(CmaeError, match="cannot use the cache there"):
+        SampleCache(root, SPEC)
+    SampleCache.dir_for(root, SPEC).unlink()
+    SampleCache.dir_for(root, SPEC).mkdir()
+    (SampleCache.dir_for(root, SPEC) / ".lock").symlink_to(outside / "planted")
+    with pytest.raises(CmaeError, match="cannot use the cache there"):
+        SampleCache(root, SPEC)
+    (SampleCache.dir_for(root, SPEC) / ".lock").unlink()
+    with SampleCache(root, SPEC) as cache:
+        where = cache.where
+        where.rename(tmp_path / "moved")
+        where.symlink_to(outside)  # swapped after it was opened
+        build = cache.new_shard(2, 1)
+        build.discard()
+        atomic = cache.dir / "probe.txt"
+        atomic.write_text("x")
+    assert list(outside.iterdir()) == []
+    assert (tmp_path / "moved" / "probe.txt").read_text() == "x"

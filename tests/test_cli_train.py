@@ -351,6 +351,7 @@ def test_train__a_signal_to_the_whole_group_stops_quietly(tmp_path, dem_dir, sig
 def test_train__the_readers_forkserver_starts_before_torch_is_imported(tmp_path):
     """The first pass's readers come from a forkserver started beside torch's
     import, not after it."""
+    (tmp_path / "none").mkdir()  # a folder (its paths are checked first), empty
     code = f"""
 import sys
 import catchment_mae.workers as workers
@@ -365,7 +366,7 @@ except Exception as e:  # the input's error, after the imports
 print(seen, "torch" in sys.modules)
 """
     said, started = python_out(code).splitlines()
-    assert said.endswith("none: input directory does not exist")
+    assert said.endswith("none: no .tif/.tiff files found")
     assert started == "[False] True"  # prestart ran, before torch was imported
 
 

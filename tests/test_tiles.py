@@ -221,7 +221,7 @@ def test_train_tile__a_sample_per_chip_nodata_chips_left_out(scenes, tmp_path):
         found = cache.lookup(keys)
         assert set(found) == set(keys)  # the four chips with valid pixels
         entries = [found[k] for k in keys]
-        cached = CachedDataset(entries, spec, cache.dir).__getitems__(range(4))
+        cached = CachedDataset(entries, spec, cache.where).__getitems__(range(4))
     read = RasterDataset([scenes / "big.tif"] * 4, spec, [k.window for k in keys])
     for i in range(len(keys)):
         item = read[i]
