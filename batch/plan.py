@@ -50,16 +50,27 @@ class Plan:
         self.already_done = 0
 
     def __iter__(self) -> Iterator[str]:
+        for rel, key, done in self._walk():
+            self.order[key] = len(self.order)
+            if done:
+                self.already_done += 1
+                continue
+            yield rel
+
+    def count_todo(self) -> int:
+        """How many files the iteration will yield: a walk of its own (for a
+        progress bar's total, beside the run), changing nothing here."""
+        return sum(not done for _, _, done in self._walk())
+
+    def _walk(self) -> Iterator[tuple[str, str, bool]]:
+        """Every file of the shard: relative path, its key as the table holds
+        it, and whether an earlier run embedded it as it is now."""
         for path in find_tiffs(self.root, self.recursive, within=self.within):
             rel = relative(path, self.root)
             if not in_shard(rel, self.shard):
                 continue
-            key = text_path(rel)  # as the table holds it
-            self.order[key] = len(self.order)
-            if key in self.done and self.done[key] == stat_key(path):
-                self.already_done += 1
-                continue
-            yield rel
+            key = text_path(rel)
+            yield rel, key, key in self.done and self.done[key] == stat_key(path)
 
     def where(self) -> str:
         """`` in shard K/N`` or nothing, for messages."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -115,6 +116,7 @@ def embed_dir(
     timeout: float | None = READ_TIMEOUT,
     within: str | os.PathLike[str] | None = None,
     on_item: Callable[[Item], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
     tile: int | None = None,
     stride: int | None = None,
     max_nodata: float = 1.0,
@@ -143,6 +145,9 @@ def embed_dir(
         within: skip files (symlinks included) that resolve outside this folder
             (the web UI's --data-root).
         on_item: called for every raster (or chip) read (progress bars).
+        on_total: called once, from a thread of its own, with the number of
+            rasters this run will read, when a walk beside the run has counted
+            them (whole rasters only: chips are counted as they are cut).
         tile: embed chips of ``tile`` x ``tile`` pixels (full resolution), one
             row each, instead of whole rasters; edge chips are shifted inside,
             a raster smaller than a tile is one chip.
@@ -184,6 +189,8 @@ def embed_dir(
                 rows_per_part, chip_grid_of(tile, stride, tile_m, stride_m),
             )  # fmt: skip
             log.info("embedding with %s on %s", Path(model).name, mapper.device_name)
+            if on_total is not None and run.grid is None:
+                count_beside(run.plan, on_total)
             sink = run.sink
             try:
                 with Reader(
@@ -261,6 +268,16 @@ def start_run(
         metres = grid["unit"] == "m"
         work = chips(plan, root, grid["tile"], grid["stride"], metres)
     return Run(previous, plan, sink, work, metadata, grid)
+
+
+def count_beside(plan: Plan, on_total: Callable[[int], None]) -> None:
+    """Counts what ``plan`` will yield in a daemon thread, then says it."""
+
+    def count() -> None:
+        with contextlib.suppress(Exception):  # a progress bar's total, no more
+            on_total(plan.count_todo())
+
+    threading.Thread(target=count, daemon=True, name="cmae-count").start()
 
 
 def chip_grid_of(

@@ -542,3 +542,29 @@ def test_embed_dir__warnings_never_share_the_progress_bar_s_line(
     shown = [re.sub(r"\x1b\[2K", "", line.rsplit("\r", 1)[-1]) for line in
              text.replace("\r\n", "\n").split("\n")]  # fmt: skip
     assert sum(line.startswith("cmae: warning:") for line in shown) == warnings
+
+
+def test_embed_dir__the_progress_bar_s_total_is_what_this_run_reads(
+    archive, onnx_model, tmp_path
+):
+    """A walk beside the run counts the rasters it will read (not those an
+    earlier run embedded), so the bar can say how long is left."""
+    import threading
+
+    from catchment_mae.batch.runner import embed_dir
+
+    got, seen = [], threading.Event()
+
+    def on_total(n: int) -> None:
+        got.append(n)
+        seen.set()
+
+    out = tmp_path / "t.parquet"
+    first = embed_dir(archive, onnx_model, out, num_workers=0, on_total=on_total)
+    assert seen.wait(30) and got == [first.embedded + first.failed]
+    got.clear()
+    seen.clear()
+    # Again: the embedded rasters are kept; the failed ones are read again.
+    again = embed_dir(archive, onnx_model, out, num_workers=0, on_total=on_total)
+    assert seen.wait(30) and got == [first.failed] == [again.failed]
+    assert again.already_done == first.embedded

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -211,7 +213,8 @@ def embed_dir(
                 num_workers=num_workers, device=device, shard=shard,
                 recursive=recursive is not False, overwrite=overwrite,
                 rows_per_part=rows_per_part, timeout=timeout,
-                on_item=lambda item: bar.update(1), tile=tile, stride=stride,
+                on_item=lambda item: bar.update(1), on_total=_total_of(bar),
+                tile=tile, stride=stride,
                 max_nodata=max_nodata, tile_m=tile_m, stride_m=stride_m,
             )  # fmt: skip
     except NothingEmbeddedError as e:  # the table of failures is written
@@ -225,3 +228,14 @@ def embed_dir(
     else:
         wrote = "" if summary.nothing_new else f"; wrote {summary.out}"
         click.echo(f"{summary.line()} in {summary.seconds:.1f} s{wrote}", err=True)
+
+
+def _total_of(bar: Any) -> Callable[[int], None]:
+    """Gives the bar its total (and so its time left) once the files are
+    counted, from the counting thread."""
+
+    def set_total(n: int) -> None:
+        bar.total = n
+        bar.refresh()
+
+    return set_total
