@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 
 def configure(verbosity: int) -> None:
@@ -29,7 +30,10 @@ def configure(verbosity: int) -> None:
 
 
 def configure_worker(levels: dict[str, int]) -> None:
-    """Sets each named logger's level; ours gets the one-line stderr format."""
+    """Sets each named logger's level; ours gets the one-line stderr format;
+    codecs' own lines on stderr go to the debug log (:class:`_CodecLines`)."""
+    if not isinstance(sys.stderr, _CodecLines):
+        sys.stderr = _CodecLines(sys.stderr)  # type: ignore[assignment]
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     handler = _LineHandler(sys.stderr)
@@ -37,6 +41,27 @@ def configure_worker(levels: dict[str, int]) -> None:
     pkg = logging.getLogger("catchment_mae")
     pkg.handlers[:] = [handler]
     pkg.propagate = False
+
+
+class _CodecLines:
+    """sys.stderr without the lines a codec writes there itself: libpng's
+    "PNG warning: IDAT: incorrect data check", printed by imagecodecs for a
+    damaged strip of which cmae says, in its own line, what is wrong. Those
+    lines go to the debug log (``-vv``); everything else passes."""
+
+    PREFIXES = ("PNG warning: ",)
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.PREFIXES):
+            logging.getLogger("catchment_mae.codecs").debug("%s", text.rstrip())
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding
+        return getattr(self._stream, name)
 
 
 class _LineHandler(logging.StreamHandler):

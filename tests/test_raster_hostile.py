@@ -640,3 +640,29 @@ def test_codestreams__declared_sizes_of_real_encodings():
                 assert declared_size(compression, stream) == (h, w), compression
     assert declared_size(8, b"anything") is None  # deflate: no header of sizes
     assert declared_size(7, b"\xff\xd8\xff") is None  # cut short
+
+
+def test_codec_lines__libpng_s_warning_never_reaches_stderr(tmp_path):
+    """A damaged PNG strip made libpng print "PNG warning: IDAT: incorrect data
+    check" through imagecodecs, beside cmae's own line for the file."""
+    path = tmp_path / "png.tif"
+    image = (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)
+    tifffile.imwrite(path, image, compression="png")
+    with tifffile.TiffFile(path) as tif:
+        at, n = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    raw = bytearray(path.read_bytes())
+    raw[at + n // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    code = textwrap.dedent(f"""
+        from catchment_mae.errors import BadRasterError
+        from catchment_mae.logs import configure
+        from catchment_mae.raster import read_raster
+        configure(0)
+        try:
+            read_raster({str(path)!r})
+        except BadRasterError as e:
+            print(e.reason)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "damaged compressed data (png)" in r.stdout, r
+    assert r.stderr == "", r.stderr
