@@ -239,13 +239,13 @@ def _embed_dir_work(src: Path, model: Path, out: Path, overwrite: bool):
 
         # The table, its parts and its lock are written into the folder held
         # here, whatever its name leads to later (a link that leads out).
-        try:
-            holding = held(s.model_root, out.parent, "name", directory=True)
-            folder = holding.__enter__()
-        except Refused as e:
-            raise CmaeError(e.message) from e
         with contextlib.ExitStack() as stack:
-            stack.push(holding)
+            try:
+                folder = stack.enter_context(
+                    held(s.model_root, out.parent, "name", directory=True)
+                )
+            except Refused as e:  # a job's failure is a library error's line
+                raise CmaeError(e.message) from e
             try:
                 summary = embed_dir(
                     src, model, folder / out.name, overwrite=overwrite,
