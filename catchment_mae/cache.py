@@ -233,16 +233,24 @@ class SampleCache:
         CmaeError: the directory cannot be created or written.
     """
 
-    def __init__(self, root: str | os.PathLike[str], spec: PreprocessSpec) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        spec: PreprocessSpec,
+        within: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.where = self.dir = self.dir_for(root, spec)  # where: for people
         self.size = spec.image_size
         self.derived = int(spec.slope_channel)  # channels beyond the bands
         self._fd = None
         try:
-            self.where.mkdir(parents=True, exist_ok=True)
             # Used through its descriptor (readers too): a link planted in its
             # place, now or later, is refused or leads nowhere else.
-            self._fd, self.dir = open_dir(self.where, children=True)
+            if within is None:
+                self.where.mkdir(parents=True, exist_ok=True)
+                self._fd, self.dir = open_dir(self.where, children=True)
+            else:
+                self._fd, self.dir = _open_inside(Path(root), self.where.name, within)
             if not (self.dir / "key.json").exists():
                 atomic_write_text(self.dir / "key.json", _key_text(spec) + "\n")
             flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
@@ -397,6 +405,31 @@ class SampleCache:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _open_inside(
+    root: Path, name: str, within: str | os.PathLike[str]
+) -> tuple[int, Path]:
+    """``root / name`` made and opened as :func:`open_dir` does, with ``root``
+    checked to lie inside ``within`` on the folder opened (the kernel's own
+    name for it): a cache root swapped for a link that leads out (the web UI's
+    ``.cache`` under --model-root) is refused, whenever it happens."""
+    root.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    top = os.open(root, flags)
+    try:
+        try:
+            real = Path(os.readlink(f"/proc/self/fd/{top}"))
+        except OSError:  # no /proc: the name as it resolves now
+            real = root.resolve()
+        if not real.is_relative_to(Path(within).resolve()):
+            raise OSError(errno.EXDEV, f"it leads outside {within}")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o777, dir_fd=top)
+        fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=top)
+    finally:
+        os.close(top)
+    return fd, Path("/proc", str(os.getpid()), "fd", str(fd))
 
 
 def _key_text(spec: PreprocessSpec) -> str:

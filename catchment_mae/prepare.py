@@ -174,9 +174,12 @@ def prepare(
     on_sample: Callable[[int, Entry], None] | None = None,
     stop: threading.Event | None = None,
     within: str | os.PathLike[str] | None = None,
+    cache_within: str | os.PathLike[str] | None = None,
+    cache: SampleCache | None = None,
 ) -> Prepared:
     """Checks, measures and (with ``cache_root``) caches every raster of ``files``
-    (each file opened must lie in the folder ``within``, where given).
+    (each file opened must lie in the folder ``within``, where given; the cache
+    in ``cache_within``; ``cache``: the cache opened already, for ``cache_root``).
 
     ``spec.in_chans`` (or, when None, the first good raster's band count in
     listing order) is the band count every raster must have.
@@ -202,8 +205,10 @@ def prepare(
         NoInputError: no file could be used.
     """
     result = Prepared()
-    if cache_root is not None:
-        result.cache = SampleCache(cache_root, spec)
+    if cache is not None:
+        result.cache = cache
+    elif cache_root is not None:
+        result.cache = SampleCache(cache_root, spec, within=cache_within)
     items = [f if isinstance(f, tuple) else (Path(f), None) for f in files]
     try:
         _prepare(
@@ -629,7 +634,10 @@ class PassInThread:
         order = kw.get("order")
         self.order = list(order) if order is not None else list(range(len(files)))
         kw["order"] = self.order  # an iterator would be spent here
-        self.cache_dir = SampleCache.dir_for(cache_root, spec)
+        # Opened here: the first epoch reads the samples through the folder the
+        # pass writes them into (its descriptor), never by its name again.
+        kw["cache"] = SampleCache(cache_root, spec, within=kw.pop("cache_within", None))
+        self.cache_dir, self.cache_where = kw["cache"].dir, kw["cache"].where
         self.seconds = 0.0  # how long the pass ran
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._head: deque[tuple[int, Entry]] = deque()

@@ -378,6 +378,7 @@ def train(
     within: str | Path | None = None,
     on_batch_end: Callable[[dict[str, Any]], None] | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    cache_within: str | Path | None = None,
 ) -> TrainResult:
     """Trains a scale-aware MAE and writes ``NAME.pth`` + ``NAME.json``.
 
@@ -388,8 +389,11 @@ def train(
         strict: stop at the first bad file instead of skipping it.
         progress: show a progress bar on stderr.
         within: skip rasters (symlinks included) that resolve outside this folder
-            (the web UI's --data-root).
+            (the web UI's --data-root), and refuse each one whose file, once
+            opened, lies outside it.
         on_batch_end, on_epoch_end: progress hooks (web UI, tests).
+        cache_within: the cache's folder must lie in this one, checked on the
+            folder opened (the web UI's --model-root).
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if not cfg.input_dir:
@@ -416,7 +420,7 @@ def train(
         items = _listing(cfg, within)
         cfg, chosen = _choose(cfg, items, device)
         if _streams(cfg, ckpt, strict, ranks):
-            stream = _start_pass(cfg, items, within)
+            stream = _start_pass(cfg, items, within, cache_within)
             try:
                 result = _train(
                     cfg, None, device, ckpt, resume, progress, on_batch_end,
@@ -431,7 +435,9 @@ def train(
         # into the cache; the others then find it there.
         if not ranks.local_main:
             distributed.barrier(ranks)
-        prepared = _prepare(cfg, items, strict, progress and ranks.main, within)
+        prepared = _prepare(
+            cfg, items, strict, progress and ranks.main, within, cache_within
+        )
         if ranks.local_main:
             distributed.barrier(ranks)
         first_pass = time.perf_counter() - t0
@@ -676,7 +682,10 @@ def _streams(
 
 
 def _start_pass(
-    cfg: TrainConfig, items: list[Any], within: str | Path | None = None
+    cfg: TrainConfig,
+    items: list[Any],
+    within: str | Path | None = None,
+    cache_within: str | Path | None = None,
 ) -> PassInThread:
     """The first pass (as :func:`_prepare`) in a thread, in a seeded order."""
     from catchment_mae.cache import default_cache_dir
@@ -692,6 +701,7 @@ def _start_pass(
         order=order.tolist(),
         where=cfg.input_dir,
         within=within,
+        cache_within=cache_within,
     )
 
 
@@ -795,6 +805,7 @@ def _prepare(
     strict: bool,
     progress: bool,
     within: str | Path | None = None,
+    cache_within: str | Path | None = None,
 ) -> Prepared:
     """The first pass: every raster read once (into the cache), checked, measured."""
     from tqdm.auto import tqdm
@@ -824,6 +835,7 @@ def _prepare(
             timeout=READ_TIMEOUT,
             max_nodata=cfg.max_nodata,
             within=within,
+            cache_within=cache_within,
         )
     except NoInputError as e:
         raise NoInputError(f"{cfg.input_dir}: {e}") from e

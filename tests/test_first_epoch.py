@@ -211,7 +211,7 @@ def test_streamed_epoch__a_pass_that_fails_gives_its_error_not_a_missing_file(
             list(StreamedEpoch(stream, set(range(12)), SPEC, 4))
     finally:
         stream.close()
-    assert not list(stream.cache_dir.glob("*.npy*"))
+    assert not list(stream.cache_where.glob("*.npy*"))
 
 
 def test_streamed_epoch__each_batch_says_how_far_through_the_epoch_it_is(
@@ -344,7 +344,7 @@ def test_streamed_epoch__only_training_samples_that_normalise(dem_dir, tmp_path)
     assert [name for name, _ in result.screened] == [str(odd)]
     rows = dict(zip(result.files, result.entries, strict=True))
     first = batches[0]
-    z, valid = (np.load(stream.cache_dir / f"{rows[files[0]].shard}.{n}.npy")
+    z, valid = (np.load(stream.cache_where / f"{rows[files[0]].shard}.{n}.npy")
                 for n in ("z", "valid"))  # fmt: skip
     assert np.array_equal(first["z"][0].numpy(), z[rows[files[0]].row])
     assert np.array_equal(first["valid"][0].numpy(), valid[rows[files[0]].row])

@@ -613,14 +613,24 @@ class Swapper:
         while not self.stop.is_set():
             if self.folder:
                 os.rename(self.name, self.keep)
-                os.symlink(self.outside, self.name)
+                self._retry(os.symlink, self.outside, self.name)
                 os.unlink(self.name)
-                os.rename(self.keep, self.name)
+                self._retry(os.rename, self.keep, self.name)
                 continue
             os.symlink(self.outside, link)
             os.replace(link, self.name)
             os.link(self.keep, real)
             os.replace(real, self.name)
+
+    def _retry(self, step, *args) -> None:
+        """``step``, after setting aside a folder a job made again at the name
+        while it was moved aside (``mkdir``)."""
+        try:
+            step(*args)
+        except OSError:
+            self.made = getattr(self, "made", 0) + 1
+            os.rename(self.name, self.name.with_name(f"made{self.made}"))
+            step(*args)
 
     def __enter__(self) -> Swapper:
         self.thread.start()
@@ -705,9 +715,9 @@ def test_races__reads_never_leave_the_roots(raced):
     shutil.copy(models / "m.onnx", models / "dl.onnx")
     with Swapper(models / "dl.onnx", outside / "secret.onnx"):
         for _ in range(100):
-            r = client.get("/api/models/download?path=dl.onnx")
-            assert r.status_code in (200, 400), r.status_code
-            assert secret not in r.data
+            with client.get("/api/models/download?path=dl.onnx") as r:
+                assert r.status_code in (200, 400), r.status_code
+                assert secret not in r.data
 
 
 def test_races__jobs_never_read_outside_the_data_root(raced):
@@ -772,3 +782,23 @@ def test_races__embed_dir_never_writes_outside_the_model_root(raced):
             assert job["status"] == "done", job["error"]
             assert (models / "embeddings" / f"w{k}.parquet").is_file()
         assert list((outside / "emb").iterdir()) == []
+
+
+def test_races__training_never_writes_its_cache_outside_the_model_root(raced):
+    """The cache's folder (--model-root/.cache) swapped for a link that leads
+    out while a training job starts: the cache is used inside, or the job says
+    why not; nothing is written outside."""
+    client, data, models, outside = raced
+    (models / ".cache").mkdir()
+    (outside / "cache").mkdir()
+    for k in range(3):
+        form = {**TINY_FORM, "name": f"c{k}", "max_epochs": "1"}
+        r = _post(client, "/api/train", json=form)
+        assert r.status_code == 202, r.json
+        with Swapper(models / ".cache", outside / "cache"):
+            job = _wait(client, r.json["job"])
+        if job["status"] == "failed":  # the folder was a link, or moved aside
+            assert "cannot use the cache there" in job["error"], job
+        else:
+            assert job["status"] == "done", job["error"]
+        assert list((outside / "cache").iterdir()) == []

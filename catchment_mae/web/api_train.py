@@ -240,7 +240,7 @@ def _train_work(cfg: Any, overwrite: bool):
 
         result = train(
             cfg, overwrite=overwrite, progress=False, within=s.data_root,
-            on_batch_end=on_batch, on_epoch_end=on_epoch,
+            on_batch_end=on_batch, on_epoch_end=on_epoch, cache_within=root,
         )  # fmt: skip
         weights = Path(result.weights_path)
         return {
