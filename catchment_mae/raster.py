@@ -767,6 +767,19 @@ def _read_page(
             f"(a quarter of the memory budget, {budget.max_memory_mb} MB: "
             "cmae train --max-memory)",
         )
+    # The segments a read decodes, counted before they are listed: a sample in
+    # every segment spanned, or one per segment at most where the step is the
+    # larger (4 million one-byte strips must not be listed to be refused).
+    spans = [
+        min(len(range(lo, hi, k)), (hi - 1) // size - lo // size + 1)
+        for lo, hi, k, size in ((wy0, wy1, ky, th), (wx0, wx1, kx, tw))
+    ]
+    if planes * spans[0] * spans[1] > MAX_SEGMENTS:
+        raise BadRasterError(
+            path,
+            f"reading it would decode {planes * spans[0] * spans[1]:,} strips or "
+            f"tiles, more than the {MAX_SEGMENTS:,} a raster may",
+        )
     # Only the segment rows and columns the window spans are looked at: a chip
     # of a 20,000 px scene touches 4 of its 6,400 tiles, and testing every one
     # took a third of the chip's read.
@@ -788,12 +801,6 @@ def _read_page(
         for r in rows
         for c in cols
     ]
-    if len(needed) > MAX_SEGMENTS:
-        raise BadRasterError(
-            path,
-            f"reading it would decode {len(needed):,} strips or tiles, more than "
-            f"the {MAX_SEGMENTS:,} a raster may",
-        )
     compression = int(page.keyframe.compression)
     cost = _DECODE_COST.get(compression, 1)
     if len(needed) * seg_bytes * cost > budget.decoded:
