@@ -50,7 +50,13 @@ import pyarrow.ipc as ipc
 
 from catchment_mae import __version__
 from catchment_mae.errors import CmaeError
-from catchment_mae.io import atomic_output, atomic_write_text, open_dir, text_path
+from catchment_mae.io import (
+    atomic_output,
+    atomic_write_text,
+    open_dir,
+    opened_inside,
+    text_path,
+)
 from catchment_mae.preprocess import PreprocessSpec, Resampled
 
 log = logging.getLogger(__name__)
@@ -418,11 +424,7 @@ def _open_inside(
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     top = os.open(root, flags)
     try:
-        try:
-            real = Path(os.readlink(f"/proc/self/fd/{top}"))
-        except OSError:  # no /proc: the name as it resolves now
-            real = root.resolve()
-        if not real.is_relative_to(Path(within).resolve()):
+        if not opened_inside(top, within):
             raise OSError(errno.EXDEV, f"it leads outside {within}")
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o777, dir_fd=top)

@@ -70,6 +70,17 @@ def open_dir(path: str | os.PathLike[str], children: bool = False) -> tuple[int,
     return fd, Path("/proc", str(os.getpid()) if children else "self", "fd", str(fd))
 
 
+def opened_inside(fd: int, folder: str | os.PathLike[str]) -> bool:
+    """Whether what is open as ``fd`` lies inside ``folder``, by the kernel's own
+    name for it (Linux's /proc/self/fd), not the name it was opened by; where
+    there is no /proc, True (the caller's check of the name stands alone)."""
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return True
+    return real.is_relative_to(Path(folder).resolve())
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_output(path, "w") as f:
         f.write(text)

@@ -27,6 +27,7 @@ from catchment_mae import codestreams
 from catchment_mae.codestreams import declared_size
 from catchment_mae.errors import BadRasterError, NoInputError, band_mismatch
 from catchment_mae.ifds import listing_bytes
+from catchment_mae.io import opened_inside
 
 ALL_NODATA = "has no valid pixels (all nodata)"  # a raster or chip with no value
 # Samples per pixel a raster may declare (hyperspectral cubes have a few hundred).
@@ -305,7 +306,7 @@ def open_checked(
         raise BadRasterError(path, "file does not exist") from e
     except OSError as e:
         raise BadRasterError(path, f"cannot open: {e.strerror or e}") from e
-    if within is not None and not _opened_inside(fd, within):
+    if within is not None and not opened_inside(fd, within):
         os.close(fd)
         raise BadRasterError(path, "leads outside the folder being read (a symlink)")
     st = os.fstat(fd)
@@ -338,16 +339,6 @@ def open_checked(
     except BaseException:
         raw.close()
         raise
-
-
-def _opened_inside(fd: int, folder: str | os.PathLike[str]) -> bool:
-    """Whether the file open as ``fd`` lies inside ``folder``: the kernel's own
-    name for it (Linux's /proc/self/fd), not the name it was opened by."""
-    try:
-        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
-    except OSError:  # no /proc: the walk's check stands alone
-        return True
-    return real.is_relative_to(Path(folder).resolve())
 
 
 def check_file(path: Path) -> None:
