@@ -802,3 +802,28 @@ def test_races__training_never_writes_its_cache_outside_the_model_root(raced):
         else:
             assert job["status"] == "done", job["error"]
         assert list((outside / "cache").iterdir()) == []
+
+
+def test_races__export_reads_and_writes_only_what_it_checked(raced, trained):
+    """The weights' NAME.json swapped for a link to an outside config, and the
+    weights for a link to outside bytes: an export answers from the files it
+    checked, or refuses; the outside text never shows in an answer, and
+    nothing is written outside."""
+    client, data, models, outside = raced
+    for suffix in (".pth", ".json"):
+        shutil.copy(
+            Path(trained.weights_path).with_suffix(suffix), models / f"e{suffix}"
+        )
+    marker = "OUTSIDE-CONFIG-MARKER"
+    (outside / "e.json").write_text(json.dumps({marker: 1}))
+    (outside / "e.pth").write_bytes(marker.encode() * 10)
+    before = sorted(p.name for p in outside.iterdir())
+    for name in ("e.json", "e.pth"):
+        with Swapper(models / name, outside / name):
+            for _ in range(6):  # an export validates itself: seconds each
+                r = _post(client, "/api/export", json={"model_path": "e.pth"})
+                assert r.status_code in (200, 400, 404), r.json
+                assert marker not in json.dumps(r.json), r.json
+        r = _post(client, "/api/export", json={"model_path": "e.pth"})
+        assert r.status_code == 200, r.json  # unraced, the export works
+    assert sorted(p.name for p in outside.iterdir()) == before  # nothing written
