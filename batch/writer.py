@@ -547,8 +547,9 @@ def remove_stale_temps(out: Path) -> None:
     table (a kill -9 during the merge) and ``.part-*.tmp`` in its parts. Called
     with the output's lock held, so no running writer owns them."""
     stale = list(out.parent.glob(f".{glob.escape(out.name)}.*.tmp"))
-    if not parts_dir(out).is_symlink():
-        stale += list(parts_dir(out).glob(".part-*.tmp"))
+    parts = parts_dir(out)
+    if not parts.is_symlink():  # a link in its place is not this run's parts
+        stale += list(parts.glob(".part-*.tmp"))
     for path in stale:
         with contextlib.suppress(OSError):
             path.unlink()

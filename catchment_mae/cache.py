@@ -53,6 +53,7 @@ from catchment_mae.errors import CmaeError
 from catchment_mae.io import (
     atomic_output,
     atomic_write_text,
+    fd_path,
     open_dir,
     opened_inside,
     text_path,
@@ -431,7 +432,7 @@ def _open_inside(
         fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=top)
     finally:
         os.close(top)
-    return fd, Path("/proc", str(os.getpid()), "fd", str(fd))
+    return fd, fd_path(fd, root / name, children=True)
 
 
 def _key_text(spec: PreprocessSpec) -> str:

@@ -65,9 +65,17 @@ def open_dir(path: str | os.PathLike[str], children: bool = False) -> tuple[int,
     Close the descriptor."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    return fd, fd_path(fd, path, children)
+
+
+def fd_path(fd: int, name: str | os.PathLike[str], children: bool = False) -> Path:
+    """A path that opens what ``fd`` refers to, whatever ``name`` leads to now:
+    Linux's /proc/self/fd/FD, or /proc/PID/fd/FD with ``children`` (this
+    process's reader processes reach it too); ``name`` itself where there is
+    no /proc (the check before the use then stands alone)."""
     if not Path("/proc/self/fd").is_dir():
-        return fd, Path(path)
-    return fd, Path("/proc", str(os.getpid()) if children else "self", "fd", str(fd))
+        return Path(name)
+    return Path("/proc", str(os.getpid()) if children else "self", "fd", str(fd))
 
 
 def opened_inside(fd: int, folder: str | os.PathLike[str]) -> bool:

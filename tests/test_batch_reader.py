@@ -132,6 +132,17 @@ def many(tmp_path, dem_dir):
     return d
 
 
+def _reading(archive, model, out):
+    """An embed-dir run in a process group of its own, once its two readers
+    run and rows are on disk."""
+    proc = _cmae(
+        "embed-dir", archive, "--model", model, "--out", out, "--num-workers", 2,
+        "--batch-size", 2, "--rows-per-part", 4, start_new_session=True,
+    )  # fmt: skip
+    _wait_for_readers(proc, out)
+    return proc
+
+
 def _wait_for_readers(proc, out, n=2, timeout=60.0):
     """The run's reader processes, once ``n`` of them run and rows are on disk.
     They are forked by the forkserver (the main process's child), so they are
@@ -180,11 +191,7 @@ def test_embed_dir__stopped_cleanly_however_signalled(many, onnx_model, tmp_path
     readers included: the run still ends in seconds, exit 130, one line, rows
     kept, no shared memory left behind."""
     out = tmp_path / "s.parquet"
-    proc = _cmae(
-        "embed-dir", many, "--model", onnx_model, "--out", out, "--num-workers", 2,
-        "--batch-size", 2, "--rows-per-part", 4, start_new_session=True,
-    )  # fmt: skip
-    _wait_for_readers(proc, out)
+    proc = _reading(many, onnx_model, out)
     sig = signal.SIGINT if "INT" in how else signal.SIGTERM
     t0 = time.monotonic()
     os.killpg(proc.pid, sig)
@@ -485,11 +492,7 @@ def test_embed_dir__kill_9_of_the_group_leaves_no_segment_past_the_next_run(
     the run's segment stays in /dev/shm, and the next run removes it (its
     creator is gone); segments of running processes are left alone."""
     out = tmp_path / "k.parquet"
-    proc = _cmae(
-        "embed-dir", many, "--model", onnx_model, "--out", out, "--num-workers", 2,
-        "--batch-size", 2, "--rows-per-part", 4, start_new_session=True,
-    )  # fmt: skip
-    _wait_for_readers(proc, out)
+    proc = _reading(many, onnx_model, out)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     left = _segments(proc.pid)

@@ -21,7 +21,7 @@ from catchment_mae.raster import check_file
 from catchment_mae.web import common
 from catchment_mae.web.common import settings, state
 from catchment_mae.web.jobs import Job, check_cancel
-from catchment_mae.web.security import Refused, confine, held
+from catchment_mae.web.security import Refused, as_named, confine, held
 
 bp = Blueprint("embed", __name__)
 EMBED_FIELDS = ("model_path", "image_path")
@@ -106,9 +106,10 @@ class ModelCache:
                     try:
                         self._cache[key] = self._load(path, weights, config)
                     except CmaeError as e:  # named as the request named it
-                        text = str(e).replace(str(weights), path.name)
+                        names = {weights: path.name}
                         if config is not None:
-                            text = text.replace(str(config), sidecar.name)
+                            names[config] = sidecar.name
+                        text = as_named(str(e), names)
                         raise Refused(400, f"model_path: {text}", "model_path") from e
                 return self._cache[key]
 
@@ -253,7 +254,7 @@ def _embed_dir_work(src: Path, model: Path, out: Path, overwrite: bool):
                 )  # fmt: skip
             except CmaeError as e:
                 where = out.parent.relative_to(s.model_root).as_posix()
-                raise CmaeError(str(e).replace(str(folder), where)) from e
+                raise CmaeError(as_named(str(e), {folder: where})) from e
         return {
             "out": out.relative_to(s.model_root).as_posix(),
             "summary": summary.line(),

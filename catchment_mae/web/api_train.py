@@ -14,7 +14,7 @@ from catchment_mae.errors import CmaeError
 from catchment_mae.web import common
 from catchment_mae.web.common import settings, state
 from catchment_mae.web.jobs import Job, check_cancel
-from catchment_mae.web.security import Refused, confine, held
+from catchment_mae.web.security import Refused, as_named, confine, held
 
 bp = Blueprint("train", __name__)
 
@@ -78,11 +78,7 @@ def export() -> Response:
                 config_path=config,
             )  # fmt: skip
         except CmaeError as e:
-            text = (
-                str(e)
-                .replace(str(weights), pth.name)
-                .replace(str(config), sidecar.name)
-            )
+            text = as_named(str(e), {weights: pth.name, config: sidecar.name})
             raise Refused(400, f"model_path: {text}", "model_path") from e
     rel = out.relative_to(root).as_posix()
     return jsonify(

@@ -7,7 +7,7 @@
   root's descriptor, one component at a time without following links
   (:func:`open_inside`): a component swapped for a symlink between the check and
   the use is refused, never followed; the file is read through its descriptor
-  (:func:`fd_path`), and outputs are written into a held folder's descriptor.
+  (:func:`held`), and outputs are written into a held folder's descriptor.
 - Host header: on a loopback bind, only loopback names are answered (DNS
   rebinding: a hostile page whose name resolves to 127.0.0.1 is refused).
 - Cross-site requests: a state-changing request whose ``Origin`` (or
@@ -30,6 +30,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from catchment_mae.io import fd_path
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -125,14 +127,12 @@ def open_inside(root: Path, path: Path, field: str, directory: bool = False) -> 
         raise Refused(400, f"{field}: {rel}: {why}", field) from e
 
 
-_PROC_FD = Path("/proc/self/fd")
-
-
-def fd_path(fd: int, name: Path) -> Path:
-    """A path that opens what ``fd`` refers to, whatever ``name`` leads to now
-    (Linux's /proc/self/fd); ``name`` itself where there is no /proc (the
-    check before the use then stands alone)."""
-    return _PROC_FD / str(fd) if _PROC_FD.is_dir() else name
+def as_named(text: str, names: dict[Path, str]) -> str:
+    """``text`` (a library's message) with each held path (:func:`held`) put
+    back as the request named it."""
+    for path, name in names.items():
+        text = text.replace(str(path), name)
+    return text
 
 
 @contextlib.contextmanager
