@@ -308,7 +308,7 @@ def _stream(
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = max(1, cpus // (n_actors + 1)) if not gpus else None
     # Blocks of a few dozen files: a task per file cost more than its read
-    # (300 DEMs: 9 img/s with a block per file on 2 cores).
+    # (about two thirds of the blocks' rate; benchmarks/README.md).
     blocks = max(1, min(len(todo), 4 * cpus, len(todo) // 16))
     items = [
         {"path": t[0], "chip": pickle.dumps(t[1])}

@@ -50,8 +50,8 @@ from catchment_mae.workers import ReaderPool, failure_reason
 WAVE_BYTES = 64 << 20
 # Bytes of ring the readers may fill ahead of a GPU (at most half the free space
 # of /dev/shm, never under three batches). They read while its session loads and
-# while a batch runs: 256 MB is about 1,000 one-band slots of 224 px, a second
-# of 16 readers (1,100 files/s on the H200's machine).
+# while a batch runs: 256 MB is about 1,000 one-band slots of 224 px, about a
+# second of 16 readers.
 READ_AHEAD_BYTES = 256 << 20
 
 

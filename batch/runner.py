@@ -181,8 +181,8 @@ def embed_dir(
         ):
             # onnxruntime gets every core, and so do the readers (one BLAS thread
             # each); on the CPU they take turns (reader.py). With one onnxruntime
-            # thread beside the readers, vit_small ran at 7.2 img/s against a
-            # limit of 11.4 (benchmarks/README.md).
+            # thread beside the readers, vit_small ran at about 0.6 of its
+            # limit (benchmarks/README.md).
             mapper = Mapper(model, device, threads=cores)
             run = start_run(
                 root, out, mapper, overwrite, shard, recursive, within,

@@ -162,10 +162,9 @@ def warming_up() -> Iterator[None]:
     """pyarrow's first ``pa.array`` run in a thread during the block (joined at
     its end).
 
-    pyarrow imports pandas, when it is installed, at its first ``pa.array``:
-    0.25 s on the 2-core VM, which stalled the first part's flush while the
-    readers waited (in a 1,000-file run of a negligible model, 0.43 s of the
-    main process's 1.3 CPU-seconds). Started beside the readers' start, it is
+    pyarrow imports pandas, when it is installed, at its first ``pa.array``,
+    which stalled the first part's flush while the readers waited (a third of
+    the main process's CPU in a 1,000-file run of a negligible model). Started beside the readers' start, it is
     done before the first row arrives."""
     thread = threading.Thread(
         target=pa.array, args=([0],), daemon=True, name="cmae-warm-up"

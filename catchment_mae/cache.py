@@ -158,8 +158,8 @@ class Entry:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Every reader sends one back per raster: as lists, its three small
-        # arrays pickle and load in a third of the time (64 us the round trip
-        # with arrays, 2 cores), and the pool's thread loads each one.
+        # arrays pickle and load in half the time, and the pool's thread loads
+        # each one.
         return _entry, (
             self.key, self.height, self.width, self.bands, self.dtype, self.count,
             self.nodata_fraction, self.mean.tolist(), self.std.tolist(),

@@ -137,10 +137,9 @@ class DeviceLoader:
     copies), each batch is one gather on the device. It yields the batches a
     DataLoader over the same dataset and sampler would.
 
-    On an H200 (vit_small, bf16, 4,000 cached DEMs, 15 loader workers) the
-    workers fed the steps at 0.84 of their in-memory rate at batch 128 and 0.47
-    at batch 512 (6,200 img/s, about 0.9 GB/s through pinned memory); held on
-    the GPU, 0.95 at batch 512 (12,500 img/s; benchmarks/README.md).
+    Loader workers, whose batches cross shared and pinned memory, feed a fast
+    GPU's steps at about half their in-memory rate at large batches; held on
+    the GPU, the cache feeds them at about 0.95 (benchmarks/README.md).
 
     Args:
         dataset: the cached rasters (read once, in chunks, onto ``device``).

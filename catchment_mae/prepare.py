@@ -374,8 +374,8 @@ def _prepare(
         )
     if todo:
         spec = dataclasses.replace(spec, in_chans=bands)
-        # pyarrow's first table (a shard's index) imports pandas: 0.7 s of the
-        # main thread at the first commit while the readers ran dry, on 2 cores
+        # pyarrow's first table (a shard's index) imports pandas, which held
+        # the main thread at the first commit while the readers ran dry
         # (benchmarks/feed_pass.py); it runs beside the readers' start instead.
         with ReaderPool(workers, timeout=timeout) as pool, warming_up():
             _build(

@@ -58,8 +58,8 @@ class RunningStats:
     def merge_many(self, n: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
         """Adds many sets at once, each a row of ``n`` (N,), ``mean`` and ``std``
         (N, C), as :meth:`merge` would one by one, in whole-array arithmetic:
-        the sets' M2 about their pooled mean, then one merge (20,000 rasters'
-        statistics: 0.25 s one by one, a few ms so)."""
+        the sets' M2 about their pooled mean, then one merge (for 20,000
+        rasters' statistics about fifty times faster than one by one)."""
         n = np.asarray(n, np.int64)
         some = n > 0  # as merge: a set without pixels (its mean NaN) adds nothing
         n = n[some]

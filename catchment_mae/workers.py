@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 READ_TIMEOUT = 600.0
 # Modules the forkserver imports once, so each new worker starts warm. Beyond
 # ours: tifffile's GeoTIFF key tables (about 2,000 enum members built at import)
-# and the usual codecs, which a reader's first raster imported otherwise: it took
-# 67-99 ms, 37-64 ms with them preloaded, 4 ms again (2 cores). Not "__main__"
+# and the usual codecs, which a reader's first raster imported otherwise (the
+# first raster took some twenty times as long as the next; preloaded, half as
+# long as without). Not "__main__"
 # (Python's default, which this list replaces): before CPython 3.13.8 it does
 # nothing (gh-126631), and after it the forkserver runs the caller's script, at
 # first with an empty sys.argv (gh-143706). Our readers do not import the
@@ -57,8 +58,8 @@ PRELOAD = [
 # stays off unless the user asked for it with -vv).
 _LOGGERS = ("catchment_mae", "tifffile")
 # Tasks in a worker's pipe: the one it runs and the next, so it starts the next
-# without waiting for a round trip through this process (one at a time: 371
-# tasks/s of 400 for 5 ms tasks on 2 workers). A worker runs its tasks in
+# without waiting for a round trip through this process (one at a time, short
+# tasks left a worker idle for each round trip). A worker runs its tasks in
 # order, so the first is the one running: it is the one a death or a timeout
 # fails; the other is handed to another worker.
 DEPTH = 2
@@ -92,9 +93,8 @@ def _without_main(get: Callable[[str], dict]) -> Callable[[str], dict]:
     new process before the current process has finished its bootstrapping
     phase") and exit 1, so no raster could be read; a script importing torch
     at its top made each reader import it; and ``cmae``'s own entry script
-    made each import the CLI (40-48 ms a reader: 16 readers were up and had
-    run two 0.1 s tasks each in 0.82-1.07 s, 0.49-0.58 s without it, on 2
-    cores). Other processes (torch's loader workers, a ``multiprocessing.Pool``)
+    made each import the CLI (16 readers were up and through their first
+    tasks in about half the time without it). Other processes (torch's loader workers, a ``multiprocessing.Pool``)
     keep Python's behaviour."""
 
     def get_preparation_data(name: str) -> dict:
@@ -142,7 +142,7 @@ class _Worker:
         self.started = 0.0  # when tasks[0] started running
         # Up: it said so once started (initializer run). Its first task's time
         # budget runs from then, not from the hand-over: a task handed to a
-        # worker still starting (beside 15 others, on 2 cores) timed out.
+        # worker still starting (beside 15 others on a small machine) timed out.
         self.up = False
 
     def kill(self) -> None:
@@ -194,8 +194,8 @@ class ReaderPool:
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         # Every worker's pipe and process, watched at once: built once, not per
-        # wake-up as multiprocessing.connection.wait() does (71 us a call for
-        # 16 workers' 33 handles, against 2 us; 2 cores).
+        # wake-up as multiprocessing.connection.wait() does (for 16 workers' 33
+        # handles, a selector kept for the pool's life answers 30 times faster).
         self._selector: Any = (
             _Waiter() if sys.platform == "win32" else selectors.DefaultSelector()
         )
@@ -203,7 +203,7 @@ class ReaderPool:
         self._pool: list[_Worker] = []
         # The workers start in the manager thread, beside whatever the caller
         # does next (loading a model, listing files): a forkserver's first start
-        # imports numpy, tifffile, pyproj and pyarrow, half a second on 2 cores.
+        # imports numpy, tifffile, pyproj and pyarrow.
         self._manager = threading.Thread(
             target=self._manage, daemon=True, name="cmae-reader-pool"
         )
@@ -257,8 +257,8 @@ class ReaderPool:
         collects answers, notices deaths and time budgets."""
         try:
             # Each worker is handed tasks as soon as it is started, not once all
-            # are: on 2 cores, starting 16 took 0.32 s after the forkserver's
-            # first (an emulated 16-core embed-dir, benchmarks/feed.py).
+            # are: starting 16 takes a noticeable part of a short run's
+            # time (benchmarks/feed.py emulates a 16-core embed-dir).
             while len(self._pool) < self.workers and not self._closed:
                 self._pool.append(self._start())
                 self._dispatch()
@@ -306,7 +306,8 @@ class ReaderPool:
         # Only what the selector found ready: one message from each worker that
         # has one (the next select() returns at once for any more). Asking every
         # worker's pipe and process instead (poll(), is_alive(): a selector
-        # each) cost this thread about 1 ms of CPU a task with 16 workers.
+        # each) cost this thread more CPU than the tasks' answers themselves
+        # with 16 workers.
         for i, w in enumerate(self._pool):
             dead = w.process.sentinel in ready
             if w.conn in ready:
@@ -450,11 +451,10 @@ def _worker_main(
 
 def prestart() -> None:
     """Starts the forkserver that reader processes come from: its start (a
-    fresh interpreter importing PRELOAD, about 0.45 s on 2 cores) then runs
-    beside what the caller does next (the command's own imports) instead of
-    before the first reader. A ReaderPool made later uses it. ``cmae embed-dir``
-    over 2 files: 1.11 s instead of 1.22 (medians of 5) on 2 cores, where the
-    two starts share the cores."""
+    fresh interpreter importing PRELOAD) then runs beside what the caller
+    does next (the command's own imports) instead of before the first reader.
+    A ReaderPool made later uses it; a short ``cmae embed-dir`` starts about a
+    tenth sooner even where the two starts share two cores."""
     if start_context().get_start_method() != "forkserver":
         return
     with contextlib.suppress(Exception):  # the pool will say what is wrong

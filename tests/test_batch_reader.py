@@ -496,7 +496,7 @@ def test_embed_dir__kill_9_of_the_group_leaves_no_segment_past_the_next_run(
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     left = _segments(proc.pid)
-    assert left  # what the issue saw: nobody unlinked it
+    assert left  # the killed run could not unlink its own ring
     mine = SlotRing(rows=1, in_chans=1, size=8)  # a running process's ring
     try:
         again = _cmae("embed-dir", many, "--model", onnx_model, "--out", out, "--json")

@@ -488,7 +488,7 @@ def test_found_by_fuzzing__decoder_failures_in_words(tmp_path):
 
 def test_decoder_reasons__tifffile_s_own_words_made_plain():
     """tifffile names its enums as Python shows them, and a damaged tile by the
-    shapes of a reshape: a user reads neither (found in a review)."""
+    shapes of a reshape: a user reads neither."""
     from catchment_mae.raster import _reason
 
     assert _reason(ValueError("<COMPRESSION.SGILOG: 34676> not supported")) == (
