@@ -135,9 +135,9 @@ def _to_crs84(crs: str) -> Any:
     """A cached transformer from ``crs`` to OGC:CRS84, or None when unresolvable.
 
     A CRS on WGS 84 (UTM zones, Web Mercator, ...) goes to its own geographic CRS
-    (axes as OGC:CRS84), which needs no search for a datum transformation: about a sixth of the
-    time a zone, which an archive spread over many zones pays in every reader
-    process.
+    (axes as OGC:CRS84), which needs no search for a datum transformation:
+    about a sixth of the time a zone, which an archive spread over many zones
+    pays in every reader process.
     """
     try:
         from pyproj import CRS, Transformer

@@ -13,8 +13,8 @@ of what it encodes; the decoder predicts the image channels only.
 Decoder: the MAE decoder built from lightly's ``MaskedVisionTransformerDecoderTIMM``
 with ``decoder_embed`` and the prediction head kept outside, as lightly's
 ``examples/pytorch/mae.py`` does. ``MAEDecoderTIMM`` (the name the product
-specifies) warns that it goes away in lightly 1.7.0; this is its replacement and builds the
-same network, so no deprecation warning reaches users.
+specifies) warns that it goes away in lightly 1.7.0; this is its replacement
+and builds the same network, so no deprecation warning reaches users.
 """
 
 from __future__ import annotations

@@ -467,7 +467,8 @@ def limit_worker_threads(*_: object) -> None:
     The resize runs two small matrix products per raster; with OpenBLAS's default
     of one thread per core in every worker process, N workers oversubscribe the
     CPU N-fold (2 such workers read fewer rasters a second than one process;
-    2 single-threaded ones 2.5 times as many as the oversubscribed pair). Accepts and ignores a worker id (torch's worker_init_fn).
+    2 single-threaded ones 2.5 times as many as the oversubscribed pair).
+    Accepts and ignores a worker id (torch's worker_init_fn).
     """
     from threadpoolctl import threadpool_limits
 

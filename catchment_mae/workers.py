@@ -94,8 +94,8 @@ def _without_main(get: Callable[[str], dict]) -> Callable[[str], dict]:
     phase") and exit 1, so no raster could be read; a script importing torch
     at its top made each reader import it; and ``cmae``'s own entry script
     made each import the CLI (16 readers were up and through their first
-    tasks in about half the time without it). Other processes (torch's loader workers, a ``multiprocessing.Pool``)
-    keep Python's behaviour."""
+    tasks in about half the time without it). Other processes (torch's
+    loader workers, a ``multiprocessing.Pool``) keep Python's behaviour."""
 
     def get_preparation_data(name: str) -> dict:
         data = get(name)
