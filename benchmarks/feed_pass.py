@@ -15,7 +15,7 @@ Printed: the pass's rate against d, when the first file was settled, and the
 main process's CPU time per file.
 
 With ``--step-ms``, training's whole first epoch as on a GPU: after the pass, or
-beside it (``trainer._streams``: per-raster norm), batches of ``--batch`` are
+beside it (``train_data.streams``: per-raster norm), batches of ``--batch`` are
 gathered from the cache as training does and each "step" holds the GIL for
 ``--gil-ms`` (a GPU step's kernel launches, done in Python) and then waits with
 it released for the rest of ``--step-ms`` (the GPU). Printed: the first epoch's

@@ -381,13 +381,14 @@ def step_rate(cfg, steps: int = 1, repeats: int = 5, busy=None) -> float:  # noq
     also prints how busy these steps keep the GPU: the ceiling of the epochs'."""
     import torch
 
+    from catchment_mae.epochs import autocast_context
     from catchment_mae.model import build_model
-    from catchment_mae.trainer import _optimizer, autocast_context
+    from catchment_mae.trainer import make_optimizer
 
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    opt = _optimizer(model, cfg)
+    opt = make_optimizer(model, cfg)
     b, s = cfg.batch_size, cfg.image_size
     images = torch.randn(b, 1, s, s, device=device)
     valid = torch.ones(b, 1, s, s, device=device)

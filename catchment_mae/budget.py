@@ -137,8 +137,9 @@ def check_decoded(
     cost = DECODE_COST.get(compression, 1)
     if segments * seg_bytes * cost > budget.decoded:
         slow = (
-            f", {CODESTREAMS[compression]} data counted {cost} times (slow to "
-            "decode)" if cost > 1 else ""
+            f", {CODESTREAMS[compression]} data counted {cost} times (slow to decode)"
+            if cost > 1
+            else ""
         )
         raise BadRasterError(
             path,
@@ -150,4 +151,3 @@ def check_decoded(
 
 def mb(n: int) -> str:
     return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} kB"
-

@@ -607,7 +607,7 @@ class _Stopped(Exception):
 class PassInThread:
     """:func:`prepare` in a thread, each usable sample handed over as soon as its
     arrays are in the cache: training's first epoch steps on them while the
-    pass reads the rest (see ``trainer._streams``). ``files``, ``spec`` and the
+    pass reads the rest (see ``train_data.streams``). ``files``, ``spec`` and the
     keywords are prepare's (``on_sample`` and ``stop`` are this object's;
     ``cache_root`` is required); ``where`` prefixes a NoInputError.
 

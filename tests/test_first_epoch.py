@@ -140,7 +140,7 @@ def test_first_epoch__fewer_steps_than_planned_still_count(tiny_config, tmp_path
 def test_first_epoch__trains_on_the_others_when_no_training_raster_reads(
     tiny_config, tmp_path
 ):
-    from catchment_mae.trainer import split_items
+    from catchment_mae.train_data import split_items
 
     data = tmp_path / "in"
     data.mkdir()
@@ -162,7 +162,7 @@ def test_first_epoch__more_steps_than_planned_keep_to_the_schedule(
     """The one training raster is broken: the first epoch trains on the nine
     others, five steps where one was planned, without running through the
     learning-rate schedule or reading the loss back at every step."""
-    from catchment_mae.trainer import split_items
+    from catchment_mae.train_data import split_items
 
     data = tmp_path / "in"
     data.mkdir()
@@ -240,8 +240,9 @@ def test_first_epoch__failures_after_its_last_batch_still_end_the_schedule(
     """Its last batch is full and the rasters after it fail: nothing says how
     far that batch took the epoch but the end of the epoch itself."""
     from catchment_mae.config import TrainConfig
+    from catchment_mae.epochs import lr_at, train_one_epoch
     from catchment_mae.model import build_model
-    from catchment_mae.trainer import _optimizer, lr_at, train_one_epoch
+    from catchment_mae.trainer import make_optimizer
 
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"II*\x00not a tiff")
@@ -255,7 +256,7 @@ def test_first_epoch__failures_after_its_last_batch_still_end_the_schedule(
     seen = []
     try:
         epoch = StreamedEpoch(stream, set(range(9)), SPEC, 4)
-        train_one_epoch(model, epoch, _optimizer(model, cfg), torch.device("cpu"),
+        train_one_epoch(model, epoch, make_optimizer(model, cfg), torch.device("cpu"),
                         0, cfg, on_batch_end=seen.append)  # fmt: skip
     finally:
         stream.close()

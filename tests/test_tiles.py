@@ -242,7 +242,7 @@ def test_train_tile__a_sample_per_chip_nodata_chips_left_out(scenes, tmp_path):
 
 
 def test_split_items__a_rasters_chips_stay_on_one_side(tmp_path):
-    from catchment_mae.trainer import split_items
+    from catchment_mae.train_data import split_items
 
     paths = [tmp_path / f"r{i}.tif" for i in range(20) for _ in range(i % 4 + 1)]
     train_idx, val_idx = split_items(paths, 0.25, seed=3)

@@ -12,15 +12,11 @@ import torch
 
 import catchment_mae
 from catchment_mae.config import TrainConfig
+from catchment_mae.epochs import lr_at, native_cpu_bf16
 from catchment_mae.errors import ConfigError, OutputExistsError, TrainingError
-from catchment_mae.trainer import (
-    TrainingInterrupted,
-    loader_workers,
-    lr_at,
-    native_cpu_bf16,
-    split_files,
-    train,
-)
+from catchment_mae.loaders import loader_workers
+from catchment_mae.train_data import split_files
+from catchment_mae.trainer import TrainingInterrupted, train
 from tests.conftest import DATA, TINY
 
 

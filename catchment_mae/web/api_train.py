@@ -167,9 +167,9 @@ def _check_memory(cfg: Any) -> None:
     memory, or of the GPU's), before anything starts: a request must not make
     the server allocate until the machine gives out."""
     from catchment_mae.defaults import shape_updates
+    from catchment_mae.epochs import pick_device
     from catchment_mae.errors import ConfigError
     from catchment_mae.model import training_memory
-    from catchment_mae.trainer import pick_device
 
     try:
         shaped = cfg.merged(shape_updates(cfg))
