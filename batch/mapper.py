@@ -19,9 +19,7 @@ from typing import Any
 import numpy as np
 
 from catchment_mae import __version__
-from catchment_mae.batch.reader import Batch
 from catchment_mae.batch.ring import SlotRing
-from catchment_mae.batch.writer import Row
 from catchment_mae.io import sha256_file
 from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec
 from catchment_mae.runtime import (
@@ -149,23 +147,20 @@ class Mapper:
     def device_name(self) -> str:
         return "CUDA" if self.gpu else "the CPU"
 
-    def rows(self, batch: Batch, ring: SlotRing) -> list[tuple[Row, Any]]:
-        """Every file's row with its embedding (None for a failure), in order. An
-        onnxruntime error fails the batch's good files with its reason."""
-        embeddings: dict[int, np.ndarray] = {}
-        if batch.good:
-            self.wait()  # a session that failed to load ends the run here
-            t0 = time.perf_counter()
-            try:
-                out = self.embed(ring, batch.rows)
-            except Exception as e:  # onnxruntime's error types vary; record them
-                reason = f"onnxruntime failed: {failure_reason(e)}"
-                for it in batch.good:
-                    it.row.error = reason
-            else:
-                embeddings = {id(it): out[k] for k, it in enumerate(batch.good)}
+    def embed_slots(
+        self, ring: SlotRing, rows: slice
+    ) -> tuple[np.ndarray | None, str | None]:
+        """(the (n, D) embeddings of ring slots ``rows``, None), or (None, the
+        reason) where onnxruntime fails on them. A session that failed to load
+        raises (it ends the run)."""
+        self.wait()
+        t0 = time.perf_counter()
+        try:
+            return self.embed(ring, rows), None
+        except Exception as e:  # onnxruntime's error types vary; record them
+            return None, f"onnxruntime failed: {failure_reason(e)}"
+        finally:
             self.inference_seconds += time.perf_counter() - t0
-        return [(it.row, embeddings.get(id(it))) for it in batch.items]
 
     def embed(self, ring: SlotRing, rows: slice) -> np.ndarray:
         """(n, D) embeddings of ring slots ``rows``, fed as views of the ring."""

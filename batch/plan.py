@@ -8,13 +8,13 @@ tried again. What it saw is recorded, in listing order, for the final merge.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 
-from catchment_mae.batch.reader import in_shard, relative, stat_key
-from catchment_mae.batch.writer import done_rows
 from catchment_mae.errors import NoInputError
 from catchment_mae.io import text_path
 from catchment_mae.raster import find_tiffs
@@ -83,3 +83,46 @@ def check_input(root: Path) -> None:
         raise NoInputError(f"{root}: input directory does not exist")
     if not root.is_dir():
         raise NoInputError(f"{root}: not a directory")
+
+
+def in_shard(rel_path: str, shard: tuple[int, int] | None) -> bool:
+    """Stable 1/N split by sha1 of the relative path (not Python's salted hash)."""
+    if shard is None:
+        return True
+    k, n = shard
+    digest = hashlib.sha1(os.fsencode(rel_path)).digest()  # UTF-8, or the name's bytes
+    return int.from_bytes(digest[:8], "big") % n == k - 1
+
+
+def relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def stat_key(path: Path) -> tuple[int, int] | None:
+    """(size, mtime in µs) of a file, as the table records them; None if gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, int(st.st_mtime * 1e6)
+
+
+def done_rows(previous: pa.Table | None) -> dict[str, tuple[int | None, int | None]]:
+    """path -> (file_size, mtime in µs) of embedded rows; failed ones are retried."""
+    if previous is None:
+        return {}
+    mtimes = previous.column("mtime").cast(pa.int64()).to_pylist()
+    done: dict[str, tuple[int | None, int | None]] = {}
+    rows = zip(
+        previous.column("path").to_pylist(),
+        previous.column("file_size").to_pylist(),
+        mtimes,
+        previous.column("error").to_pylist(),
+        strict=True,
+    )
+    for path, size, mtime, error in rows:  # oldest first: the newest row wins
+        if error is None:
+            done[path] = (size, mtime)
+        else:
+            done.pop(path, None)
+    return done

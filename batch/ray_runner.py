@@ -29,25 +29,25 @@ from typing import Any
 
 import numpy as np
 
-from catchment_mae.batch.chips import Chip
 from catchment_mae.batch.mapper import Mapper
 from catchment_mae.batch.reader import failed_row, read_one
 from catchment_mae.batch.runner import (
     RunSummary,
-    _lock,
     checked,
     chip_grid_of,
     finish,
     interrupted_kept,
     interrupted_saving,
+    output_lock,
     start_run,
     take,
 )
+from catchment_mae.batch.schema import Row
 from catchment_mae.batch.writer import (
     ROWS_PER_PART,
-    Row,
     check_table,
 )
+from catchment_mae.chips import Chip
 from catchment_mae.errors import CmaeError
 from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import check_writable, text_path
@@ -194,7 +194,7 @@ def embed_dir_ray(
     summary.provider = "ray"
     started = not ray.is_initialized()
     try:
-        with _lock(out), sigterm_as_interrupt():
+        with output_lock(out), sigterm_as_interrupt():
             run = start_run(
                 root, out, probe, overwrite, shard, recursive, within,
                 rows_per_part, chip_grid_of(tile, stride, tile_m, stride_m),

@@ -2,7 +2,7 @@
 
 The main process hands each file a slot of a :class:`~catchment_mae.batch.ring.
 SlotRing`; a reader process reads and preprocesses it into that slot and sends
-back only its :class:`~catchment_mae.batch.writer.Row` (a few hundred bytes).
+back only its :class:`~catchment_mae.batch.schema.Row` (a few hundred bytes).
 Slots come in batches: ``batch_size`` consecutive slots per batch, so a batch
 reaches onnxruntime as a view of the ring. A file that fails leaves a gap, which
 the last good slots of its batch fill (a copy of one slot per failure).
@@ -17,7 +17,6 @@ however many files there are. No torch here.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import stat
@@ -31,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from catchment_mae.batch.chips import Chip
 from catchment_mae.batch.ring import RingLayout, SlotRing
-from catchment_mae.batch.writer import Row
+from catchment_mae.batch.schema import Row
+from catchment_mae.chips import Chip
 from catchment_mae.errors import BadRasterError
 from catchment_mae.geo import footprint
 from catchment_mae.preprocess import (
@@ -81,19 +80,6 @@ class Batch:
     items: list[Item]
     good: list[Item] = field(default_factory=list)
     rows: slice = field(default_factory=lambda: slice(0, 0))
-
-
-def in_shard(rel_path: str, shard: tuple[int, int] | None) -> bool:
-    """Stable 1/N split by sha1 of the relative path (not Python's salted hash)."""
-    if shard is None:
-        return True
-    k, n = shard
-    digest = hashlib.sha1(os.fsencode(rel_path)).digest()  # UTF-8, or the name's bytes
-    return int.from_bytes(digest[:8], "big") % n == k - 1
-
-
-def relative(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
 
 
 # Rings this process writes into, by name: the reader's own ring when reading
@@ -329,12 +315,3 @@ def shm_free(where: str = "/dev/shm") -> int:
     except OSError:
         return 2 * READ_AHEAD_BYTES
     return st.f_bavail * st.f_frsize
-
-
-def stat_key(path: Path) -> tuple[int, int] | None:
-    """(size, mtime in µs) of a file, as the table records them; None if gone."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, int(st.st_mtime * 1e6)

@@ -9,6 +9,7 @@ merges them. The preprocessing comes from the model's own metadata.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -18,14 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catchment_mae.batch.chips import Chip, chips
 from catchment_mae.batch.mapper import Mapper
 from catchment_mae.batch.plan import Plan, check_input
-from catchment_mae.batch.reader import Item, Reader
+from catchment_mae.batch.reader import Batch, Item, Reader
+from catchment_mae.batch.ring import SlotRing
+from catchment_mae.batch.schema import Row
 from catchment_mae.batch.writer import (
     ROWS_PER_PART,
     PartSink,
-    Row,
     check_table,
     clear_parts,
     listing_of,
@@ -33,12 +34,13 @@ from catchment_mae.batch.writer import (
     parts_dir,
     read_previous,
     remove_stale_temps,
-    warming_up,
 )
+from catchment_mae.chips import Chip, chips
 from catchment_mae.errors import CmaeError, NoInputError, OutputError
 from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import check_writable, try_lock
 from catchment_mae.preprocess import ALL_NODATA
+from catchment_mae.warmup import warming_up
 from catchment_mae.workers import READ_TIMEOUT, ReaderPool, available_cores
 
 log = logging.getLogger(__name__)
@@ -174,7 +176,7 @@ def embed_dir(
     summary = RunSummary(out=str(out))
     try:
         with (
-            _lock(out),
+            output_lock(out),
             sigterm_as_interrupt(),
             ReaderPool(workers, timeout=timeout) as pool,
             warming_up(),
@@ -380,7 +382,7 @@ def _embed_all(
     max_nodata: float = 1.0,
 ) -> None:
     for batch in reader.batches(work):
-        rows = mapper.rows(batch, reader.ring)
+        rows = batch_rows(mapper, batch, reader.ring)
         reader.overlap = reader.overlap and mapper.gpu  # CUDA did not load: waves
         t0 = time.perf_counter()
         for item, (row, embedding) in zip(batch.items, rows, strict=True):
@@ -389,6 +391,21 @@ def _embed_all(
             if on_item is not None:
                 on_item(item)
         summary.write_seconds += time.perf_counter() - t0
+
+
+def batch_rows(mapper: Mapper, batch: Batch, ring: SlotRing) -> list[tuple[Row, Any]]:
+    """Every file's row with its embedding (None for a failure), in order. An
+    onnxruntime error fails the batch's good files with its reason (their
+    items then hold the rows that say so)."""
+    if not batch.good:
+        return [(it.row, None) for it in batch.items]
+    out, reason = mapper.embed_slots(ring, batch.rows)
+    if out is None:
+        for it in batch.good:
+            it.row = dataclasses.replace(it.row, error=reason)
+        return [(it.row, None) for it in batch.items]
+    embeddings = {id(it): out[k] for k, it in enumerate(batch.good)}
+    return [(it.row, embeddings.get(id(it))) for it in batch.items]
 
 
 def take(
@@ -444,7 +461,7 @@ def _nothing_new(
 
 
 @contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
+def output_lock(out: Path) -> Iterator[None]:
     """One writer per output: a second run on the same --out is refused."""
     lock_path = out.with_name(f".{out.name}.lock")
     try:

@@ -6,25 +6,21 @@ most the rows not yet flushed and never leaves a half-written file. At the end,
 the rows of the previous table and all parts are merged into ``OUT`` (temp file,
 then rename) and the parts are removed. A re-run reads both to skip what is done.
 
-The schema is declared once; ``embedding`` is a fixed-size list of float32 (width
-D). A file that failed is a row too, with a null embedding and its reason in
-``error`` (img2dataset's way). No torch here.
+The schema is declared once (:mod:`.schema`); ``embedding`` is a fixed-size
+list of float32 (width D). A file that failed is a row too, with a null
+embedding and its reason in ``error`` (img2dataset's way). No torch here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import glob
 import json
 import os
 import shutil
 import stat
 import tempfile
-import threading
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,147 +29,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from catchment_mae.batch.plan import in_shard
+from catchment_mae.batch.schema import (
+    CHIP_GRID,
+    LISTING,
+    MODEL_SHA256,
+    TILE_FIELDS,
+    Row,
+    column,
+    schema,
+)
 from catchment_mae.errors import CmaeError, OutputError
-from catchment_mae.geo import Footprint, geoparquet_metadata
-from catchment_mae.io import open_dir, text_path
-from catchment_mae.raster import RasterInfo
+from catchment_mae.geo import geoparquet_metadata
+from catchment_mae.io import open_dir
 
 ROWS_PER_PART = 1024
-BBOX = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
-
-
-@dataclass
-class Row:
-    """One raster's row of the table, its embedding apart (the writer owns the
-    columns: readers fill a Row, nothing else spells them).
-
-    A failed file has its path, what its ``stat`` gave and ``error``; every other
-    field is None.
-    """
-
-    path: str  # relative to the input directory, forward slashes
-    # A chip (embed-dir --tile): its place in the raster's grid and its pixel
-    # window (full resolution); None in a table of whole rasters.
-    tile_row: int | None = None
-    tile_col: int | None = None
-    x0: int | None = None
-    y0: int | None = None
-    tile_width: int | None = None
-    tile_height: int | None = None
-    height: int | None = None  # of the original raster
-    width: int | None = None
-    bands: int | None = None  # as stored, alpha excluded
-    dtype: str | None = None
-    nodata_fraction: float | None = None  # share of invalid pixels as read
-    file_size: int | None = None
-    mtime: float | None = None  # seconds since the epoch
-    crs: str | None = None  # the native CRS as the file states it
-    pixel_size_x: float | None = None  # native CRS units
-    pixel_size_y: float | None = None
-    geometry: bytes | None = None  # WKB Polygon in OGC:CRS84 (a chip's own)
-    bbox: tuple[float, float, float, float] | None = None  # of geometry
-    error: str | None = None  # why the file failed
-
-    def __post_init__(self) -> None:
-        self.path = text_path(self.path)  # a name that is not UTF-8: escaped
-
-    @classmethod
-    def of_raster(
-        cls,
-        path: str,
-        info: RasterInfo,
-        nodata_fraction: float,
-        where: Footprint,
-        stat: tuple[int | None, float | None] = (None, None),
-    ) -> Row:
-        """The row of a raster that was read (``stat``: its size and mtime)."""
-        return cls(
-            path=path,
-            height=info.height,
-            width=info.width,
-            bands=info.bands,
-            dtype=info.dtype,
-            nodata_fraction=nodata_fraction,
-            file_size=stat[0],
-            mtime=stat[1],
-            crs=where.crs,
-            pixel_size_x=where.pixel_size_x,
-            pixel_size_y=where.pixel_size_y,
-            geometry=where.wkb,
-            bbox=where.bbox,
-        )
-
-
-# Arrow types of Row's fields, in the table's order, with the embedding second.
-_TYPES: dict[str, pa.DataType] = {
-    "path": pa.string(),
-    "tile_row": pa.int32(),
-    "tile_col": pa.int32(),
-    "x0": pa.int64(),
-    "y0": pa.int64(),
-    "tile_width": pa.int32(),
-    "tile_height": pa.int32(),
-    "height": pa.int64(),
-    "width": pa.int64(),
-    "bands": pa.int32(),
-    "dtype": pa.string(),
-    "nodata_fraction": pa.float32(),
-    "file_size": pa.int64(),
-    "mtime": pa.timestamp("us", tz="UTC"),
-    "crs": pa.string(),
-    "pixel_size_x": pa.float64(),
-    "pixel_size_y": pa.float64(),
-    "geometry": pa.binary(),  # WKB Polygon, OGC:CRS84
-    "bbox": BBOX,  # GeoParquet 1.1 covering of geometry
-    "error": pa.string(),
-}
-ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Row))
-assert ROW_FIELDS == tuple(_TYPES), "Row and the schema must list the same columns"
-TILE_FIELDS = ("tile_row", "tile_col", "x0", "y0", "tile_width", "tile_height")
-
-
-def schema(dim: int, tiled: bool = False) -> pa.Schema:
-    """The table's columns, in order (documented in the README); a table of
-    chips has the tile columns after ``embedding``."""
-    fields = [pa.field("path", pa.string(), nullable=False)]
-    fields.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
-    fields += [
-        pa.field(name, _TYPES[name])
-        for name in ROW_FIELDS[1:]
-        if tiled or name not in TILE_FIELDS
-    ]
-    return pa.schema(fields)
-
-
-def _column(name: str, rows: list[Row]) -> pa.Array:
-    values = [getattr(r, name) for r in rows]
-    if name == "mtime":
-        values = [None if v is None else int(v * 1e6) for v in values]
-    elif name == "bbox":
-        keys = ("xmin", "ymin", "xmax", "ymax")
-        values = [
-            None if v is None else dict(zip(keys, v, strict=True)) for v in values
-        ]
-    return pa.array(values, _TYPES[name])
-
-
-@contextlib.contextmanager
-def warming_up() -> Iterator[None]:
-    """pyarrow's first ``pa.array`` run in a thread during the block (joined at
-    its end).
-
-    pyarrow imports pandas, when it is installed, at its first ``pa.array``,
-    which stalled the first part's flush while the readers waited (a third of
-    the main process's CPU in a 1,000-file run of a negligible model). Started beside the readers' start, it is
-    done before the first row arrives."""
-    thread = threading.Thread(
-        target=pa.array, args=([0],), daemon=True, name="cmae-warm-up"
-    )
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join()
 
 
 def parts_dir(out: Path) -> Path:
@@ -265,7 +135,7 @@ class PartSink:
         )
         facts = [r for r, _ in rows]
         arrays = [
-            embedding if f.name == "embedding" else _column(f.name, facts)
+            embedding if f.name == "embedding" else column(f.name, facts)
             for f in self.schema
         ]
         return pa.Table.from_arrays(arrays, schema=self.schema)
@@ -374,20 +244,20 @@ def read_previous(
                 f"{path}: has other columns than this version of cmae writes (an "
                 "older table?); use --overwrite to start over, or another --out"
             )
-        sha = meta.get(b"model_sha256", b"").decode()
+        sha = meta.get(MODEL_SHA256.encode(), b"").decode()
         if sha != model_sha256:
             raise CmaeError(
                 f"{path}: was written with another model (sha256 "
                 f"{sha[:12] or '?'}...); use --overwrite to start over, or another "
                 "--out"
             )
-        recorded = json.loads(meta.get(b"chip_grid", b"null"))
+        recorded = json.loads(meta.get(CHIP_GRID.encode(), b"null"))
         if tiled and recorded is not None and recorded != grid:
             raise CmaeError(
                 f"{path}: holds chips of {grid_text(recorded)}, this run cuts "
                 f"{grid_text(grid)}; use --overwrite to start over, or another --out"
             )
-        recorded = json.loads(meta.get(b"listing", b"null"))
+        recorded = json.loads(meta.get(LISTING.encode(), b"null"))
         if listing is not None and recorded is not None and recorded != listing:
             raise CmaeError(
                 f"{path}: holds the rasters of {listing_text(recorded)}, this run "
@@ -412,8 +282,6 @@ def _unlike(table: pa.Table, listing: dict[str, Any]) -> str | None:
     """How a table from before listings were recorded differs from
     ``listing`` (listing_of), as far as its rows tell: a path outside the
     shard, in a sub-folder of a top-level listing, or none under the root."""
-    from catchment_mae.batch.reader import in_shard  # reader imports this module
-
     paths = list(dict.fromkeys(table.column("path").to_pylist()))
     if not paths:
         return None
@@ -512,27 +380,6 @@ def _write_atomic(table: pa.Table, target: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-
-
-def done_rows(previous: pa.Table | None) -> dict[str, tuple[int | None, int | None]]:
-    """path -> (file_size, mtime in µs) of embedded rows; failed ones are retried."""
-    if previous is None:
-        return {}
-    mtimes = previous.column("mtime").cast(pa.int64()).to_pylist()
-    done: dict[str, tuple[int | None, int | None]] = {}
-    rows = zip(
-        previous.column("path").to_pylist(),
-        previous.column("file_size").to_pylist(),
-        mtimes,
-        previous.column("error").to_pylist(),
-        strict=True,
-    )
-    for path, size, mtime, error in rows:  # oldest first: the newest row wins
-        if error is None:
-            done[path] = (size, mtime)
-        else:
-            done.pop(path, None)
-    return done
 
 
 def clear_parts(out: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 
-from catchment_mae.batch.writer import Row
+from catchment_mae.batch.schema import Row
 from catchment_mae.cache import Entry, write_row
 from catchment_mae.preprocess import load_resampled
 

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from catchment_mae.batch.writer import warming_up
 from catchment_mae.cache import (
     SHARD_ROWS,
     CannotWrite,
@@ -65,6 +64,7 @@ from catchment_mae.preprocess import (
 )
 from catchment_mae.raster import image_size
 from catchment_mae.stats import ScanResult
+from catchment_mae.warmup import warming_up
 from catchment_mae.workers import ReaderPool, failure_reason
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def chip_items(
     grid of chips (embed-dir's grid: ``stride`` apart, default ``tile``, edge
     chips shifted inside), the others whole. A file whose header cannot be read
     stays whole, and reading it gives its reason."""
-    from catchment_mae.batch.chips import chip_grid
+    from catchment_mae.chips import chip_grid
 
     items: list[Item] = []
     for path in files:

@@ -91,6 +91,15 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+# `cmae` run as `python -c NO_TORCH ARGS...`, with `import torch` (and timm,
+# lightly) failing, as in a base install without torch.
+NO_TORCH = (
+    "import sys; sys.modules.update(torch=None, timm=None, lightly=None); "
+    "from catchment_mae.cli.main import main; "
+    "sys.argv = ['cmae'] + sys.argv[1:]; main()"
+)
+
+
 def python_out(code: str) -> str:
     """What ``code`` prints, run in a fresh interpreter (its imports are its own);
     it must succeed."""
@@ -199,3 +208,79 @@ def _reset_cli_logging():
     pkg.handlers.clear()
     pkg.propagate = True
     pkg.setLevel(logging.NOTSET)
+
+
+# Shared by several test modules: archives, tables, a CLI training run.
+TINY_FLAGS = [
+    "--model", TINY["vit_model_name"], "--image-size", "32", "--patch-size", "8",
+    "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--batch-size", "4",
+    "--num-workers", "0", "--epochs", "1", "--device", "cpu",
+]  # fmt: skip
+
+
+@pytest.fixture
+def archive(tmp_path, dem_dir, real_dir):
+    """DEMs in nested folders plus files that must fail."""
+    d = tmp_path / "archive"
+    for i, p in enumerate(sorted(dem_dir.glob("*.tif"))):
+        target = d / ("a" if i % 2 else "b/c") / p.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, target)
+    (d / "empty.tif").write_bytes(b"")
+    (d / "b" / "text.TIF").write_text("not a tiff")
+    shutil.copy(real_dir / "rasterio_corrupt.tif", d / "corrupt.tif")
+    shutil.copy(real_dir / "rasterio_all-nodata.tif", d / "allnodata.tif")
+    shutil.copy(real_dir / "rioxarray_small_dem_3m_merged.tif", d / "real_dem.tif")
+    return d
+
+
+@pytest.fixture
+def big_archive(tmp_path, dem_dir):
+    """300 small rasters: long enough a run to interrupt."""
+    d = tmp_path / "big"
+    d.mkdir()
+    dems = sorted(dem_dir.glob("*.tif"))
+    for i in range(300):
+        shutil.copy(dems[i % len(dems)], d / f"r{i:03d}.tif")
+    return d
+
+
+def write_table(path, paths, vectors, errors=None):
+    """An embeddings table as embed-dir writes it (only the columns eval reads
+    filled in)."""
+    n, dim = len(paths), vectors.shape[1]
+    errors = errors or [None] * n
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from catchment_mae.batch.schema import schema
+
+    sch = schema(dim)
+    cols = {f.name: pa.nulls(n, f.type) for f in sch}
+    cols["path"] = pa.array(paths, pa.string())
+    cols["error"] = pa.array(errors, pa.string())
+    emb = [None if e else v.tolist() for v, e in zip(vectors, errors, strict=True)]
+    cols["embedding"] = pa.array(emb, sch.field("embedding").type)
+    pq.write_table(pa.table(cols, schema=sch), path)
+    return path
+
+
+def decoder_config(tmp_path: Path) -> Path:
+    """A --config with a small decoder (the CLI has no decoder flags)."""
+    p = tmp_path / "small_decoder.json"
+    import json
+
+    p.write_text(
+        json.dumps({"decoder_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2})
+    )
+    return p
+
+
+def cli_train(runner, tmp_path, input_dir, *extra, out="m.pth"):
+    """``cmae train`` of a tiny model on ``input_dir`` through ``runner``."""
+
+    from catchment_mae.cli.main import cli
+
+    args = ["train", str(input_dir), "--out", str(tmp_path / out), *TINY_FLAGS]
+    args += ["--config", str(decoder_config(tmp_path)), *extra]
+    return runner.invoke(cli, args)

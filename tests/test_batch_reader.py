@@ -16,8 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import tifffile
 
-from catchment_mae.batch.reader import Reader, relative
+from catchment_mae.batch.plan import relative
+from catchment_mae.batch.reader import Reader
 from catchment_mae.batch.ring import SEGMENT_PREFIX, SlotRing
+from catchment_mae.batch.runner import batch_rows
 from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec, load_sample
 from catchment_mae.raster import find_tiffs
 from catchment_mae.runtime import CUDA
@@ -307,7 +309,7 @@ def test_mapper__feeds_onnxruntime_views_of_the_ring(mixed, onnx_model, monkeypa
     rels = [relative(p, mixed) for p in find_tiffs(mixed)]
     with ReaderPool(2) as pool, Reader(mixed, mapper.spec, pool, 4) as reader:
         for batch in reader.batches(rels):
-            rows = mapper.rows(batch, reader.ring)
+            rows = batch_rows(mapper, batch, reader.ring)
             image, scale = seen[-1]
             assert np.shares_memory(image, reader.ring.image)
             assert np.shares_memory(scale, reader.ring.scale)
@@ -321,7 +323,7 @@ def _embed_all(mapper, root):
     got = {}
     with ReaderPool(2) as pool, Reader(root, mapper.spec, pool, 4) as reader:
         for batch in reader.batches(rels):
-            for row, embedding in mapper.rows(batch, reader.ring):
+            for row, embedding in batch_rows(mapper, batch, reader.ring):
                 got[row.path] = row.error if embedding is None else embedding
     return got
 

@@ -81,7 +81,7 @@ def test_catchments__outlines_attributes_and_copies(bench):
 def test_cli_synth_catchments_then_eval_with_baseline(runner, bench, tmp_path):
     """eval scores the hand-made baseline beside an embedding (a fake one here:
     the figures of six catchments say little; the plumbing is what is tested)."""
-    from tests.test_eval import write_table
+    from tests.conftest import write_table
 
     out, rows = bench
     rng = np.random.default_rng(0)

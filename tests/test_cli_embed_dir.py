@@ -17,23 +17,7 @@ import pytest
 from catchment_mae.cli.main import cli
 from catchment_mae.preprocess import load_sample
 from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
-from tests.conftest import DATA, python_out
-
-
-@pytest.fixture
-def archive(tmp_path, dem_dir, real_dir):
-    """DEMs in nested folders plus files that must fail."""
-    d = tmp_path / "archive"
-    for i, p in enumerate(sorted(dem_dir.glob("*.tif"))):
-        target = d / ("a" if i % 2 else "b/c") / p.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, target)
-    (d / "empty.tif").write_bytes(b"")
-    (d / "b" / "text.TIF").write_text("not a tiff")
-    shutil.copy(real_dir / "rasterio_corrupt.tif", d / "corrupt.tif")
-    shutil.copy(real_dir / "rasterio_all-nodata.tif", d / "allnodata.tif")
-    shutil.copy(real_dir / "rioxarray_small_dem_3m_merged.tif", d / "real_dem.tif")
-    return d
+from tests.conftest import DATA, NO_TORCH, python_out
 
 
 def _run(runner, *args):
@@ -46,7 +30,7 @@ def test_writer_warming_up__takes_pyarrows_first_call_off_the_rows_path():
     pytest.importorskip("pandas", reason="pyarrow imports pandas only if installed")
     code = (
         "import sys\n"
-        "from catchment_mae.batch.writer import warming_up\n"
+        "from catchment_mae.warmup import warming_up\n"
         "assert 'pandas' not in sys.modules\n"
         "with warming_up(): pass\n"
         "print('pandas' in sys.modules)\n"
@@ -310,17 +294,6 @@ def test_embed_dir__another_model_or_a_second_writer(
     assert r.exit_code == 1 and "another cmae embed-dir is writing it" in r.stderr
 
 
-@pytest.fixture
-def big_archive(tmp_path, dem_dir):
-    """300 small rasters: long enough a run to interrupt."""
-    d = tmp_path / "big"
-    d.mkdir()
-    dems = sorted(dem_dir.glob("*.tif"))
-    for i in range(300):
-        shutil.copy(dems[i % len(dems)], d / f"r{i:03d}.tif")
-    return d
-
-
 def _start(archive, model, out, *extra):
     import time
 
@@ -378,15 +351,12 @@ def test_embed_dir__interrupted_run_resumes_with_one_row_per_raster(
 
 
 def test_embed_dir__runs_without_torch(archive, onnx_model, tmp_path):
-    code = (
-        "import sys; sys.modules.update(torch=None, timm=None, lightly=None); "
-        "from catchment_mae.cli.main import main; sys.argv = ['cmae'] + sys.argv[1:]; "
-        "main()"
-    )
     out = tmp_path / "nt.parquet"
     args = ["embed-dir", archive, "--model", onnx_model, "--out", out, "--json"]
     r = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True
+        [sys.executable, "-c", NO_TORCH, *map(str, args)],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["embedded"] == 13

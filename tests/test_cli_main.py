@@ -12,14 +12,7 @@ import pytest
 import catchment_mae
 import catchment_mae.cli
 from catchment_mae.cli.main import cli
-from tests.conftest import python_out
-
-# Makes `import torch` (and timm, lightly) fail, as in a base install without torch.
-NO_TORCH = (
-    "import sys; sys.modules.update(torch=None, timm=None, lightly=None); "
-    "from catchment_mae.cli.main import main; "
-    "sys.argv = ['cmae'] + sys.argv[1:]; main()"
-)
+from tests.conftest import NO_TORCH, python_out
 
 
 def test_version(runner):

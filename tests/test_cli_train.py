@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,28 +16,7 @@ import tifffile
 import torch
 
 from catchment_mae.cli.main import cli
-from tests.conftest import DATA, TINY, python_out
-
-TINY_FLAGS = [
-    "--model", TINY["vit_model_name"], "--image-size", "32", "--patch-size", "8",
-    "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--batch-size", "4",
-    "--num-workers", "0", "--epochs", "1", "--device", "cpu",
-]  # fmt: skip
-
-
-def _decoder_cfg(tmp_path: Path) -> Path:
-    """A --config with a small decoder (the CLI has no decoder flags)."""
-    p = tmp_path / "small_decoder.json"
-    p.write_text(
-        json.dumps({"decoder_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2})
-    )
-    return p
-
-
-def _train(runner, tmp_path, input_dir, *extra, out="m.pth"):
-    args = ["train", str(input_dir), "--out", str(tmp_path / out), *TINY_FLAGS]
-    args += ["--config", str(_decoder_cfg(tmp_path)), *extra]
-    return runner.invoke(cli, args)
+from tests.conftest import DATA, TINY_FLAGS, cli_train, decoder_config, python_out
 
 
 def _assert_clean_error(result, *fragments):
@@ -80,7 +58,7 @@ def mixed_dir(tmp_path, dem_dir):
 
 
 def test_train__writes_pth_and_json(runner, tmp_path, dem_dir):
-    result = _train(runner, tmp_path, dem_dir, "--json")
+    result = cli_train(runner, tmp_path, dem_dir, "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["files"] == 12 and summary["skipped"] == 0
@@ -93,11 +71,11 @@ def test_train__writes_pth_and_json(runner, tmp_path, dem_dir):
 
 def test_train__cache_dir_and_no_cache(runner, tmp_path, dem_dir):
     cache = tmp_path / "my-cache"
-    first = _train(runner, tmp_path, dem_dir, "--cache", str(cache), out="a.pth")
+    first = cli_train(runner, tmp_path, dem_dir, "--cache", str(cache), out="a.pth")
     assert first.exit_code == 0, first.output
     assert "cache: 0 of 12 raster(s) reused, 12 read now;" in first.stderr
     assert f"MB in {cache}" in first.stderr
-    second = _train(
+    second = cli_train(
         runner, tmp_path, dem_dir, "--cache", str(cache), "--json", out="b.pth"
     )
     summary = json.loads(second.stdout)
@@ -108,7 +86,7 @@ def test_train__cache_dir_and_no_cache(runner, tmp_path, dem_dir):
     assert (summary["cache_reused"], summary["cache_read"]) == (12, 0)
     assert summary["cache_dir"] == str(shards) and summary["cache_bytes"] == size
     before = sorted(cache.rglob("*"))
-    none = _train(runner, tmp_path, dem_dir, "--no-cache", "--json", out="c.pth")
+    none = cli_train(runner, tmp_path, dem_dir, "--no-cache", "--json", out="c.pth")
     assert none.exit_code == 0, none.output
     assert "no-cache" in json.loads(none.stdout)["cache"]
     assert json.loads(none.stdout)["cache_dir"] is None
@@ -120,7 +98,7 @@ def test_train__cache_dir_and_no_cache(runner, tmp_path, dem_dir):
 
 
 def test_train__bad_files_are_skipped_with_their_reason(runner, tmp_path, mixed_dir):
-    result = _train(runner, tmp_path, mixed_dir, "--json")
+    result = cli_train(runner, tmp_path, mixed_dir, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["skipped"] == 6
     for name, reason in [
@@ -139,7 +117,7 @@ def test_train__bad_files_are_skipped_with_their_reason(runner, tmp_path, mixed_
 
 
 def test_train__strict_stops_at_the_first_bad_file(runner, tmp_path, mixed_dir):
-    result = _train(runner, tmp_path, mixed_dir, "--strict")
+    result = cli_train(runner, tmp_path, mixed_dir, "--strict")
     _assert_clean_error(result, "(--strict)")
     assert not (tmp_path / "m.pth").exists()
     assert "skipped" not in result.stderr  # it stopped: the reason said once
@@ -170,7 +148,7 @@ def test_train__nothing_usable_exits_1_and_writes_no_model(
     if case == "band_mismatch":
         shutil.copytree(dem_dir, d, dirs_exist_ok=True)
         extra = ["--in-chans", "3"]
-    result = _train(runner, tmp_path, d, *extra)
+    result = cli_train(runner, tmp_path, d, *extra)
     _assert_clean_error(result, expected)
     assert not (tmp_path / "m.pth").exists() and not (tmp_path / "m.json").exists()
 
@@ -187,7 +165,7 @@ def test_train__nothing_usable_exits_1_and_writes_no_model(
     ],
 )
 def test_train__bad_option_values_exit_2(runner, tmp_path, dem_dir, flags, message):
-    result = _train(runner, tmp_path, dem_dir, *flags)
+    result = cli_train(runner, tmp_path, dem_dir, *flags)
     assert result.exit_code == 2
     assert message in result.stderr and "Traceback" not in result.output
 
@@ -197,7 +175,7 @@ def test_train__config_errors_name_the_key(runner, tmp_path, dem_dir):
     bad.write_text(json.dumps({"input_dir": str(dem_dir), "learning_rate": 0.1}))
     result = runner.invoke(cli, ["train", "--config", str(bad)])
     _assert_clean_error(result, "bad.json: Unknown config key: learning_rate")
-    result = _train(
+    result = cli_train(
         runner, tmp_path, dem_dir, "--norm-mean", "1,2", "--norm-std", "1,1"
     )
     _assert_clean_error(result, "norm_mean/norm_std have 2 value")
@@ -205,20 +183,21 @@ def test_train__config_errors_name_the_key(runner, tmp_path, dem_dir):
 
 
 def test_train__existing_output_needs_overwrite(runner, tmp_path, dem_dir):
-    assert _train(runner, tmp_path, dem_dir).exit_code == 0
+    assert cli_train(runner, tmp_path, dem_dir).exit_code == 0
     before = (tmp_path / "m.pth").read_bytes()
-    result = _train(runner, tmp_path, dem_dir)
+    result = cli_train(runner, tmp_path, dem_dir)
     _assert_clean_error(result, "m.pth: already exists (use --overwrite")
     assert (tmp_path / "m.pth").read_bytes() == before
     assert (
-        _train(runner, tmp_path, dem_dir, "--overwrite", "--seed", "3").exit_code == 0
+        cli_train(runner, tmp_path, dem_dir, "--overwrite", "--seed", "3").exit_code
+        == 0
     )
     assert (tmp_path / "m.pth").read_bytes() != before
 
 
 def test_train__output_under_a_regular_file(runner, tmp_path, dem_dir):
     (tmp_path / "afile").write_text("x")
-    result = _train(runner, tmp_path, dem_dir, out="afile/m.pth")
+    result = cli_train(runner, tmp_path, dem_dir, out="afile/m.pth")
     _assert_clean_error(result, "afile/m.pth", "cannot write there")
 
 
@@ -285,7 +264,7 @@ def test_train__signal_leaves_a_usable_checkpoint(tmp_path, dem_dir, sig):
     flags = list(TINY_FLAGS)
     flags[flags.index("--epochs") + 1] = "500"
     cmd = [sys.executable, "-m", "catchment_mae.cli.main", "train", str(dem_dir)]
-    cmd += ["--out", str(out), *flags, "--config", str(_decoder_cfg(tmp_path))]
+    cmd += ["--out", str(out), *flags, "--config", str(decoder_config(tmp_path))]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -309,7 +288,7 @@ def test_train__signal_leaves_a_usable_checkpoint(tmp_path, dem_dir, sig):
     # Resuming continues from the checkpoint (one more epoch here).
     flags[flags.index("--epochs") + 1] = str(done + 1)
     resumed = subprocess.run(
-        [*cmd[:5], "--out", str(out), *flags, "--config", str(_decoder_cfg(tmp_path)),
+        [*cmd[:5], "--out", str(out), *flags, "--config", str(decoder_config(tmp_path)),
          "--resume", str(ckpt), "--json"],
         capture_output=True, text=True,
     )  # fmt: skip
@@ -327,7 +306,7 @@ def test_train__a_signal_to_the_whole_group_stops_quietly(tmp_path, dem_dir, sig
     flags[flags.index("--num-workers") + 1] = "2"
     cmd = [sys.executable, "-m", "catchment_mae.cli.main", "train", str(dem_dir),
            "--out", str(out), *flags, "--no-cache",
-           "--config", str(_decoder_cfg(tmp_path))]  # fmt: skip
+           "--config", str(decoder_config(tmp_path))]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,

@@ -7,31 +7,14 @@ import json
 import math
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from catchment_mae import evaluate as ev
-from catchment_mae.batch.writer import schema
 from catchment_mae.cli.main import cli
 from catchment_mae.errors import CmaeError
+from tests.conftest import write_table
 
 pytest.importorskip("sklearn", reason="cmae eval needs the eval extra (scikit-learn)")
-
-
-def write_table(path, paths, vectors, errors=None):
-    """An embeddings table as embed-dir writes it (only the columns eval reads
-    filled in)."""
-    n, dim = len(paths), vectors.shape[1]
-    errors = errors or [None] * n
-    sch = schema(dim)
-    cols = {f.name: pa.nulls(n, f.type) for f in sch}
-    cols["path"] = pa.array(paths, pa.string())
-    cols["error"] = pa.array(errors, pa.string())
-    emb = [None if e else v.tolist() for v, e in zip(vectors, errors, strict=True)]
-    cols["embedding"] = pa.array(emb, sch.field("embedding").type)
-    pq.write_table(pa.table(cols, schema=sch), path)
-    return path
 
 
 def write_labels(path, rows):

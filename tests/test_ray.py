@@ -11,21 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from catchment_mae.cli.main import cli
-from tests.test_cli_embed_dir import archive, big_archive  # noqa: F401 (fixtures)
+from tests.conftest import NO_TORCH
 
 pytest.importorskip("ray.data", reason="embed-dir --ray needs the ray extra")
 
-# The driver imports no torch (Ray's workers run cmae's reader and onnxruntime).
-NO_TORCH = (
-    "import sys; sys.modules.update(torch=None, timm=None, lightly=None); "
-    "from catchment_mae.cli.main import main; sys.argv = ['cmae'] + sys.argv[1:]; "
-    "main()"
-)
+# The driver runs as NO_TORCH: it imports no torch (Ray's workers run cmae's
+# reader and onnxruntime).
 
 
 def test_embed_dir_ray__same_table_as_the_plain_run(
     runner,
-    archive,  # noqa: F811
+    archive,
     onnx_model,
     tmp_path,
 ):

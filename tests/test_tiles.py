@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from catchment_mae.batch.chips import grid
+from catchment_mae.chips import grid
 from catchment_mae.cli.main import cli
 from catchment_mae.preprocess import load_sample, trimmed
 from catchment_mae.raster import pixel_metres, read_raster
@@ -261,9 +261,9 @@ def test_split_items__a_rasters_chips_stay_on_one_side(tmp_path):
 
 
 def test_cli_train_tile__counts_and_refusals(runner, scenes, tmp_path):
-    from tests.test_cli_train import _train
+    from tests.conftest import cli_train
 
-    r = _train(runner, tmp_path, scenes, "--tile", "100", "--max-nodata", "0.2",
+    r = cli_train(runner, tmp_path, scenes, "--tile", "100", "--max-nodata", "0.2",
                "--json", "--no-cache")  # fmt: skip
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
@@ -272,7 +272,7 @@ def test_cli_train_tile__counts_and_refusals(runner, scenes, tmp_path):
     assert summary["skipped"] == 1 and summary["rasters"] == 1
     assert summary["files"] + summary["chips_skipped"] == 6
     assert summary["chips_skipped"] >= 2
-    r = _train(runner, tmp_path, scenes, "--stride", "50", out="n.pth")
+    r = cli_train(runner, tmp_path, scenes, "--stride", "50", out="n.pth")
     assert r.exit_code == 1
     assert "tile_stride (--stride) needs tile (--tile)" in r.output
 
@@ -345,7 +345,7 @@ def test_train_tile__an_outlier_scene_is_named_once(dem_dir, tmp_path, caplog):
 
 
 def test_chips_in_metres__too_few_pixels_is_a_row_saying_so(scenes):
-    from catchment_mae.batch.chips import chips
+    from catchment_mae.chips import chips
 
     (got,) = chips(["big.tif"], scenes, 50.0, 50.0, metres=True)  # 5 px of 10 m
     assert got[1].error.startswith("a 50 m chip is 5x5 of its pixels")
@@ -425,9 +425,9 @@ def test_ray_chip_rows__a_name_that_is_not_utf8_completes_its_raster():
     name as listed; the rows hold it escaped (KeyError: 'bad\\\\xff.tif')."""
     import os
 
-    from catchment_mae.batch.chips import chip_grid
     from catchment_mae.batch.ray_runner import _Rasters
-    from catchment_mae.batch.writer import Row
+    from catchment_mae.batch.schema import Row
+    from catchment_mae.chips import chip_grid
 
     name = os.fsdecode(b"bad\xff.tif")
     grid = chip_grid(200, 100, 100, 100)

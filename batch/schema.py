@@ -1,0 +1,138 @@
+"""The embeddings table's schema: one :class:`Row` per raster (or chip), its
+Arrow types, and the keys of the table's metadata. The reader fills rows,
+the writer stores them, the runner and the plan read them back; none of them
+spells a column but through this module. No torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from catchment_mae.geo import Footprint
+from catchment_mae.io import text_path
+from catchment_mae.raster import RasterInfo
+
+# Keys of the table's key-value metadata (besides GeoParquet's "geo").
+MODEL_SHA256 = "model_sha256"  # the encoder's file: rows of two models never mix
+CHIP_GRID = "chip_grid"  # embed-dir --tile: how the chips were cut
+LISTING = "listing"  # the folder, shard and depth the rows were listed from
+
+BBOX = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
+
+
+@dataclass
+class Row:
+    """One raster's row of the table, its embedding apart (this module owns
+    the columns: readers fill a Row, nothing else spells them).
+
+    A failed file has its path, what its ``stat`` gave and ``error``; every other
+    field is None.
+    """
+
+    path: str  # relative to the input directory, forward slashes
+    # A chip (embed-dir --tile): its place in the raster's grid and its pixel
+    # window (full resolution); None in a table of whole rasters.
+    tile_row: int | None = None
+    tile_col: int | None = None
+    x0: int | None = None
+    y0: int | None = None
+    tile_width: int | None = None
+    tile_height: int | None = None
+    height: int | None = None  # of the original raster
+    width: int | None = None
+    bands: int | None = None  # as stored, alpha excluded
+    dtype: str | None = None
+    nodata_fraction: float | None = None  # share of invalid pixels as read
+    file_size: int | None = None
+    mtime: float | None = None  # seconds since the epoch
+    crs: str | None = None  # the native CRS as the file states it
+    pixel_size_x: float | None = None  # native CRS units
+    pixel_size_y: float | None = None
+    geometry: bytes | None = None  # WKB Polygon in OGC:CRS84 (a chip's own)
+    bbox: tuple[float, float, float, float] | None = None  # of geometry
+    error: str | None = None  # why the file failed
+
+    def __post_init__(self) -> None:
+        self.path = text_path(self.path)  # a name that is not UTF-8: escaped
+
+    @classmethod
+    def of_raster(
+        cls,
+        path: str,
+        info: RasterInfo,
+        nodata_fraction: float,
+        where: Footprint,
+        stat: tuple[int | None, float | None] = (None, None),
+    ) -> Row:
+        """The row of a raster that was read (``stat``: its size and mtime)."""
+        return cls(
+            path=path,
+            height=info.height,
+            width=info.width,
+            bands=info.bands,
+            dtype=info.dtype,
+            nodata_fraction=nodata_fraction,
+            file_size=stat[0],
+            mtime=stat[1],
+            crs=where.crs,
+            pixel_size_x=where.pixel_size_x,
+            pixel_size_y=where.pixel_size_y,
+            geometry=where.wkb,
+            bbox=where.bbox,
+        )
+
+
+# Arrow types of Row's fields, in the table's order, with the embedding second.
+TYPES: dict[str, pa.DataType] = {
+    "path": pa.string(),
+    "tile_row": pa.int32(),
+    "tile_col": pa.int32(),
+    "x0": pa.int64(),
+    "y0": pa.int64(),
+    "tile_width": pa.int32(),
+    "tile_height": pa.int32(),
+    "height": pa.int64(),
+    "width": pa.int64(),
+    "bands": pa.int32(),
+    "dtype": pa.string(),
+    "nodata_fraction": pa.float32(),
+    "file_size": pa.int64(),
+    "mtime": pa.timestamp("us", tz="UTC"),
+    "crs": pa.string(),
+    "pixel_size_x": pa.float64(),
+    "pixel_size_y": pa.float64(),
+    "geometry": pa.binary(),  # WKB Polygon, OGC:CRS84
+    "bbox": BBOX,  # GeoParquet 1.1 covering of geometry
+    "error": pa.string(),
+}
+ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Row))
+assert ROW_FIELDS == tuple(TYPES), "Row and the schema must list the same columns"
+TILE_FIELDS = ("tile_row", "tile_col", "x0", "y0", "tile_width", "tile_height")
+
+
+def schema(dim: int, tiled: bool = False) -> pa.Schema:
+    """The table's columns, in order (documented in the README); a table of
+    chips has the tile columns after ``embedding``."""
+    fields = [pa.field("path", pa.string(), nullable=False)]
+    fields.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
+    fields += [
+        pa.field(name, TYPES[name])
+        for name in ROW_FIELDS[1:]
+        if tiled or name not in TILE_FIELDS
+    ]
+    return pa.schema(fields)
+
+
+def column(name: str, rows: list[Row]) -> pa.Array:
+    values = [getattr(r, name) for r in rows]
+    if name == "mtime":
+        values = [None if v is None else int(v * 1e6) for v in values]
+    elif name == "bbox":
+        keys = ("xmin", "ymin", "xmax", "ymax")
+        values = [
+            None if v is None else dict(zip(keys, v, strict=True)) for v in values
+        ]
+    return pa.array(values, TYPES[name])
