@@ -150,148 +150,25 @@ class TrainConfig:
     def validate(self) -> None:
         """Raises ConfigError naming the first offending key."""
         _check_types(self)
-        if self.norm is not None:
-            _choice("norm", self.norm, NORM_MODES)
-        _choice("scale", self.scale, (AUTO, *SCALE_MODES))
-        _choice("pool", self.pool, POOLS)
-        if self.format_version not in (1, FORMAT_VERSION):
-            raise ConfigError(
-                f"format_version {self.format_version} is not one this cmae reads "
-                f"(1, {FORMAT_VERSION})",
-                key="format_version",
-            )
-        if self.slope_channel and self.scale in ("pixels", "none"):
-            raise ConfigError(
-                f"slope_channel needs slopes on the ground: scale ground (or auto), "
-                f"not {self.scale}",
-                key="slope_channel",
-            )
-        _pair(self.scale_mean, self.scale_std, "scale_mean", "scale_std")
-        if self.scale_mean is not None and self.scale_std is not None:
-            want = 2 if not self.scale_stats else 3 + 3 * (self.in_chans or 0)
-            if len(self.scale_mean) != len(self.scale_std) or (
-                (self.in_chans or not self.scale_stats) and len(self.scale_mean) != want
-            ):
-                raise ConfigError(
-                    f"scale_mean/scale_std have {len(self.scale_mean)}/"
-                    f"{len(self.scale_std)} values; the scale vector has {want}",
-                    key="scale_mean",
-                )
-            if not all(math.isfinite(v) and v > 0 for v in self.scale_std):
-                raise ConfigError("scale_std values must be > 0", key="scale_std")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(
-                f"threads must be >= 1, got {self.threads}", key="threads"
-            )
-        _choice("device", self.device, DEVICES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("resize", self.resize, RESIZE_RULES)
+        self._check_choices()
+        self._check_scale()
+        _check_bounds(self)
         if self.cache_dir is not None and not str(self.cache_dir).strip():
             raise ConfigError(
                 "cache_dir (--cache) is empty (an unset variable?): give a "
                 "directory, or leave it out for the default",
                 key="cache_dir",
             )
-        if self.max_memory_mb < 16:
-            raise ConfigError(
-                f"max_memory_mb must be >= 16, got {self.max_memory_mb}",
-                key="max_memory_mb",
-            )
-        for key in (
-            "image_size",
-            "max_epochs",
-            "batch_size",
-            "max_pixels",
-            "log_every",
-        ):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(
-                    f"{key} must be >= 1, got {getattr(self, key)}", key=key
-                )
-        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(
-                    f"{key} must be >= 1, got {getattr(self, key)}", key=key
-                )
-        for key in ("tile", "tile_stride"):
-            if getattr(self, key) is not None and getattr(self, key) < 8:
-                raise ConfigError(
-                    f"{key} must be >= 8 pixels, got {getattr(self, key)}", key=key
-                )
         if self.tile_stride is not None and self.tile is None:
             raise ConfigError(
                 "tile_stride (--stride) needs tile (--tile)", key="tile_stride"
             )
-        if not 0.0 <= self.max_nodata <= 1.0:
-            raise ConfigError(
-                f"max_nodata must be in [0, 1], got {self.max_nodata}",
-                key="max_nodata",
-            )
-        if self.num_workers < 0:
-            raise ConfigError(
-                f"num_workers must be >= 0, got {self.num_workers}", key="num_workers"
-            )
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(
-                f"mask_ratio must be in (0, 1), got {self.mask_ratio}", key="mask_ratio"
-            )
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(
-                f"val_fraction must be in [0, 1), got {self.val_fraction}",
-                key="val_fraction",
-            )
-        if self.in_chans is not None and self.in_chans < 1:
-            raise ConfigError(
-                f"in_chans must be >= 1, got {self.in_chans}", key="in_chans"
-            )
-        if self.bands is not None:
-            if not self.bands or any(b < 1 for b in self.bands):
-                raise ConfigError(
-                    f"bands are 1-based band numbers, got {self.bands}", key="bands"
-                )
-            if self.in_chans is not None and len(self.bands) != self.in_chans:
-                raise ConfigError(
-                    f"bands selects {len(self.bands)} bands but in_chans is "
-                    f"{self.in_chans}",
-                    key="bands",
-                )
-        _pair(self.norm_mean, self.norm_std, "norm_mean", "norm_std")
-        if self.norm_mean is not None and self.norm_std is not None:
-            if len(self.norm_mean) != len(self.norm_std):
-                raise ConfigError(
-                    f"norm_mean has {len(self.norm_mean)} values, norm_std "
-                    f"{len(self.norm_std)}",
-                    key="norm_mean",
-                )
-            if self.in_chans is not None and len(self.norm_mean) != self.in_chans:
-                raise ConfigError(
-                    f"norm_mean/norm_std have {len(self.norm_mean)} values but "
-                    f"in_chans is {self.in_chans}",
-                    key="norm_mean",
-                )
-            for i, s in enumerate(self.norm_std):
-                if not (math.isfinite(s) and s > 0):
-                    raise ConfigError(
-                        f"norm_std[{i}] must be > 0, got {s}", key="norm_std"
-                    )
-            for i, m in enumerate(self.norm_mean):
-                if not math.isfinite(m):
-                    raise ConfigError(
-                        f"norm_mean[{i}] must be finite, got {m}", key="norm_mean"
-                    )
+        self._check_bands()
+        _check_norm(self.norm_mean, self.norm_std, self.in_chans)
         if self.nodata is not None and math.isinf(self.nodata):
             raise ConfigError(
                 "nodata must be a number (NaN and inf are always nodata)", key="nodata"
             )
-        if not self.scale_eps > 0:
-            raise ConfigError(
-                f"scale_eps must be > 0, got {self.scale_eps}", key="scale_eps"
-            )
-        for key in ("blr", "weight_decay", "warmup_epochs", "min_lr"):
-            if not 0 <= getattr(self, key) < math.inf:
-                raise ConfigError(
-                    f"{key} must be >= 0 and finite, got {getattr(self, key)}", key=key
-                )
         if self.lr is not None and not 0 < self.lr < math.inf:
             raise ConfigError(f"lr must be > 0 and finite, got {self.lr}", key="lr")
         if (
@@ -303,6 +180,60 @@ class TrainConfig:
                 f"image_size {self.image_size} is not a multiple of patch_size "
                 f"{self.patch_size}",
                 key="patch_size",
+            )
+
+    def _check_choices(self) -> None:
+        """Keys that take one of a few values, and the format version."""
+        if self.norm is not None:
+            _choice("norm", self.norm, NORM_MODES)
+        _choice("scale", self.scale, (AUTO, *SCALE_MODES))
+        _choice("pool", self.pool, POOLS)
+        if self.format_version not in (1, FORMAT_VERSION):
+            raise ConfigError(
+                f"format_version {self.format_version} is not one this cmae reads "
+                f"(1, {FORMAT_VERSION})",
+                key="format_version",
+            )
+        _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("resize", self.resize, RESIZE_RULES)
+
+    def _check_scale(self) -> None:
+        """The scale input: what the slope channel needs, the scale vector's
+        centre and spread against its length."""
+        if self.slope_channel and self.scale in ("pixels", "none"):
+            raise ConfigError(
+                f"slope_channel needs slopes on the ground: scale ground (or auto), "
+                f"not {self.scale}",
+                key="slope_channel",
+            )
+        _pair(self.scale_mean, self.scale_std, "scale_mean", "scale_std")
+        if self.scale_mean is None or self.scale_std is None:
+            return
+        want = 2 if not self.scale_stats else 3 + 3 * (self.in_chans or 0)
+        if len(self.scale_mean) != len(self.scale_std) or (
+            (self.in_chans or not self.scale_stats) and len(self.scale_mean) != want
+        ):
+            raise ConfigError(
+                f"scale_mean/scale_std have {len(self.scale_mean)}/"
+                f"{len(self.scale_std)} values; the scale vector has {want}",
+                key="scale_mean",
+            )
+        if not all(math.isfinite(v) and v > 0 for v in self.scale_std):
+            raise ConfigError("scale_std values must be > 0", key="scale_std")
+
+    def _check_bands(self) -> None:
+        if self.bands is None:
+            return
+        if not self.bands or any(b < 1 for b in self.bands):
+            raise ConfigError(
+                f"bands are 1-based band numbers, got {self.bands}", key="bands"
+            )
+        if self.in_chans is not None and len(self.bands) != self.in_chans:
+            raise ConfigError(
+                f"bands selects {len(self.bands)} bands but in_chans is "
+                f"{self.in_chans}",
+                key="bands",
             )
 
     @property
@@ -447,6 +378,77 @@ def default_lr(batch_size: int) -> float:
     Adam at small batches): on the real-terrain benchmark 5e-4 brought the loss
     of a 64 px ViT from 1.04 to 0.36 in 30 epochs (an exploratory run)."""
     return 5e-4 * math.sqrt(batch_size / 32)
+
+
+# Keys with a lowest value, checked where they are set (the unit said after it).
+_AT_LEAST: dict[str, tuple[int, str]] = {
+    "threads": (1, ""),
+    "max_memory_mb": (16, ""),
+    **dict.fromkeys(
+        ("image_size", "max_epochs", "batch_size", "max_pixels", "log_every",
+         "patch_size", "embed_dim", "depth", "num_heads"),
+        (1, ""),
+    ),
+    **dict.fromkeys(("tile", "tile_stride"), (8, " pixels")),
+    "num_workers": (0, ""),
+    "in_chans": (1, ""),
+}  # fmt: skip
+# Keys within an interval: (low, high, low included, high included, as said).
+_WITHIN: dict[str, tuple[float, float, bool, bool, str]] = {
+    "max_nodata": (0.0, 1.0, True, True, "[0, 1]"),
+    "mask_ratio": (0.0, 1.0, False, False, "(0, 1)"),
+    "val_fraction": (0.0, 1.0, True, False, "[0, 1)"),
+}
+
+
+def _check_bounds(cfg: Any) -> None:
+    """Numbers against their bounds (_AT_LEAST, _WITHIN, positive and finite)."""
+    for key, (low, unit) in _AT_LEAST.items():
+        value = getattr(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{key} must be >= {low}{unit}, got {value}", key=key)
+    for key, (low, high, low_in, high_in, said) in _WITHIN.items():
+        value = getattr(cfg, key)
+        above = value >= low if low_in else value > low
+        below = value <= high if high_in else value < high
+        if not (above and below):
+            raise ConfigError(f"{key} must be in {said}, got {value}", key=key)
+    if not cfg.scale_eps > 0:
+        raise ConfigError(
+            f"scale_eps must be > 0, got {cfg.scale_eps}", key="scale_eps"
+        )
+    for key in ("blr", "weight_decay", "warmup_epochs", "min_lr"):
+        if not 0 <= getattr(cfg, key) < math.inf:
+            raise ConfigError(
+                f"{key} must be >= 0 and finite, got {getattr(cfg, key)}", key=key
+            )
+
+
+def _check_norm(
+    mean: list[float] | None, std: list[float] | None, in_chans: int | None
+) -> None:
+    """Fixed normalisation's mean and std: given together, one value a channel,
+    std > 0, all finite."""
+    _pair(mean, std, "norm_mean", "norm_std")
+    if mean is None or std is None:
+        return
+    if len(mean) != len(std):
+        raise ConfigError(
+            f"norm_mean has {len(mean)} values, norm_std {len(std)}", key="norm_mean"
+        )
+    if in_chans is not None and len(mean) != in_chans:
+        raise ConfigError(
+            f"norm_mean/norm_std have {len(mean)} values but in_chans is {in_chans}",
+            key="norm_mean",
+        )
+    for i, s in enumerate(std):
+        if not (math.isfinite(s) and s > 0):
+            raise ConfigError(f"norm_std[{i}] must be > 0, got {s}", key="norm_std")
+    for i, m in enumerate(mean):
+        if not math.isfinite(m):
+            raise ConfigError(
+                f"norm_mean[{i}] must be finite, got {m}", key="norm_mean"
+            )
 
 
 def _pair(a: Any, b: Any, key_a: str, key_b: str) -> None:
