@@ -134,3 +134,19 @@ def test_package_layout__folders_live_in_the_package_namespace():
     for name in ("export", "batch"):
         spec = importlib.util.find_spec(name)
         assert spec is None or "site-packages" not in (spec.origin or "")
+
+
+@pytest.mark.parametrize("command", ["train", "embed-dir"])
+def test_chip_options_are_bounded_alike(runner, tmp_path, command):
+    """--stride and --max-nodata mean the same wherever chips are cut: a stride
+    under 8 pixels and a share above 1 are usage errors (exit 2) naming the
+    option, before anything is read."""
+    data = tmp_path / "in"
+    data.mkdir()
+    out = ["--model", str(tmp_path / "m.onnx")] if command == "embed-dir" else []
+    base = [command, str(data), "--out", str(tmp_path / "o"), *out, "--tile", "32"]
+    for extra, option in ((["--stride", "4"], "--stride"),
+                          (["--max-nodata", "1.5"], "--max-nodata")):  # fmt: skip
+        result = runner.invoke(cli, [*base, *extra])
+        assert result.exit_code == 2, result.output
+        assert option in result.stderr

@@ -13,13 +13,7 @@ from catchment_mae.cli import options
 @click.command(short_help="Print each file's embedding as the original tool's JSON.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @options.onnx_model_opt
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="cpu",
-    show_default=True,
-    help="onnxruntime provider.",
-)
+@options.device_opt("cpu", help="onnxruntime provider.")
 def embed(files: tuple[Path, ...], model: Path, device: str) -> None:
     """Print one JSON line per FILE: {"status": "success", "embedding": [...],
     "shape": [D]}, or {"status": "error", "message": ...} for a file that fails.

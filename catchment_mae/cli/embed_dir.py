@@ -49,12 +49,8 @@ def _shard(
     type=click.IntRange(min=0),
     help="Reader processes (default: one per core; 0: read inline).",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="auto: onnxruntime's CUDA provider when it loads, else the CPU.",
+@options.device_opt(
+    "auto", help="auto: onnxruntime's CUDA provider when it loads, else the CPU."
 )
 @click.option(
     "--shard",
@@ -77,19 +73,13 @@ def _shard(
     help="Seconds one raster may take in a reader process; past it the reader is "
     "replaced and the file gets a row saying so.",
 )
-@click.option(
-    "--tile",
-    type=click.IntRange(min=8),
-    metavar="PIXELS",
-    help="Embed chips of PIXELS x PIXELS (full resolution) instead of whole "
+@options.tile_opts(
+    tile_help="Embed chips of PIXELS x PIXELS (full resolution) instead of whole "
     "rasters: one row per chip with tile_row, tile_col, x0, y0, tile_width, "
     "tile_height and the chip's own footprint. Edge chips are shifted inside.",
-)
-@click.option(
-    "--stride",
-    type=click.IntRange(min=1),
-    metavar="PIXELS",
-    help="Pixels between chips (default: --tile, no overlap).",
+    stride_help="Pixels between chips (default: --tile, no overlap).",
+    max_nodata_help="With --tile or --tile-m: skip (and count) chips with more "
+    "nodata than this share (default 1); all-nodata chips are always skipped.",
 )
 @click.option(
     "--tile-m",
@@ -104,14 +94,6 @@ def _shard(
     type=click.FloatRange(min=0, min_open=True),
     metavar="METRES",
     help="With --tile-m: metres between chips (default: --tile-m).",
-)
-@click.option(
-    "--max-nodata",
-    type=click.FloatRange(0, 1),
-    default=1.0,
-    show_default=True,
-    help="With --tile: skip (and count) chips with more nodata than this share; "
-    "all-nodata chips are always skipped.",
 )
 @click.option(
     "--ray",
@@ -144,7 +126,7 @@ def embed_dir(
     as_json: bool,
     tile: int | None,
     stride: int | None,
-    max_nodata: float,
+    max_nodata: float | None,
     tile_m: float | None,
     stride_m: float | None,
     ray_address: str | None,
@@ -192,8 +174,9 @@ def embed_dir(
         raise click.UsageError("--stride needs --tile (--stride-m goes with --tile-m)")
     if stride_m is not None and tile_m is None:
         raise click.UsageError("--stride-m needs --tile-m")
-    if max_nodata != 1.0 and tile is None and tile_m is None:
+    if max_nodata is not None and tile is None and tile_m is None:
         raise click.UsageError("--max-nodata needs --tile or --tile-m")
+    max_nodata = 1.0 if max_nodata is None else max_nodata
     try:
         if ray_address is not None:
             from catchment_mae.batch.ray_runner import embed_dir_ray

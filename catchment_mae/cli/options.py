@@ -8,6 +8,9 @@ from typing import Any
 
 import click
 
+from catchment_mae.budget import DEFAULT_MAX_MEMORY_MB
+from catchment_mae.config import DEVICES
+
 
 def _int_list(
     ctx: click.Context, param: click.Parameter, value: str | None
@@ -92,14 +95,48 @@ max_memory_opt = click.option(
     "max_memory_mb",
     type=click.IntRange(min=16),
     metavar="MB",
-    help="Memory one raster may take while read (default 1024); a file that "
-    "cannot be read within it is refused, naming the reason.",
+    help=f"Memory one raster may take while read (default {DEFAULT_MAX_MEMORY_MB});"
+    " a file that cannot be read within it is refused, naming the reason.",
 )
-device_opt = click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    help="Where to run (default: auto).",
-)
+
+
+def device_opt(default: str | None = None, help: str = "Where to run.") -> Any:
+    """``--device`` (auto, cpu or cuda); without a ``default`` the config's
+    (auto) applies."""
+    return click.option(
+        "--device",
+        type=click.Choice(list(DEVICES)),
+        default=default,
+        show_default=default is not None,
+        help=help if default is not None else f"{help.rstrip('.')} (default: auto).",
+    )
+
+
+def tile_opts(
+    tile_help: str, stride_help: str, max_nodata_help: str, stride_dest: str = "stride"
+) -> Any:
+    """``--tile PIXELS``, ``--stride PIXELS`` (into ``stride_dest``) and
+    ``--max-nodata`` (default: the command's own), spelled and bounded alike
+    wherever chips are cut (chips of fewer than 8 pixels a side describe no
+    shape)."""
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(
+            [
+                click.option("--tile", type=click.IntRange(min=8), metavar="PIXELS",
+                             help=tile_help),
+                click.option("--stride", stride_dest, type=click.IntRange(min=8),
+                             metavar="PIXELS", help=stride_help),
+                click.option("--max-nodata", type=click.FloatRange(0, 1),
+                             help=max_nodata_help),
+            ]
+        ):  # fmt: skip
+            f = option(f)
+        return f
+
+    return decorate
+
+
 batch_size_opt = click.option(
     "--batch-size", type=click.IntRange(min=1), help="Images per batch."
 )

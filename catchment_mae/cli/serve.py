@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from catchment_mae.cli import options
 from catchment_mae.interrupt import sigterm_as_interrupt
 
 log = logging.getLogger("catchment_mae")
@@ -56,13 +57,7 @@ CONNECTION_LIMIT = 1000
     show_default=True,
     help="Largest TIFF upload.",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where training and embedding run.",
-)
+@options.device_opt("auto", help="Where training and embedding run.")
 @click.option("--threads", type=click.IntRange(min=1), default=8, show_default=True)
 def serve(
     host: str,

@@ -149,7 +149,7 @@ from catchment_mae.ranks import is_main_process, ranks_from_env
     help="Files held out for the validation loss.",
 )
 @click.option("--seed", type=int, help="Random seed.")
-@options.device_opt
+@options.device_opt()
 @click.option(
     "--precision", type=click.Choice(["fp32", "bf16"]), help="bf16 autocast or fp32."
 )
@@ -185,27 +185,15 @@ from catchment_mae.ranks import is_main_process, ranks_from_env
     "there, so the GPU never waits for loader workers (default: when they take "
     "at most a quarter of its free memory; asked for, up to half).",
 )
-@click.option(
-    "--tile",
-    type=click.IntRange(min=8),
-    metavar="PIXELS",
-    help="Train on chips: a raster larger than PIXELS on a side becomes its grid "
-    "of PIXELS x PIXELS chips (full resolution, edge chips shifted inside), each a "
-    "sample, so one huge DEM is not one sample; smaller rasters stay whole.",
-)
-@click.option(
-    "--stride",
-    "tile_stride",
-    type=click.IntRange(min=8),
-    metavar="PIXELS",
-    help="With --tile: pixels between chips (default: --tile; less gives "
+@options.tile_opts(
+    tile_help="Train on chips: a raster larger than PIXELS on a side becomes its "
+    "grid of PIXELS x PIXELS chips (full resolution, edge chips shifted inside), "
+    "each a sample, so one huge DEM is not one sample; smaller rasters stay whole.",
+    stride_help="With --tile: pixels between chips (default: --tile; less gives "
     "overlapping chips, more samples of the same ground).",
-)
-@click.option(
-    "--max-nodata",
-    type=click.FloatRange(0, 1),
-    help="With --tile: leave out (and count) chips with more nodata than this "
-    "share (default 1: only chips with no valid pixel).",
+    max_nodata_help="With --tile: leave out (and count) chips with more nodata "
+    "than this share (default 1: only chips with no valid pixel).",
+    stride_dest="tile_stride",
 )
 @click.option(
     "--log-every",
