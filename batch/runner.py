@@ -193,29 +193,34 @@ def embed_dir(
             log.info("embedding with %s on %s", Path(model).name, mapper.device_name)
             if on_total is not None and run.grid is None:
                 count_beside(run.plan, on_total)
-            sink = run.sink
             try:
                 with Reader(
                     root, mapper.spec, pool, batch_size, overlap=mapper.gpu,
                     within=within,
                 ) as reader:  # fmt: skip
                     _embed_all(
-                        run.work, reader, mapper, sink, summary, on_item, max_nodata
-                    )
-                summary.first_batch_seconds = (reader.first_batch_at or start) - start
-                summary.wait_seconds = reader.wait_seconds
+                        run.work, reader, mapper, run.sink, summary, on_item,
+                        max_nodata,
+                    )  # fmt: skip
             except KeyboardInterrupt as e:
                 pool.close(kill=True)
-                raise interrupted_saving(sink, overwrite) from e
+                raise interrupted_saving(run.sink, overwrite) from e
             pool.close(kill=True)  # all read: nothing of theirs is left to lose
-            summary.provider = mapper.provider
-            summary.session_seconds = mapper.session_seconds
-            summary.session_wait_seconds = mapper.wait_seconds
-            summary.inference_seconds = mapper.inference_seconds
+            _timings(summary, start, reader, mapper)
             finish(out, root, run, summary)
     except KeyboardInterrupt as e:  # between batches, while merging, ...
         raise interrupted_kept(out, overwrite) from e
     return checked(summary, start)
+
+
+def _timings(summary: RunSummary, start: float, reader: Reader, mapper: Mapper) -> None:
+    """Where the run's time went, from its reader and mapper."""
+    summary.first_batch_seconds = (reader.first_batch_at or start) - start
+    summary.wait_seconds = reader.wait_seconds
+    summary.provider = mapper.provider
+    summary.session_seconds = mapper.session_seconds
+    summary.session_wait_seconds = mapper.wait_seconds
+    summary.inference_seconds = mapper.inference_seconds
 
 
 # -------------------------------------------------- shared with ray_runner.py
