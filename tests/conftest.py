@@ -234,15 +234,21 @@ def archive(tmp_path, dem_dir, real_dir):
     return d
 
 
+def copies_of(dem_dir: Path, folder: Path, n: int, link: bool = False) -> Path:
+    """``folder`` holding ``n`` rasters ``r000.tif``..., the DEMs of ``dem_dir``
+    in turn (hard links with ``link``)."""
+    folder.mkdir()
+    dems = sorted(dem_dir.glob("*.tif"))
+    place = os.link if link else shutil.copy
+    for i in range(n):
+        place(dems[i % len(dems)], folder / f"r{i:03d}.tif")
+    return folder
+
+
 @pytest.fixture
 def big_archive(tmp_path, dem_dir):
     """300 small rasters: long enough a run to interrupt."""
-    d = tmp_path / "big"
-    d.mkdir()
-    dems = sorted(dem_dir.glob("*.tif"))
-    for i in range(300):
-        shutil.copy(dems[i % len(dems)], d / f"r{i:03d}.tif")
-    return d
+    return copies_of(dem_dir, tmp_path / "big", 300)
 
 
 def write_table(path, paths, vectors, errors=None):

@@ -24,6 +24,7 @@ from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec, load_sample
 from catchment_mae.raster import find_tiffs
 from catchment_mae.runtime import CUDA
 from catchment_mae.workers import ReaderPool
+from tests.conftest import copies_of
 
 SPEC = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
 SHM = Path("/dev/shm")
@@ -126,12 +127,7 @@ def _cmae(*args, **kw):
 @pytest.fixture
 def many(tmp_path, dem_dir):
     """200 rasters: a run of a few seconds with two readers."""
-    d = tmp_path / "many"
-    d.mkdir()
-    dems = sorted(dem_dir.glob("*.tif"))
-    for i in range(200):
-        os.link(dems[i % len(dems)], d / f"r{i:03d}.tif")
-    return d
+    return copies_of(dem_dir, tmp_path / "many", 200, link=True)
 
 
 def _reading(archive, model, out):
