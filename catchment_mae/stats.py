@@ -242,6 +242,7 @@ def scan(
     on_file: Callable[[Path, str | None], None] | None = None,
     workers: int = 0,
     timeout: float | None = None,
+    min_size: int | None = None,
 ) -> ScanResult:
     """Reads every raster once: checks it, and merges its valid-pixel statistics.
 
@@ -255,10 +256,14 @@ def scan(
             failure reason (or None): progress bars and strict modes hook in here.
         workers: reader processes (0: read here).
         timeout: seconds one raster may take in a reader process.
+        min_size: the model's input size: each raster's pixels are those of the
+            smallest overview at least that large, the ones training reads
+            (None: full resolution).
     """
     read = dict(
-        bands=bands, nodata=nodata, max_pixels=max_pixels, max_memory_mb=max_memory_mb
-    )
+        bands=bands, nodata=nodata, max_pixels=max_pixels, max_memory_mb=max_memory_mb,
+        min_size=min_size,
+    )  # fmt: skip
     result = ScanResult()
     pending: deque[tuple[Path, Any]] = deque()
     with ReaderPool(workers, timeout=timeout) as pool:

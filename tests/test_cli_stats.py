@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import tifffile
 
 from catchment_mae.cli.main import cli
 from catchment_mae.raster import read_raster
@@ -47,7 +48,10 @@ def test_stats__real_files_skip_the_broken_ones(runner, real_dir, tmp_path):
     dem_name = "rioxarray_small_dem_3m_merged.tif"
     for name in [dem_name, "rasterio_corrupt.tif", "rioxarray_cint16.tif"]:
         shutil.copy(real_dir / name, tmp_path / name)
-    result = runner.invoke(cli, ["stats", str(tmp_path), "--json"])
+    # At full resolution (a model input larger than the files): the damaged
+    # JPEG's own image (its overviews read well, as a 64 px model reads them).
+    full = ["--image-size", "600"]
+    result = runner.invoke(cli, ["stats", str(tmp_path), "--json", *full])
     assert result.exit_code == 0
     out = json.loads(result.stdout)
     assert out["files"] == 1 and out["failed"] == 2
@@ -57,7 +61,7 @@ def test_stats__real_files_skip_the_broken_ones(runner, real_dir, tmp_path):
     )
     assert "rasterio_corrupt.tif: cannot decode TIFF" in result.stderr
     assert "rioxarray_cint16.tif: complex data" in result.stderr
-    strict = runner.invoke(cli, ["stats", str(tmp_path), "--strict"])
+    strict = runner.invoke(cli, ["stats", str(tmp_path), "--strict", *full])
     assert strict.exit_code == 1 and "(--strict)" in strict.stderr
 
 
@@ -97,3 +101,28 @@ def test_stats__one_raster_cannot_decide_the_statistics(runner, tmp_path, dem_di
     assert abs(out["median_mean"][0]) < 1e5 and out["median_std"][0] < 1e5
     text = runner.invoke(cli, ["stats", str(d)])
     assert "1 raster(s) left out as far outside the rest" in text.stdout
+
+
+def test_stats__reads_the_pixels_training_reads(runner, tmp_path):
+    """A raster with overviews: cmae stats gives the figures training computes
+    (the overview of at least the model's size, not the full image)."""
+    from catchment_mae.preprocess import PreprocessSpec, load_resampled
+
+    path = tmp_path / "cog.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for level, size in enumerate((256, 128, 32)):
+            tw.write(
+                np.full((size, size), 10.0 * (level + 1), np.float32),
+                photometric="minisblack",
+                tile=(32, 32),
+                subfiletype=1 if level else 0,
+            )
+    for size in (64, 200):
+        result = runner.invoke(cli, ["stats", str(tmp_path), "--image-size",
+                                     str(size), "--json"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        spec = PreprocessSpec(image_size=size, in_chans=1, norm="per-raster")
+        trained = load_resampled(path, spec)
+        assert json.loads(result.stdout)["mean"] == pytest.approx(trained.mean.tolist())
+    default = runner.invoke(cli, ["stats", str(tmp_path), "--json"])
+    assert json.loads(default.stdout)["mean"] == pytest.approx([20.0])  # 128 px

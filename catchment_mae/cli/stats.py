@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from catchment_mae.cli import options
+from catchment_mae.defaults import SMALL_VIT
 from catchment_mae.errors import CmaeError
 
 
@@ -18,6 +19,17 @@ from catchment_mae.errors import CmaeError
 @options.recursive_opt
 @options.max_pixels_opt
 @options.max_memory_opt
+@click.option(
+    "--image-size",
+    "min_size",
+    type=click.IntRange(min=8),
+    default=SMALL_VIT["image_size"],
+    show_default=True,
+    metavar="PIXELS",
+    help="The model's input size (cmae train's default model's): a raster with "
+    "overviews is read at the smallest one at least this large, as training "
+    "reads it.",
+)
 @options.strict_opt
 @options.json_opt
 @click.pass_context
@@ -33,7 +45,9 @@ def stats(
 
     Reads on every core, one raster per reader process in memory at a time, each
     with a time budget. The figures are what `cmae train` computes when
-    --norm-mean/--norm-std are not given.
+    --norm-mean/--norm-std are not given: the same pixels (a raster with
+    overviews read at the smallest one of at least --image-size, as training
+    reads it) and the same rasters left out.
 
     \b
     Examples:
