@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 
 from catchment_mae import __version__
+from catchment_mae.batch import schema as table
 from catchment_mae.batch.ring import SlotRing
 from catchment_mae.io import sha256_file
 from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec
 from catchment_mae.runtime import (
     CUDA,
     ONNX_FORMAT_VERSION,
+    MetaKey,
     create_session,
     read_metadata,
     run_encoder,
@@ -83,14 +85,14 @@ class Mapper:
         self.spec: PreprocessSpec = spec_from_metadata(meta)
         self.names = [i.name for i in probe.get_inputs()]
         del probe
-        self.dim = int(meta["embedding_dim"])
+        self.dim = int(meta[MetaKey.EMBEDDING_DIM])
         self.metadata = {
-            "cmae_version": __version__,
-            "cmae_format_version": str(ONNX_FORMAT_VERSION),
-            "model": Path(model).name,
-            "model_sha256": sha256_file(model),
-            "model_metadata": meta,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            table.CMAE_VERSION: __version__,
+            table.FORMAT_VERSION: str(ONNX_FORMAT_VERSION),
+            table.MODEL: Path(model).name,
+            table.MODEL_SHA256: sha256_file(model),
+            table.MODEL_METADATA: meta,
+            table.CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
         }
         self.inference_seconds = 0.0
         self.wait_seconds = 0.0  # the caller's time waiting for the session
@@ -141,7 +143,7 @@ class Mapper:
     @property
     def sha256(self) -> str:
         """The model file's sha256: rows of another model are never mixed in."""
-        return str(self.metadata["model_sha256"])
+        return str(self.metadata[table.MODEL_SHA256])
 
     @property
     def device_name(self) -> str:

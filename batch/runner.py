@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catchment_mae.batch import schema as table
 from catchment_mae.batch.mapper import Mapper
 from catchment_mae.batch.plan import Plan, check_input
 from catchment_mae.batch.reader import Batch, Item, Reader
@@ -260,9 +261,9 @@ def start_run(
     tiled = grid is not None
     check_input(root)  # before the table's listing is compared with it
     listing = listing_of(root, shard, recursive)
-    metadata = {**mapper.metadata, "listing": listing}
+    metadata = {**mapper.metadata, table.LISTING: listing}
     if tiled:
-        metadata["chip_grid"] = grid
+        metadata[table.CHIP_GRID] = grid
     previous = None if overwrite else read_previous(out, mapper.sha256, grid, listing)
     fence = Path(within) if within is not None else None
     plan = Plan(root, previous, shard, recursive, within=fence)

@@ -16,7 +16,12 @@ from catchment_mae.io import text_path
 from catchment_mae.raster import RasterInfo
 
 # Keys of the table's key-value metadata (besides GeoParquet's "geo").
+CMAE_VERSION = "cmae_version"  # the cmae that wrote it
+FORMAT_VERSION = "cmae_format_version"  # of the encoder's metadata
+MODEL = "model"  # the encoder's file name
 MODEL_SHA256 = "model_sha256"  # the encoder's file: rows of two models never mix
+MODEL_METADATA = "model_metadata"  # the encoder's own metadata (runtime.MetaKey)
+CREATED = "created"  # when the run started (ISO 8601, UTC)
 CHIP_GRID = "chip_grid"  # embed-dir --tile: how the chips were cut
 LISTING = "listing"  # the folder, shard and depth the rows were listed from
 

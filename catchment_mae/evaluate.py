@@ -125,9 +125,11 @@ def _root(pf: Any) -> str | None:
     """The folder embed-dir listed (its table's ``listing``), or None."""
     import json
 
+    from catchment_mae.batch.schema import LISTING
+
     meta = pf.schema_arrow.metadata or {}
     try:
-        return str(json.loads(meta[b"listing"])["root"])
+        return str(json.loads(meta[LISTING.encode()])["root"])
     except (KeyError, ValueError, TypeError):
         return None
 

@@ -96,7 +96,9 @@ def describe_table(path: Path) -> dict[str, Any]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from catchment_mae.batch import schema as table
     from catchment_mae.batch.writer import parts_dir
+    from catchment_mae.runtime import MetaKey
 
     parts = sorted(parts_dir(path).glob("part-*.parquet"))
     out: dict[str, Any] = {"kind": "parquet", "path": str(path)}
@@ -110,7 +112,7 @@ def describe_table(path: Path) -> dict[str, Any]:
             k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()
         }
         failed = errors.num_rows - pc.sum(pc.is_null(errors["error"])).as_py()
-        model_meta = _maybe_json(meta.get("model_metadata", "{}"))
+        model_meta = _maybe_json(meta.get(table.MODEL_METADATA, "{}"))
         out.update(
             file_size=path.stat().st_size,
             rows=pf.metadata.num_rows,
@@ -118,19 +120,19 @@ def describe_table(path: Path) -> dict[str, Any]:
             failed=failed,
             with_footprint=errors.num_rows - errors["geometry"].null_count,
             row_groups=pf.metadata.num_row_groups,
-            cmae_version=meta.get("cmae_version"),
-            cmae_format_version=meta.get("cmae_format_version"),
-            created=meta.get("created"),
-            model=meta.get("model"),
-            model_sha256=meta.get("model_sha256"),
-            vit_model_name=model_meta.get("vit_model_name"),
-            embedding_dim=_maybe_json(model_meta.get("embedding_dim", "null")),
+            cmae_version=meta.get(table.CMAE_VERSION),
+            cmae_format_version=meta.get(table.FORMAT_VERSION),
+            created=meta.get(table.CREATED),
+            model=meta.get(table.MODEL),
+            model_sha256=meta.get(table.MODEL_SHA256),
+            vit_model_name=model_meta.get(MetaKey.VIT_MODEL_NAME),
+            embedding_dim=_maybe_json(model_meta.get(MetaKey.EMBEDDING_DIM, "null")),
             geo=_maybe_json(meta["geo"]) if "geo" in meta else None,
             schema=[{"name": f.name, "type": str(f.type)} for f in pf.schema_arrow],
         )
         if "tile_row" in pf.schema_arrow.names:
             out["chips"] = _chips(pf.read(columns=["path", "tile_row", "error"]))
-            out["chips"]["grid"] = _maybe_json(meta.get("chip_grid", "null"))
+            out["chips"]["grid"] = _maybe_json(meta.get(table.CHIP_GRID, "null"))
     else:
         out.update(rows=0, note="no table yet: an unfinished run's parts only")
     if parts:
@@ -148,33 +150,35 @@ def render(info: dict[str, Any]) -> str:
     if info["kind"] == "weights":
         return _render_weights(info)
     if info["kind"] == "onnx":
+        from catchment_mae.runtime import MetaKey as K
+
         meta = info["metadata"]
         lines = [
-            f"{info['path']}: cmae encoder (format {meta.get('cmae_format_version')}, "
-            f"written by cmae {meta.get('cmae_version')})",
-            f"  model:      {meta.get('vit_model_name')}, embedding width "
-            f"{meta.get('embedding_dim')}, pool {meta.get('pool')}",
+            f"{info['path']}: cmae encoder (format {meta.get(K.FORMAT_VERSION)}, "
+            f"written by cmae {meta.get(K.CMAE_VERSION)})",
+            f"  model:      {meta.get(K.VIT_MODEL_NAME)}, embedding width "
+            f"{meta.get(K.EMBEDDING_DIM)}, pool {meta.get(K.POOL)}",
         ]
         for a in info["inputs"]:
             lines.append(f"  input:      {a['name']} {a['shape']} {a['type']}")
         for a in info["outputs"]:
             lines.append(f"  output:     {a['name']} {a['shape']} {a['type']}")
-        channels = meta.get("channels") or []
+        channels = meta.get(K.CHANNELS) or []
         lines += [
-            f"  image:      {meta.get('image_size')} px, {meta.get('in_chans')} "
-            f"band(s), bands {meta.get('bands') or 'all'}",
+            f"  image:      {meta.get(K.IMAGE_SIZE)} px, {meta.get(K.IN_CHANS)} "
+            f"band(s), bands {meta.get(K.BANDS) or 'all'}",
             *(f"  channel {i}:  {name}" for i, name in enumerate(channels)),
             f"  normalise:  {_norm(meta)}",
-            f"  resize:     {meta.get('resize')}",
-            f"  scale:      {meta.get('scale_definition')}, eps "
-            f"{meta.get('scale_eps')}",
-            f"  nodata:     {str(meta.get('nodata_policy')).removeprefix('nodata: ')}",
+            f"  resize:     {meta.get(K.RESIZE)}",
+            f"  scale:      {meta.get(K.SCALE_DEFINITION)}, eps "
+            f"{meta.get(K.SCALE_EPS)}",
+            f"  nodata:     {str(meta.get(K.NODATA_POLICY)).removeprefix('nodata: ')}",
             *(
-                [f"  embedding:  {meta['embedding_layout']}"]
-                if meta.get("embedding_layout")
+                [f"  embedding:  {meta[K.EMBEDDING_LAYOUT]}"]
+                if meta.get(K.EMBEDDING_LAYOUT)
                 else []
             ),
-            f"  weights:    sha256 {meta.get('weights_sha256')}",
+            f"  weights:    sha256 {meta.get(K.WEIGHTS_SHA256)}",
             f"  file:       {info['file_size']} bytes, sha256 {info['sha256']}",
         ]
         return "\n".join(lines)
@@ -272,9 +276,11 @@ def _chips(table: Any) -> dict[str, Any]:
 
 
 def _norm(meta: dict[str, Any]) -> str:
-    if meta.get("norm") == "per-raster":
+    from catchment_mae.runtime import MetaKey as K
+
+    if meta.get(K.NORM) == "per-raster":
         return "per raster (each raster's own valid mean/std)"
-    return f"mean {meta.get('norm_mean')}, std {meta.get('norm_std')}"
+    return f"mean {meta.get(K.NORM_MEAN)}, std {meta.get(K.NORM_STD)}"
 
 
 def _maybe_json(value: str) -> Any:

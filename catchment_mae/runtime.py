@@ -29,6 +29,40 @@ SUPPORTED_FORMAT_VERSIONS = (1, 2)
 CUDA = "CUDAExecutionProvider"
 
 
+class MetaKey:
+    """The keys of an exported encoder's metadata (``metadata_props``, every
+    value a string, JSON where it is not a plain number or word): ``cmae
+    export`` writes them; embed-dir, ``cmae info`` and any app read them."""
+
+    FORMAT_VERSION = "cmae_format_version"
+    CMAE_VERSION = "cmae_version"
+    VIT_MODEL_NAME = "vit_model_name"
+    IMAGE_SIZE = "image_size"
+    IN_CHANS = "in_chans"
+    BANDS = "bands"
+    NORM = "norm"
+    NORM_MEAN = "norm_mean"
+    NORM_STD = "norm_std"
+    RESIZE = "resize"
+    SCALE = "scale"
+    SCALE_DEFINITION = "scale_definition"
+    SCALE_EPS = "scale_eps"
+    SCALE_DIM = "scale_dim"
+    SCALE_MEAN = "scale_mean"
+    SCALE_STD = "scale_std"
+    CHANNELS = "channels"
+    EMBEDDING_LAYOUT = "embedding_layout"
+    NODATA = "nodata"
+    NODATA_POLICY = "nodata_policy"
+    POOL = "pool"
+    INPUTS = "inputs"
+    EMBEDDING_DIM = "embedding_dim"
+    WEIGHTS_SHA256 = "weights_sha256"
+    PREPROCESS = "preprocess"
+    CONFIG = "config"
+    PRECISION = "precision"  # of the weights: fp32, fp16 or int8 (the variants)
+
+
 class ModelFileError(CmaeError):
     """An .onnx file is missing, unreadable or not a cmae encoder."""
 
@@ -179,10 +213,10 @@ def read_metadata(session: Any, where: Any = "model") -> dict[str, str]:
 
 def check_format(meta: Mapping[str, str], where: Any = "model") -> None:
     """Refuses files that are not cmae encoders, or from a newer cmae."""
-    if "cmae_format_version" not in meta:
+    if MetaKey.FORMAT_VERSION not in meta:
         raise ModelFileError(f"{where}: not a cmae encoder (no cmae_format_version)")
     try:
-        version = int(meta["cmae_format_version"])
+        version = int(meta[MetaKey.FORMAT_VERSION])
     except ValueError as e:
         raise ModelFileError(f"{where}: bad cmae_format_version") from e
     if version not in SUPPORTED_FORMAT_VERSIONS:
@@ -195,4 +229,4 @@ def check_format(meta: Mapping[str, str], where: Any = "model") -> None:
 def spec_from_metadata(meta: Mapping[str, str]) -> PreprocessSpec:
     """The preprocessing an exported encoder expects, from its metadata alone."""
     check_format(meta)
-    return PreprocessSpec.from_mapping(json.loads(meta["preprocess"]))
+    return PreprocessSpec.from_mapping(json.loads(meta[MetaKey.PREPROCESS]))

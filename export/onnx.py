@@ -40,7 +40,7 @@ from catchment_mae.io import atomic_output, check_writable, sha256_file
 from catchment_mae.model import Embedder, ScaleAwareMAE, embedder, load_model
 from catchment_mae.preprocess import NODATA_POLICY, PreprocessSpec, load_sample
 from catchment_mae.raster import find_tiffs
-from catchment_mae.runtime import ONNX_FORMAT_VERSION, create_session
+from catchment_mae.runtime import ONNX_FORMAT_VERSION, MetaKey, create_session
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def export_model(
     proto = _trace(graph, spec, inputs, opset)
     dim = model.embed_dim + (int(spec.scale_dim or 0) if graph.with_scale else 0)
     meta = build_metadata(cfg, spec, pool, dim, inputs, weights_sha256)
-    _set_metadata(proto, {**meta, "precision": "fp32"})
+    _set_metadata(proto, {**meta, MetaKey.PRECISION: "fp32"})
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
@@ -210,33 +210,33 @@ def build_metadata(
     """The ``metadata_props`` that make the file self-describing (all strings)."""
     dumps = json.dumps
     return {
-        "cmae_format_version": str(ONNX_FORMAT_VERSION),
-        "cmae_version": __version__,
-        "vit_model_name": cfg.vit_model_name,
-        "image_size": str(spec.image_size),
-        "in_chans": str(spec.in_chans),
-        "bands": dumps(list(spec.bands) if spec.bands else None),
-        "norm": spec.norm,
-        "norm_mean": dumps(list(spec.norm_mean) if spec.norm_mean else None),
-        "norm_std": dumps(list(spec.norm_std) if spec.norm_std else None),
-        "resize": spec.resize,
-        "scale": spec.scale,
-        "scale_definition": SCALE_DEFINITIONS[spec.scale]
+        MetaKey.FORMAT_VERSION: str(ONNX_FORMAT_VERSION),
+        MetaKey.CMAE_VERSION: __version__,
+        MetaKey.VIT_MODEL_NAME: cfg.vit_model_name,
+        MetaKey.IMAGE_SIZE: str(spec.image_size),
+        MetaKey.IN_CHANS: str(spec.in_chans),
+        MetaKey.BANDS: dumps(list(spec.bands) if spec.bands else None),
+        MetaKey.NORM: spec.norm,
+        MetaKey.NORM_MEAN: dumps(list(spec.norm_mean) if spec.norm_mean else None),
+        MetaKey.NORM_STD: dumps(list(spec.norm_std) if spec.norm_std else None),
+        MetaKey.RESIZE: spec.resize,
+        MetaKey.SCALE: spec.scale,
+        MetaKey.SCALE_DEFINITION: SCALE_DEFINITIONS[spec.scale]
         + (STATS_DEFINITION if spec.scale_stats else ""),
-        "scale_eps": repr(spec.scale_eps),
-        "scale_dim": str(spec.scale_dim),
-        "scale_mean": dumps(cfg.scale_mean),
-        "scale_std": dumps(cfg.scale_std),
-        "channels": dumps(channel_names(spec)),
-        "embedding_layout": embedding_layout(cfg, pool, embedding_dim),
-        "nodata": dumps(spec.nodata),
-        "nodata_policy": NODATA_POLICY,
-        "pool": pool,
-        "inputs": dumps(inputs),
-        "embedding_dim": str(embedding_dim),
-        "weights_sha256": weights_sha256,
-        "preprocess": dumps(spec.to_dict()),
-        "config": dumps(cfg.to_dict()),
+        MetaKey.SCALE_EPS: repr(spec.scale_eps),
+        MetaKey.SCALE_DIM: str(spec.scale_dim),
+        MetaKey.SCALE_MEAN: dumps(cfg.scale_mean),
+        MetaKey.SCALE_STD: dumps(cfg.scale_std),
+        MetaKey.CHANNELS: dumps(channel_names(spec)),
+        MetaKey.EMBEDDING_LAYOUT: embedding_layout(cfg, pool, embedding_dim),
+        MetaKey.NODATA: dumps(spec.nodata),
+        MetaKey.NODATA_POLICY: NODATA_POLICY,
+        MetaKey.POOL: pool,
+        MetaKey.INPUTS: dumps(inputs),
+        MetaKey.EMBEDDING_DIM: str(embedding_dim),
+        MetaKey.WEIGHTS_SHA256: weights_sha256,
+        MetaKey.PREPROCESS: dumps(spec.to_dict()),
+        MetaKey.CONFIG: dumps(cfg.to_dict()),
     }
 
 
@@ -479,7 +479,7 @@ def _to_fp16(proto: Any, path: Path, meta: dict[str, str]) -> Path:
 
     with _quiet():
         half = convert_float_to_float16(proto, keep_io_types=True)
-    _set_metadata(half, {**meta, "precision": "fp16"})
+    _set_metadata(half, {**meta, MetaKey.PRECISION: "fp16"})
     onnx.save(half, path)
     return path
 
@@ -498,7 +498,7 @@ def _to_int8(fp32_path: Path, path: Path, meta: dict[str, str]) -> Path:
     with _quiet():
         quantize_dynamic(src, path, weight_type=QuantType.QInt8)
     q = onnx.load(path)
-    _set_metadata(q, {**meta, "precision": "int8"})
+    _set_metadata(q, {**meta, MetaKey.PRECISION: "int8"})
     onnx.save(q, path)
     return path
 
