@@ -8,8 +8,9 @@ import os
 import time
 
 from catchment_mae.batch.schema import Row
-from catchment_mae.cache import Entry, write_row
+from catchment_mae.cache import Entry
 from catchment_mae.preprocess import load_resampled
+from catchment_mae.shard_rows import write_row
 
 _template = None
 

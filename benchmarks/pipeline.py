@@ -73,13 +73,12 @@ import numpy as np
 from catchment_mae.geo import footprint
 from catchment_mae.preprocess import (
     PreprocessSpec,
-    limit_worker_threads,
     load_resampled,
     load_sample,
     normalise,
 )
 from catchment_mae.synth import generate_dems
-from catchment_mae.workers import start_context
+from catchment_mae.workers import limit_worker_threads, start_context
 
 CMAE = [sys.executable, "-m", "catchment_mae.cli.main"]
 SPEC = PreprocessSpec(image_size=224, in_chans=1, norm="per-raster")

@@ -28,9 +28,14 @@ from catchment_mae.data import (
     collate,
 )
 from catchment_mae.errors import ConfigError
-from catchment_mae.prepare import PassInThread, Prepared, norm_refusal
-from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec, limit_worker_threads
-from catchment_mae.workers import start_context
+from catchment_mae.pass_thread import PassInThread
+from catchment_mae.prepare import Prepared
+from catchment_mae.preprocess import (
+    VALID_LEVELS,
+    PreprocessSpec,
+    norm_refusal,
+)
+from catchment_mae.workers import limit_worker_threads, start_context
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +201,7 @@ class DeviceLoader:
 
 class StreamedEpoch:
     """The first epoch's batches as the first pass reads the rasters into the
-    cache (:class:`catchment_mae.prepare.PassInThread`): a step need not wait
+    cache (:class:`catchment_mae.pass_thread.PassInThread`): a step need not wait
     for the whole pass, only for its own batch.
 
     A batch is ``batch_size`` samples of ``train`` (positions in the pass's
@@ -245,7 +250,7 @@ class StreamedEpoch:
         others: list[Entry] = []
         trained = False
         for position, entry in self.stream.samples():
-            if norm_refusal(entry, self.spec):
+            if norm_refusal(entry.mean, entry.std, self.spec):
                 continue
             if position not in self.train:
                 if not trained:  # trained on only if no training sample reads

@@ -25,11 +25,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -45,9 +43,7 @@ from catchment_mae.cache import (
     FileKey,
     SampleCache,
     ShardBuild,
-    ShardTarget,
     cannot_write,
-    write_row,
 )
 from catchment_mae.errors import (
     BadRasterError,
@@ -61,8 +57,10 @@ from catchment_mae.preprocess import (
     PreprocessSpec,
     load_resampled,
     norm_peaks,
+    norm_refusal_reason,
 )
 from catchment_mae.raster import image_size
+from catchment_mae.shard_rows import ShardTarget, write_row
 from catchment_mae.stats import ScanResult
 from catchment_mae.warmup import warming_up
 from catchment_mae.workers import ReaderPool, failure_reason
@@ -265,7 +263,7 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
         )
         warned: set[Path] = set()
         for i in np.flatnonzero(keep & ~(peaks <= OUTLIER_FACTOR)).tolist():
-            reasons[i] = _refusal(float(peaks[i]), norm)
+            reasons[i] = norm_refusal_reason(float(peaks[i]), norm)
             keep[i] = False
             if result.files[i] not in warned:  # a raster's chips: one line
                 log.warning("skipped %s: %s", result.files[i], reasons[i])
@@ -277,26 +275,6 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
     for name in ("files", "entries", "per_file", "positions"):
         items = getattr(result, name)
         setattr(result, name, [x for x, k in zip(items, keep, strict=True) if k])
-
-
-def norm_refusal(entry: Entry, spec: PreprocessSpec) -> str | None:
-    """Why fixed normalisation with ``spec``'s norm_mean/norm_std (both set)
-    cannot take ``entry``: its values would normalise to more than
-    OUTLIER_FACTOR (its mean that many stds from norm_mean, or its own std that
-    many times norm_std); one such raster turned the loss into NaN. None when it
-    can, and always with per-raster normalisation."""
-    if spec.norm != "fixed":
-        return None
-    peak = float(norm_peaks(entry.mean, entry.std, spec))
-    return None if peak <= OUTLIER_FACTOR else _refusal(peak, spec)  # NaN: refused
-
-
-def _refusal(peak: float, spec: PreprocessSpec) -> str:
-    return (
-        f"its values would normalise to about {peak:.2g} with norm_mean "
-        f"{list(spec.norm_mean or ())} and norm_std {list(spec.norm_std or ())}; "
-        "check its nodata value and scaling"
-    )
 
 
 def _prepare(
@@ -328,31 +306,13 @@ def _prepare(
         entry = found.get(keys[i])
         if entry is None:
             todo.append(i)
-            continue
-        if entry.row < 0:  # read before: no valid pixel (a nodata chip, say)
+        elif entry.row < 0:  # read before: no valid pixel (a nodata chip, say)
             outcome[i] = ALL_NODATA
-            continue
-        outcome[i] = entry
-        if bands is None:
-            bands = len(entry.mean)
+        else:
+            outcome[i] = entry
+            bands = bands or len(entry.mean)
     if bands is None:  # the first good raster decides: read until one is good
-        k = 0
-        while k < len(todo):
-            if stop is not None and stop.is_set():
-                raise _Stopped
-            entry, _, reason = build_one(
-                str(files[todo[k]]), keys[todo[k]], spec, None, within
-            )
-            if entry is not None:
-                bands = len(entry.mean)  # read again below, into the cache
-                break
-            if reason == ALL_NODATA:  # read again below too: cached as such
-                k += 1
-                continue
-            outcome[todo.pop(k)] = str(reason)
-        if bands is None:  # none is good: those left have no valid pixel
-            outcome.update(dict.fromkeys(todo, ALL_NODATA))
-            todo = []
+        bands = _first_band_count(files, keys, todo, spec, outcome, stop, within)
     result.bands = bands
     rank = {i: k for k, i in enumerate(order)}
     todo.sort(key=rank.__getitem__)
@@ -384,6 +344,36 @@ def _prepare(
             )  # fmt: skip
     report()
     report.in_listing_order()
+
+
+def _first_band_count(
+    files: list[Path],
+    keys: dict[int, FileKey],
+    todo: list[int],
+    spec: PreprocessSpec,
+    outcome: dict[int, Entry | str],
+    stop: threading.Event | None,
+    within: str | None,
+) -> int | None:
+    """The band count of the first of ``todo`` that reads well (it is read
+    again later, into the cache); those that fail before it are settled in
+    ``outcome`` and leave ``todo``. None, with every one left settled as
+    having no valid pixel, when none reads well."""
+    k = 0
+    while k < len(todo):
+        if stop is not None and stop.is_set():
+            raise PassStopped
+        entry, _, reason = build_one(str(files[todo[k]]), keys[todo[k]], spec, None,
+                                     within)  # fmt: skip
+        if entry is not None:
+            return len(entry.mean)
+        if reason == ALL_NODATA:  # read again below too: cached as such
+            k += 1
+            continue
+        outcome[todo.pop(k)] = str(reason)
+    outcome.update(dict.fromkeys(todo, ALL_NODATA))
+    todo.clear()
+    return None
 
 
 class _Reporter:
@@ -517,7 +507,7 @@ def _oldest(
         while not stop.is_set() and not future.done():
             futures.wait([future], timeout=0.1)
         if stop.is_set():
-            raise _Stopped
+            raise PassStopped
     return pending.popleft()
 
 
@@ -600,124 +590,5 @@ def describe(prepared: Prepared) -> str:
     )
 
 
-class _Stopped(Exception):
+class PassStopped(Exception):
     """The consumer of a :class:`PassInThread` stopped it."""
-
-
-class PassInThread:
-    """:func:`prepare` in a thread, each usable sample handed over as soon as its
-    arrays are in the cache: training's first epoch steps on them while the
-    pass reads the rest (see ``train_data.streams``). ``files``, ``spec`` and the
-    keywords are prepare's (``on_sample`` and ``stop`` are this object's;
-    ``cache_root`` is required); ``where`` prefixes a NoInputError.
-
-    :meth:`first` waits for the first usable sample; iterate :meth:`samples`
-    (position, entry), in ``order`` (the listing's by default); then take
-    :meth:`result`. :meth:`close` stops the pass if it still runs (its reader
-    processes killed, its unfinished shards removed, within 0.1 s unless a
-    raster is being read in this process) and closes the cache. An error of the
-    pass is raised where the samples or the result are taken.
-    """
-
-    _END = object()
-
-    def __init__(
-        self,
-        files: Sequence[Path | Item],
-        spec: PreprocessSpec,
-        *,
-        cache_root: str | os.PathLike[str],
-        where: str | os.PathLike[str] | None = None,
-        **kw: Any,
-    ) -> None:
-        self.listed = [f[0] if isinstance(f, tuple) else Path(f) for f in files]
-        order = kw.get("order")
-        self.order = list(order) if order is not None else list(range(len(files)))
-        kw["order"] = self.order  # an iterator would be spent here
-        # Opened here: the first epoch reads the samples through the folder the
-        # pass writes them into (its descriptor), never by its name again.
-        kw["cache"] = SampleCache(cache_root, spec, within=kw.pop("cache_within", None))
-        self.cache_dir, self.cache_where = kw["cache"].dir, kw["cache"].where
-        self.seconds = 0.0  # how long the pass ran
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._head: deque[tuple[int, Entry]] = deque()
-        self._stop = threading.Event()
-        self._result: Prepared | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(files, spec, cache_root, where, kw),
-            name="cmae-first-pass", daemon=True,
-        )  # fmt: skip
-        self._thread.start()
-
-    def _run(self, files: Any, spec: Any, root: Any, where: Any, kw: Any) -> None:
-        t0 = time.perf_counter()
-        try:
-            self._result = prepare(
-                files, spec, cache_root=root, on_sample=self._sample,
-                stop=self._stop, **kw,
-            )  # fmt: skip
-            if self._stop.is_set() and self._result.cache is not None:
-                self._result.cache.close()  # close() gave up waiting
-        except NoInputError as e:
-            self._error = e
-            if where:
-                self._error = NoInputError(f"{where}: {e}")
-                self._error.__cause__ = e
-        except BaseException as e:  # handed to the consumer
-            self._error = e
-        finally:
-            self.seconds = time.perf_counter() - t0
-            self._queue.put(self._END)
-
-    def _sample(self, position: int, entry: Entry) -> None:
-        self._queue.put((position, entry))
-
-    def _next(self) -> tuple[int, Entry] | None:
-        got = self._head.popleft() if self._head else self._queue.get()
-        if got is self._END:
-            self._queue.put(got)  # later calls end at once too
-            if self._error is not None and not isinstance(self._error, _Stopped):
-                raise self._error
-            return None
-        return got
-
-    def first(self) -> Entry:
-        """The first usable sample (waiting for it)."""
-        got = self._head[0] if self._head else self._next()
-        if got is None:  # the pass ended without error yet with no sample
-            raise NoInputError("no usable raster")
-        if not self._head:
-            self._head.append(got)
-        return got[1]
-
-    def samples(self) -> Iterator[tuple[int, Entry]]:
-        """Usable samples as the pass settles them; ends with the pass (raising
-        its error, if any)."""
-        while (got := self._next()) is not None:
-            yield got
-
-    def failure(self, timeout: float = 5.0) -> BaseException | None:
-        """The pass's error if it ended with one (waiting up to ``timeout``
-        seconds for a pass that is ending)."""
-        self._thread.join(timeout)
-        if self._thread.is_alive() or isinstance(self._error, _Stopped):
-            return None
-        return self._error
-
-    def result(self) -> Prepared:
-        """The pass's result, once every sample was read (or its error)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    def close(self) -> None:
-        """Stops the pass if it still runs, and closes the cache."""
-        self._stop.set()
-        self._thread.join(60)  # at most a raster read in this thread (workers 0)
-        if self._thread.is_alive():
-            log.debug("the first pass is still reading; it ends with the process")
-        elif self._result is not None and self._result.cache is not None:
-            self._result.cache.close()

@@ -367,6 +367,29 @@ def slope_channel(
     return out[None].astype(np.float32)
 
 
+def norm_refusal(mean: np.ndarray, std: np.ndarray, spec: PreprocessSpec) -> str | None:
+    """Why fixed normalisation with ``spec``'s norm_mean/norm_std (both set)
+    cannot take a raster of valid ``mean`` and ``std``: its values would
+    normalise to more than OUTLIER_FACTOR (its mean that many stds from
+    norm_mean, or its own std that many times norm_std); one such raster turned
+    the loss into NaN. None when it can, and always with per-raster
+    normalisation."""
+    if spec.norm != "fixed":
+        return None
+    peak = float(norm_peaks(mean, std, spec))
+    return None if peak <= OUTLIER_FACTOR else norm_refusal_reason(peak, spec)
+
+
+def norm_refusal_reason(peak: float, spec: PreprocessSpec) -> str:
+    """A raster refused by fixed normalisation, in words (``peak``: what its
+    values would normalise to)."""
+    return (
+        f"its values would normalise to about {peak:.2g} with norm_mean "
+        f"{list(spec.norm_mean or ())} and norm_std {list(spec.norm_std or ())}; "
+        "check its nodata value and scaling"
+    )
+
+
 def norm_peaks(mean: np.ndarray, std: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """How far a raster's values lie from the training data's, in its stds
     (``norm_mean``, ``norm_std``, both set): its mean's distance from norm_mean,
@@ -459,20 +482,6 @@ def check_usable(raster: Raster, in_chans: int | None) -> None:
         )
     if not raster.valid.any():
         raise BadRasterError(info.path, ALL_NODATA)
-
-
-def limit_worker_threads(*_: object) -> None:
-    """Initialiser for reader processes: one BLAS thread each.
-
-    The resize runs two small matrix products per raster; with OpenBLAS's default
-    of one thread per core in every worker process, N workers oversubscribe the
-    CPU N-fold (2 such workers read fewer rasters a second than one process;
-    2 single-threaded ones 2.5 times as many as the oversubscribed pair).
-    Accepts and ignores a worker id (torch's worker_init_fn).
-    """
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
 
 
 def trimmed(raster: Raster) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:

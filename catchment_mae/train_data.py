@@ -33,8 +33,8 @@ from catchment_mae.loaders import (
     make_dataset,
     make_loader,
 )
+from catchment_mae.pass_thread import PassInThread
 from catchment_mae.prepare import (
-    PassInThread,
     Prepared,
     cache_facts,
     chip_items,

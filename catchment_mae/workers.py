@@ -418,7 +418,6 @@ def _worker_main(
 ) -> None:
     """A reader process: one task at a time from its pipe, until told to stop."""
     from catchment_mae.logs import configure_worker
-    from catchment_mae.preprocess import limit_worker_threads
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops us
     limit_worker_threads()
@@ -447,6 +446,20 @@ def _worker_main(
             os._exit(0)
         except Exception as e:  # an unpicklable result: say so instead
             conn.send((task_id, False, TaskFailed(failure_reason(e))))
+
+
+def limit_worker_threads(*_: object) -> None:
+    """Initialiser for reader processes: one BLAS thread each.
+
+    The resize runs two small matrix products per raster; with OpenBLAS's default
+    of one thread per core in every worker process, N workers oversubscribe the
+    CPU N-fold (2 such workers read fewer rasters a second than one process;
+    2 single-threaded ones 2.5 times as many as the oversubscribed pair).
+    Accepts and ignores a worker id (torch's worker_init_fn).
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
 
 
 def prestart() -> None:

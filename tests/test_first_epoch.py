@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import catchment_mae.pass_thread as pass_thread
 import catchment_mae.prepare as prepare_module
 from catchment_mae.errors import NoInputError
 from catchment_mae.loaders import StreamedEpoch
@@ -98,14 +99,14 @@ def test_first_epoch__interrupted_leaves_no_reader_nor_half_written_shard(
     tiny_config, tmp_path, monkeypatch
 ):
     held, _ = _held_reads(monkeypatch, after=8)
-    close = prepare_module.PassInThread.close
+    close = pass_thread.PassInThread.close
 
     def close_then_read(self):  # the held reads go on once told to stop
         self._stop.set()
         held.set()
         close(self)
 
-    monkeypatch.setattr(prepare_module.PassInThread, "close", close_then_read)
+    monkeypatch.setattr(pass_thread.PassInThread, "close", close_then_read)
 
     def stop(info):
         raise KeyboardInterrupt
@@ -202,7 +203,7 @@ def test_streamed_epoch__a_pass_that_fails_gives_its_error_not_a_missing_file(
         settle(*args)
 
     monkeypatch.setattr(prepare_module, "_settle", settle_then_fail)
-    stream = prepare_module.PassInThread(
+    stream = pass_thread.PassInThread(
         list(find_tiffs(dem_dir)), SPEC, cache_root=tmp_path, workers=0
     )
     stream._thread.join()  # the shard is gone before a batch opens it
@@ -222,9 +223,7 @@ def test_streamed_epoch__each_batch_says_how_far_through_the_epoch_it_is(
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"II*\x00not a tiff")
     files = [broken, *dems[:6], broken, *dems[6:]]  # 14, read in this order
-    stream = prepare_module.PassInThread(
-        files, SPEC, cache_root=tmp_path / "c", workers=0
-    )
+    stream = pass_thread.PassInThread(files, SPEC, cache_root=tmp_path / "c", workers=0)
     try:
         batches = list(StreamedEpoch(stream, set(range(14)), SPEC, 4))
     finally:
@@ -250,9 +249,7 @@ def test_first_epoch__failures_after_its_last_batch_still_end_the_schedule(
     cfg = TrainConfig.from_dict({**_cfg(tiny_config, tmp_path), "in_chans": 1,
                                  "log_every": 20, "warmup_epochs": 2.0})  # fmt: skip
     model = build_model(cfg)
-    stream = prepare_module.PassInThread(
-        files, SPEC, cache_root=tmp_path / "c", workers=0
-    )
+    stream = pass_thread.PassInThread(files, SPEC, cache_root=tmp_path / "c", workers=0)
     seen = []
     try:
         epoch = StreamedEpoch(stream, set(range(9)), SPEC, 4)
@@ -265,17 +262,17 @@ def test_first_epoch__failures_after_its_last_batch_still_end_the_schedule(
 
 
 def test_norm_refusal__a_value_that_is_not_a_number_is_refused(dem_dir, tmp_path):
-    from catchment_mae.prepare import norm_refusal
+    from catchment_mae.preprocess import norm_refusal
 
     files = list(find_tiffs(dem_dir))[:1]
-    stream = prepare_module.PassInThread(files, SPEC, cache_root=tmp_path, workers=0)
+    stream = pass_thread.PassInThread(files, SPEC, cache_root=tmp_path, workers=0)
     try:
         entry = stream.first()
     finally:
         stream.close()
     nan = PreprocessSpec(image_size=32, in_chans=1, norm_mean=(float("nan"),),
                          norm_std=(1.0,))  # fmt: skip
-    assert "would normalise to about nan" in norm_refusal(entry, nan)
+    assert "would normalise to about nan" in norm_refusal(entry.mean, entry.std, nan)
 
 
 def test_open_shard_file__under_its_temporary_or_final_name(tmp_path):
@@ -303,7 +300,7 @@ def test_pass_in_thread__hands_samples_over_in_its_order_result_as_listed(
 ):
     files = list(find_tiffs(dem_dir))
     order = [5, 3, 11, 0, 1, 2, 4, 6, 7, 8, 9, 10]
-    stream = prepare_module.PassInThread(
+    stream = pass_thread.PassInThread(
         files, SPEC, cache_root=tmp_path, workers=2, order=order
     )
     try:
@@ -321,16 +318,14 @@ def test_streamed_epoch__only_training_samples_that_normalise(dem_dir, tmp_path)
     files = list(find_tiffs(dem_dir))
     odd = write_tiff(tmp_path / "in" / "odd.tif", np.full((40, 40), 1e7, np.float32))
     files.append(odd)
-    stream = prepare_module.PassInThread(
-        files, SPEC, cache_root=tmp_path / "c", workers=0
-    )
+    stream = pass_thread.PassInThread(files, SPEC, cache_root=tmp_path / "c", workers=0)
     try:
         mean = float(np.median([e.mean[0] for _, e in [*stream.samples()]]))
     finally:
         stream.close()
     fixed = PreprocessSpec(image_size=32, in_chans=1, norm_mean=(mean,),
                            norm_std=(1000.0,))  # fmt: skip
-    stream = prepare_module.PassInThread(
+    stream = pass_thread.PassInThread(
         files, fixed, cache_root=tmp_path / "c", workers=0
     )
     train_positions = {0, 2, 3, 5, 8, 12}  # 12: odd.tif, whose values are far off
@@ -353,7 +348,7 @@ def test_streamed_epoch__only_training_samples_that_normalise(dem_dir, tmp_path)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_first_epoch__on_cuda_its_batches_are_pinned(dem_dir, tiny_config, tmp_path):
-    stream = prepare_module.PassInThread(
+    stream = pass_thread.PassInThread(
         list(find_tiffs(dem_dir)), SPEC, cache_root=tmp_path / "s", workers=0
     )
     try:
