@@ -174,17 +174,7 @@ def embed_dir_ray(
         timeout: seconds one file may take (None: no limit); its row says so.
         The other arguments are embed_dir's.
     """
-    # Ray Data reads its logging set-up when imported: errors only on stderr;
-    # Ray's C++ core logs only what is fatal (its hints are not for our users).
-    os.environ.setdefault(
-        "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_logging.yaml"))
-    )
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    try:
-        import ray
-        import ray.data
-    except ImportError as e:
-        raise CmaeError("--ray needs Ray Data: pip install 'catchment-mae[ray]'") from e
+    ray = _import_ray()
     root, out = Path(input_dir), Path(out)
     start = time.perf_counter()
     check_writable([out], overwrite=True)
@@ -227,6 +217,22 @@ def embed_dir_ray(
         if started and ray.is_initialized():
             ray.shutdown()
     return checked(summary, start)
+
+
+def _import_ray() -> Any:
+    """Ray, with Ray Data imported, quiet: Ray Data reads its logging set-up
+    when imported (errors only on stderr), Ray's C++ core logs only what is
+    fatal (its hints are not for our users)."""
+    os.environ.setdefault(
+        "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_logging.yaml"))
+    )
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    try:
+        import ray
+        import ray.data  # noqa: F401  (with its logging set-up)
+    except ImportError as e:
+        raise CmaeError("--ray needs Ray Data: pip install 'catchment-mae[ray]'") from e
+    return ray
 
 
 class _Rasters:

@@ -212,70 +212,88 @@ def read_previous(
     if not parts.is_symlink():  # a link in its place is not this run's parts
         sources += sorted(parts.glob("part-*.parquet"))
     tables = []
-    tiled = grid is not None
-    schema_names = schema(1, tiled).names
     for path in sources:
-        try:
-            pf = pq.ParquetFile(path)
-            meta = pf.schema_arrow.metadata or {}
-            table = pf.read()
-        except OSError as e:
-            raise CmaeError(
-                f"{path}: cannot read the earlier output to resume "
-                f"({e.strerror or 'a damaged Parquet file'}); use --overwrite to "
-                "start over"
-            ) from e
-        except Exception as e:  # pyarrow raises several types
-            raise CmaeError(
-                f"{path}: cannot read the earlier output to resume (a damaged "
-                "Parquet file); use --overwrite to start over"
-            ) from e
-        if table.schema.names != schema_names:
-            if set(TILE_FIELDS) & set(table.schema.names) != set(TILE_FIELDS) & set(
-                schema_names
-            ):
-                chips = "chips" if tiled else "whole rasters"
-                raise CmaeError(
-                    f"{path}: holds {'whole rasters' if tiled else 'chips'}, this "
-                    f"run embeds {chips}; use --overwrite to start over, or "
-                    "another --out"
-                )
-            raise CmaeError(
-                f"{path}: has other columns than this version of cmae writes (an "
-                "older table?); use --overwrite to start over, or another --out"
-            )
-        sha = meta.get(MODEL_SHA256.encode(), b"").decode()
-        if sha != model_sha256:
-            raise CmaeError(
-                f"{path}: was written with another model (sha256 "
-                f"{sha[:12] or '?'}...); use --overwrite to start over, or another "
-                "--out"
-            )
-        recorded = json.loads(meta.get(CHIP_GRID.encode(), b"null"))
-        if tiled and recorded is not None and recorded != grid:
-            raise CmaeError(
-                f"{path}: holds chips of {grid_text(recorded)}, this run cuts "
-                f"{grid_text(grid)}; use --overwrite to start over, or another --out"
-            )
-        recorded = json.loads(meta.get(LISTING.encode(), b"null"))
-        if listing is not None and recorded is not None and recorded != listing:
-            raise CmaeError(
-                f"{path}: holds the rasters of {listing_text(recorded)}, this run "
-                f"lists {listing_text(listing)} (continuing would drop the rows it "
-                "does not list); use --overwrite to start over, or another --out"
-            )
-        if listing is not None and recorded is None:  # from before listings were kept
-            unlike = _unlike(table, listing)
-            if unlike is not None:
-                raise CmaeError(
-                    f"{path}: {unlike}, unlike this run's listing "
-                    f"({listing_text(listing)}); continuing would drop its rows: "
-                    "use --overwrite to start over, or another --out"
-                )
+        table, meta = _read_earlier(path)
+        _check_earlier(path, table, meta, model_sha256, grid, listing)
         tables.append(table)
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="none")
+
+
+def _read_earlier(path: Path) -> tuple[pa.Table, dict[bytes, bytes]]:
+    """An earlier table or part, and its key-value metadata."""
+    try:
+        pf = pq.ParquetFile(path)
+        meta = pf.schema_arrow.metadata or {}
+        return pf.read(), meta
+    except OSError as e:
+        raise CmaeError(
+            f"{path}: cannot read the earlier output to resume "
+            f"({e.strerror or 'a damaged Parquet file'}); use --overwrite to "
+            "start over"
+        ) from e
+    except Exception as e:  # pyarrow raises several types
+        raise CmaeError(
+            f"{path}: cannot read the earlier output to resume (a damaged "
+            "Parquet file); use --overwrite to start over"
+        ) from e
+
+
+def _check_earlier(
+    path: Path,
+    table: pa.Table,
+    meta: dict[bytes, bytes],
+    model_sha256: str,
+    grid: dict[str, Any] | None,
+    listing: dict[str, Any] | None,
+) -> None:
+    """Refuses an earlier table or part that this run cannot continue: other
+    columns, another model, another chip grid or another listing."""
+    tiled = grid is not None
+    schema_names = schema(1, tiled).names
+    if table.schema.names != schema_names:
+        if set(TILE_FIELDS) & set(table.schema.names) != set(TILE_FIELDS) & set(
+            schema_names
+        ):
+            chips = "chips" if tiled else "whole rasters"
+            raise CmaeError(
+                f"{path}: holds {'whole rasters' if tiled else 'chips'}, this "
+                f"run embeds {chips}; use --overwrite to start over, or "
+                "another --out"
+            )
+        raise CmaeError(
+            f"{path}: has other columns than this version of cmae writes (an "
+            "older table?); use --overwrite to start over, or another --out"
+        )
+    sha = meta.get(MODEL_SHA256.encode(), b"").decode()
+    if sha != model_sha256:
+        raise CmaeError(
+            f"{path}: was written with another model (sha256 "
+            f"{sha[:12] or '?'}...); use --overwrite to start over, or another "
+            "--out"
+        )
+    recorded = json.loads(meta.get(CHIP_GRID.encode(), b"null"))
+    if tiled and recorded is not None and recorded != grid:
+        raise CmaeError(
+            f"{path}: holds chips of {grid_text(recorded)}, this run cuts "
+            f"{grid_text(grid)}; use --overwrite to start over, or another --out"
+        )
+    recorded = json.loads(meta.get(LISTING.encode(), b"null"))
+    if listing is not None and recorded is not None and recorded != listing:
+        raise CmaeError(
+            f"{path}: holds the rasters of {listing_text(recorded)}, this run "
+            f"lists {listing_text(listing)} (continuing would drop the rows it "
+            "does not list); use --overwrite to start over, or another --out"
+        )
+    if listing is not None and recorded is None:  # from before listings were kept
+        unlike = _unlike(table, listing)
+        if unlike is not None:
+            raise CmaeError(
+                f"{path}: {unlike}, unlike this run's listing "
+                f"({listing_text(listing)}); continuing would drop its rows: "
+                "use --overwrite to start over, or another --out"
+            )
 
 
 def _unlike(table: pa.Table, listing: dict[str, Any]) -> str | None:

@@ -147,7 +147,20 @@ def train_one_epoch(
     at = 1.0  # the epoch is over, whatever its last batch said (failures after it)
     if meter.steps:  # more or fewer steps than len(loader) said: the last ones
         report(step + 1)
-    seconds = time.perf_counter() - start
+    stats = _averages(meter, time.perf_counter() - start, epoch, cfg, ranks, device)
+    return {**stats, "failed": failed}
+
+
+def _averages(
+    meter: _LossMeter,
+    seconds: float,
+    epoch: int,
+    cfg: TrainConfig,
+    ranks: Ranks,
+    device: torch.device,
+) -> dict[str, Any]:
+    """An epoch's figures over every rank; TrainingError when no step of it
+    had a finite loss."""
     total, images, skipped = distributed.sum_over_ranks(
         [meter.total, meter.images, meter.skipped], ranks, device
     )
@@ -163,7 +176,6 @@ def train_one_epoch(
         "seconds": seconds,
         "images_per_s": images / max(seconds, 1e-9),
         "lr": lr_at(epoch + 1, cfg),
-        "failed": failed,
     }
 
 

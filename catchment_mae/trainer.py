@@ -207,17 +207,7 @@ def _train(
                         cfg, on_batch_end=hook, ranks=ranks,
                     )  # fmt: skip
                 data.settle(stats.pop("failed"))
-                if stats["images"] == 0:
-                    raise NoInputError(
-                        f"{cfg.input_dir}: no raster could be read this epoch"
-                    )
-                stats["epoch"] = epoch + 1
-                stats["val_loss"] = (
-                    evaluate(model, data.val_loader, device, cfg)
-                    if data.val_loader
-                    else None
-                )
-                history.append(stats)
+                history.append(_validated(stats, epoch, model, data))
                 if writes:
                     save_checkpoint(data.cfg, model, optimizer, epoch, history)
                     metrics.write(json.dumps(stats) + "\n")
@@ -249,6 +239,21 @@ def _train(
         history=history,
         **data.facts(),
     )
+
+
+def _validated(
+    stats: dict[str, Any], epoch: int, model: ScaleAwareMAE, data: TrainData
+) -> dict[str, Any]:
+    """An epoch's stats with its number and validation loss (None without
+    validation samples); NoInputError when no raster could be read."""
+    cfg = data.cfg
+    if stats["images"] == 0:
+        raise NoInputError(f"{cfg.input_dir}: no raster could be read this epoch")
+    stats["epoch"] = epoch + 1
+    stats["val_loss"] = (
+        evaluate(model, data.val_loader, data.device, cfg) if data.val_loader else None
+    )
+    return stats
 
 
 def _resumed(

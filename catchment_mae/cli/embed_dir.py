@@ -162,21 +162,14 @@ def embed_dir(
     # change the allocator of a host application.
     pa.set_memory_pool(pa.system_memory_pool())
 
+    _check_chips(tile, stride, tile_m, stride_m, max_nodata)
+    max_nodata = 1.0 if max_nodata is None else max_nodata
     verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
     bar = tqdm(
         desc="embedding",
         unit="chip" if tile or tile_m else "raster",
         disable=None if verbosity >= 0 else True,
     )
-    if tile is not None and tile_m is not None:
-        raise click.UsageError("--tile (pixels) and --tile-m (metres): choose one")
-    if stride is not None and tile is None:
-        raise click.UsageError("--stride needs --tile (--stride-m goes with --tile-m)")
-    if stride_m is not None and tile_m is None:
-        raise click.UsageError("--stride-m needs --tile-m")
-    if max_nodata is not None and tile is None and tile_m is None:
-        raise click.UsageError("--max-nodata needs --tile or --tile-m")
-    max_nodata = 1.0 if max_nodata is None else max_nodata
     try:
         if ray_address is not None:
             from catchment_mae.batch.ray_runner import embed_dir_ray
@@ -211,6 +204,24 @@ def embed_dir(
     else:
         wrote = "" if summary.nothing_new else f"; wrote {summary.out}"
         click.echo(f"{summary.line()} in {summary.seconds:.1f} s{wrote}", err=True)
+
+
+def _check_chips(
+    tile: int | None,
+    stride: int | None,
+    tile_m: float | None,
+    stride_m: float | None,
+    max_nodata: float | None,
+) -> None:
+    """The chip options that go together (a UsageError otherwise)."""
+    if tile is not None and tile_m is not None:
+        raise click.UsageError("--tile (pixels) and --tile-m (metres): choose one")
+    if stride is not None and tile is None:
+        raise click.UsageError("--stride needs --tile (--stride-m goes with --tile-m)")
+    if stride_m is not None and tile_m is None:
+        raise click.UsageError("--stride-m needs --tile-m")
+    if max_nodata is not None and tile is None and tile_m is None:
+        raise click.UsageError("--max-nodata needs --tile or --tile-m")
 
 
 def _total_of(bar: Any) -> Callable[[int], None]:

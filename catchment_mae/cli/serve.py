@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -129,7 +130,12 @@ def serve(
             f"cannot listen on {shown}:{port}: {e.strerror or e} (another server "
             "there? choose another --port)"
         ) from e
-    jobs = app.extensions["cmae"].jobs
+    _stop_jobs(app.extensions["cmae"].jobs)
+    click.echo("cmae serve: stopped", err=True)
+
+
+def _stop_jobs(jobs: Any) -> None:
+    """Cancels the server's running jobs, waiting STOP_TIMEOUT seconds."""
     if any(j.status == "running" for j in jobs.all()):
         click.echo("cmae serve: cancelling running jobs...", err=True)
     left = jobs.stop(timeout=STOP_TIMEOUT)
@@ -139,7 +145,6 @@ def serve(
             STOP_TIMEOUT,
             ", ".join(left),
         )
-    click.echo("cmae serve: stopped", err=True)
 
 
 def _open_files_for(connections: int) -> int:

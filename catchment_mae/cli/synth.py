@@ -116,26 +116,9 @@ def synth(
             )
             paths = [out_dir / r.path for r in rows]
         elif copies_of or catchments_of or windows_of:
-            from catchment_mae import catchments
-
-            if copies_of:
-                labels, skipped = terrain.write_scale_copies(copies_of, out_dir)
-            elif catchments_of:
-                labels, skipped = catchments.write_catchment_benchmark(
-                    catchments_of, out_dir, per_dem=per_dem, seed=seed
-                )
-            else:
-                labels, skipped = catchments.write_windows(
-                    windows_of, out_dir, per_dem=per_dem, seed=seed
-                )
-            paths = [out_dir / str(r["path"]) for r in labels]
-            for line in skipped:
-                click.echo(f"cmae: skipped {line}", err=True)
-            if not paths:
-                raise click.ClickException(
-                    f"{copies_of or catchments_of or windows_of}: no TIFF could be "
-                    + ("copied" if copies_of else "cut")
-                )
+            paths, skipped = _from_real(
+                out_dir, copies_of, catchments_of, windows_of, per_dem, seed
+            )
         else:
             paths = generate_dems(
                 out_dir, count, min_size=min_size, max_size=max_size, seed=seed
@@ -145,17 +128,44 @@ def synth(
     except OSError as e:
         raise click.ClickException(f"{out_dir}: cannot write: {e.strerror or e}") from e
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "out_dir": str(out_dir),
-                    "files": [str(p) for p in paths],
-                    "skipped": skipped,
-                },  # fmt: skip
-                sort_keys=True,
-            )
-        )
+        files = [str(p) for p in paths]
+        out = {"out_dir": str(out_dir), "files": files, "skipped": skipped}
+        click.echo(json.dumps(out, sort_keys=True))
     else:
         benchmark = labelled or copies_of or catchments_of or windows_of
         labels = " and labels.csv" if benchmark else ""
         click.echo(f"wrote {len(paths)} DEM(s){labels} to {out_dir}", err=True)
+
+
+def _from_real(
+    out_dir: Path,
+    copies_of: Path | None,
+    catchments_of: Path | None,
+    windows_of: Path | None,
+    per_dem: int,
+    seed: int,
+) -> tuple[list[Path], list[str]]:
+    """The benchmarks cut from real DEMs (one of the three folders given): the
+    rasters written and the DEMs skipped (each said on stderr)."""
+    from catchment_mae import catchments, terrain
+
+    if copies_of:
+        labels, skipped = terrain.write_scale_copies(copies_of, out_dir)
+    elif catchments_of:
+        labels, skipped = catchments.write_catchment_benchmark(
+            catchments_of, out_dir, per_dem=per_dem, seed=seed
+        )
+    else:
+        assert windows_of is not None
+        labels, skipped = catchments.write_windows(
+            windows_of, out_dir, per_dem=per_dem, seed=seed
+        )
+    paths = [out_dir / str(r["path"]) for r in labels]
+    for line in skipped:
+        click.echo(f"cmae: skipped {line}", err=True)
+    if not paths:
+        raise click.ClickException(
+            f"{copies_of or catchments_of or windows_of}: no TIFF could be "
+            + ("copied" if copies_of else "cut")
+        )
+    return paths, skipped
