@@ -61,7 +61,7 @@ from catchment_mae.preprocess import (
 )
 from catchment_mae.raster import image_size
 from catchment_mae.shard_rows import ShardTarget, write_row
-from catchment_mae.stats import ScanResult
+from catchment_mae.stats import ScanResult, usable_std
 from catchment_mae.warmup import warming_up
 from catchment_mae.workers import ReaderPool, failure_reason
 
@@ -254,7 +254,7 @@ def _screen(result: Prepared, spec: PreprocessSpec) -> None:
         norm = dataclasses.replace(
             spec,
             norm_mean=spec.norm_mean or tuple(result.mean),
-            norm_std=spec.norm_std or tuple(s if s > 0 else 1.0 for s in result.std),
+            norm_std=spec.norm_std or tuple(usable_std(result.std)),
         )
         peaks = norm_peaks(
             np.stack([e.mean for e in result.entries]),

@@ -97,6 +97,12 @@ class RunningStats:
 # std 3.2e13 over a directory of ordinary DEMs); it is left out, with a reason.
 
 
+def usable_std(std: Any) -> list[float]:
+    """Per-channel stds fixed normalisation can divide by: a flat band's 0 is
+    1 (its values then stay where the mean puts them)."""
+    return [float(s) if s > 0 else 1.0 for s in std]
+
+
 def far_outliers(means: np.ndarray, stds: np.ndarray) -> np.ndarray:
     """Which rasters (rows of ``means``/``stds``, (N, C)) lie absurdly far from
     the rest: more than OUTLIER_FACTOR spreads from the median raster, the spread

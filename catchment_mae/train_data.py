@@ -43,6 +43,7 @@ from catchment_mae.prepare import (
 )
 from catchment_mae.ranks import Ranks
 from catchment_mae.raster import find_tiffs
+from catchment_mae.stats import usable_std
 from catchment_mae.workers import READ_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def complete_config(cfg: TrainConfig, prepared: Prepared) -> TrainConfig:
         updates["in_chans"] = prepared.bands
     if cfg.norm_mean is None:
         updates["norm_mean"] = prepared.mean
-        updates["norm_std"] = [s if s > 0 else 1.0 for s in prepared.std]
+        updates["norm_std"] = usable_std(prepared.std)
         updates["extra"] = {**cfg.extra, "norm_stats_from": "data"}
     if cfg.scale_stats and cfg.scale_mean is None:
         vectors = np.stack([e.scale for e in prepared.entries]).astype(np.float64)

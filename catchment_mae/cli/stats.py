@@ -56,7 +56,7 @@ def stats(
     """
     from tqdm.auto import tqdm
 
-    from catchment_mae.stats import scan_dir
+    from catchment_mae.stats import scan_dir, usable_std
     from catchment_mae.workers import READ_TIMEOUT, available_cores
 
     verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
@@ -102,6 +102,5 @@ def stats(
             f"std {','.join(f'{s:.6g}' for s in out['median_std'])}"
         )
     mean = ",".join(f"{m:.6g}" for m in out["mean"])
-    # A flat band has std 0, which would divide by zero: use 1, as cmae train does.
-    std = ",".join(f"{s if s > 0 else 1.0:.6g}" for s in out["std"])
+    std = ",".join(f"{s:.6g}" for s in usable_std(out["std"]))  # as cmae train
     click.echo(f"for cmae train: --norm-mean {mean} --norm-std {std}")
