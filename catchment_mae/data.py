@@ -13,7 +13,7 @@ import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -22,6 +22,19 @@ from torch.utils.data import Dataset, Sampler
 from catchment_mae.cache import Entry
 from catchment_mae.errors import BadRasterError
 from catchment_mae.preprocess import PreprocessSpec, load_resampled, norm_coefficients
+
+
+class Batch(TypedDict, total=False):
+    """What a training step takes (every loader gives it; ``z`` is None for a
+    batch whose rasters all failed)."""
+
+    z: Any  # (B, C, S, S) float16: each raster standardised by its own stats
+    valid: Any  # (B, 1, S, S) uint8: each pixel's valid share, in VALID_LEVELS
+    coef: Any  # (B, 2, C): image = coef[:, 0] * z + coef[:, 1]
+    scale: Any  # (B, K) float32: the scale vectors
+    path: list[str]  # the rasters (or chips) in the batch
+    failed: list[tuple[str, str]]  # rasters that failed on the way: (path, reason)
+    done: float  # streamed first epoch: the share of the epoch settled
 
 
 class CachedDataset(Dataset):
@@ -77,7 +90,7 @@ class CachedDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
 
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
         """One batch (the DataLoader hands the sampler's indices over at once)."""
         idx = np.asarray(indices, np.int64)
         first_z, first_v = self._arrays(int(self.shard_of[idx[0]]))
@@ -172,13 +185,13 @@ class RasterDataset(Dataset):
         }
 
 
-def collate(items: Any) -> dict[str, Any]:
+def collate(items: Any) -> Batch:
     """Stacks a RasterDataset's samples (failures travel beside them as (path,
     reason)); a CachedDataset's batch comes ready and passes through."""
     if isinstance(items, dict):
         return items
     good = [it for it in items if "failed" not in it]
-    batch: dict[str, Any] = {
+    batch: Batch = {
         "failed": [it["failed"] for it in items if "failed" in it],
         "path": [it["path"] for it in good],
     }

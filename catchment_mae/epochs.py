@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from catchment_mae import distributed
 from catchment_mae.config import TrainConfig
-from catchment_mae.data import epoch_seed
+from catchment_mae.data import Batch, epoch_seed
 from catchment_mae.errors import ConfigError, TrainingError
 from catchment_mae.loaders import random_flips, to_model_input
 from catchment_mae.model import ScaleAwareMAE
@@ -181,7 +181,7 @@ def _averages(
 
 def _step(
     model: ScaleAwareMAE,
-    batch: dict[str, Any],
+    batch: Batch,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     cfg: TrainConfig,

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from catchment_mae.cache import Entry
 from catchment_mae.data import (
+    Batch,
     CachedDataset,
     EpochSampler,
     RasterDataset,
@@ -183,7 +184,7 @@ class DeviceLoader:
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         on_device = order.to(self.device, non_blocking=True)
         paths = self.dataset.paths
@@ -238,7 +239,7 @@ class StreamedEpoch:
     def __len__(self) -> int:
         return max(1, -(-len(self.train) // self.batch_size))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         # How many training samples the pass settles up to each one (its order).
         settled = {
             p: k + 1
@@ -266,9 +267,7 @@ class StreamedEpoch:
             done = min(lo + self.batch_size, len(batch)) / len(batch)
             yield self._gather(batch[lo : lo + self.batch_size], maps, done)
 
-    def _gather(
-        self, batch: list[Entry], maps: dict[str, Any], done: float
-    ) -> dict[str, Any]:
+    def _gather(self, batch: list[Entry], maps: dict[str, Any], done: float) -> Batch:
         ds = CachedDataset(batch, self.spec, self.stream.cache_dir, maps, self.pin)
         try:
             return {**ds.__getitems__(range(len(batch))), "done": done}
