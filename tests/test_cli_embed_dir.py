@@ -283,7 +283,7 @@ def test_embed_dir__another_model_or_a_second_writer(
     out = tmp_path / "m.parquet"
     assert _run(runner, archive, "--model", onnx_model, "--out", out).exit_code == 0
     other = tmp_path / "other.onnx"
-    export_encoder(trained.weights_path, other, pool="cls", validate=False)
+    export_encoder(trained.weights_path, other, pool="mean", validate=False)
     r = _run(runner, archive, "--model", other, "--out", out)
     assert r.exit_code == 1 and "was written with another model" in r.stderr
     with open(tmp_path / ".m.parquet.lock", "w") as held:

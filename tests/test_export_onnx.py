@@ -99,7 +99,7 @@ def test_export__metadata_round_trip(exported, trained):
     assert int(meta["image_size"]) == 32 and int(meta["in_chans"]) == 1
     assert json.loads(meta["norm_mean"]) == cfg.norm_mean
     assert json.loads(meta["norm_std"]) == cfg.norm_std
-    assert meta["pool"] == "mean" and int(meta["embedding_dim"]) == WIDTH + SCALE_DIM
+    assert meta["pool"] == "cls" and int(meta["embedding_dim"]) == WIDTH + SCALE_DIM
     assert meta["scale"] == "ground" and float(meta["scale_eps"]) == 1e-6
     assert (
         int(meta["scale_dim"]) == SCALE_DIM
@@ -182,7 +182,7 @@ def test_export__pools_weigh_patches_by_valid_fraction(trained, tmp_path):
     half = feed["valid"].copy()
     half[:, :, :, 16:] = 0.0  # right half nodata: its patches weigh nothing
     out = tmp_path / "mean.onnx"
-    export_encoder(trained.weights_path, out)  # the config's pool: mean
+    export_encoder(trained.weights_path, out, pool="mean")
     sess = create_session(out)
     a = sess.run(None, feed)[0]
     b = sess.run(None, {**feed, "valid": half})[0]

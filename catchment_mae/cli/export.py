@@ -33,7 +33,8 @@ from catchment_mae.cli import options
     default=None,
     help="cls: class token (the original tool's embedding); mean: patch tokens "
     "weighted by their valid fraction (adds a `valid` input)  [default: the "
-    "model's, mean for models trained since the terrain inputs]",
+    "model's NAME.json's: cls for models trained now, mean for those trained "
+    "with the first terrain inputs]",
 )
 @click.option(
     "--fp16",
