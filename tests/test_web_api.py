@@ -628,8 +628,10 @@ class Swapper:
         try:
             step(*args)
         except OSError:
-            self.made = getattr(self, "made", 0) + 1
-            os.rename(self.name, self.name.with_name(f"made{self.made}"))
+            aside = self.name.with_name("made0")
+            while aside.exists() or aside.is_symlink():  # an earlier swapper's
+                aside = aside.with_name(f"made{int(aside.name[4:]) + 1}")
+            os.rename(self.name, aside)
             step(*args)
 
     def __enter__(self) -> Swapper:
