@@ -16,6 +16,7 @@ from catchment_mae.cli.embed_dir import embed_dir
 from catchment_mae.cli.eval import eval_cmd
 from catchment_mae.cli.export import export
 from catchment_mae.cli.info import info
+from catchment_mae.cli.search import search
 from catchment_mae.cli.serve import serve
 from catchment_mae.cli.stats import stats
 from catchment_mae.cli.synth import synth
@@ -84,7 +85,9 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     configure_logging(verbose - quiet)
 
 
-COMMANDS = (demo, embed, embed_dir, eval_cmd, export, info, serve, stats, synth, train)
+COMMANDS = (
+    demo, embed, embed_dir, eval_cmd, export, info, search, serve, stats, synth, train,
+)  # fmt: skip
 for _command in COMMANDS:
     cli.add_command(_command)
 

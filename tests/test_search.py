@@ -1,0 +1,118 @@
+"""``cmae search``: the nearest rows of an embeddings table, exactly as numpy
+ranks them, filtered, from a row or a TIFF embedded with the table's model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from catchment_mae.cli.main import cli
+from tests.conftest import write_table
+
+
+def _vectors(n: int = 50, dim: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+def _cosine_order(vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
+    sims = vectors @ q / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(q))
+    return np.argsort(-sims, kind="stable"), sims
+
+
+def _search(runner, *args):
+    return runner.invoke(cli, ["search", *map(str, args)])
+
+
+def test_search__like_row_ranks_as_numpy_does(runner, tmp_path, monkeypatch):
+    import catchment_mae.search as search_module
+
+    monkeypatch.setattr(search_module, "BATCH_ROWS", 7)  # many batches, merged
+    vectors = _vectors()
+    paths = [f"r{i:02d}.tif" for i in range(len(vectors))]
+    table = write_table(tmp_path / "t.parquet", paths, vectors)
+    r = _search(runner, table, "--like-row", 3, "-k", 5, "--json")
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.stdout)
+    order, sims = _cosine_order(vectors, vectors[3])
+    want = [int(i) for i in order if i != 3][:5]
+    assert [h["row"] for h in hits] == want
+    assert [h["path"] for h in hits] == [paths[i] for i in want]
+    np.testing.assert_allclose([h["similarity"] for h in hits], sims[want], atol=1e-5)
+    assert "embedding" not in hits[0] and "geometry" not in hits[0]
+    by_id = _search(runner, table, "--like", "r03.tif", "-k", 5, "--json")
+    assert json.loads(by_id.stdout) == hits
+    human = _search(runner, table, "--like", "r03.tif", "-k", 2)
+    lines = human.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].split()[-1] == paths[want[0]]
+
+
+def test_search__failed_rows_and_filters(runner, tmp_path):
+    vectors = _vectors(20)
+    paths = [f"r{i:02d}.tif" for i in range(20)]
+    errors = [None] * 20
+    errors[5] = "cannot decode TIFF"
+    table = write_table(tmp_path / "t.parquet", paths, vectors, errors)
+    t = pq.read_table(table)
+    boxes = [
+        {"xmin": float(i), "ymin": 0.0, "xmax": i + 0.5, "ymax": 1.0} for i in range(20)
+    ]
+    boxes[11] = None  # no footprint: never inside a box
+    t = t.set_column(t.schema.get_field_index("bbox"), "bbox",
+                     pa.array(boxes, t.schema.field("bbox").type))  # fmt: skip
+    pq.write_table(t, table)
+    everything = json.loads(_search(runner, table, "--like-row", 0, "-k", 50,
+                                    "--json").stdout)  # fmt: skip
+    assert 5 not in [h["row"] for h in everything] and len(everything) == 18
+    boxed = _search(runner, table, "--like-row", 0, "-k", 50, "--bbox",
+                    "9.9,0,12.2,0.5", "--json")  # fmt: skip
+    assert sorted(h["row"] for h in json.loads(boxed.stdout)) == [10, 12]
+    pytest.importorskip("duckdb", reason="--where needs the search extra (DuckDB)")
+    where = _search(runner, table, "--like-row", 0, "-k", 50, "--where",
+                    "path >= 'r15.tif'", "--json")  # fmt: skip
+    assert sorted(h["row"] for h in json.loads(where.stdout)) == [15, 16, 17, 18, 19]
+    bad = _search(runner, table, "--like-row", 0, "--where", "no_such_column > 1")
+    assert bad.exit_code == 1 and "--where" in bad.stderr
+    assert "Traceback" not in bad.output
+    failed = _search(runner, table, "--like-row", 5)
+    assert failed.exit_code == 1 and "row 5 has no embedding" in failed.stderr
+
+
+def test_search__like_file_with_the_tables_own_model(
+    runner, dem_dir, onnx_model, trained, tmp_path
+):
+    from catchment_mae.export.onnx import export_encoder
+
+    data = tmp_path / "dems"
+    shutil.copytree(dem_dir, data)
+    model = tmp_path / "m.onnx"
+    shutil.copy(onnx_model, model)
+    table = tmp_path / "t.parquet"
+    r = runner.invoke(cli, ["embed-dir", str(data), "--model", str(model),
+                            "--out", str(table)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    one = sorted(data.glob("*.tif"))[4]
+    from_file = _search(runner, table, "--like-file", one, "-k", 3, "--json")
+    assert from_file.exit_code == 0, from_file.output
+    hits = json.loads(from_file.stdout)
+    # The file is in the table: its own row first, as alike as a vector can be.
+    assert hits[0]["path"] == one.name and hits[0]["similarity"] == pytest.approx(1.0)
+    other = tmp_path / "other.onnx"
+    export_encoder(trained.weights_path, other, pool="mean", validate=False)
+    refused = _search(runner, table, "--like-file", one, "--model", other)
+    assert refused.exit_code == 1 and "is not the model" in refused.stderr
+
+
+def test_search__usage(runner, tmp_path):
+    table = write_table(tmp_path / "t.parquet", ["a.tif", "b.tif"], _vectors(2))
+    assert _search(runner, table).exit_code == 2  # no query
+    assert _search(runner, table, "--like-row", 0, "--like", "a.tif").exit_code == 2
+    assert _search(runner, table, "--like-row", 0, "--bbox", "1,2,3").exit_code == 2
+    missing = _search(runner, tmp_path / "none.parquet", "--like-row", 0)
+    assert missing.exit_code == 1 and "no such file" in missing.stderr
+    nobody = _search(runner, table, "--like", "c.tif")
+    assert nobody.exit_code == 1 and "no row has path 'c.tif'" in nobody.stderr
