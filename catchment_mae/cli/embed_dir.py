@@ -108,6 +108,12 @@ def _shard(
 @click.option(
     "--overwrite", is_flag=True, help="Start over instead of continuing an earlier run."
 )
+@click.option(
+    "--stac",
+    is_flag=True,
+    help="Also write a STAC Item beside OUT (OUT's name .stac.json): the table "
+    "with the Embedding extension's fields, the model with the MLM extension's.",
+)
 @options.json_opt
 @click.pass_context
 def embed_dir(
@@ -130,6 +136,7 @@ def embed_dir(
     tile_m: float | None,
     stride_m: float | None,
     ray_address: str | None,
+    stac: bool,
 ) -> None:
     """Embed every TIFF under INPUT_DIR with MODEL and write one row per raster to
     OUT: path, embedding, height, width, bands, dtype, nodata_fraction, file_size,
@@ -199,10 +206,16 @@ def embed_dir(
         raise
     finally:
         bar.close()
+    result = summary.to_dict()
+    if stac:
+        from catchment_mae.stac import write_item
+
+        result["stac"] = str(write_item(out, model))
     if as_json:
-        click.echo(json.dumps(summary.to_dict(), sort_keys=True))
+        click.echo(json.dumps(result, sort_keys=True))
     else:
         wrote = "" if summary.nothing_new else f"; wrote {summary.out}"
+        wrote += f" and {result['stac']}" if stac else ""
         click.echo(f"{summary.line()} in {summary.seconds:.1f} s{wrote}", err=True)
 
 
