@@ -42,7 +42,9 @@ from catchment_mae.preprocess import (
     normalise,
 )
 from catchment_mae.raster import check_file
-from catchment_mae.workers import ReaderPool, failure_reason
+from catchment_mae.workers import ReaderPool, failure_reason, preload
+
+preload(__name__)  # reader processes run this module's tasks
 
 # Bytes of ring the wave of batches read in one turn may take (the CPU schedule),
 # beyond which a turn holds fewer batches (many bands); never less than one.

@@ -63,7 +63,9 @@ from catchment_mae.raster import image_size
 from catchment_mae.shard_rows import ShardTarget, write_row
 from catchment_mae.stats import ScanResult, usable_std
 from catchment_mae.warmup import warming_up
-from catchment_mae.workers import ReaderPool, failure_reason
+from catchment_mae.workers import ReaderPool, failure_reason, preload
+
+preload(__name__)  # reader processes run this module's tasks
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,9 @@ from catchment_mae.raster import (
     find_tiffs,
     read_raster,
 )
-from catchment_mae.workers import ReaderPool, failure_reason
+from catchment_mae.workers import ReaderPool, failure_reason, preload
+
+preload(__name__)  # reader processes run this module's tasks
 
 log = logging.getLogger(__name__)
 

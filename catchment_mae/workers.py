@@ -40,17 +40,17 @@ log = logging.getLogger(__name__)
 # Seconds one raster may take in a reader process (decoding a 1e8-pixel raster
 # takes seconds); past it, the reader is replaced and the file fails.
 READ_TIMEOUT = 600.0
-# Modules the forkserver imports once, so each new worker starts warm. Beyond
-# ours: tifffile's GeoTIFF key tables (about 2,000 enum members built at import)
-# and the usual codecs, which a reader's first raster imported otherwise (the
-# first raster took some twenty times as long as the next; preloaded, half as
-# long as without). Not "__main__"
-# (Python's default, which this list replaces): before CPython 3.13.8 it does
-# nothing (gh-126631), and after it the forkserver runs the caller's script, at
-# first with an empty sys.argv (gh-143706). Our readers do not import the
-# script at all (_without_main).
+# Modules the forkserver imports once, so each new worker starts warm: the
+# modules whose functions the pool runs (each registers itself, preload()) and
+# the libraries they read with: tifffile's GeoTIFF key tables (about 2,000 enum
+# members built at import) and the usual codecs, which a reader's first raster
+# imported otherwise (the first raster took some twenty times as long as the
+# next; preloaded, half as long as without). Not "__main__" (Python's default,
+# which this list replaces): before CPython 3.13.8 it does nothing
+# (gh-126631), and after it the forkserver runs the caller's script, at first
+# with an empty sys.argv (gh-143706). Our readers do not import the script at
+# all (_without_main).
 PRELOAD = [
-    "catchment_mae.batch.reader", "catchment_mae.prepare", "catchment_mae.stats",
     "pyproj",
     "tifffile.geodb", "imagecodecs._deflate", "imagecodecs._zlib", "imagecodecs._imcd",
 ]  # fmt: skip
@@ -462,12 +462,20 @@ def limit_worker_threads(*_: object) -> None:
     threadpool_limits(1)
 
 
-def prestart() -> None:
-    """Starts the forkserver that reader processes come from: its start (a
-    fresh interpreter importing PRELOAD) then runs beside what the caller
+def preload(*modules: str) -> None:
+    """Adds ``modules`` (those whose functions a pool will run) to what a
+    forkserver started later imports once for all its workers."""
+    PRELOAD.extend(m for m in modules if m not in PRELOAD)
+
+
+def prestart(*modules: str) -> None:
+    """Starts the forkserver that reader processes come from, ``modules`` (the
+    caller's tasks, not imported here yet) added to what it imports: its start
+    (a fresh interpreter importing PRELOAD) then runs beside what the caller
     does next (the command's own imports) instead of before the first reader.
     A ReaderPool made later uses it; a short ``cmae embed-dir`` starts about a
     tenth sooner even where the two starts share two cores."""
+    preload(*modules)
     if start_context().get_start_method() != "forkserver":
         return
     with contextlib.suppress(Exception):  # the pool will say what is wrong

@@ -335,7 +335,7 @@ def test_train__the_readers_forkserver_starts_before_torch_is_imported(tmp_path)
 import sys
 import catchment_mae.workers as workers
 seen = []
-workers.prestart = lambda: seen.append("torch" in sys.modules)
+workers.prestart = lambda *_: seen.append("torch" in sys.modules)
 from catchment_mae.cli.main import cli
 try:
     cli(["train", "{tmp_path / "none"}", "--out", "{tmp_path / "m.pth"}"],

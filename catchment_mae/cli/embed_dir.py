@@ -156,7 +156,7 @@ def embed_dir(
     if ray_address is None and num_workers != 0:
         from catchment_mae.workers import prestart
 
-        prestart()  # beside the imports below
+        prestart("catchment_mae.batch.reader")  # beside the imports below
     import pyarrow as pa
     from tqdm.auto import tqdm
 

@@ -263,7 +263,8 @@ def train(
     if reads_here(nproc, flags.get("num_workers")):
         from catchment_mae.workers import prestart
 
-        prestart()  # the first pass's readers come from it; it starts beside torch
+        # The first pass's readers come from it; it starts beside torch.
+        prestart("catchment_mae.prepare")
     from catchment_mae.distributed import launch
     from catchment_mae.trainer import train as run_training
 
