@@ -100,6 +100,31 @@ NO_TORCH = (
 )
 
 
+def start_cmae(*args: Any, entry: str | None = None, **kw: Any) -> subprocess.Popen:
+    """``cmae ARGS`` started in the background, text pipes for stdout and
+    stderr (``kw`` overrides them); ``entry``: run as ``python -c entry`` (e.g.
+    NO_TORCH) instead of ``python -m catchment_mae.cli.main``."""
+    head = ["-c", entry] if entry is not None else ["-m", "catchment_mae.cli.main"]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen([sys.executable, *head, *map(str, args)], **{**pipes, **kw})
+
+
+def wait_for(proc: subprocess.Popen, ready: Any, seconds: float, what: str) -> None:
+    """Waits until ``ready()`` while ``proc`` runs; fails the test, with what the
+    process said, when it ends first or ``seconds`` pass (a generous bound: the
+    event is what is waited for, not a time)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"{what} never came: {proc.returncode}, {err or out}")
+        time.sleep(0.005)
+
+
 def python_out(code: str) -> str:
     """What ``code`` prints, run in a fresh interpreter (its imports are its own);
     it must succeed."""

@@ -24,7 +24,7 @@ from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec, load_sample
 from catchment_mae.raster import find_tiffs
 from catchment_mae.runtime import CUDA
 from catchment_mae.workers import ReaderPool
-from tests.conftest import copies_of
+from tests.conftest import copies_of, start_cmae
 
 SPEC = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")
 SHM = Path("/dev/shm")
@@ -118,10 +118,7 @@ def test_ring__segment_is_shared_and_unlinked(tmp_path):
 
 
 def _cmae(*args, **kw):
-    return subprocess.Popen(
-        [sys.executable, "-m", "catchment_mae.cli.main", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
-    )  # fmt: skip
+    return start_cmae(*args, **kw)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 from catchment_mae.cli.main import cli
 from catchment_mae.preprocess import load_sample
 from catchment_mae.runtime import create_session, read_metadata, spec_from_metadata
-from tests.conftest import DATA, NO_TORCH, python_out
+from tests.conftest import DATA, NO_TORCH, python_out, start_cmae, wait_for
 
 
 def _run(runner, *args):
@@ -295,21 +295,13 @@ def test_embed_dir__another_model_or_a_second_writer(
 
 
 def _start(archive, model, out, *extra):
-    import time
-
-    args = ["embed-dir", archive, "--model", model, "--out", out, "--batch-size", "1",
-            "--rows-per-part", "1", "--num-workers", "0", "--json", *extra]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "catchment_mae.cli.main", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_cmae("embed-dir", archive, "--model", model, "--out", out,
+                      "--batch-size", "1", "--rows-per-part", "1", "--num-workers", "0",
+                      "--json", *extra)  # fmt: skip
     parts = out.with_name(out.name + ".parts")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 5:
-            return proc
-        time.sleep(0.005)
-    raise AssertionError(f"no parts appeared: {proc.communicate()}")
+    wait_for(proc, lambda: len(list(parts.glob("part-*.parquet"))) >= 5, 60,
+             "five parts")  # fmt: skip
+    return proc
 
 
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM", "SIGTERM, --overwrite"])

@@ -16,7 +16,15 @@ import tifffile
 import torch
 
 from catchment_mae.cli.main import cli
-from tests.conftest import DATA, TINY_FLAGS, cli_train, decoder_config, python_out
+from tests.conftest import (
+    DATA,
+    TINY_FLAGS,
+    cli_train,
+    decoder_config,
+    python_out,
+    start_cmae,
+    wait_for,
+)
 
 
 def _assert_clean_error(result, *fragments):
@@ -263,17 +271,10 @@ def test_train__signal_leaves_a_usable_checkpoint(tmp_path, dem_dir, sig):
     ckpt = tmp_path / "m.ckpt.pth"
     flags = list(TINY_FLAGS)
     flags[flags.index("--epochs") + 1] = "500"
-    cmd = [sys.executable, "-m", "catchment_mae.cli.main", "train", str(dem_dir)]
-    cmd += ["--out", str(out), *flags, "--config", str(decoder_config(tmp_path))]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert ckpt.exists(), (
-        proc.stderr.read() if proc.poll() is not None else "no checkpoint"
-    )
+    config = decoder_config(tmp_path)
+    args = ["train", dem_dir, "--out", out, *flags, "--config", config]
+    proc = start_cmae(*args)
+    wait_for(proc, ckpt.exists, 120, "an epoch checkpoint")
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
@@ -287,12 +288,9 @@ def test_train__signal_leaves_a_usable_checkpoint(tmp_path, dem_dir, sig):
     assert not out.exists()  # the final model is only written at the end
     # Resuming continues from the checkpoint (one more epoch here).
     flags[flags.index("--epochs") + 1] = str(done + 1)
-    resumed = subprocess.run(
-        [*cmd[:5], "--out", str(out), *flags, "--config", str(decoder_config(tmp_path)),
-         "--resume", str(ckpt), "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = start_cmae(*args[:4], *flags, *args[-2:], "--resume", ckpt, "--json")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
     assert torch.load(out, weights_only=True)["epoch"] == done + 1
 
 
@@ -304,18 +302,11 @@ def test_train__a_signal_to_the_whole_group_stops_quietly(tmp_path, dem_dir, sig
     flags = list(TINY_FLAGS)
     flags[flags.index("--epochs") + 1] = "100000"
     flags[flags.index("--num-workers") + 1] = "2"
-    cmd = [sys.executable, "-m", "catchment_mae.cli.main", "train", str(dem_dir),
-           "--out", str(out), *flags, "--no-cache",
-           "--config", str(decoder_config(tmp_path))]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    config = decoder_config(tmp_path)
+    proc = start_cmae("train", dem_dir, "--out", out, *flags, "--no-cache",
+                      "--config", config, start_new_session=True)  # fmt: skip
     ckpt = tmp_path / "g.ckpt.pth"
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert ckpt.exists(), proc.communicate()
+    wait_for(proc, ckpt.exists, 120, "an epoch checkpoint")
     time.sleep(0.5)
     t0 = time.monotonic()
     os.killpg(proc.pid, sig)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from catchment_mae.data import EpochSampler
-from tests.conftest import python_out
+from tests.conftest import python_out, start_cmae, wait_for
 
 
 def test_sampler__ranks_share_each_global_batch():
@@ -140,21 +140,15 @@ def test_train__a_signal_stops_every_rank(tmp_path, dems, sig):
     cfg = tmp_path / "dec.json"
     cfg.write_text(json.dumps({"decoder_dim": 32, "decoder_depth": 1,
                                "decoder_num_heads": 2}))  # fmt: skip
-    cmd = [sys.executable, "-m", "catchment_mae.cli.main", "train", str(dems),
-           "--out", str(out), "--model", "vit_tiny_patch16_224", "--image-size",
-           "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "1",
-           "--num-heads", "2", "--batch-size", "4", "--num-workers", "0",
-           "--epochs", "100000", "--device", "cpu", "--config", str(cfg),
-           "--cache", str(tmp_path / "cache"), "--nproc", "2"]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+    proc = start_cmae(
+        "train", dems, "--out", out, "--model", "vit_tiny_patch16_224",
+        "--image-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth",
+        "1", "--num-heads", "2", "--batch-size", "4", "--num-workers", "0",
+        "--epochs", "100000", "--device", "cpu", "--config", cfg,
+        "--cache", tmp_path / "cache", "--nproc", "2", start_new_session=True,
     )  # fmt: skip
     ckpt = out.with_suffix(".ckpt.pth")
-    deadline = time.monotonic() + 180
-    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert ckpt.exists(), proc.stderr.read() if proc.poll() is not None else "slow"
+    wait_for(proc, ckpt.exists, 180, "an epoch checkpoint")
     family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(True)]
     os.killpg(proc.pid, sig)
     t0 = time.monotonic()

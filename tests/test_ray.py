@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catchment_mae.cli.main import cli
-from tests.conftest import NO_TORCH
+from tests.conftest import NO_TORCH, start_cmae, wait_for
 
 pytest.importorskip("ray.data", reason="embed-dir --ray needs the ray extra")
 
@@ -95,20 +95,13 @@ def test_embed_dir_ray__sigterm_saves_the_rows_as_ctrl_c_does(
     """ray.init puts its own SIGTERM handler in: SIGTERM ended a Ray run with
     exit 15 and a C++ stack on stderr, not the rows saved, one line and 130."""
     import signal
-    import time
 
     out = tmp_path / "r.parquet"
     args = ["embed-dir", big_archive, "--model", onnx_model, "--out", out, "--ray",
             "--num-workers", "2", "--rows-per-part", "4"]  # fmt: skip
-    p = subprocess.Popen(
-        [sys.executable, "-c", NO_TORCH, *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    p = start_cmae(*args, entry=NO_TORCH)
     parts = out.with_name(out.name + ".parts")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(parts.glob("part-*.parquet")):
-        assert p.poll() is None, p.communicate()
-        time.sleep(0.05)
+    wait_for(p, lambda: bool(list(parts.glob("part-*.parquet"))), 120, "a part")
     p.send_signal(signal.SIGTERM)
     _, stderr = p.communicate(timeout=120)
     assert p.returncode == 130, stderr[-2000:]
