@@ -116,3 +116,54 @@ def test_search__usage(runner, tmp_path):
     assert missing.exit_code == 1 and "no such file" in missing.stderr
     nobody = _search(runner, table, "--like", "c.tif")
     assert nobody.exit_code == 1 and "no row has path 'c.tif'" in nobody.stderr
+
+
+def test_search__an_index_beside_a_large_table(runner, tmp_path, monkeypatch):
+    """Above INDEX_ROWS the search goes through an index built once beside the
+    table, built again when the table changes, and answers as the exact search
+    does where the index finds every neighbour (a small table)."""
+    pytest.importorskip("usearch", reason="the index needs the search extra")
+    import os
+
+    import catchment_mae.search as search_module
+
+    monkeypatch.setattr(search_module, "INDEX_ROWS", 10)
+    vectors = _vectors(200, 16, seed=3)
+    paths = [f"r{i:03d}.tif" for i in range(200)]
+    table = write_table(tmp_path / "t.parquet", paths, vectors)
+    exact = json.loads(_search(runner, table, "--like-row", 5, "-k", 8, "--exact",
+                               "--json").stdout)  # fmt: skip
+    r = _search(runner, table, "--like-row", 5, "-k", 8, "--json")
+    assert r.exit_code == 0, r.output
+    index = tmp_path / "t.parquet.usearch"
+    assert index.is_file() and "building an index of 200 rows" in r.stderr
+    assert [h["row"] for h in json.loads(r.stdout)] == [h["row"] for h in exact]
+    np.testing.assert_allclose(
+        [h["similarity"] for h in json.loads(r.stdout)],
+        [h["similarity"] for h in exact], atol=2e-3,  # float16 vectors
+    )  # fmt: skip
+    built = index.stat().st_mtime_ns
+    again = _search(runner, table, "--like-row", 5, "-k", 8, "--json")
+    assert "building" not in again.stderr and index.stat().st_mtime_ns == built
+    # Filters after the index; too few pass: the exact search answers.
+    boxed = _search(runner, table, "--like-row", 5, "-k", 3, "--where",
+                    "path = 'r007.tif'", "--json") if _duckdb() else None  # fmt: skip
+    if boxed is not None:
+        assert [h["row"] for h in json.loads(boxed.stdout)] == [7]
+    # The table changes: the index is built again.
+    write_table(table, paths, _vectors(200, 16, seed=4))
+    os.utime(table, ns=(built + 10**9, built + 10**9))
+    changed = _search(runner, table, "--like-row", 5, "-k", 8, "--json")
+    assert "building an index" in changed.stderr
+    order, _ = _cosine_order(_vectors(200, 16, seed=4), _vectors(200, 16, seed=4)[5])
+    assert [h["row"] for h in json.loads(changed.stdout)] == [
+        int(i) for i in order if i != 5
+    ][:8]
+
+
+def _duckdb() -> bool:
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        return False
+    return True

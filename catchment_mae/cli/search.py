@@ -74,6 +74,12 @@ def _bbox(
     metavar="MINX,MINY,MAXX,MAXY",
     help="Only rows whose footprint meets this box (longitude, latitude).",
 )
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Compare with every row, even where the table has (or would get) an "
+    "approximate index.",
+)
 @options.json_opt
 def search(
     table_path: Path,
@@ -85,12 +91,16 @@ def search(
     k: int,
     where: str | None,
     bbox: tuple[float, float, float, float] | None,
+    exact: bool,
     as_json: bool,
 ) -> None:
     """Print the K rows of TABLE (from cmae embed-dir) most like one raster, by
     cosine similarity of their embeddings, most similar first: the raster is a
     row of TABLE (--like ID or --like-row N, itself left out) or a TIFF
-    (--like-file, embedded with TABLE's model). Exact search over every row.
+    (--like-file, embedded with TABLE's model). Up to 100,000 rows (and with
+    --exact) every row is compared; above, an approximate index built once
+    beside TABLE (TABLE.usearch, again when TABLE changes; the search extra)
+    answers in milliseconds, finding about 97 of the 100 nearest.
 
     \b
     Examples:
@@ -98,7 +108,7 @@ def search(
       cmae search basins.parquet --like-file new_basin.tif --where "bands = 1"
       cmae search tiles.parquet --like-row 42 --bbox 5.9,45.8,10.5,47.8 --json
     """
-    from catchment_mae.search import Table, nearest
+    from catchment_mae.search import INDEX_ROWS, Table, approximate, nearest
 
     given = [v is not None for v in (like_id, like_row, like_file)]
     if sum(given) != 1:
@@ -110,7 +120,16 @@ def search(
     else:
         exclude = like_row if like_row is not None else tab.find(like_id, id_column)
         query = tab.vector(exclude)
-    hits = tab.describe(nearest(tab, query, k, where=where, bbox=bbox, exclude=exclude))
+    hits = None
+    if not exact and tab.rows >= INDEX_ROWS:
+        index = _index(tab)
+        if index is not None:
+            hits = approximate(
+                index, tab, query, k, where=where, bbox=bbox, exclude=exclude
+            )
+    if hits is None:
+        hits = nearest(tab, query, k, where=where, bbox=bbox, exclude=exclude)
+    hits = tab.describe(hits)
     if as_json:
         click.echo(json.dumps([h.to_dict() for h in hits], sort_keys=True))
         return
@@ -119,6 +138,28 @@ def search(
         return
     for rank, h in enumerate(hits, start=1):
         click.echo(f"{rank:3d}  {h.similarity:.4f}  {_name(h.values, id_column)}")
+
+
+def _index(tab: Any) -> Any:
+    """The table's index (built now, once, with a progress bar, when it has
+    none or the table changed); None without usearch."""
+    from tqdm.auto import tqdm
+
+    from catchment_mae.search import index_path, open_index
+
+    index = open_index(tab, build=False)
+    if index is not None:
+        return index
+    try:
+        import usearch  # noqa: F401
+    except ImportError:
+        return None
+    click.echo(
+        f"cmae: building an index of {tab.rows:,} rows, once: {index_path(tab)}",
+        err=True,
+    )
+    with tqdm(total=tab.rows, desc="indexing", unit="row", leave=False) as bar:
+        return open_index(tab, progress=bar.update)
 
 
 def _embedded(tab: Any, tiff: Path, model: Path | None) -> Any:
