@@ -194,10 +194,10 @@ class TrainData:
 
     def close(self) -> None:
         self.stop_loaders()
-        if self.stream is not None:
+        if self.stream is not None:  # it closes the cache it opened
             self.stream.close()
             self.first_pass_seconds = self.stream.seconds
-        if self.prepared is not None and self.prepared.cache is not None:
+        elif self.prepared is not None and self.prepared.cache is not None:
             self.prepared.cache.close()
 
     def _build_loaders(self) -> None:
