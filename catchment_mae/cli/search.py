@@ -100,7 +100,8 @@ def search(
     (--like-file, embedded with TABLE's model). Up to 100,000 rows (and with
     --exact) every row is compared; above, an approximate index built once
     beside TABLE (TABLE.usearch, again when TABLE changes; the search extra)
-    answers in milliseconds, finding about 97 of the 100 nearest.
+    answers in milliseconds; over a million rows it found 95 to 100 % of the
+    exact search's nearest rows.
 
     \b
     Examples:
