@@ -137,11 +137,14 @@ def test_search__an_index_beside_a_large_table(runner, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     index = tmp_path / "t.parquet.usearch"
     assert index.is_file() and "building an index of 200 rows" in r.stderr
-    assert [h["row"] for h in json.loads(r.stdout)] == [h["row"] for h in exact]
-    np.testing.assert_allclose(
-        [h["similarity"] for h in json.loads(r.stdout)],
-        [h["similarity"] for h in exact], atol=2e-3,  # float16 vectors
-    )  # fmt: skip
+    # The index holds float16 vectors: rows whose similarities differ by less
+    # than that precision may trade places; none farther than that is taken.
+    _, sims = _cosine_order(vectors, vectors[5])
+    got = json.loads(r.stdout)
+    assert len(got) == 8 and 5 not in [h["row"] for h in got]
+    assert min(sims[h["row"]] for h in got) >= exact[-1]["similarity"] - 2e-3
+    np.testing.assert_allclose([h["similarity"] for h in got],
+                               [sims[h["row"]] for h in got], atol=2e-3)  # fmt: skip
     built = index.stat().st_mtime_ns
     again = _search(runner, table, "--like-row", 5, "-k", 8, "--json")
     assert "building" not in again.stderr and index.stat().st_mtime_ns == built
@@ -155,10 +158,11 @@ def test_search__an_index_beside_a_large_table(runner, tmp_path, monkeypatch):
     os.utime(table, ns=(built + 10**9, built + 10**9))
     changed = _search(runner, table, "--like-row", 5, "-k", 8, "--json")
     assert "building an index" in changed.stderr
-    order, _ = _cosine_order(_vectors(200, 16, seed=4), _vectors(200, 16, seed=4)[5])
-    assert [h["row"] for h in json.loads(changed.stdout)] == [
-        int(i) for i in order if i != 5
-    ][:8]
+    new = _vectors(200, 16, seed=4)
+    order, sims = _cosine_order(new, new[5])
+    eighth = sims[[int(i) for i in order if i != 5][7]]
+    got = [h["row"] for h in json.loads(changed.stdout)]
+    assert len(got) == 8 and min(sims[got]) >= eighth - 2e-3  # the new vectors'
 
 
 def _duckdb() -> bool:
