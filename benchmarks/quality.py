@@ -19,7 +19,9 @@ One run on the CPU, with the commands a user runs and their default settings:
    another) with their coarser copies, embedded with the same models and
    evaluated alike. Nodata margins: the originals written again inside a margin
    of nodata half their size on every side, embedded with the same model:
-   cosine to themselves without it.
+   cosine to themselves without it. Neighbours: each catchment's 5 nearest of
+   other basins (as ``cmae search`` ranks them), how well their attributes
+   predict its own, beside the hand-made features' neighbours.
 5. The synthetic terrain families (``cmae synth --labelled``): family accuracy
    with the defaults, untrained, and without any scale input (``--scale none
    --no-scale-stats``).
@@ -125,6 +127,36 @@ def margins(data: Path, onnx: str, out: Path) -> dict:
     return {"rasters": len(cos), "min_cosine": min(cos), "mean_cosine": np.mean(cos)}
 
 
+def neighbours(table: Path, labels: Path, rasters: Path, k: int = 5) -> dict:
+    """How well a catchment's nearest neighbours (by cosine, as ``cmae
+    search`` ranks them; from other top-level basins only, originals only)
+    predict its own attributes: R² of the mean of its ``k`` neighbours', for
+    the embedding and for the hand-made features (standardised)."""
+    from catchment_mae import evaluate as ev
+
+    joined = ev.join(ev.read_embeddings(table), ev.read_labels(labels), ("dem",))
+    orig = joined.subset(joined.copy_of == "")
+    feats, _ = ev.handmade_vectors(orig.paths, rasters)
+    spread = feats.std(axis=0)
+    feats = (feats - feats.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+
+    def predicted(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        sims = unit @ unit.T
+        sims[orig.groups[:, None] == orig.groups[None, :]] = -np.inf
+        return y[np.argsort(-sims, axis=1)[:, :k]].mean(axis=1)
+
+    def r2(y: np.ndarray, p: np.ndarray) -> float:
+        return float(1 - np.sum((y - p) ** 2) / np.sum((y - y.mean()) ** 2))
+
+    out = {}
+    for name in ATTRIBUTES:
+        y = orig.labels[name].astype(float)
+        out[name] = {"embedding": r2(y, predicted(orig.vectors, y)),
+                     "baseline": r2(y, predicted(feats, y))}  # fmt: skip
+    return out
+
+
 def windows(dems: Path, out: Path, results: dict, extra: list[str]) -> dict:
     """The trained (and untrained) models on square windows of the same DEMs."""
     data = out / "windows"
@@ -200,6 +232,8 @@ def main() -> None:
         )  # fmt: skip
     results["windows"] = windows(args.dems, out, results, extra)
     results["margins"] = margins(data, results["default"]["onnx"], out)
+    table_path = out / "terrain.parquet"
+    results["neighbours"] = neighbours(table_path, labels, data)
     if not args.skip_synth:
         results["synthetic"] = synthetic(out, flags)
     (out / "quality.json").write_text(json.dumps(results, indent=1, default=float))
@@ -250,6 +284,11 @@ def print_report(r: dict) -> None:
         "\nnodata margin of half the size on every side: min cosine "
         f"{m['min_cosine']:.4f}, mean {m['mean_cosine']:.4f} over {m['rasters']}"
     )
+    if "neighbours" in r:
+        print("\nthe 5 nearest catchments of other basins predict (R², embedding / "
+              "baseline):")  # fmt: skip
+        for name, f in r["neighbours"].items():
+            print(f"  {name:<22} {f['embedding']:.3f} / {f['baseline']:.3f}")
     if "synthetic" in r:
         print("\nsynthetic families (linear / kNN, chance):")
         for name, f in r["synthetic"].items():
