@@ -25,6 +25,16 @@ CREATED = "created"  # when the run started (ISO 8601, UTC)
 CHIP_GRID = "chip_grid"  # embed-dir --tile: how the chips were cut
 LISTING = "listing"  # the folder, shard and depth the rows were listed from
 
+
+def key_values(arrow_schema: pa.Schema) -> dict[str, str]:
+    """A table's key-value metadata as text (the keys above, GeoParquet's
+    "geo"); bytes that are not UTF-8 are replaced."""
+    return {
+        k.decode(errors="replace"): v.decode(errors="replace")
+        for k, v in (arrow_schema.metadata or {}).items()
+    }
+
+
 BBOX = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
 
 

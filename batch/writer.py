@@ -37,6 +37,7 @@ from catchment_mae.batch.schema import (
     TILE_FIELDS,
     Row,
     column,
+    key_values,
     schema,
 )
 from catchment_mae.errors import CmaeError, OutputError
@@ -221,12 +222,11 @@ def read_previous(
     return pa.concat_tables(tables, promote_options="none")
 
 
-def _read_earlier(path: Path) -> tuple[pa.Table, dict[bytes, bytes]]:
+def _read_earlier(path: Path) -> tuple[pa.Table, dict[str, str]]:
     """An earlier table or part, and its key-value metadata."""
     try:
         pf = pq.ParquetFile(path)
-        meta = pf.schema_arrow.metadata or {}
-        return pf.read(), meta
+        return pf.read(), key_values(pf.schema_arrow)
     except OSError as e:
         raise CmaeError(
             f"{path}: cannot read the earlier output to resume "
@@ -243,7 +243,7 @@ def _read_earlier(path: Path) -> tuple[pa.Table, dict[bytes, bytes]]:
 def _check_earlier(
     path: Path,
     table: pa.Table,
-    meta: dict[bytes, bytes],
+    meta: dict[str, str],
     model_sha256: str,
     grid: dict[str, Any] | None,
     listing: dict[str, Any] | None,
@@ -266,20 +266,20 @@ def _check_earlier(
             f"{path}: has other columns than this version of cmae writes (an "
             "older table?); use --overwrite to start over, or another --out"
         )
-    sha = meta.get(MODEL_SHA256.encode(), b"").decode()
+    sha = meta.get(MODEL_SHA256, "")
     if sha != model_sha256:
         raise CmaeError(
             f"{path}: was written with another model (sha256 "
             f"{sha[:12] or '?'}...); use --overwrite to start over, or another "
             "--out"
         )
-    recorded = json.loads(meta.get(CHIP_GRID.encode(), b"null"))
+    recorded = json.loads(meta.get(CHIP_GRID, "null"))
     if tiled and recorded is not None and recorded != grid:
         raise CmaeError(
             f"{path}: holds chips of {grid_text(recorded)}, this run cuts "
             f"{grid_text(grid)}; use --overwrite to start over, or another --out"
         )
-    recorded = json.loads(meta.get(LISTING.encode(), b"null"))
+    recorded = json.loads(meta.get(LISTING, "null"))
     if listing is not None and recorded is not None and recorded != listing:
         raise CmaeError(
             f"{path}: holds the rasters of {listing_text(recorded)}, this run "

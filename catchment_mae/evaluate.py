@@ -125,11 +125,10 @@ def _root(pf: Any) -> str | None:
     """The folder embed-dir listed (its table's ``listing``), or None."""
     import json
 
-    from catchment_mae.batch.schema import LISTING
+    from catchment_mae.batch.schema import LISTING, key_values
 
-    meta = pf.schema_arrow.metadata or {}
     try:
-        return str(json.loads(meta[LISTING.encode()])["root"])
+        return str(json.loads(key_values(pf.schema_arrow)[LISTING])["root"])
     except (KeyError, ValueError, TypeError):
         return None
 

@@ -108,9 +108,7 @@ def describe_table(path: Path) -> dict[str, Any]:
             errors = pf.read(columns=["error", "geometry"])
         except Exception as e:  # pyarrow raises several types: keep the reason
             raise CmaeError(f"{path}: not a readable Parquet table ({e})") from e
-        meta = {
-            k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()
-        }
+        meta = table.key_values(pf.schema_arrow)
         failed = errors.num_rows - pc.sum(pc.is_null(errors["error"])).as_py()
         model_meta = _maybe_json(meta.get(table.MODEL_METADATA, "{}"))
         out.update(

@@ -14,10 +14,8 @@ vector. ``--where`` filters with DuckDB's SQL over the table's columns;
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,15 +82,16 @@ class Table:
             raise CmaeError(f"{p}: not a Parquet table") from e
         if "embedding" not in pf.schema_arrow.names:
             raise CmaeError(f"{p}: has no embedding column (not from cmae embed-dir)")
-        meta = {
-            k.decode(errors="replace"): v.decode(errors="replace")
-            for k, v in (pf.schema_arrow.metadata or {}).items()
-        }
-        return cls(p, pf, meta)
+        return cls(p, pf, table.key_values(pf.schema_arrow))
 
     @property
     def rows(self) -> int:
         return int(self.pf.metadata.num_rows)
+
+    @property
+    def dim(self) -> int:
+        """The embeddings' width."""
+        return int(self.pf.schema_arrow.field("embedding").type.list_size)
 
     @property
     def columns(self) -> list[str]:
@@ -198,7 +197,7 @@ def nearest(
     those with an embedding that pass ``where`` (SQL) and meet ``bbox`` (minx,
     miny, maxx, maxy in CRS84); row ``exclude`` (the query's own) left out."""
     query = np.asarray(query, np.float32).ravel()
-    dim = tab.pf.schema_arrow.field("embedding").type.list_size
+    dim = tab.dim
     if query.size != dim:
         raise CmaeError(
             f"{tab.path}: holds embeddings of {dim} values, the query has "
@@ -212,13 +211,7 @@ def nearest(
     best_rows = np.empty(0, np.int64)
     best_sims = np.empty(0, np.float32)
     columns = ["embedding"] + (["bbox"] if bbox is not None else [])
-    start = 0
-    for batch in _chunks(tab.pf, columns):
-        n = batch.num_rows
-        rows = np.arange(start, start + n)
-        start += n
-        emb = batch.column("embedding").combine_chunks()
-        keep = ~np.asarray(emb.is_null().to_numpy(zero_copy_only=False), bool)
+    for rows, batch, emb, keep in _embedded(tab.pf, columns):
         if bbox is not None:
             keep &= _meets(batch.column("bbox").combine_chunks(), bbox)
         if allowed is not None:
@@ -254,7 +247,7 @@ def _stamp(tab: Table) -> dict[str, Any]:
         "table_size": st.st_size,
         "table_mtime_ns": st.st_mtime_ns,
         "rows": tab.rows,
-        "dim": tab.pf.schema_arrow.field("embedding").type.list_size,
+        "dim": tab.dim,
         "model_sha256": tab.metadata.get(table.MODEL_SHA256),
         "settings": INDEX_SETTINGS,
     }
@@ -287,7 +280,7 @@ def _build_index(
 ) -> None:
     from usearch.index import Index
 
-    from catchment_mae.io import atomic_write_text
+    from catchment_mae.io import atomic_path, atomic_write_text
     from catchment_mae.workers import available_cores
 
     index = Index(ndim=stamp["dim"], metric="cos", **INDEX_SETTINGS)
@@ -295,27 +288,17 @@ def _build_index(
     # other: on 200 rows, 10 of 40 builds with 2 threads lost one of a row's
     # 8 nearest (none with one thread). Threads only where they pay.
     threads = min(available_cores(), max(1, tab.rows // 50_000))
-    start = 0
-    for batch in _chunks(tab.pf, ["embedding"]):
-        emb = batch.column("embedding").combine_chunks()
-        rows = np.arange(start, start + len(emb))
-        start += len(emb)
-        keep = ~np.asarray(emb.is_null().to_numpy(zero_copy_only=False), bool)
+    for rows, _, emb, keep in _embedded(tab.pf, ["embedding"]):
         if keep.any():
             vectors = _matrix(emb, stamp["dim"])
             index.add(rows[keep], vectors[keep], threads=threads)
         if progress is not None:
             progress(len(emb))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        index.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            index.save(tmp)
     except OSError as e:
         raise CmaeError(f"{path}: cannot write the index: {e.strerror or e}") from e
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
     atomic_write_text(stamp_path, json.dumps(stamp, sort_keys=True))
 
 
@@ -343,21 +326,15 @@ def approximate(
     if where is not None:
         keep &= np.isin(rows, _where_rows(tab, where))
     if bbox is not None:
+        import pyarrow as pa
+
         boxes = tab._rows(rows.tolist(), ["bbox"])["bbox"]
-        keep &= np.array([b is not None and _box_meets(b, bbox) for b in boxes], bool)
+        keep &= _meets(pa.array(boxes, table.BBOX), bbox)
     rows, sims = rows[keep], sims[keep]
     if len(rows) < min(k, tab.rows - (exclude is not None)):
         return None
     order = np.lexsort((rows, -sims))[:k]
     return [Hit(int(rows[i]), float(sims[i])) for i in order]
-
-
-def _box_meets(box: dict[str, float], other: tuple[float, float, float, float]) -> bool:
-    minx, miny, maxx, maxy = other
-    return (
-        box["xmin"] <= maxx and box["xmax"] >= minx
-        and box["ymin"] <= maxy and box["ymax"] >= miny
-    )  # fmt: skip
 
 
 def _chunks(pf: Any, columns: list[str]) -> Any:
@@ -374,6 +351,18 @@ def _chunks(pf: Any, columns: list[str]) -> Any:
             group, rows = [], 0
     if group:
         yield pf.read_row_groups(group, columns=columns, use_threads=False)
+
+
+def _embedded(pf: Any, columns: list[str]) -> Any:
+    """(row positions, the batch of ``columns``, its embedding column, which
+    rows have an embedding) for each batch of :func:`_chunks`."""
+    start = 0
+    for batch in _chunks(pf, columns):
+        emb = batch.column("embedding").combine_chunks()
+        rows = np.arange(start, start + len(emb))
+        start += len(emb)
+        keep = ~np.asarray(emb.is_null().to_numpy(zero_copy_only=False), bool)
+        yield rows, batch, emb, keep
 
 
 def _matrix(emb: Any, dim: int) -> np.ndarray:

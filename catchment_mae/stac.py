@@ -59,7 +59,7 @@ def item(out: str | os.PathLike[str], model: str | os.PathLike[str]) -> dict[str
         pf = pq.ParquetFile(out)
     except Exception as e:  # pyarrow raises several types
         raise CmaeError(f"{out}: not a readable embeddings table") from e
-    meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+    meta = table.key_values(pf.schema_arrow)
     if table.MODEL_METADATA not in meta:
         raise CmaeError(f"{out}: not an embeddings table of cmae embed-dir")
     encoder = json.loads(meta[table.MODEL_METADATA])
