@@ -1,4 +1,5 @@
-"""Planning stage: which files of an archive a run embeds (no torch).
+"""Planning stage: which files of an archive (or zones of a mosaic) a run
+embeds (no torch).
 
 A run lists the archive lazily (an archive of millions of files is never held in
 memory), keeps the files of its shard, and skips those an earlier run embedded
@@ -18,6 +19,7 @@ import pyarrow as pa
 from catchment_mae.errors import NoInputError
 from catchment_mae.io import text_path
 from catchment_mae.raster import find_tiffs
+from catchment_mae.zones import Grid, Zone, ZoneFile, plan_zone
 
 
 class Plan:
@@ -76,6 +78,10 @@ class Plan:
         """`` in shard K/N`` or nothing, for messages."""
         return f" in shard {self.shard[0]}/{self.shard[1]}" if self.shard else ""
 
+    def nothing_listed(self) -> str:
+        """Why a run that listed nothing stops."""
+        return f"{self.root}: no .tif/.tiff files found{self.where()}"
+
 
 def check_input(root: Path) -> None:
     """Raises NoInputError when ``root`` is not an existing directory."""
@@ -125,4 +131,74 @@ def done_rows(previous: pa.Table | None) -> dict[str, tuple[int | None, int | No
             done[path] = (size, mtime)
         else:
             done.pop(path, None)
+    return done
+
+
+class ZonePlan:
+    """The zones to embed, as an iterator of (key, :class:`Zone`), planned as
+    they are taken (reprojected, a grid and window chosen).
+
+    Args:
+        zones: the zones file read.
+        grids: the mosaic's grids (zones.mosaic).
+        previous: rows of an earlier run with the same model (or None).
+        shard: (K, N): only the zones whose sha1(key) % N == K - 1.
+
+    A zone embedded before is skipped while its polygon is unchanged; failed
+    zones are tried again (the rasters are not compared: after they change,
+    start over).
+    """
+
+    def __init__(
+        self,
+        zones: ZoneFile,
+        grids: list[Grid],
+        previous: pa.Table | None,
+        shard: tuple[int, int] | None = None,
+    ) -> None:
+        self.zones, self.grids, self.shard = zones, grids, shard
+        self.done = done_zones(previous)
+        self.order: dict[str, int] = {}
+        self.already_done = 0
+
+    def __iter__(self) -> Iterator[tuple[str, Zone]]:
+        for key, wkb in zip(self.zones.keys, self.zones.wkb, strict=True):
+            if not in_shard(key, self.shard):
+                continue
+            zone = plan_zone(key, wkb, self.zones.crs, self.grids)
+            self.order[key] = len(self.order)
+            if self.done.get(key) == zone.fingerprint:
+                self.already_done += 1
+                continue
+            yield key, zone
+
+    def count_todo(self) -> int:
+        """About how many zones the iteration will yield (those of the shard
+        not embedded before; an edited polygon is not seen here)."""
+        keys = (k for k in self.zones.keys if in_shard(k, self.shard))
+        return sum(k not in self.done for k in keys)
+
+    def where(self) -> str:
+        return f" in shard {self.shard[0]}/{self.shard[1]}" if self.shard else ""
+
+    def nothing_listed(self) -> str:
+        return f"{self.zones.path}: no zones{self.where()}"
+
+
+def done_zones(previous: pa.Table | None) -> dict[str, str]:
+    """key -> fingerprint of the polygon of each embedded zone."""
+    if previous is None:
+        return {}
+    done: dict[str, str] = {}
+    rows = zip(
+        previous.column("path").to_pylist(),
+        previous.column("geometry").to_pylist(),
+        previous.column("error").to_pylist(),
+        strict=True,
+    )
+    for key, wkb, error in rows:  # oldest first: the newest row wins
+        if error is None:
+            done[key] = Zone(key, wkb84=wkb).fingerprint
+        else:
+            done.pop(key, None)
     return done

@@ -210,7 +210,7 @@ def embed_dir_ray(
                                 on_row(row)
                 except KeyboardInterrupt as e:
                     raise interrupted_saving(sink, overwrite) from e
-            finish(out, root, run, summary)
+            finish(out, run, summary)
     except KeyboardInterrupt as e:
         raise interrupted_kept(out, overwrite) from e
     finally:

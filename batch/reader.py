@@ -34,15 +34,17 @@ from catchment_mae.batch.ring import RingLayout, SlotRing
 from catchment_mae.batch.schema import Row
 from catchment_mae.chips import Chip
 from catchment_mae.errors import BadRasterError
-from catchment_mae.geo import footprint
+from catchment_mae.geo import Footprint, footprint
 from catchment_mae.preprocess import (
     PreprocessSpec,
     check_in_range,
     load_resampled,
     normalise,
+    resample,
 )
 from catchment_mae.raster import check_file
 from catchment_mae.workers import ReaderPool, failure_reason, preload
+from catchment_mae.zones import Zone, read_zone
 
 preload(__name__)  # reader processes run this module's tasks
 
@@ -63,7 +65,7 @@ class Item:
     row: Row
     slot: int | None = None  # None: the file failed (``row.error`` says why)
     read_seconds: float = 0.0
-    chip: Chip | None = None  # embed-dir --tile: which chip of the file
+    chip: Chip | Zone | None = None  # which chip of the file, or the zone read
 
     @property
     def path(self) -> str:
@@ -106,7 +108,7 @@ def read_into_slot(
     spec: PreprocessSpec,
     layout: RingLayout,
     slot: int,
-    chip: Chip | None = None,
+    chip: Chip | Zone | None = None,
     within: str | None = None,
 ) -> tuple[Row, float]:
     """Reads and preprocesses one file (or chip) into ``slot`` of the ring: its
@@ -123,14 +125,18 @@ def read_one(
     root: str,
     rel: str,
     spec: PreprocessSpec,
-    chip: Chip | None = None,
+    chip: Chip | Zone | None = None,
     within: str | None = None,
 ) -> tuple[Row, tuple[np.ndarray, np.ndarray, np.ndarray] | None, float]:
-    """One file's (or chip's) row and its model input (normalised image, valid
-    levels as uint8, scale), or None with the row's reason; and the seconds it
-    took. A chip's row has the raster's size and the chip's window, footprint
-    and nodata fraction. ``within``: the file opened must lie in this folder."""
+    """One file's (or chip's, or zone's) row and its model input (normalised
+    image, valid levels as uint8, scale), or None with the row's reason; and the
+    seconds it took. A chip's row has the raster's size and the chip's window,
+    footprint and nodata fraction. ``within``: the file opened must lie in this
+    folder."""
     t0 = time.perf_counter()
+    if isinstance(chip, Zone):
+        row, sample = read_zone_sample(root, chip, spec, within)
+        return row, sample, time.perf_counter() - t0
     path = Path(root) / rel
     size = mtime = None
     try:
@@ -159,9 +165,45 @@ def read_one(
     return _chip_row(row, chip, r), (image, r.valid, r.scale), time.perf_counter() - t0
 
 
-def failed_row(rel: str, chip: Chip | None, reason: str) -> Row:
-    """The row of a file (or chip) whose read did not report: it timed out, its
-    reader died."""
+def read_zone_sample(
+    root: str, zone: Zone, spec: PreprocessSpec, within: str | None = None
+) -> tuple[Row, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+    """A zone's row and model input (or None, the row saying why): its window
+    of the mosaic through the one preprocessing path. Its nodata fraction is
+    that of the pixels inside its polygon; its geometry the polygon's."""
+    try:
+        raster, inside = read_zone(
+            root, zone, bands=spec.bands, nodata=spec.nodata,
+            max_pixels=spec.max_pixels, max_memory_mb=spec.max_memory_mb,
+            in_chans=spec.in_chans if spec.bands is None else None, within=within,
+        )  # fmt: skip
+        valid = int(raster.valid.sum())
+        r = resample(raster, spec)
+        check_in_range(r, spec)
+        image = normalise(r, spec).image
+    except BadRasterError as e:
+        return _zone_failed(zone, e.reason), None
+    except Exception as e:  # a reader must report, not die: keep the reason
+        return _zone_failed(zone, failure_reason(e)), None
+    geo = r.info.geo
+    where = Footprint(
+        zone.crs, *(geo.pixel_size or (None, None)), zone.wkb84, zone.bbox84
+    )
+    row = Row.of_raster(zone.key, r.info, 1.0 - valid / max(inside, 1), where)
+    return row, (image, r.valid, r.scale)
+
+
+def _zone_failed(zone: Zone, reason: str) -> Row:
+    return Row(
+        zone.key, geometry=zone.wkb84, bbox=zone.bbox84, crs=zone.crs, error=reason
+    )
+
+
+def failed_row(rel: str, chip: Chip | Zone | None, reason: str) -> Row:
+    """The row of a file (or chip, or zone) whose read did not report: it
+    timed out, its reader died."""
+    if isinstance(chip, Zone):
+        return _zone_failed(chip, reason)
     return _chip_row(Row(rel, error=reason), chip, None)
 
 
@@ -182,7 +224,7 @@ class _Pending:
     """A batch whose files are being read into ring batch ``index``."""
 
     index: int
-    jobs: list[tuple[str, Chip | None, Future]]
+    jobs: list[tuple[str, Chip | Zone | None, Future]]
 
 
 class Reader:
@@ -233,8 +275,11 @@ class Reader:
         self.first_batch_at: float | None = None  # perf_counter() at its handing over
         self.wait_seconds = 0.0  # the caller's time spent waiting for the readers
 
-    def batches(self, rel_paths: Iterable[str | tuple[str, Chip]]) -> Iterator[Batch]:
-        """Batches in the order of ``rel_paths`` (paths, or (path, chip) pairs);
+    def batches(
+        self, rel_paths: Iterable[str | tuple[str, Chip | Zone]]
+    ) -> Iterator[Batch]:
+        """Batches in the order of ``rel_paths`` (paths, or (path, chip) or
+        (key, zone) pairs);
         a batch's slots stay the caller's until it asks for the next batch."""
         rels = iter(rel_paths)
         free = deque(range(self.n_batches))
@@ -264,7 +309,9 @@ class Reader:
             yield batch
             free.append(p.index)
 
-    def _submit(self, index: int, rels: list[str | tuple[str, Chip]]) -> _Pending:
+    def _submit(
+        self, index: int, rels: list[str | tuple[str, Chip | Zone]]
+    ) -> _Pending:
         base = index * self.batch_size
         root, spec, layout = str(self.root), self.spec, self.ring.layout
         jobs = []

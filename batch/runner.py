@@ -21,7 +21,7 @@ from typing import Any
 
 from catchment_mae.batch import schema as table
 from catchment_mae.batch.mapper import Mapper
-from catchment_mae.batch.plan import Plan, check_input
+from catchment_mae.batch.plan import Plan, ZonePlan, check_input
 from catchment_mae.batch.reader import Batch, Item, Reader
 from catchment_mae.batch.ring import SlotRing
 from catchment_mae.batch.schema import Row
@@ -43,6 +43,7 @@ from catchment_mae.io import check_writable, try_lock
 from catchment_mae.preprocess import ALL_NODATA
 from catchment_mae.warmup import warming_up
 from catchment_mae.workers import READ_TIMEOUT, ReaderPool, available_cores
+from catchment_mae.zones import Zone
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class RunSummary:
     """Counts and per-stage seconds of one run."""
 
     out: str
+    unit: str = "raster"  # what a row stands for, in the summary's line
     embedded: int = 0  # this run
     failed: int = 0  # this run
     already_done: int = 0  # kept from an earlier run (same path, size, mtime, model)
@@ -90,11 +92,13 @@ class RunSummary:
     def line(self) -> str:
         if self.nothing_new and self.failed:
             return (
-                f"nothing new: {self.already_done} raster(s) already embedded, "
+                f"nothing new: {self.already_done} {self.unit}(s) already embedded, "
                 f"{self.failed} failed again for the same reasons"
             )
         if self.nothing_new:
-            return f"nothing new: all {self.already_done} raster(s) already embedded"
+            return (
+                f"nothing new: all {self.already_done} {self.unit}(s) already embedded"
+            )
         done = f" ({self.already_done} already done)" if self.already_done else ""
         skipped = (
             f", {self.chips_skipped} chip(s) left out (nodata above --max-nodata)"
@@ -168,49 +172,79 @@ def embed_dir(
         NothingEmbeddedError: every raster failed (the table is written).
         EmbedInterrupted: Ctrl-C or SIGTERM (the rows so far are kept).
     """
-    root, out = Path(input_dir), Path(out)
+    root = Path(input_dir)
+    grid = chip_grid_of(tile, stride, tile_m, stride_m)
+    how = How(batch_size, num_workers, device, overwrite, timeout, within,
+              on_item, on_total, max_nodata)  # fmt: skip
+
+    def start(mapper: Mapper, out: Path) -> Run:
+        return start_run(root, out, mapper, overwrite, shard, recursive, within,
+                         rows_per_part, grid)  # fmt: skip
+
+    return run_embedding(root, model, Path(out), start, how)
+
+
+@dataclass
+class How:
+    """How a run reads and embeds (embed_dir's and embed_zones' arguments)."""
+
+    batch_size: int = 32
+    num_workers: int | None = None
+    device: str = "auto"
+    overwrite: bool = False
+    timeout: float | None = READ_TIMEOUT
+    within: str | os.PathLike[str] | None = None
+    on_item: Callable[[Item], None] | None = None
+    on_total: Callable[[int], None] | None = None
+    max_nodata: float = 1.0
+    unit: str = "raster"  # what a row stands for (RunSummary.unit)
+
+
+def run_embedding(
+    root: Path,
+    model: str | os.PathLike[str],
+    out: Path,
+    start_fn: Callable[[Mapper, Path], Run],
+    how: How,
+) -> RunSummary:
+    """The run both commands share: readers, the model, the table; ``start_fn``
+    plans the work once the model is loaded (its metadata goes in the table)."""
     start = time.perf_counter()
     check_writable([out], overwrite=True)  # an existing table is continued
     check_table(out)
     cores = available_cores()
-    workers = cores if num_workers is None else num_workers
-    summary = RunSummary(out=str(out))
+    workers = cores if how.num_workers is None else how.num_workers
+    summary = RunSummary(out=str(out), unit=how.unit)
     try:
         with (
             output_lock(out),
             sigterm_as_interrupt(),
-            ReaderPool(workers, timeout=timeout) as pool,
+            ReaderPool(workers, timeout=how.timeout) as pool,
             warming_up(),
         ):
             # onnxruntime gets every core, and so do the readers (one BLAS thread
             # each); on the CPU they take turns (reader.py). With one onnxruntime
             # thread beside the readers, vit_small ran at about 0.6 of its
             # limit (benchmarks/README.md).
-            mapper = Mapper(model, device, threads=cores)
-            run = start_run(
-                root, out, mapper, overwrite, shard, recursive, within,
-                rows_per_part, chip_grid_of(tile, stride, tile_m, stride_m),
-            )  # fmt: skip
+            mapper = Mapper(model, how.device, threads=cores)
+            run = start_fn(mapper, out)
             log.info("embedding with %s on %s", Path(model).name, mapper.device_name)
-            if on_total is not None and run.grid is None:
-                count_beside(run.plan, on_total)
+            if how.on_total is not None and run.grid is None:
+                count_beside(run.plan, how.on_total)
             try:
                 with Reader(
-                    root, mapper.spec, pool, batch_size, overlap=mapper.gpu,
-                    within=within,
+                    root, mapper.spec, pool, how.batch_size, overlap=mapper.gpu,
+                    within=how.within,
                 ) as reader:  # fmt: skip
-                    _embed_all(
-                        run.work, reader, mapper, run.sink, summary, on_item,
-                        max_nodata,
-                    )  # fmt: skip
+                    _embed_all(run.work, reader, mapper, run.sink, summary, how)
             except KeyboardInterrupt as e:
                 pool.close(kill=True)
-                raise interrupted_saving(run.sink, overwrite) from e
+                raise interrupted_saving(run.sink, how.overwrite) from e
             pool.close(kill=True)  # all read: nothing of theirs is left to lose
             _timings(summary, start, reader, mapper)
-            finish(out, root, run, summary)
+            finish(out, run, summary)
     except KeyboardInterrupt as e:  # between batches, while merging, ...
-        raise interrupted_kept(out, overwrite) from e
+        raise interrupted_kept(out, how.overwrite) from e
     return checked(summary, start)
 
 
@@ -232,11 +266,12 @@ class Run:
     chip ``grid``) and the table's metadata."""
 
     previous: Any
-    plan: Plan
+    plan: Plan | ZonePlan
     sink: PartSink
-    work: Iterable[str | tuple[str, Chip]]
+    work: Iterable[str | tuple[str, Chip] | tuple[str, Zone]]
     metadata: dict[str, Any]
     grid: dict[str, Any] | None
+    extra: Callable[[Any], Any] | None = None  # the final table's own columns
 
     @property
     def tiled(self) -> bool:
@@ -314,7 +349,7 @@ def count(summary: RunSummary, row: Row) -> None:
         log.warning("failed %s: %s", row.path, row.error)
 
 
-def finish(out: Path, root: Path, run: Run, summary: RunSummary) -> None:
+def finish(out: Path, run: Run, summary: RunSummary) -> None:
     """Flushes the last rows and merges the table (or keeps it, when nothing
     changed).
 
@@ -327,15 +362,16 @@ def finish(out: Path, root: Path, run: Run, summary: RunSummary) -> None:
     summary.already_done = plan.already_done
     if not plan.order:
         clear_parts(out)
-        raise NoInputError(f"{root}: no .tif/.tiff files found{plan.where()}")
+        raise NoInputError(plan.nothing_listed())
     if _nothing_new(out, previous, plan.order, sink, summary):
         # Only failures that failed again, for the same reasons: keep the table.
         clear_parts(out)
         summary.nothing_new, summary.rows = True, previous.num_rows
     else:
         summary.rows = merge(
-            out, previous, plan.order, sink.dim, run.metadata, run.tiled, sink.dir
-        )
+            out, previous, plan.order, sink.dim, run.metadata, run.tiled, sink.dir,
+            run.extra,
+        )  # fmt: skip
     summary.write_seconds += time.perf_counter() - t0
 
 
@@ -384,9 +420,9 @@ def _embed_all(
     mapper: Mapper,
     sink: PartSink,
     summary: RunSummary,
-    on_item: Callable[[Item], None] | None,
-    max_nodata: float = 1.0,
+    how: How,
 ) -> None:
+    on_item, max_nodata = how.on_item, how.max_nodata
     for batch in reader.batches(work):
         rows = batch_rows(mapper, batch, reader.ring)
         reader.overlap = reader.overlap and mapper.gpu  # CUDA did not load: waves
@@ -419,19 +455,19 @@ def take(
     sink: PartSink,
     row: Row,
     embedding: Any,
-    chip: Chip | None,
+    chip: Chip | Zone | None,
     max_nodata: float,
 ) -> None:
     """Counts a row of this run and hands it to the sink; a chip with nothing
     (or too little) to embed is counted as skipped instead. A raster's rows
     end with its last chip (they must come in grid order)."""
-    if chip is not None and _empty_chip(row, max_nodata):
+    if isinstance(chip, Chip) and _empty_chip(row, max_nodata):
         summary.chips_skipped += 1
         if chip.last:
             sink.end_raster(row.path)
         return
     count(summary, row)
-    sink.add(row, embedding, last_of_raster=chip is None or chip.last)
+    sink.add(row, embedding, last_of_raster=not isinstance(chip, Chip) or chip.last)
 
 
 def _empty_chip(row: Row, max_nodata: float) -> bool:

@@ -24,6 +24,7 @@ MODEL_METADATA = "model_metadata"  # the encoder's own metadata (runtime.MetaKey
 CREATED = "created"  # when the run started (ISO 8601, UTC)
 CHIP_GRID = "chip_grid"  # embed-dir --tile: how the chips were cut
 LISTING = "listing"  # the folder, shard and depth the rows were listed from
+ZONES = "zones"  # embed-zones: the zones file, its CRS and id column
 
 
 def key_values(arrow_schema: pa.Schema) -> dict[str, str]:
@@ -124,6 +125,7 @@ TYPES: dict[str, pa.DataType] = {
     "error": pa.string(),
 }
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Row))
+ROW_COLUMNS = ("embedding", *ROW_FIELDS)  # a table of zones adds the zones' own
 assert ROW_FIELDS == tuple(TYPES), "Row and the schema must list the same columns"
 TILE_FIELDS = ("tile_row", "tile_col", "x0", "y0", "tile_width", "tile_height")
 

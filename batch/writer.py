@@ -21,6 +21,7 @@ import shutil
 import stat
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,9 @@ from catchment_mae.batch.schema import (
     CHIP_GRID,
     LISTING,
     MODEL_SHA256,
+    ROW_COLUMNS,
     TILE_FIELDS,
+    ZONES,
     Row,
     column,
     key_values,
@@ -185,6 +188,8 @@ def listing_of(
 def listing_text(listing: dict[str, Any]) -> str:
     """A listing as read by people: "/data/dems, shard 2/3"."""
     text = str(listing.get("root"))
+    if listing.get("zones"):
+        text = f"the zones of {listing['zones']} over {text}"
     if listing.get("shard"):
         text += ", shard {}/{}".format(*listing["shard"])
     if listing.get("recursive") is False:
@@ -223,10 +228,15 @@ def read_previous(
 
 
 def _read_earlier(path: Path) -> tuple[pa.Table, dict[str, str]]:
-    """An earlier table or part, and its key-value metadata."""
+    """An earlier table or part, and its key-value metadata (a table of
+    zones without the zones' own columns, which its merge adds again)."""
     try:
         pf = pq.ParquetFile(path)
-        return pf.read(), key_values(pf.schema_arrow)
+        meta = key_values(pf.schema_arrow)
+        table = pf.read()
+        if ZONES in meta:
+            table = table.select([n for n in table.column_names if n in ROW_COLUMNS])
+        return table, meta
     except OSError as e:
         raise CmaeError(
             f"{path}: cannot read the earlier output to resume "
@@ -328,6 +338,7 @@ def merge(
     metadata: dict[str, Any],
     tiled: bool = False,
     parts: Path | None = None,
+    extra: Callable[[pa.Table], pa.Table] | None = None,
 ) -> int:
     """Writes ``out`` from the previous rows and all parts; one row per path
     (per chip with ``tiled``).
@@ -336,7 +347,9 @@ def merge(
     that holds the raster); paths not in ``order`` (files gone, or in another
     shard) are dropped; rows follow ``order`` (the listing), chips in grid
     order. Returns the number of rows written. ``parts``: the folder of parts
-    as the sink holds it (PartSink.dir), else found by name.
+    as the sink holds it (PartSink.dir), else found by name. ``extra``: what
+    makes the final table of the merged rows (a table of zones adds the zones'
+    own columns).
     """
     tables = [previous] if previous is not None else []
     folder = parts if parts is not None else parts_dir(out)
@@ -368,6 +381,8 @@ def merge(
     meta = dict(sch.metadata)
     meta[b"geo"] = json.dumps(geoparquet_metadata(_bbox(result))).encode()
     result = result.replace_schema_metadata(meta)
+    if extra is not None:
+        result = extra(result)
     _write_atomic(result, out)
     shutil.rmtree(parts_dir(out), ignore_errors=True)
     return result.num_rows

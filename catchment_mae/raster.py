@@ -126,6 +126,7 @@ def read_raster(
     maxworkers: int | None = 1,
     window: tuple[int, int, int, int] | None = None,
     within: str | os.PathLike[str] | None = None,
+    step: tuple[int, int] | None = None,
 ) -> Raster:
     """Reads a TIFF into a float32 ``(C, H, W)`` array and a validity mask.
 
@@ -147,6 +148,9 @@ def read_raster(
         within: the file opened must lie inside this folder (the web UI's
             --data-root): checked on the open file itself, so a name swapped
             for a link that leads out after the folder was walked is refused.
+        step: with ``window``: read every ``step[0]``-th row and ``step[1]``-th
+            column of the full-resolution window, from its first pixel (a
+            mosaic's tiles decimated on one grid), instead of choosing.
 
     Raises:
         BadRasterError: naming the file and the reason.
@@ -155,7 +159,7 @@ def read_raster(
     budget = Budget(max_memory_mb)
     with open_checked(path, budget, within) as f:
         return _read_open(f, path, bands, nodata, min_size, max_pixels, budget,
-                          in_chans, window)  # fmt: skip
+                          in_chans, window, step)  # fmt: skip
 
 
 def _read_open(
@@ -168,6 +172,7 @@ def _read_open(
     budget: Budget,
     in_chans: int | None,
     window: tuple[int, int, int, int] | None,
+    step: tuple[int, int] | None = None,
 ) -> Raster:
     """read_raster on the file it opened (and checked)."""
     codec = None
@@ -176,7 +181,7 @@ def _read_open(
             codec = _codec(tif)
             return _read(
                 tif, path, bands, nodata, min_size, max_pixels, budget, in_chans,
-                window,
+                window, step,
             )  # fmt: skip
     except BadRasterError:
         raise
@@ -317,6 +322,7 @@ def _read(
     budget: Budget,
     in_chans: int | None,
     window: tuple[int, int, int, int] | None = None,
+    step: tuple[int, int] | None = None,
 ) -> Raster:
     images, masks = _images(tif, path)
     full, overviews, dtype, spp = _full_image(images, path)
@@ -330,9 +336,19 @@ def _read(
     read_window = None
     if window is not None:
         window = _clip_window(window, height, width, path)
-        page, level, read_window = window_level(full, overviews, window, min_size, path)
+        if step is not None:
+            page, level, read_window = full, 0, window
+        else:
+            page, level, read_window = window_level(
+                full, overviews, window, min_size, path
+            )
         rw_, rh_ = read_window[2], read_window[3]
-        ky, kx = (1, 1) if rw_ * rh_ <= limit else steps(rh_, rw_, limit)
+        if step is not None:
+            ky, kx = step
+            if -(-rw_ // kx) * -(-rh_ // ky) > limit:
+                raise BadRasterError(path, f"window {window} is too large to read")
+        else:
+            ky, kx = (1, 1) if rw_ * rh_ <= limit else steps(rh_, rw_, limit)
     else:
         page, level, (ky, kx) = choose_level(full, overviews, min_size, limit, path)
     arr, valid = read_page(page, ky, kx, budget, path, read_window)

@@ -158,7 +158,6 @@ def embed_dir(
 
         prestart("catchment_mae.batch.reader")  # beside the imports below
     import pyarrow as pa
-    from tqdm.auto import tqdm
 
     from catchment_mae.batch.runner import NothingEmbeddedError
     from catchment_mae.batch.runner import embed_dir as run
@@ -171,12 +170,7 @@ def embed_dir(
 
     _check_chips(tile, stride, tile_m, stride_m, max_nodata)
     max_nodata = 1.0 if max_nodata is None else max_nodata
-    verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
-    bar = tqdm(
-        desc="embedding",
-        unit="chip" if tile or tile_m else "raster",
-        disable=None if verbosity >= 0 else True,
-    )
+    bar = progress_bar(ctx, "chip" if tile or tile_m else "raster")
     try:
         if ray_address is not None:
             from catchment_mae.batch.ray_runner import embed_dir_ray
@@ -206,6 +200,21 @@ def embed_dir(
         raise
     finally:
         bar.close()
+    report(summary, model, stac, as_json)
+
+
+def progress_bar(ctx: click.Context, unit: str) -> Any:
+    """The run's progress bar (none with -q)."""
+    from tqdm.auto import tqdm
+
+    verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
+    return tqdm(desc="embedding", unit=unit, disable=None if verbosity >= 0 else True)
+
+
+def report(summary: Any, model: Path, stac: bool, as_json: bool) -> None:
+    """Writes the STAC Item when asked, then says what the run did (one line
+    on stderr, or its summary as JSON on stdout)."""
+    out = Path(summary.out)
     result = summary.to_dict()
     if stac:
         from catchment_mae.stac import write_item

@@ -13,6 +13,7 @@ from catchment_mae import __version__
 from catchment_mae.cli.demo import demo
 from catchment_mae.cli.embed import embed
 from catchment_mae.cli.embed_dir import embed_dir
+from catchment_mae.cli.embed_zones import embed_zones
 from catchment_mae.cli.eval import eval_cmd
 from catchment_mae.cli.export import export
 from catchment_mae.cli.info import info
@@ -86,7 +87,8 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 
 COMMANDS = (
-    demo, embed, embed_dir, eval_cmd, export, info, search, serve, stats, synth, train,
+    demo, embed, embed_dir, embed_zones, eval_cmd, export, info, search, serve,
+    stats, synth, train,
 )  # fmt: skip
 for _command in COMMANDS:
     cli.add_command(_command)

@@ -1,0 +1,167 @@
+"""``cmae embed-zones``: one embedding per polygon of a zones file, read from a
+mosaic of raster tiles (no torch).
+
+The run is embed-dir's (:func:`.runner.run_embedding`: the readers, the
+model, the parts, resuming, sharding, Ctrl-C and the summary); only its work
+differs: zones planned by :class:`.plan.ZonePlan` instead of files, each read
+by :func:`catchment_mae.zones.read_zone` in a reader process. The table has
+embed-dir's columns (``path`` holds the zone's key, ``geometry`` its polygon,
+``nodata_fraction`` the share of its pixels without data), then the zones
+file's own columns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from catchment_mae.batch import schema as table
+from catchment_mae.batch.mapper import Mapper
+from catchment_mae.batch.plan import ZonePlan, check_input
+from catchment_mae.batch.reader import Item
+from catchment_mae.batch.runner import How, Run, RunSummary, run_embedding
+from catchment_mae.batch.writer import (
+    ROWS_PER_PART,
+    PartSink,
+    clear_parts,
+    read_previous,
+    remove_stale_temps,
+)
+from catchment_mae.workers import READ_TIMEOUT
+from catchment_mae.zones import ZoneFile, mosaic, read_zones
+
+log = logging.getLogger(__name__)
+
+ZONE_PREFIX = "zone_"  # a zones file's column named like one of ours
+
+
+def embed_zones(
+    rasters: str | os.PathLike[str],
+    zones: str | os.PathLike[str],
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    id_column: str | None = None,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    device: str = "auto",
+    shard: tuple[int, int] | None = None,
+    recursive: bool = True,
+    overwrite: bool = False,
+    rows_per_part: int = ROWS_PER_PART,
+    timeout: float | None = READ_TIMEOUT,
+    within: str | os.PathLike[str] | None = None,
+    on_item: Callable[[Item], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """Embeds every polygon of ``zones`` from the tiles under ``rasters``.
+
+    Running it again continues: zones embedded with the same model whose
+    polygon is unchanged are kept; failed zones are tried again. The other
+    arguments are embed_dir's.
+
+    Args:
+        rasters: a folder of tiles (a mosaic; tiles in several CRSs are
+            grouped, each polygon read from the grid covering most of it), or
+            one raster.
+        zones: the polygons (GeoPackage, GeoJSON, Shapefile, FlatGeobuf,
+            GeoParquet).
+        id_column: the zones' column naming each (unique); default: the
+            features' numbers from 1.
+
+    Raises:
+        NoInputError: no rasters, no zones (nothing is written).
+        CmaeError: the zones cannot be used as asked (no such id column, ...).
+        NothingEmbeddedError: every zone failed (the table is written).
+        EmbedInterrupted: Ctrl-C or SIGTERM (the rows so far are kept).
+    """
+    source = Path(rasters)
+    root = source.parent if source.is_file() else source
+    check_input(root)
+    zone_file = read_zones(zones, id_column)  # its errors before anything starts
+    how = How(batch_size, num_workers, device, overwrite, timeout, within,
+              on_item, on_total, unit="zone")  # fmt: skip
+
+    def start(mapper: Mapper, out: Path) -> Run:
+        return start_zone_run(
+            source, zone_file, out, mapper, overwrite, shard, recursive, within,
+            rows_per_part,
+        )  # fmt: skip
+
+    return run_embedding(root, model, Path(out), start, how)
+
+
+def start_zone_run(
+    source: Path,
+    zones: ZoneFile,
+    out: Path,
+    mapper: Mapper,
+    overwrite: bool,
+    shard: tuple[int, int] | None,
+    recursive: bool,
+    within: str | os.PathLike[str] | None,
+    rows_per_part: int,
+) -> Run:
+    """What an embed-zones run starts from (runner.start_run's counterpart)."""
+    root = source.parent if source.is_file() else source
+    fence = Path(within) if within is not None else None
+    grids, skipped = mosaic(root, recursive and source.is_dir(), fence)
+    if source.is_file():  # one raster: its grid alone
+        name = source.name
+        grids = [g for g in grids if any(t.rel == name for t in g.tiles)]
+        for g in grids:
+            g.tiles = [t for t in g.tiles if t.rel == name]
+    for line in skipped:
+        log.warning("not read as a tile: %s", line)
+    listing = {
+        "root": str(source.resolve()),
+        "zones": str(zones.path.resolve()),
+        "id": zones.id_column,
+        "shard": list(shard) if shard else None,
+        "recursive": recursive,
+    }
+    metadata = {
+        **mapper.metadata,
+        table.LISTING: listing,
+        table.ZONES: {"file": zones.path.name, "crs": zones.crs, "id": zones.id_column},
+    }
+    previous = None if overwrite else read_previous(out, mapper.sha256, None, listing)
+    plan = ZonePlan(zones, grids, previous, shard)
+    if overwrite:
+        clear_parts(out)
+    remove_stale_temps(out)
+    sink = PartSink(out, mapper.dim, metadata, rows_per_part)
+    return Run(previous, plan, sink, plan, metadata, None, zone_columns(zones))
+
+
+def zone_columns(zones: ZoneFile) -> Callable[[pa.Table], pa.Table]:
+    """What adds the zones file's own columns to the merged rows (by key), and
+    says in its GeoParquet metadata that geometries are polygons or
+    multipolygons."""
+    position = {k: i for i, k in enumerate(zones.keys)}
+
+    def add(result: pa.Table) -> pa.Table:
+        take = pa.array(
+            [position[k] for k in result.column("path").to_pylist()], pa.int64()
+        )
+        attributes = zones.attributes.take(take)
+        for name in attributes.column_names:
+            column = attributes.column(name)
+            if isinstance(column.type, pa.ExtensionType):
+                column = column.cast(column.type.storage_type)
+            label = ZONE_PREFIX + name if name in result.column_names else name
+            result = result.append_column(label, column)
+        meta = dict(result.schema.metadata or {})
+        geo: dict[str, Any] = json.loads(meta[b"geo"])
+        if geo["columns"]["geometry"]["geometry_types"]:
+            geo["columns"]["geometry"]["geometry_types"] = ["MultiPolygon", "Polygon"]
+        meta[b"geo"] = json.dumps(geo).encode()
+        return result.replace_schema_metadata(meta)
+
+    return add

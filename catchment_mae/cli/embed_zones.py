@@ -1,0 +1,151 @@
+"""``cmae embed-zones``: one embedding per polygon, from a mosaic of tiles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from catchment_mae.cli import options
+from catchment_mae.cli.embed_dir import _shard, _total_of, progress_bar, report
+
+
+@click.command(
+    "embed-zones",
+    short_help="Embed each polygon of a zones file from a raster mosaic (no torch).",
+)
+@click.argument("rasters", type=click.Path(path_type=Path))
+@click.option(
+    "--zones",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The polygons: GeoPackage, GeoJSON, Shapefile, FlatGeobuf or GeoParquet.",
+)
+@click.option(
+    "--id",
+    "id_column",
+    metavar="COLUMN",
+    help="The zones' column naming each polygon (unique); it becomes the row's "
+    "path. Default: the features' numbers from 1.",
+)
+@options.onnx_model_opt
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The .parquet table to write.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Zones per onnxruntime call.",
+)
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=0),
+    help="Reader processes (default: one per core; 0: read inline).",
+)
+@options.device_opt(
+    "auto", help="auto: onnxruntime's CUDA provider when it loads, else the CPU."
+)
+@click.option(
+    "--shard",
+    callback=_shard,
+    metavar="K/N",
+    help="Only this 1/N of the zones (stable: sha1 of the zone's id).",
+)
+@click.option(
+    "--rows-per-part",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Rows flushed to disk at a time (at most these are lost if the machine dies).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600,
+    show_default=True,
+    help="Seconds one zone may take in a reader process; past it the reader is "
+    "replaced and the zone gets a row saying so.",
+)
+@options.recursive_opt
+@click.option(
+    "--overwrite", is_flag=True, help="Start over instead of continuing an earlier run."
+)
+@click.option(
+    "--stac",
+    is_flag=True,
+    help="Also write a STAC Item beside OUT (OUT's name .stac.json).",
+)
+@options.json_opt
+@click.pass_context
+def embed_zones(
+    ctx: click.Context,
+    rasters: Path,
+    zones: Path,
+    id_column: str | None,
+    model: Path,
+    out: Path,
+    batch_size: int,
+    num_workers: int | None,
+    device: str,
+    shard: tuple[int, int] | None,
+    rows_per_part: int,
+    timeout: float,
+    recursive: bool | None,
+    overwrite: bool,
+    stac: bool,
+    as_json: bool,
+) -> None:
+    """Embed each polygon of ZONES from the tiles under RASTERS (a folder of
+    tiles, or one raster) and write one row per polygon to OUT.
+
+    Each polygon is read, through windows of every tile it touches, as the
+    catchment it outlines would be clipped to its own GeoTIFF (the pixels whose
+    centres lie inside it; the rest nodata) and embedded as embed-dir embeds
+    that file. Polygons are reprojected to the tiles' CRS; where tiles come in
+    several CRSs, each polygon is read from those covering most of it (the
+    row's crs). Invalid polygons are repaired.
+
+    Rows: embed-dir's columns (path: the zone's id; geometry: its polygon in
+    OGC:CRS84; nodata_fraction: the share of its pixels without data), then
+    the zones' own columns. Zones that cannot be read (outside the rasters,
+    too small) get a row with the reason in `error`. Running the same command
+    again continues: zones with an unchanged polygon are kept.
+
+    \b
+    Examples:
+      cmae embed-zones dem_tiles/ --zones basins.gpkg --id gauge_id \\
+          --model m.onnx --out basins.parquet
+      cmae embed-zones dem.tif --zones hydrobasins.shp --model m.onnx --out z.parquet
+    """
+    if num_workers != 0:
+        from catchment_mae.workers import prestart
+
+        prestart("catchment_mae.batch.reader")  # beside the imports below
+    import pyarrow as pa
+
+    from catchment_mae.batch.runner import NothingEmbeddedError
+    from catchment_mae.batch.zone_runner import embed_zones as run
+
+    pa.set_memory_pool(pa.system_memory_pool())  # as embed-dir (its reason there)
+    bar = progress_bar(ctx, "zone")
+    try:
+        summary = run(
+            rasters, zones, model, out, id_column=id_column, batch_size=batch_size,
+            num_workers=num_workers, device=device, shard=shard,
+            recursive=recursive is not False, overwrite=overwrite,
+            rows_per_part=rows_per_part, timeout=timeout,
+            on_item=lambda item: bar.update(1), on_total=_total_of(bar),
+        )  # fmt: skip
+    except NothingEmbeddedError as e:  # the table of failures is written
+        if as_json:
+            click.echo(json.dumps(e.summary.to_dict(), sort_keys=True))
+        raise
+    finally:
+        bar.close()
+    report(summary, model, stac, as_json)

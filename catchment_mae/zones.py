@@ -1,0 +1,543 @@
+"""Zones (``cmae embed-zones``): one raster per polygon, cut from a mosaic of
+tiles (no torch).
+
+A user has basin outlines and a DEM mosaic. Each polygon is read as the
+catchment it outlines would be if it had been clipped to its own GeoTIFF: the
+smallest window of the mosaic's pixel grid holding every pixel whose centre lies
+inside it (or on its edge), read from every tile it touches (only the strips or
+tiles of that window are decoded), the pixels outside the polygon nodata. That
+array goes through the one preprocessing path (:func:`catchment_mae.preprocess.
+resample`), so its embedding is the one ``cmae embed-dir`` gives the clipped
+file, and its ground extent is its scale input.
+
+1. :func:`read_zones` reads the polygons (GeoPackage, GeoJSON, Shapefile,
+   FlatGeobuf with pyogrio; GeoParquet with pyarrow), their attributes and CRS.
+2. :func:`mosaic` reads the tiles' headers and groups them into grids: tiles of
+   one CRS, pixel size and pixel phase (a mosaic's tiles share one).
+3. :func:`plan_zone` repairs a polygon (``make_valid``), reprojects it to each
+   grid, picks the grid that covers most of it (recorded in the row's ``crs``)
+   and its window; what cannot be read is a reason.
+4. :func:`read_zone` (in reader processes) reads and masks the window.
+
+Windows are read at full resolution, as embed-dir reads a clipped file without
+overviews; above ``max_pixels`` (or the memory budget) every k-th row and
+column of the window is read, as embed-dir decimates such a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from catchment_mae.budget import Budget
+from catchment_mae.errors import BadRasterError, CmaeError, NoInputError
+from catchment_mae.geotiff import chip_geo
+from catchment_mae.pages import steps
+from catchment_mae.raster import (
+    ALL_NODATA,
+    GeoInfo,
+    Raster,
+    RasterInfo,
+    find_tiffs,
+    header,
+    read_raster,
+)
+
+log = logging.getLogger(__name__)
+
+ZONES_EXTRA = "pip install 'catchment-mae[zones]'"
+CRS84 = "OGC:CRS84"
+# Edges are cut into at least this many pieces before a polygon is reprojected
+# to another CRS, so a long straight edge follows its true curve.
+SEGMENTS = 256
+# Pixel centres tested against a polygon at a time (bounds the mask's memory).
+MASK_CHUNK = 1 << 20
+GEOPARQUET_SUFFIXES = (".parquet", ".geoparquet")
+
+
+def _shapely() -> Any:
+    try:
+        import shapely
+    except ImportError as e:
+        raise CmaeError(f"polygons need shapely: {ZONES_EXTRA}") from e
+    return shapely
+
+
+# ------------------------------------------------------------------ the zones
+@dataclass
+class ZoneFile:
+    """The polygons of a zones file: one key (text) per feature, its geometry
+    (WKB, in ``crs``) and the file's attribute columns, in the file's order."""
+
+    path: Path
+    crs: str  # as pyproj reads it (PROJJSON or WKT or "EPSG:n")
+    keys: list[str]
+    wkb: list[bytes | None]
+    attributes: pa.Table
+    id_column: str | None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def read_zones(path: str | os.PathLike[str], id_column: str | None = None) -> ZoneFile:
+    """Reads a zones file.
+
+    Args:
+        path: a GeoPackage, GeoJSON, Shapefile, FlatGeobuf (any format GDAL
+            reads as vectors) or GeoParquet file.
+        id_column: the attribute naming each polygon (unique, never empty);
+            None: the features are numbered from 1 in the file's order.
+
+    Raises:
+        NoInputError: the file is missing, unreadable or holds no feature.
+        CmaeError: the id column is missing, empty somewhere or not unique.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise NoInputError(f"{path}: zones file does not exist")
+    if path.suffix.lower() in GEOPARQUET_SUFFIXES:
+        table, geometry, crs = _read_geoparquet(path)
+    else:
+        table, geometry, crs = _read_ogr(path)
+    if table.num_rows == 0:
+        raise NoInputError(f"{path}: holds no feature")
+    wkb = table.column(geometry).to_pylist()
+    attributes = table.drop_columns([geometry])
+    if id_column is None:
+        keys = [str(i + 1) for i in range(table.num_rows)]
+    else:
+        keys = _ids(path, attributes, id_column)
+    return ZoneFile(path, crs, keys, wkb, attributes, id_column)
+
+
+def _read_ogr(path: Path) -> tuple[pa.Table, str, str]:
+    try:
+        import pyogrio
+    except ImportError as e:
+        raise CmaeError(f"{path}: reading zones needs pyogrio: {ZONES_EXTRA}") from e
+    try:
+        meta, table = pyogrio.read_arrow(path)
+    except Exception as e:  # pyogrio's DataSourceError and GDAL's own
+        raise NoInputError(f"{path}: cannot read as polygons: {_first_line(e)}") from e
+    geometry = next(
+        (
+            f.name
+            for f in table.schema
+            if (f.metadata or {}).get(b"ARROW:extension:name") == b"geoarrow.wkb"
+        ),
+        meta.get("geometry_name") or "wkb_geometry",
+    )
+    if geometry not in table.column_names:
+        raise NoInputError(f"{path}: holds no geometry column")
+    if not meta.get("crs"):
+        raise NoInputError(f"{path}: states no CRS (a .prj beside a Shapefile, say)")
+    return table, geometry, str(meta["crs"])
+
+
+def _read_geoparquet(path: Path) -> tuple[pa.Table, str, str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # ArrowInvalid, OSError: not Parquet
+        raise NoInputError(
+            f"{path}: cannot read as GeoParquet: {_first_line(e)}"
+        ) from e
+    try:
+        geo = json.loads((table.schema.metadata or {})[b"geo"])
+        geometry = geo["primary_column"]
+        column = geo["columns"][geometry]
+    except (KeyError, TypeError, ValueError) as e:
+        raise NoInputError(f"{path}: Parquet without GeoParquet metadata") from e
+    if column.get("encoding", "WKB").upper() != "WKB":
+        raise NoInputError(f"{path}: geometry encoded as {column['encoding']}, not WKB")
+    crs = column.get("crs", CRS84)  # GeoParquet: absent means OGC:CRS84
+    if crs is None:
+        raise NoInputError(f"{path}: its geometry has no CRS")
+    return table, geometry, crs if isinstance(crs, str) else json.dumps(crs)
+
+
+def _ids(path: Path, attributes: pa.Table, id_column: str) -> list[str]:
+    if id_column not in attributes.column_names:
+        names = ", ".join(attributes.column_names) or "none"
+        raise CmaeError(f"{path}: no column {id_column!r} (columns: {names})")
+    values = attributes.column(id_column).to_pylist()
+    keys = ["" if v is None else str(v) for v in values]
+    if "" in keys:
+        raise CmaeError(
+            f"{path}: column {id_column!r} is empty in feature {keys.index('') + 1}"
+        )
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        twice = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise CmaeError(f"{path}: column {id_column!r} is not unique ({twice!r} twice)")
+    return keys
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# ------------------------------------------------------------------ the mosaic
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a grid: its file and its place in the grid's pixels."""
+
+    rel: str
+    col: int  # of its first pixel, in the grid
+    row: int
+    width: int
+    height: int
+
+
+@dataclass
+class Grid:
+    """Tiles of one CRS, pixel size and phase; pixels counted from the first
+    tile's corner (``geo`` is that tile's georeferencing)."""
+
+    crs: str
+    geo: GeoInfo
+    tiles: list[Tile] = field(default_factory=list)
+    _tree: Any = None
+
+    @property
+    def transform(self) -> tuple[float, ...]:
+        assert self.geo.transform is not None
+        return self.geo.transform
+
+    def place(self, transform: tuple[float, ...]) -> tuple[int, int] | None:
+        """Where a tile with ``transform`` starts in this grid's pixels, or None
+        when it is not on this grid."""
+        c, a, _, f, _, e = self.transform
+        c2, a2, b2, f2, d2, e2 = transform
+        if (
+            b2
+            or d2
+            or not (
+                math.isclose(a, a2, rel_tol=1e-9) and math.isclose(e, e2, rel_tol=1e-9)
+            )
+        ):
+            return None
+        col, row = (c2 - c) / a, (f2 - f) / e
+        if abs(col - round(col)) > 1e-3 or abs(row - round(row)) > 1e-3:
+            return None
+        return round(col), round(row)
+
+    def boxes(self) -> Any:
+        """The tiles' outlines in the grid's CRS, and an STRtree over them."""
+        if self._tree is None:
+            shapely = _shapely()
+            c, a, _, f, _, e = self.transform
+            outlines = [
+                shapely.box(
+                    c + a * t.col,
+                    f + e * (t.row + t.height),
+                    c + a * (t.col + t.width),
+                    f + e * t.row,
+                )  # fmt: skip
+                for t in self.tiles
+            ]
+            self._tree = shapely.STRtree(outlines)
+        return self._tree
+
+
+def mosaic(
+    root: Path, recursive: bool = True, within: Path | None = None
+) -> tuple[list[Grid], list[str]]:
+    """The grids of the TIFFs under ``root`` (their headers only), most tiles
+    first, and one line for each file that cannot take part (no
+    georeferencing, a rotated grid, an unreadable header).
+
+    Raises:
+        NoInputError: no georeferenced TIFF there.
+    """
+    grids: list[Grid] = []
+    skipped: list[str] = []
+    for path in find_tiffs(root, recursive, within=within):
+        rel = path.relative_to(root).as_posix()
+        try:
+            height, width, _, geo = header(path)
+        except BadRasterError as e:
+            skipped.append(f"{rel}: {e.reason}")
+            continue
+        t = geo.transform
+        if t is None or geo.crs is None or geo.pixel_size is None:
+            skipped.append(f"{rel}: has no georeferencing")
+            continue
+        if t[2] or t[4]:
+            skipped.append(f"{rel}: a rotated grid is not read as a mosaic tile")
+            continue
+        for grid in grids:
+            at = grid.place(t) if grid.crs == geo.crs else None
+            if at is not None:
+                grid.tiles.append(Tile(rel, at[0], at[1], width, height))
+                break
+        else:
+            grids.append(Grid(geo.crs, geo, [Tile(rel, 0, 0, width, height)]))
+    if not grids:
+        raise NoInputError(f"{root}: no georeferenced .tif/.tiff files found")
+    return sorted(grids, key=lambda g: -len(g.tiles)), skipped
+
+
+# ------------------------------------------------------------ planning a zone
+@dataclass(frozen=True)
+class Zone:
+    """One polygon's work: where to read it (a window of a grid and the tiles
+    it touches), its outline there (WKB) and in OGC:CRS84 for its row; or why
+    it cannot be read (``error``)."""
+
+    key: str
+    wkb84: bytes | None = None
+    bbox84: tuple[float, float, float, float] | None = None
+    error: str | None = None
+    crs: str | None = None
+    geo: GeoInfo | None = None  # the grid's
+    tiles: tuple[Tile, ...] = ()
+    window: tuple[int, int, int, int] = (0, 0, 0, 0)  # col, row, width, height
+    wkb: bytes | None = None  # in the grid's CRS
+
+    @property
+    def fingerprint(self) -> str:
+        """What a row keeps of its zone: its outline (an edited polygon is
+        embedded again)."""
+        return hashlib.sha1(self.wkb84 or b"").hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _transformer(src: str, dst: str) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs(src, dst, always_xy=True)
+
+
+def _reproject(geom: Any, src: str, dst: str) -> Any:
+    shapely = _shapely()
+    if src == dst:
+        return geom
+    xmin, ymin, xmax, ymax = shapely.bounds(geom)
+    step = math.hypot(xmax - xmin, ymax - ymin) / SEGMENTS
+    if step > 0:
+        geom = shapely.segmentize(geom, step)
+    out = shapely.transform(geom, _transformer(src, dst).transform, interleaved=False)
+    if not np.isfinite(shapely.get_coordinates(out)).all():
+        raise ValueError("outside the CRS's area of use")
+    return out
+
+
+def polygonal(geom: Any) -> tuple[Any, str | None]:
+    """The polygonal part of a geometry, repaired (``make_valid``), or None and
+    why it has none."""
+    shapely = _shapely()
+    if geom is None or shapely.is_empty(geom):
+        return None, "has an empty geometry"
+    if not shapely.is_valid(geom):
+        geom = shapely.make_valid(geom)
+    parts = [p for p in shapely.get_parts(geom) if shapely.get_type_id(p) in (3, 6)]
+    parts = [q for p in parts for q in shapely.get_parts(p)]  # multipolygons apart
+    parts = [p for p in parts if shapely.area(p) > 0]
+    if not parts:
+        return None, "is not a polygon (no area once repaired)"
+    if len(parts) == 1:
+        return parts[0], None
+    return shapely.multipolygons(parts), None
+
+
+def plan_zone(key: str, wkb: bytes | None, src_crs: str, grids: Sequence[Grid]) -> Zone:
+    """Where and how a zone is read (or why it cannot be)."""
+    shapely = _shapely()
+    try:
+        geom = shapely.from_wkb(wkb) if wkb is not None else None
+    except Exception as e:  # GEOSException: not WKB
+        return Zone(key, error=f"has a geometry that cannot be read ({_first_line(e)})")
+    geom, reason = polygonal(geom)
+    if geom is None:
+        return Zone(key, error=reason)
+    try:
+        g84 = shapely.orient_polygons(_reproject(geom, src_crs, CRS84))
+    except Exception as e:  # PROJ errors, a CRS it cannot use
+        return Zone(key, error=f"cannot be reprojected to OGC:CRS84 ({_first_line(e)})")
+    wkb84, bbox84 = shapely.to_wkb(g84), tuple(float(v) for v in shapely.bounds(g84))
+    best: tuple[float, Grid, Any] | None = None
+    for grid in grids:
+        try:
+            g = _reproject(geom, src_crs, grid.crs)
+        except Exception:  # outside this CRS's area: another grid may hold it
+            continue
+        tree = grid.boxes()
+        hits = tree.query(g, predicate="intersects")
+        if len(hits) == 0:
+            continue
+        covered = float(
+            np.sum(shapely.area(shapely.intersection(tree.geometries[hits], g)))
+        )
+        if best is None or covered / shapely.area(g) > best[0] + 1e-9:
+            best = (covered / shapely.area(g), grid, g)
+    if best is None:
+        return Zone(key, wkb84, bbox84, error="lies outside the rasters")
+    _, grid, g = best
+    window = _window(g, grid)
+    if window is None:
+        return Zone(key, wkb84, bbox84, error="covers no pixel centre of the rasters")
+    col, row, w, h = window
+    tiles = tuple(
+        t for t in grid.tiles
+        if t.col < col + w and col < t.col + t.width
+        and t.row < row + h and row < t.row + t.height
+    )  # fmt: skip
+    return Zone(
+        key, wkb84, bbox84, None, grid.crs, grid.geo, tiles, window, shapely.to_wkb(g)
+    )
+
+
+def _window(geom: Any, grid: Grid) -> tuple[int, int, int, int] | None:
+    """The grid pixels whose centres may lie inside ``geom`` (its bounds),
+    within the grid's tiles: (col, row, width, height), or None."""
+    c, a, _, f, _, e = grid.transform
+    xmin, ymin, xmax, ymax = _shapely().bounds(geom)
+    cols = sorted(((xmin - c) / a - 0.5, (xmax - c) / a - 0.5))
+    rows = sorted(((ymin - f) / e - 0.5, (ymax - f) / e - 0.5))
+    col0, col1 = math.ceil(cols[0]), math.floor(cols[1])
+    row0, row1 = math.ceil(rows[0]), math.floor(rows[1])
+    col0 = max(col0, min(t.col for t in grid.tiles))
+    row0 = max(row0, min(t.row for t in grid.tiles))
+    col1 = min(col1, max(t.col + t.width for t in grid.tiles) - 1)
+    row1 = min(row1, max(t.row + t.height for t in grid.tiles) - 1)
+    if col1 < col0 or row1 < row0:
+        return None
+    return col0, row0, col1 - col0 + 1, row1 - row0 + 1
+
+
+# ------------------------------------------------------------ reading a zone
+def read_zone(
+    root: str | os.PathLike[str],
+    zone: Zone,
+    *,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    max_pixels: int,
+    max_memory_mb: int,
+    in_chans: int | None = None,
+    within: str | os.PathLike[str] | None = None,
+) -> tuple[Raster, int]:
+    """The zone's window of the mosaic, pixels outside its polygon invalid
+    (what ``read_raster`` gives for the zone clipped to its own GeoTIFF), and
+    how many of the pixels read lie inside the polygon.
+
+    Raises:
+        BadRasterError: naming the zone and why it cannot be read.
+    """
+    if zone.error is not None or zone.geo is None:
+        raise BadRasterError(zone.key, zone.error or "was not planned")
+    col, row, w, h = zone.window
+    n = in_chans or (len(bands) if bands else 1)
+    limit = min(max_pixels, Budget(max_memory_mb).pixels(n, 8, n))
+    ky, kx = (1, 1) if w * h <= limit else steps(h, w, limit)
+    inside = _inside(zone, ky, kx)
+    if not inside.any():
+        raise BadRasterError(zone.key, "covers no pixel centre of the rasters")
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    inside = inside[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    col, row = col + cols[0] * kx, row + rows[0] * ky
+    w = min(w - cols[0] * kx, (cols[-1] - cols[0]) * kx + 1)
+    h = min(h - rows[0] * ky, (rows[-1] - rows[0]) * ky + 1)
+    data: np.ndarray | None = None
+    valid = np.zeros(inside.shape, bool)
+    first: Raster | None = None
+    for tile in zone.tiles:
+        part = _tile_part(tile, (col, row, w, h), ky, kx)
+        if part is None:
+            continue
+        window, (i0, j0) = part
+        try:
+            r = read_raster(
+                Path(root) / tile.rel, bands=bands, nodata=nodata,
+                max_pixels=max_pixels, max_memory_mb=max_memory_mb,
+                in_chans=in_chans, window=window, step=(ky, kx), within=within,
+            )  # fmt: skip
+        except BadRasterError as e:
+            if e.reason == ALL_NODATA:  # empty tiles of a sparse file
+                continue
+            raise BadRasterError(zone.key, f"tile {tile.rel}: {e.reason}") from e
+        if data is None:
+            data = np.zeros((r.data.shape[0], *inside.shape), np.float32)
+            first = r
+        elif r.data.shape[0] != data.shape[0]:
+            raise BadRasterError(zone.key, f"tile {tile.rel} has another band count")
+        rh = min(r.valid.shape[0], inside.shape[0] - i0)
+        rw = min(r.valid.shape[1], inside.shape[1] - j0)
+        data[:, i0 : i0 + rh, j0 : j0 + rw] = r.data[:, :rh, :rw]
+        valid[i0 : i0 + rh, j0 : j0 + rw] = r.valid[:rh, :rw]
+    if data is None or first is None:
+        raise BadRasterError(zone.key, "covers no pixel with data")
+    valid &= inside
+    info = RasterInfo(
+        path=zone.key,
+        height=h,
+        width=w,
+        bands=first.info.bands,
+        dtype=first.info.dtype,
+        nodata=first.info.nodata,
+        read_height=inside.shape[0],
+        read_width=inside.shape[1],
+        level=-max(ky, kx) if max(ky, kx) > 1 else 0,
+        geo=chip_geo(zone.geo, (col, row, w, h)),
+    )
+    return Raster(data=data, valid=valid, info=info), int(inside.sum())
+
+
+def _inside(zone: Zone, ky: int, kx: int) -> np.ndarray:
+    """Whether each sampled pixel centre of the zone's window lies inside (or
+    on the edge of) its polygon: (rows, cols) bool."""
+    shapely = _shapely()
+    assert zone.geo is not None and zone.geo.transform is not None
+    geom = shapely.from_wkb(zone.wkb)
+    shapely.prepare(geom)
+    c, a, _, f, _, e = zone.geo.transform
+    col, row, w, h = zone.window
+    xs = c + a * (col + np.arange(0, w, kx) + 0.5)
+    ys = f + e * (row + np.arange(0, h, ky) + 0.5)
+    out = np.zeros((len(ys), len(xs)), bool)
+    step = max(1, MASK_CHUNK // len(xs))
+    for i in range(0, len(ys), step):
+        yy, xx = np.meshgrid(ys[i : i + step], xs, indexing="ij")
+        out[i : i + step] = shapely.intersects_xy(geom, xx, yy)
+    return out
+
+
+def _tile_part(
+    tile: Tile, window: tuple[int, int, int, int], ky: int, kx: int
+) -> tuple[tuple[int, int, int, int], tuple[int, int]] | None:
+    """The tile's share of the sampled window: its window in the tile's pixels
+    (from the first sampled pixel inside the tile) and where its first pixel
+    goes in the sampled array (row, column); None when it holds none."""
+    col, row, w, h = window
+    span = []
+    for start, length, t0, tlen, k in (
+        (col, w, tile.col, tile.width, kx),
+        (row, h, tile.row, tile.height, ky),
+    ):
+        lo, hi = max(start, t0), min(start + length, t0 + tlen)  # grid pixels
+        first = start + -(-(lo - start) // k) * k  # sampled, on the zone's steps
+        if first >= hi:
+            return None
+        span.append((first - t0, hi - first, (first - start) // k))
+    (x0, ww, j0), (y0, hh, i0) = span
+    return (x0, y0, ww, hh), (i0, j0)
+
+
+def iter_zones(zones: ZoneFile, grids: Sequence[Grid]) -> Iterator[Zone]:
+    """Every zone of the file, planned, in the file's order."""
+    for key, wkb in zip(zones.keys, zones.wkb, strict=True):
+        yield plan_zone(key, wkb, zones.crs, grids)

@@ -1,0 +1,314 @@
+"""embed-zones: polygons of a zones file read from a mosaic of tiles, embedded
+as embed-dir embeds the same catchments clipped to their own GeoTIFFs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+shapely = pytest.importorskip("shapely")
+pyogrio = pytest.importorskip("pyogrio")
+
+from catchment_mae.batch.runner import embed_dir  # noqa: E402
+from catchment_mae.batch.zone_runner import embed_zones  # noqa: E402
+from catchment_mae.cli.main import cli  # noqa: E402
+from catchment_mae.synth import dem_array, write_dem  # noqa: E402
+from catchment_mae.terrain import write_like  # noqa: E402
+from catchment_mae.zones import read_zone, read_zones  # noqa: E402
+from tests.conftest import dem_spec  # noqa: E402
+
+PIXEL = 30.0
+X0, Y0 = 500_000.0, 5_000_000.0  # the mosaic's upper-left corner (EPSG:32633)
+H, W = 160, 200  # the whole DEM, cut into 2 x 2 tiles
+TRANSFORM = (X0, PIXEL, 0.0, Y0, 0.0, -PIXEL)
+
+
+def xy(col: float, row: float) -> tuple[float, float]:
+    """A point of the mosaic by its pixel coordinates (corners are integers)."""
+    return X0 + col * PIXEL, Y0 - row * PIXEL
+
+
+def poly(*pixels: tuple[float, float], holes=()):
+    return shapely.Polygon(
+        [xy(*p) for p in pixels], [[xy(*p) for p in h] for h in holes]
+    )
+
+
+@pytest.fixture(scope="module")
+def dem() -> np.ndarray:
+    return dem_array(dem_spec(height=H, width=W, seed=3, nodata=-9999.0)).astype(
+        np.float32
+    )
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory, dem) -> Path:
+    """The DEM as four tiled GeoTIFFs of 80 x 100 pixels."""
+    d = tmp_path_factory.mktemp("mosaic")
+    for r in range(2):
+        for c in range(2):
+            spec = dem_spec(
+                height=80, width=100, origin=xy(c * 100, r * 80), nodata=-9999.0
+            )
+            write_dem(
+                d / f"tile_{r}{c}.tif",
+                spec,
+                dem[r * 80 : r * 80 + 80, c * 100 : c * 100 + 100],
+            )
+    return d
+
+
+ZONES = {
+    "inside": poly((10, 10), (60, 12), (55, 70), (8, 50)),
+    "corner": poly(
+        (70, 50),
+        (140, 55),
+        (130, 120),
+        (75, 110),
+        holes=[[(95, 75), (110, 75), (110, 90), (95, 90)]],
+    ),
+    "two_parts": shapely.MultiPolygon(
+        [
+            poly((20, 100), (60, 100), (60, 150), (20, 150)),
+            poly((150, 10), (190, 10), (190, 60), (150, 60)),
+        ]
+    ),
+    "bowtie": poly((120, 100), (190, 150), (190, 100), (120, 150)),  # invalid
+    "outside": poly((300, 300), (340, 300), (340, 340), (300, 340)),
+    "speck": poly((5.1, 5.1), (5.3, 5.1), (5.3, 5.3), (5.1, 5.3)),  # no centre
+}
+
+
+def write_zones(path: Path, zones: dict, crs: str = "EPSG:32633", to=None) -> Path:
+    geoms = list(zones.values())
+    if to is not None:
+        from pyproj import Transformer
+
+        t = Transformer.from_crs(crs, to, always_xy=True)
+        geoms = [shapely.transform(g, t.transform, interleaved=False) for g in geoms]
+        crs = to
+    table = pa.table(
+        {
+            "gauge": list(zones),
+            "area": [float(g.area) for g in zones.values()],
+            "geometry": shapely.to_wkb(geoms),
+        }
+    )
+    pyogrio.write_arrow(
+        table, path, geometry_name="geometry", geometry_type="Unknown", crs=crs
+    )
+    return path
+
+
+def clip(dem: np.ndarray, geom) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The catchment as its own raster, computed here from the whole DEM: the
+    smallest window holding the pixels whose centres lie in ``geom`` (or on its
+    edge), NaN outside it."""
+    g = shapely.make_valid(geom)
+    cols, rows = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    x, y = X0 + cols * PIXEL, Y0 - rows * PIXEL
+    inside = shapely.intersects_xy(g, x, y)
+    r = np.flatnonzero(inside.any(axis=1))
+    c = np.flatnonzero(inside.any(axis=0))
+    window = (slice(r[0], r[-1] + 1), slice(c[0], c[-1] + 1))
+    data = np.where(inside[window], dem[window], np.nan)
+    clip.inside = inside[window]  # type: ignore[attr-defined]
+    return data, (X0 + c[0] * PIXEL, PIXEL, 0.0, Y0 - r[0] * PIXEL, 0.0, -PIXEL)
+
+
+def table_by_path(path: Path) -> dict[str, dict]:
+    return {row["path"]: row for row in pq.read_table(path).to_pylist()}
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def zoned(tmp_path_factory, tiles, onnx_model):
+    """embed-zones over the mosaic: the zones file and the table."""
+    d = tmp_path_factory.mktemp("zoned")
+    zones = write_zones(d / "zones.gpkg", ZONES)
+    out = d / "z.parquet"
+    summary = embed_zones(
+        tiles, zones, onnx_model, out, id_column="gauge", num_workers=0
+    )
+    return zones, out, summary
+
+
+def test_a_zone_embeds_as_its_catchment_clipped_to_a_geotiff(
+    tmp_path, dem, tiles, zoned, onnx_model
+):
+    """Across tile edges, with a hole, in two parts, repaired: each zone's
+    embedding is embed-dir's of the same catchment written as its own file."""
+    _, out, summary = zoned
+    assert (summary.embedded, summary.failed) == (4, 2)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for key in ("inside", "corner", "two_parts", "bowtie"):
+        data, transform = clip(dem, ZONES[key])
+        write_like(tiles / "tile_00.tif", clips / f"{key}.tif", data, transform)
+    embed_dir(clips, onnx_model, tmp_path / "d.parquet", num_workers=0)
+    zones, files = table_by_path(out), table_by_path(tmp_path / "d.parquet")
+    for key in ("inside", "corner", "two_parts", "bowtie"):
+        z, f = zones[key], files[f"{key}.tif"]
+        assert z["error"] is None
+        assert (z["height"], z["width"]) == (f["height"], f["width"]), key
+        assert cosine(z["embedding"], f["embedding"]) >= 0.9999, key
+
+
+def test_zone_rows_carry_the_zones_columns_polygon_and_reasons(zoned):
+    zones, out, _ = zoned
+    t = pq.read_table(out)
+    assert t.column("path").to_pylist() == list(ZONES)  # the file's order
+    rows = table_by_path(out)
+    assert rows["outside"]["error"] == "lies outside the rasters"
+    assert rows["speck"]["error"] == "covers no pixel centre of the rasters"
+    assert rows["outside"]["embedding"] is None
+    for key, g in ZONES.items():
+        assert rows[key]["gauge"] == key
+        assert rows[key]["area"] == pytest.approx(g.area)
+    # The polygon in OGC:CRS84, oriented counter-clockwise, with its bbox.
+    g84 = shapely.from_wkb(rows["corner"]["geometry"])
+    assert g84.geom_type == "Polygon" and len(g84.interiors) == 1
+    assert g84.exterior.is_ccw
+    assert 14 < g84.centroid.x < 16 and 45 < g84.centroid.y < 46
+    assert rows["corner"]["bbox"]["xmin"] == pytest.approx(g84.bounds[0])
+    assert shapely.from_wkb(rows["two_parts"]["geometry"]).geom_type == "MultiPolygon"
+    assert rows["corner"]["crs"] == "EPSG:32633"
+    assert rows["corner"]["pixel_size_x"] == PIXEL
+    # Every pixel inside the polygon has data: nothing missing.
+    assert rows["corner"]["nodata_fraction"] == 0.0
+    meta = t.schema.metadata
+    geo = json.loads(meta[b"geo"])
+    assert "MultiPolygon" in geo["columns"]["geometry"]["geometry_types"]
+    recorded = json.loads(meta[b"zones"])
+    assert recorded["id"] == "gauge" and recorded["crs"] == "EPSG:32633"
+
+
+def test_a_second_run_keeps_unchanged_zones_and_embeds_edited_ones(
+    tmp_path, tiles, onnx_model
+):
+    zones = write_zones(tmp_path / "zones.gpkg", ZONES)
+    out = tmp_path / "z.parquet"
+    embed_zones(tiles, zones, onnx_model, out, id_column="gauge", num_workers=0)
+    before = table_by_path(out)
+    again = embed_zones(tiles, zones, onnx_model, out, id_column="gauge", num_workers=0)
+    assert (again.embedded, again.already_done, again.failed) == (0, 4, 2)
+    edited = dict(ZONES, inside=poly((10, 10), (70, 12), (55, 70), (8, 50)))
+    write_zones(zones, edited)
+    third = embed_zones(tiles, zones, onnx_model, out, id_column="gauge", num_workers=0)
+    assert (third.embedded, third.already_done) == (1, 3)
+    after = table_by_path(out)
+    assert after["corner"]["embedding"] == before["corner"]["embedding"]
+    assert after["inside"]["width"] > before["inside"]["width"]
+    assert after["inside"]["gauge"] == "inside"  # the zones' columns again
+
+
+def test_zones_in_another_crs_are_reprojected_to_the_tiles(
+    tmp_path, tiles, zoned, onnx_model
+):
+    zones = write_zones(tmp_path / "zones.geojson", ZONES, to="EPSG:4326")
+    out = tmp_path / "z.parquet"
+    embed_zones(tiles, zones, onnx_model, out, id_column="gauge", num_workers=0)
+    same_crs, rows = table_by_path(zoned[1]), table_by_path(out)
+    for key in ("inside", "corner", "two_parts"):
+        assert abs(rows[key]["width"] - same_crs[key]["width"]) <= 1
+        assert cosine(rows[key]["embedding"], same_crs[key]["embedding"]) > 0.99
+
+
+def test_a_large_zone_is_decimated_on_the_mosaic_grid_as_its_clip_would_be(
+    tmp_path, dem, tiles
+):
+    """Above max_pixels every k-th pixel is read, across tile edges on the
+    zone's own steps: the same pixels as read_raster takes from the clip."""
+    from catchment_mae.raster import read_raster
+    from catchment_mae.zones import mosaic, plan_zone
+
+    g = poly((13, 21), (187, 21), (187, 153), (13, 153))
+    grids, _ = mosaic(tiles)
+    zone = plan_zone("big", shapely.to_wkb(g), "EPSG:32633", grids)
+    raster, inside = read_zone(tiles, zone, max_pixels=5000, max_memory_mb=64)
+    data, transform = clip(dem, g)
+    write_like(tiles / "tile_00.tif", tmp_path / "big.tif", data, transform)
+    expected = read_raster(tmp_path / "big.tif", max_pixels=5000)
+    assert raster.info.level == expected.info.level < -1
+    assert raster.data.shape == expected.data.shape
+    np.testing.assert_array_equal(raster.valid, expected.valid)
+    np.testing.assert_array_equal(
+        raster.data[:, raster.valid], expected.data[:, expected.valid]
+    )
+    k = -raster.info.level
+    assert inside == clip.inside[::k, ::k].sum() > raster.valid.sum()  # nodata too
+
+
+def test_read_zones_refuses_a_missing_or_repeated_id(tmp_path):
+    zones = write_zones(tmp_path / "z.gpkg", ZONES)
+    with pytest.raises(Exception, match="no column 'basin'"):
+        read_zones(zones, "basin")
+    table = pa.table(
+        {"b": ["a", "a"], "geometry": shapely.to_wkb([ZONES["inside"]] * 2)}
+    )
+    pyogrio.write_arrow(
+        table,
+        tmp_path / "twice.gpkg",
+        geometry_name="geometry",
+        geometry_type="Polygon",
+        crs="EPSG:32633",
+    )
+    with pytest.raises(Exception, match="not unique"):
+        read_zones(tmp_path / "twice.gpkg", "b")
+    assert read_zones(zones).keys == [str(i) for i in range(1, len(ZONES) + 1)]
+
+
+def test_geoparquet_zones(tmp_path, tiles, onnx_model):
+    """A GeoParquet zones file (its CRS from the geo metadata)."""
+    geo = {
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": {"geometry": {"encoding": "WKB", "geometry_types": [], "crs": None}},
+    }
+    from pyproj import CRS
+
+    geo["columns"]["geometry"]["crs"] = CRS("EPSG:32633").to_json_dict()
+    t = pa.table({"gauge": ["inside"], "geometry": shapely.to_wkb([ZONES["inside"]])})
+    t = t.replace_schema_metadata({b"geo": json.dumps(geo).encode()})
+    pq.write_table(t, tmp_path / "z.parquet")
+    zones = read_zones(tmp_path / "z.parquet", "gauge")
+    assert zones.keys == ["inside"]
+    out = tmp_path / "e.parquet"
+    s = embed_zones(
+        tiles, tmp_path / "z.parquet", onnx_model, out, id_column="gauge", num_workers=0
+    )
+    assert s.embedded == 1
+
+
+def test_cli_embed_zones(runner, tmp_path, tiles, onnx_model):
+    zones = write_zones(tmp_path / "zones.gpkg", ZONES)
+    out = tmp_path / "z.parquet"
+    args = [
+        "embed-zones",
+        str(tiles),
+        "--zones",
+        str(zones),
+        "--model",
+        str(onnx_model),
+    ]
+    result = runner.invoke(
+        cli, [*args, "--out", str(out), "--id", "gauge", "--json", "--num-workers", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["embedded"], summary["failed"]) == (4, 2)
+    bad = runner.invoke(
+        cli, [*args, "--out", str(tmp_path / "b.parquet"), "--id", "basin"]
+    )
+    assert bad.exit_code != 0
+    assert "no column 'basin'" in bad.stderr and "Traceback" not in bad.output
+    assert bad.stderr.count("\n") == 1
