@@ -124,6 +124,7 @@ def make_encoder(name: str, out: Path, **override: int) -> Path:
     stem = out / (name + "".join(f"-{k}{v}" for k, v in override.items()))
     cfg = TrainConfig(
         vit_model_name=name, image_size=224, in_chans=1, norm="per-raster",
+        scale="ground", slope_channel=True, max_epochs=1,
         model_output_path=str(stem) + ".pth", **override,
     )  # fmt: skip
     torch.manual_seed(0)

@@ -61,8 +61,6 @@ CRS84 = "OGC:CRS84"
 # Edges are cut into at least this many pieces before a polygon is reprojected
 # to another CRS, so a long straight edge follows its true curve.
 SEGMENTS = 256
-# Pixel centres tested against a polygon at a time (bounds the mask's memory).
-MASK_CHUNK = 1 << 20
 GEOPARQUET_SUFFIXES = (".parquet", ".geoparquet")
 
 
@@ -502,18 +500,62 @@ def _inside(zone: Zone, ky: int, kx: int) -> np.ndarray:
     on the edge of) its polygon: (rows, cols) bool."""
     shapely = _shapely()
     assert zone.geo is not None and zone.geo.transform is not None
-    geom = shapely.from_wkb(zone.wkb)
-    shapely.prepare(geom)
     c, a, _, f, _, e = zone.geo.transform
     col, row, w, h = zone.window
-    xs = c + a * (col + np.arange(0, w, kx) + 0.5)
-    ys = f + e * (row + np.arange(0, h, ky) + 0.5)
-    out = np.zeros((len(ys), len(xs)), bool)
-    step = max(1, MASK_CHUNK // len(xs))
-    for i in range(0, len(ys), step):
-        yy, xx = np.meshgrid(ys[i : i + step], xs, indexing="ij")
-        out[i : i + step] = shapely.intersects_xy(geom, xx, yy)
-    return out
+    rings = shapely.get_rings(shapely.get_parts(shapely.from_wkb(zone.wkb)))
+    # Sampled pixel centre (i, j) at (j, i) in these coordinates.
+    coords = [
+        np.column_stack(
+            [
+                ((xy[:, 0] - c) / a - col - 0.5) / kx,
+                ((xy[:, 1] - f) / e - row - 0.5) / ky,
+            ]
+        )
+        for xy in (shapely.get_coordinates(r) for r in rings)
+    ]
+    return scanline(coords, -(-h // ky), -(-w // kx))
+
+
+def scanline(rings: Sequence[np.ndarray], rows: int, cols: int) -> np.ndarray:
+    """Which integer points (j, i) of a rows x cols grid lie inside the closed
+    ``rings`` (even-odd: holes and several parts alike) or on one of their
+    edges: (rows, cols) bool.
+
+    A scanline fill: every edge crossing row i toggles the points right of it,
+    then the points exactly on an edge are added. Its time is the crossings'
+    plus the grid's, not points times vertices (testing each pixel centre
+    against the polygon took two thirds of embed-zones' reading time).
+    """
+    toggles = np.zeros((rows, cols + 1), np.int32)
+    on_edge: list[tuple[np.ndarray, np.ndarray]] = []
+    for ring in rings:
+        (s1, t1), (s2, t2) = ring[:-1].T, ring[1:].T
+        lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
+        first = np.clip(np.ceil(lo), 0, rows).astype(np.int64)  # rows lo <= i < hi
+        last = np.clip(np.ceil(hi), 0, rows).astype(np.int64)
+        n = np.maximum(last - first, 0)
+        edge = np.repeat(np.arange(len(n)), n)
+        i = first[edge] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        s = s1[edge] + (i - t1[edge]) * (s2[edge] - s1[edge]) / (t2[edge] - t1[edge])
+        np.add.at(toggles, (i, np.clip(np.ceil(s), 0, cols).astype(np.int64)), 1)
+        exact = np.abs(s - np.rint(s)) < 1e-9  # a point on a sloping edge
+        on_edge.append((i[exact], np.rint(s[exact]).astype(np.int64)))
+        vertex = (np.abs(s1 - np.rint(s1)) < 1e-9) & (np.abs(t1 - np.rint(t1)) < 1e-9)
+        on_edge.append(
+            (np.rint(t1[vertex]).astype(np.int64), np.rint(s1[vertex]).astype(np.int64))
+        )
+        flat = (t1 == t2) & (np.abs(t1 - np.rint(t1)) < 1e-9)  # along a row
+        for k in np.flatnonzero(flat):
+            r = int(np.rint(t1[k]))
+            j0 = max(int(np.ceil(min(s1[k], s2[k]) - 1e-9)), 0)
+            j1 = min(int(np.floor(max(s1[k], s2[k]) + 1e-9)), cols - 1)
+            if 0 <= r < rows and j0 <= j1:
+                on_edge.append((np.full(j1 - j0 + 1, r), np.arange(j0, j1 + 1)))
+    inside = (np.cumsum(toggles, axis=1)[:, :cols] % 2).astype(bool)
+    for i, j in on_edge:
+        keep = (i >= 0) & (i < rows) & (j >= 0) & (j < cols)
+        inside[i[keep], j[keep]] = True
+    return inside
 
 
 def _tile_part(
