@@ -119,9 +119,10 @@ def start_zone_run(
             g.tiles = [t for t in g.tiles if t.rel == name]
     for line in skipped:
         log.warning("not read as a tile: %s", line)
+    real = zones.path.resolve()  # a descriptor's /proc path: the file's own
     listing = {
         "root": str(source.resolve()),
-        "zones": str(zones.path.resolve()),
+        "zones": str(real),
         "id": zones.id_column,
         "shard": list(shard) if shard else None,
         "recursive": recursive,
@@ -129,7 +130,7 @@ def start_zone_run(
     metadata = {
         **mapper.metadata,
         table.LISTING: listing,
-        table.ZONES: {"file": zones.path.name, "crs": zones.crs, "id": zones.id_column},
+        table.ZONES: {"file": real.name, "crs": zones.crs, "id": zones.id_column},
     }
     previous = None if overwrite else read_previous(out, mapper.sha256, None, listing)
     plan = ZonePlan(zones, grids, previous, shard)

@@ -515,19 +515,24 @@ def pixel_metres(path: str | os.PathLike[str]) -> tuple[int, int, float, float]:
     return h, w, h_m / h, w_m / w
 
 
-def header(path: str | os.PathLike[str]) -> tuple[int, int, int, GeoInfo]:
+def header(
+    path: str | os.PathLike[str], within: str | os.PathLike[str] | None = None
+) -> tuple[int, int, int, GeoInfo]:
     """(height, width, bands, georeferencing) of a TIFF's full-resolution image,
-    from its header only (bands without an alpha band).
+    from its header only (bands without an alpha band). ``within``: the file
+    opened must lie in this folder (as read_raster's).
 
     Raises:
         BadRasterError: the file is missing, not a TIFF, or holds no image.
     """
-    h, w, geo, bands = _header(Path(path), with_geo=True)
+    h, w, geo, bands = _header(Path(path), with_geo=True, within=within)
     return h, w, bands, geo  # type: ignore[return-value]
 
 
-def _header(path: Path, with_geo: bool) -> tuple[int, int, GeoInfo | None, int]:
-    with open_checked(path, Budget(DEFAULT_MAX_MEMORY_MB)) as f:
+def _header(
+    path: Path, with_geo: bool, within: str | os.PathLike[str] | None = None
+) -> tuple[int, int, GeoInfo | None, int]:
+    with open_checked(path, Budget(DEFAULT_MAX_MEMORY_MB), within) as f:
         return _header_open(f, path, with_geo)
 
 

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +106,7 @@ def read_zones(path: str | os.PathLike[str], id_column: str | None = None) -> Zo
     path = Path(path)
     if not path.exists():
         raise NoInputError(f"{path}: zones file does not exist")
-    if path.suffix.lower() in GEOPARQUET_SUFFIXES:
+    if _is_parquet(path):
         table, geometry, crs = _read_geoparquet(path)
     else:
         table, geometry, crs = _read_ogr(path)
@@ -120,13 +121,24 @@ def read_zones(path: str | os.PathLike[str], id_column: str | None = None) -> Zo
     return ZoneFile(path, crs, keys, wkb, attributes, id_column)
 
 
+def _is_parquet(path: Path) -> bool:
+    """By its first bytes (a file opened by descriptor has no suffix)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return path.suffix.lower() in GEOPARQUET_SUFFIXES
+
+
 def _read_ogr(path: Path) -> tuple[pa.Table, str, str]:
     try:
         import pyogrio
     except ImportError as e:
         raise CmaeError(f"{path}: reading zones needs pyogrio: {ZONES_EXTRA}") from e
     try:
-        meta, table = pyogrio.read_arrow(path)
+        with warnings.catch_warnings():  # GDAL's remarks (a file's name) are not ours
+            warnings.simplefilter("ignore", RuntimeWarning)
+            meta, table = pyogrio.read_arrow(path)
     except Exception as e:  # pyogrio's DataSourceError and GDAL's own
         raise NoInputError(f"{path}: cannot read as polygons: {_first_line(e)}") from e
     geometry = next(
@@ -266,7 +278,7 @@ def mosaic(
     for path in find_tiffs(root, recursive, within=within):
         rel = path.relative_to(root).as_posix()
         try:
-            height, width, _, geo = header(path)
+            height, width, _, geo = header(path, within)
         except BadRasterError as e:
             skipped.append(f"{rel}: {e.reason}")
             continue

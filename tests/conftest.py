@@ -315,3 +315,100 @@ def cli_train(runner, tmp_path, input_dir, *extra, out="m.pth"):
     args = ["train", str(input_dir), "--out", str(tmp_path / out), *TINY_FLAGS]
     args += ["--config", str(decoder_config(tmp_path)), *extra]
     return runner.invoke(cli, args)
+
+
+# ------------------------------------------------------------------ zones
+# A synthetic DEM of 160 x 200 pixels of 30 m (EPSG:32633) cut into 2 x 2
+# tiles, and polygons over it named by what each tries (embed-zones).
+MOSAIC_PIXEL = 30.0
+MOSAIC_ORIGIN = (500_000.0, 5_000_000.0)  # the upper-left corner
+MOSAIC_SHAPE = (160, 200)
+
+
+def mosaic_xy(col: float, row: float) -> tuple[float, float]:
+    """A point of the mosaic by its pixel coordinates (corners are integers)."""
+    x0, y0 = MOSAIC_ORIGIN
+    return x0 + col * MOSAIC_PIXEL, y0 - row * MOSAIC_PIXEL
+
+
+def mosaic_polygon(*pixels: tuple[float, float], holes=()):
+    import shapely
+
+    return shapely.Polygon(
+        [mosaic_xy(*p) for p in pixels], [[mosaic_xy(*p) for p in h] for h in holes]
+    )
+
+
+def zone_polygons() -> dict[str, Any]:
+    import shapely
+
+    p = mosaic_polygon
+    return {
+        "inside": p((10, 10), (60, 12), (55, 70), (8, 50)),
+        "corner": p(
+            (70, 50),
+            (140, 55),
+            (130, 120),
+            (75, 110),
+            holes=[[(95, 75), (110, 75), (110, 90), (95, 90)]],
+        ),  # fmt: skip
+        "two_parts": shapely.MultiPolygon(
+            [
+                p((20, 100), (60, 100), (60, 150), (20, 150)),
+                p((150, 10), (190, 10), (190, 60), (150, 60)),
+            ]
+        ),
+        "bowtie": p((120, 100), (190, 150), (190, 100), (120, 150)),  # invalid
+        "outside": p((300, 300), (340, 300), (340, 340), (300, 340)),
+        "speck": p((5.1, 5.1), (5.3, 5.1), (5.3, 5.3), (5.1, 5.3)),  # no centre
+    }
+
+
+def write_zones(path: Path, zones: dict, crs: str = "EPSG:32633", to=None) -> Path:
+    """A zones file (its format by its suffix) with columns gauge and area."""
+    import pyarrow as pa
+    import pyogrio
+    import shapely
+
+    geoms = list(zones.values())
+    if to is not None:
+        from pyproj import Transformer
+
+        t = Transformer.from_crs(crs, to, always_xy=True)
+        geoms = [shapely.transform(g, t.transform, interleaved=False) for g in geoms]
+        crs = to
+    table = pa.table(
+        {
+            "gauge": list(zones),
+            "area": [float(g.area) for g in zones.values()],
+            "geometry": shapely.to_wkb(geoms),
+        }
+    )
+    pyogrio.write_arrow(
+        table, path, geometry_name="geometry", geometry_type="Unknown", crs=crs
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def mosaic_dem() -> np.ndarray:
+    h, w = MOSAIC_SHAPE
+    spec = dem_spec(height=h, width=w, seed=3, nodata=-9999.0)
+    from catchment_mae.synth import dem_array
+
+    return dem_array(spec).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def mosaic_tiles(tmp_path_factory, mosaic_dem) -> Path:
+    """``mosaic_dem`` as four GeoTIFF tiles of 80 x 100 pixels (read-only)."""
+    d = tmp_path_factory.mktemp("mosaic")
+    for r in range(2):
+        for c in range(2):
+            spec = dem_spec(
+                height=80, width=100, origin=mosaic_xy(c * 100, r * 80),
+                nodata=-9999.0,
+            )  # fmt: skip
+            block = mosaic_dem[r * 80 : r * 80 + 80, c * 100 : c * 100 + 100]
+            write_dem(d / f"tile_{r}{c}.tif", spec, block)
+    return d

@@ -148,3 +148,58 @@ def test_browser__train_export_embed(server, page):
     assert "mask_ratio" in message.inner_text()
     assert form.locator("[name=mask_ratio]").get_attribute("aria-invalid") == "true"
     _shot(page, "5-bad-value")
+
+
+@pytest.fixture(scope="module")
+def zones_server(tmp_path_factory, mosaic_tiles, onnx_model):
+    pytest.importorskip("pyogrio")
+    from tests.conftest import write_zones, zone_polygons
+
+    base = tmp_path_factory.mktemp("browser-zones")
+    data, models = base / "data", base / "models"
+    shutil.copytree(mosaic_tiles, data / "tiles")
+    write_zones(data / "basins.gpkg", zone_polygons())
+    models.mkdir()
+    shutil.copy(onnx_model, models / "m.onnx")
+    app = create_app(data, models, allowed_hosts={"127.0.0.1", "localhost"})
+    httpd = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}", data, models
+    httpd.shutdown()
+
+
+def test_browser__catchments_map(zones_server, page):
+    """Embed a zones file from the page, click a catchment on the map: the
+    others are coloured by similarity and the most similar are listed."""
+    url, data, models = zones_server
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    page.goto(url + "/catchments")
+    form = page.locator("#zones-form")
+    form.locator("[name=zones]").fill("basins.gpkg")
+    form.locator("[name=rasters]").fill("tiles")
+    form.locator("[name=id]").fill("gauge")
+    form.locator("[name=name]").fill("basins")
+    page.locator("#zones-form [name=model_path] option").first.wait_for(
+        state="attached"
+    )
+    form.locator("button[type=submit]").click()
+    page.locator("#map-message", has_text="click one").wait_for(timeout=120_000)
+    assert "4 embedded, 2 failed" in page.locator("#zones-message").inner_text()
+    shapes = page.locator("#map path.leaflet-interactive")
+    assert shapes.count() == 6  # failures drawn too (dashed)
+    page.locator("#k").fill("2")
+    shapes.nth(0).click()  # "inside", the first zone
+    page.locator("#similar").wait_for(state="visible", timeout=30_000)
+    assert page.locator("#similar-to").inner_text() == "inside"
+    rows = page.locator("#similar-rows tr")
+    assert rows.count() == 2
+    sims = [float(rows.nth(i).locator("td").nth(2).inner_text()) for i in range(2)]
+    assert sims == sorted(sims, reverse=True) and all(-1 <= s <= 1 for s in sims)
+    fills = {shapes.nth(i).get_attribute("fill") for i in range(6)}
+    assert len(fills) >= 4  # the clicked one, the ranked others, the failures
+    href = page.locator("#similar-download").get_attribute("href")
+    assert "format=csv" in href and "id=inside" in href
+    _shot(page, "6-catchments")
+    assert not [m for m in console if "Content Security Policy" in m], console

@@ -17,92 +17,32 @@ pyogrio = pytest.importorskip("pyogrio")
 from catchment_mae.batch.runner import embed_dir  # noqa: E402
 from catchment_mae.batch.zone_runner import embed_zones  # noqa: E402
 from catchment_mae.cli.main import cli  # noqa: E402
-from catchment_mae.synth import dem_array, write_dem  # noqa: E402
 from catchment_mae.terrain import write_like  # noqa: E402
 from catchment_mae.zones import read_zone, read_zones  # noqa: E402
-from tests.conftest import dem_spec  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    MOSAIC_ORIGIN,
+    MOSAIC_PIXEL,
+    MOSAIC_SHAPE,
+    mosaic_polygon,
+    write_zones,
+    zone_polygons,
+)
 
-PIXEL = 30.0
-X0, Y0 = 500_000.0, 5_000_000.0  # the mosaic's upper-left corner (EPSG:32633)
-H, W = 160, 200  # the whole DEM, cut into 2 x 2 tiles
-TRANSFORM = (X0, PIXEL, 0.0, Y0, 0.0, -PIXEL)
-
-
-def xy(col: float, row: float) -> tuple[float, float]:
-    """A point of the mosaic by its pixel coordinates (corners are integers)."""
-    return X0 + col * PIXEL, Y0 - row * PIXEL
-
-
-def poly(*pixels: tuple[float, float], holes=()):
-    return shapely.Polygon(
-        [xy(*p) for p in pixels], [[xy(*p) for p in h] for h in holes]
-    )
+PIXEL = MOSAIC_PIXEL
+X0, Y0 = MOSAIC_ORIGIN
+H, W = MOSAIC_SHAPE
+ZONES = zone_polygons()
+poly = mosaic_polygon
 
 
-@pytest.fixture(scope="module")
-def dem() -> np.ndarray:
-    return dem_array(dem_spec(height=H, width=W, seed=3, nodata=-9999.0)).astype(
-        np.float32
-    )
+@pytest.fixture
+def dem(mosaic_dem):
+    return mosaic_dem
 
 
-@pytest.fixture(scope="module")
-def tiles(tmp_path_factory, dem) -> Path:
-    """The DEM as four tiled GeoTIFFs of 80 x 100 pixels."""
-    d = tmp_path_factory.mktemp("mosaic")
-    for r in range(2):
-        for c in range(2):
-            spec = dem_spec(
-                height=80, width=100, origin=xy(c * 100, r * 80), nodata=-9999.0
-            )
-            write_dem(
-                d / f"tile_{r}{c}.tif",
-                spec,
-                dem[r * 80 : r * 80 + 80, c * 100 : c * 100 + 100],
-            )
-    return d
-
-
-ZONES = {
-    "inside": poly((10, 10), (60, 12), (55, 70), (8, 50)),
-    "corner": poly(
-        (70, 50),
-        (140, 55),
-        (130, 120),
-        (75, 110),
-        holes=[[(95, 75), (110, 75), (110, 90), (95, 90)]],
-    ),
-    "two_parts": shapely.MultiPolygon(
-        [
-            poly((20, 100), (60, 100), (60, 150), (20, 150)),
-            poly((150, 10), (190, 10), (190, 60), (150, 60)),
-        ]
-    ),
-    "bowtie": poly((120, 100), (190, 150), (190, 100), (120, 150)),  # invalid
-    "outside": poly((300, 300), (340, 300), (340, 340), (300, 340)),
-    "speck": poly((5.1, 5.1), (5.3, 5.1), (5.3, 5.3), (5.1, 5.3)),  # no centre
-}
-
-
-def write_zones(path: Path, zones: dict, crs: str = "EPSG:32633", to=None) -> Path:
-    geoms = list(zones.values())
-    if to is not None:
-        from pyproj import Transformer
-
-        t = Transformer.from_crs(crs, to, always_xy=True)
-        geoms = [shapely.transform(g, t.transform, interleaved=False) for g in geoms]
-        crs = to
-    table = pa.table(
-        {
-            "gauge": list(zones),
-            "area": [float(g.area) for g in zones.values()],
-            "geometry": shapely.to_wkb(geoms),
-        }
-    )
-    pyogrio.write_arrow(
-        table, path, geometry_name="geometry", geometry_type="Unknown", crs=crs
-    )
-    return path
+@pytest.fixture
+def tiles(mosaic_tiles):
+    return mosaic_tiles
 
 
 def clip(dem: np.ndarray, geom) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -131,13 +71,13 @@ def cosine(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def zoned(tmp_path_factory, tiles, onnx_model):
+def zoned(tmp_path_factory, mosaic_tiles, onnx_model):
     """embed-zones over the mosaic: the zones file and the table."""
     d = tmp_path_factory.mktemp("zoned")
     zones = write_zones(d / "zones.gpkg", ZONES)
     out = d / "z.parquet"
     summary = embed_zones(
-        tiles, zones, onnx_model, out, id_column="gauge", num_workers=0
+        mosaic_tiles, zones, onnx_model, out, id_column="gauge", num_workers=0
     )
     return zones, out, summary
 

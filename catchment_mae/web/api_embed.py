@@ -55,10 +55,26 @@ def api_embed() -> Response:
 @bp.post("/api/embed-dir")
 def start_embed_dir() -> tuple[Response, int]:
     values = common.params(EMBED_DIR_FIELDS)
-    s = settings()
+    data_root = settings().data_root
     src = common.dataset(values)
     model = common.model_path(values, {".onnx"})
-    name = common.name(values, "name")
+    out = table_output(common.name(values, "name"))
+    overwrite = common.flag(values.get("overwrite"))
+
+    def run(target: Path, on_item: Any) -> Any:
+        from catchment_mae.batch.runner import embed_dir
+
+        return embed_dir(src, model, target, overwrite=overwrite,
+                         within=data_root, on_item=on_item)  # fmt: skip
+
+    job = state().jobs.start("embed-dir", values, table_work(out, run))
+    return jsonify(status="started", job=job.id, url=f"/jobs/{job.id}"), 202
+
+
+def table_output(name: str) -> Path:
+    """Where a job's table ``name`` goes: ``embeddings/NAME.parquet`` under
+    --model-root, its parts and lock beside it, all checked to stay inside."""
+    s = settings()
     folder = common.output(s.model_root / "embeddings", "name", folder=True)
     try:
         folder.mkdir(exist_ok=True)
@@ -72,11 +88,7 @@ def start_embed_dir() -> tuple[Response, int]:
         out.with_name(f".{out.name}.lock"),
     ):
         common.output(extra, "name")
-    overwrite = common.flag(values.get("overwrite"))
-    job = state().jobs.start(
-        "embed-dir", values, _embed_dir_work(src, model, out, overwrite)
-    )
-    return jsonify(status="started", job=job.id, url=f"/jobs/{job.id}"), 202
+    return out
 
 
 class ModelCache:
@@ -220,12 +232,12 @@ def preview_png(sample: Any, size: int = 160) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def _embed_dir_work(src: Path, model: Path, out: Path, overwrite: bool):
+def table_work(out: Path, run: Any) -> Any:
+    """A job that writes the table ``out`` by ``run(target, on_item)`` (a run
+    of batch.runner), its progress kept on the job."""
     s = settings()
 
     def work(job: Job) -> dict[str, Any]:
-        from catchment_mae.batch.runner import embed_dir
-
         start = time.perf_counter()
         job.progress = {"done": 0}
 
@@ -248,10 +260,7 @@ def _embed_dir_work(src: Path, model: Path, out: Path, overwrite: bool):
             except Refused as e:  # a job's failure is a library error's line
                 raise CmaeError(e.message) from e
             try:
-                summary = embed_dir(
-                    src, model, folder / out.name, overwrite=overwrite,
-                    within=s.data_root, on_item=on_item,
-                )  # fmt: skip
+                summary = run(folder / out.name, on_item)
             except CmaeError as e:
                 where = out.parent.relative_to(s.model_root).as_posix()
                 raise CmaeError(as_named(str(e), {folder: where})) from e

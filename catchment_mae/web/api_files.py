@@ -54,16 +54,29 @@ def send_inside(root: Path, path: Path, field: str) -> Response:
 
 
 def list_data(root: Path, limit: int = 500) -> dict[str, Any]:
-    """Folders and TIFFs under ``root`` (not following symlinks, no dot-folders)."""
-    dirs, tiffs = ["."], []
+    """Folders, TIFFs and zones files under ``root`` (not following symlinks,
+    no dot-folders)."""
+    from catchment_mae.web.api_zones import ZONE_SUFFIXES
+
+    dirs, tiffs, zones = ["."], [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(root)
         dirs += [(rel / d).as_posix() for d in dirnames]
         tiffs += [(rel / f).as_posix() for f in sorted(filenames) if is_tiff_name(f)]
-        if len(dirs) + len(tiffs) > limit:
+        zones += [
+            (rel / f).as_posix()
+            for f in sorted(filenames)
+            if f.lower().endswith(ZONE_SUFFIXES)
+        ]
+        if len(dirs) + len(tiffs) + len(zones) > limit:
             break
-    return {"root": str(root), "dirs": dirs[:limit], "tiffs": tiffs[:limit]}
+    return {
+        "root": str(root),
+        "dirs": dirs[:limit],
+        "tiffs": tiffs[:limit],
+        "zones": zones[:limit],
+    }
 
 
 def list_models(root: Path, limit: int = 500) -> list[dict[str, Any]]:

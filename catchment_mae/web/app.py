@@ -28,7 +28,14 @@ from flask import Flask, Response, redirect, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from catchment_mae.errors import CmaeError
-from catchment_mae.web import api_embed, api_files, api_jobs, api_train, pages
+from catchment_mae.web import (
+    api_embed,
+    api_files,
+    api_jobs,
+    api_train,
+    api_zones,
+    pages,
+)
 from catchment_mae.web.common import (
     FORM_FIELD_LIMIT,
     FORM_PARTS_LIMIT,
@@ -85,7 +92,9 @@ def create_app(
     app.config["MAX_FORM_PARTS"] = FORM_PARTS_LIMIT
     app.url_map.merge_slashes = False  # '//x' is a 404, not an HTML redirect
     app.extensions["cmae"] = State(settings)
-    for blueprint in (pages.bp, api_files.bp, api_train.bp, api_embed.bp, api_jobs.bp):
+    blueprints = (pages.bp, api_files.bp, api_train.bp, api_embed.bp, api_zones.bp,
+                  api_jobs.bp)  # fmt: skip
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     app.before_request(_guard)
     app.after_request(_headers)

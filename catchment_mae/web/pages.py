@@ -1,4 +1,5 @@
-"""The web UI's HTML pages: the main page and one page per job."""
+"""The web UI's HTML pages: the main page, the Catchments page and one page
+per job."""
 
 from __future__ import annotations
 
@@ -16,6 +17,17 @@ def index() -> str:
     s = settings()
     return render_template(
         "index.html",
+        version=__version__,
+        data_root=str(s.data_root),
+        model_root=str(s.model_root),
+    )
+
+
+@bp.get("/catchments")
+def catchments() -> str:
+    s = settings()
+    return render_template(
+        "catchments.html",
         version=__version__,
         data_root=str(s.data_root),
         model_root=str(s.model_root),

@@ -83,9 +83,9 @@ const cmae = (() => {
       }
       return tr;
     });
-    const body = $("#model-rows");
-    if (rows.length) body.replaceChildren(...rows);
-    else body.innerHTML = '<tr><td colspan="3" class="muted">no models yet</td></tr>';
+    const body = $("#model-rows");  // the main page's table of models
+    if (body && rows.length) body.replaceChildren(...rows);
+    else if (body) body.innerHTML = '<tr><td colspan="3" class="muted">no models yet</td></tr>';
     for (const select of document.querySelectorAll(".model-select")) {
       const keep = select.value;
       const wanted = models.filter((m) => !select.classList.contains("onnx-only") || m.kind === "onnx");
@@ -204,6 +204,9 @@ const cmae = (() => {
       const eta = p.eta_s > 0 && j.status === "running" ? `, ETA ${Math.round(p.eta_s)} s` : "";
       return `epoch ${p.epoch}/${p.epochs}, step ${p.step}/${p.steps}, loss ${p.loss.toFixed(4)}, ${p.images_per_s.toFixed(1)} images/s${eta}`;
     }
+    if (j.kind === "embed-zones" && p.done !== undefined) {
+      return `${p.done} catchment(s) read, ${p.failed || 0} failed, ${(p.rasters_per_s || 0).toFixed(1)} catchments/s`;
+    }
     if (j.kind === "embed-dir" && p.done !== undefined) {
       return `${p.done} raster(s) read, ${p.failed || 0} failed, ${(p.rasters_per_s || 0).toFixed(1)} rasters/s`;
     }
@@ -250,7 +253,147 @@ const cmae = (() => {
     poll();
   }
 
-  return { index, job };
+  // ------------------------------------------------------------ catchments
+  // Similarity by rank among the others: light (least) to dark (most similar).
+  const RAMP = ["#f7fbff", "#c6dbef", "#6baed6", "#2171b5", "#08306b"];
+
+  function ramp(t) {
+    const x = Math.min(Math.max(t, 0), 1) * (RAMP.length - 1);
+    const i = Math.min(Math.floor(x), RAMP.length - 2), f = x - i;
+    const a = RAMP[i], b = RAMP[i + 1];
+    const mix = (k) => Math.round(parseInt(a.slice(k, k + 2), 16) * (1 - f) + parseInt(b.slice(k, k + 2), 16) * f);
+    return `rgb(${mix(1)}, ${mix(3)}, ${mix(5)})`;
+  }
+
+  const BASE = { color: "#1f4e5f", weight: 1, fillColor: "#9fb6bf", fillOpacity: 0.5 };
+  const FAILED = { color: "#888", weight: 1, fillColor: "#bbb", fillOpacity: 0.3, dashArray: "3" };
+
+  function catchments() {
+    const view = { map: null, layer: null, table: null };
+
+    async function loadTables(select) {
+      const { tables } = await api("/api/zones/tables");
+      $("#table-select").replaceChildren(...tables.map((t) => new Option(t)));
+      if (select) $("#table-select").value = select;
+      return tables;
+    }
+
+    async function show(table) {
+      say("#map-message", "loading…");
+      const fc = await api(`/api/zones/map?table=${encodeURIComponent(table)}`);
+      if (!view.map) {
+        view.map = L.map("map", { attributionControl: false });
+        L.control.scale().addTo(view.map);
+      }
+      if (view.layer) view.layer.remove();
+      view.table = table;
+      view.layer = L.geoJSON(fc, {
+        style: (f) => (f.properties.error ? FAILED : BASE),
+        onEachFeature: (f, layer) => {
+          layer.bindTooltip(f.properties.error ? `${f.id}: ${f.properties.error}` : String(f.id));
+          layer.on("click", () => pick(f.id, f.properties.error));
+        },
+      }).addTo(view.map);
+      if (fc.features.length) view.map.fitBounds(view.layer.getBounds(), { padding: [10, 10] });
+      $("#similar").hidden = true;
+      $("#legend").hidden = true;
+      say("#map-message", `${fc.features.length} catchment(s): click one to see the most similar`, "ok");
+    }
+
+    async function pick(id, error) {
+      if (error) {
+        say("#map-message", `${id} was not embedded: ${error}`, "error");
+        return;
+      }
+      const k = $("#k").value || 10;
+      const query = `table=${encodeURIComponent(view.table)}&id=${encodeURIComponent(id)}&k=${k}`;
+      let r;
+      try {
+        r = await api(`/api/zones/similar?${query}`);
+      } catch (e) {
+        say("#map-message", e.message, "error");
+        return;
+      }
+      const ranked = Object.entries(r.similarity).filter(([key]) => key !== id).sort((a, b) => b[1] - a[1]);
+      const rank = new Map(ranked.map(([key], i) => [key, i]));
+      const n = Math.max(ranked.length - 1, 1);
+      view.layer.setStyle((f) => {
+        if (f.id === id) return { color: "#b32d2e", weight: 3, fillColor: "#e35d5e", fillOpacity: 0.9 };
+        if (!rank.has(f.id)) return FAILED;
+        return { color: "#1f4e5f", weight: 1, fillColor: ramp(1 - rank.get(f.id) / n), fillOpacity: 0.85 };
+      });
+      const shown = r.columns.slice(0, 4);
+      const head = document.createElement("tr");
+      for (const text of ["#", "catchment", "similarity", ...shown]) {
+        const th = document.createElement("th");
+        th.textContent = text;
+        head.append(th);
+      }
+      $("#similar-head").replaceChildren(head);
+      $("#similar-rows").replaceChildren(...r.nearest.map((h, i) => {
+        const tr = document.createElement("tr");
+        for (const v of [i + 1, h.path, h.similarity.toFixed(4), ...shown.map((c) => h[c])]) {
+          const td = document.createElement("td");
+          td.textContent = v === null || v === undefined ? "" : String(v);
+          tr.append(td);
+        }
+        return tr;
+      }));
+      $("#similar-to").textContent = id;
+      $("#similar-download").href = `/api/zones/similar?${query}&format=csv`;
+      $("#similar").hidden = false;
+      $("#legend").hidden = false;
+      say("#map-message", `${r.nearest.length} most similar to ${id} listed; colours rank all ${ranked.length} others`, "ok");
+    }
+
+    $("#table-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const table = $("#table-select").value;
+      if (table) show(table).catch((e) => say("#map-message", e.message, "error"));
+    });
+
+    const form = $("#zones-form");
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      markField(form, null);
+      let started;
+      try {
+        started = await postJSON("/api/embed-zones", formJSON(form));
+      } catch (e) {
+        markField(form, e.field);
+        say("#zones-message", e.message, "error");
+        return;
+      }
+      say("#zones-message", `started ${started.job}…`);
+      for (;;) {
+        const j = await api(`/api/jobs/${started.job}`);
+        const p = j.progress || {};
+        if (j.status === "done") {
+          say("#zones-message", `${j.result.summary}: ${j.result.out}`, "ok");
+          await loadTables(j.result.out);
+          await show(j.result.out);
+          return;
+        }
+        if (["failed", "cancelled"].includes(j.status)) {
+          say("#zones-message", j.error || j.status, "error");
+          return;
+        }
+        if (p.done !== undefined) say("#zones-message", `${p.done} catchment(s) read, ${p.failed || 0} failed…`);
+        await new Promise((resolve) => setTimeout(resolve, 400));
+      }
+    });
+
+    api("/api/data").then((data) => {
+      $("#data-dirs").replaceChildren(...data.dirs.map((d) => new Option(d)));
+      $("#data-zones").replaceChildren(...data.zones.map((z) => new Option(z)));
+    }).catch((e) => say("#zones-message", e.message, "error"));
+    loadModels().catch((e) => say("#zones-message", e.message, "error"));
+    loadTables().then((tables) => {
+      if (tables.length) show(tables[0]).catch((e) => say("#map-message", e.message, "error"));
+    }).catch((e) => say("#map-message", e.message, "error"));
+  }
+
+  return { index, job, catchments };
 })();
 
 // The page says what it is (data-page); no inline script, so the
@@ -259,4 +402,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const { page, job } = document.body.dataset;
   if (page === "index") cmae.index();
   else if (page === "job") cmae.job(job);
+  else if (page === "catchments") cmae.catchments();
 });
