@@ -19,7 +19,7 @@ import pyarrow as pa
 from catchment_mae.errors import NoInputError
 from catchment_mae.io import text_path
 from catchment_mae.raster import find_tiffs
-from catchment_mae.zones import Grid, Zone, ZoneFile, plan_zone
+from catchment_mae.zones import Grid, Zone, ZoneFile, plan_zone, zone_chips
 
 
 class Plan:
@@ -143,6 +143,8 @@ class ZonePlan:
         grids: the mosaic's grids (zones.mosaic).
         previous: rows of an earlier run with the same model (or None).
         shard: (K, N): only the zones whose sha1(key) % N == K - 1.
+        chips: cut each zone into chips of this many grid pixels a side
+            (zones.zone_chips): the iteration then yields their chips.
 
     A zone embedded before is skipped while its polygon is unchanged; failed
     zones are tried again (the rasters are not compared: after they change,
@@ -155,8 +157,9 @@ class ZonePlan:
         grids: list[Grid],
         previous: pa.Table | None,
         shard: tuple[int, int] | None = None,
+        chips: int | None = None,
     ) -> None:
-        self.zones, self.grids, self.shard = zones, grids, shard
+        self.zones, self.grids, self.shard, self.chips = zones, grids, shard, chips
         self.done = done_zones(previous)
         self.order: dict[str, int] = {}
         self.already_done = 0
@@ -170,7 +173,11 @@ class ZonePlan:
             if self.done.get(key) == zone.fingerprint:
                 self.already_done += 1
                 continue
-            yield key, zone
+            if self.chips is None:
+                yield key, zone
+            else:
+                for chip in zone_chips(zone, self.chips):
+                    yield key, chip
 
     def count_todo(self) -> int:
         """About how many zones the iteration will yield (those of the shard

@@ -198,6 +198,10 @@ class How:
     on_total: Callable[[int], None] | None = None
     max_nodata: float = 1.0
     unit: str = "raster"  # what a row stands for (RunSummary.unit)
+    # What turns the rows read into the rows kept: (item's chip or zone, row,
+    # embedding) -> the row and embedding to keep, or None while a zone's
+    # chips are still coming (embed-zones --chips).
+    combine: Callable[[Any, Row, Any], tuple[Row, Any] | None] | None = None
 
 
 def run_embedding(
@@ -429,7 +433,13 @@ def _embed_all(
         t0 = time.perf_counter()
         for item, (row, embedding) in zip(batch.items, rows, strict=True):
             summary.read_seconds += item.read_seconds
-            take(summary, sink, row, embedding, item.chip, max_nodata)
+            kept = (
+                (row, embedding)
+                if how.combine is None
+                else how.combine(item.chip, row, embedding)
+            )
+            if kept is not None:
+                take(summary, sink, *kept, item.chip, max_nodata)
             if on_item is not None:
                 on_item(item)
         summary.write_seconds += time.perf_counter() - t0

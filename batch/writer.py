@@ -190,6 +190,8 @@ def listing_text(listing: dict[str, Any]) -> str:
     text = str(listing.get("root"))
     if listing.get("zones"):
         text = f"the zones of {listing['zones']} over {text}"
+    if listing.get("chips"):
+        text += f" in chips of {listing['chips']} px"
     if listing.get("shard"):
         text += ", shard {}/{}".format(*listing["shard"])
     if listing.get("recursive") is False:

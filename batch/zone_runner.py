@@ -12,6 +12,7 @@ file's own columns.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from catchment_mae.batch import schema as table
@@ -26,6 +28,7 @@ from catchment_mae.batch.mapper import Mapper
 from catchment_mae.batch.plan import ZonePlan, check_input
 from catchment_mae.batch.reader import Item
 from catchment_mae.batch.runner import How, Run, RunSummary, run_embedding
+from catchment_mae.batch.schema import Row
 from catchment_mae.batch.writer import (
     ROWS_PER_PART,
     PartSink,
@@ -33,12 +36,14 @@ from catchment_mae.batch.writer import (
     read_previous,
     remove_stale_temps,
 )
+from catchment_mae.raster import ALL_NODATA
 from catchment_mae.workers import READ_TIMEOUT
-from catchment_mae.zones import ZoneFile, mosaic, read_zones
+from catchment_mae.zones import NO_CENTRE, Zone, ZoneFile, mosaic, read_zones
 
 log = logging.getLogger(__name__)
 
 ZONE_PREFIX = "zone_"  # a zones file's column named like one of ours
+CHIP_MEAN = "the mean of its chips' embeddings, weighted by the zone's area in each"
 
 
 def embed_zones(
@@ -48,6 +53,7 @@ def embed_zones(
     out: str | os.PathLike[str],
     *,
     id_column: str | None = None,
+    chips: int | None = None,
     batch_size: int = 32,
     num_workers: int | None = None,
     device: str = "auto",
@@ -74,6 +80,10 @@ def embed_zones(
             GeoParquet).
         id_column: the zones' column naming each (unique); default: the
             features' numbers from 1.
+        chips: embed each zone larger than ``chips`` x ``chips`` grid pixels
+            as chips of that size (read one at a time: memory stays flat
+            however large the basin) and keep the mean of their embeddings,
+            each weighted by the polygon's area inside it (ChipMean).
 
     Raises:
         NoInputError: no rasters, no zones (nothing is written).
@@ -86,12 +96,13 @@ def embed_zones(
     check_input(root)
     zone_file = read_zones(zones, id_column)  # its errors before anything starts
     how = How(batch_size, num_workers, device, overwrite, timeout, within,
-              on_item, on_total, unit="zone")  # fmt: skip
+              on_item, on_total, unit="zone",
+              combine=ChipMean() if chips else None)  # fmt: skip
 
     def start(mapper: Mapper, out: Path) -> Run:
         return start_zone_run(
             source, zone_file, out, mapper, overwrite, shard, recursive, within,
-            rows_per_part,
+            rows_per_part, chips,
         )  # fmt: skip
 
     return run_embedding(root, model, Path(out), start, how)
@@ -107,6 +118,7 @@ def start_zone_run(
     recursive: bool,
     within: str | os.PathLike[str] | None,
     rows_per_part: int,
+    chips: int | None = None,
 ) -> Run:
     """What an embed-zones run starts from (runner.start_run's counterpart)."""
     root = source.parent if source.is_file() else source
@@ -126,19 +138,72 @@ def start_zone_run(
         "id": zones.id_column,
         "shard": list(shard) if shard else None,
         "recursive": recursive,
+        "chips": chips,
     }
-    metadata = {
-        **mapper.metadata,
-        table.LISTING: listing,
-        table.ZONES: {"file": real.name, "crs": zones.crs, "id": zones.id_column},
+    recorded: dict[str, Any] = {
+        "file": real.name,
+        "crs": zones.crs,
+        "id": zones.id_column,
     }
+    if chips:
+        recorded["chips"] = {"size": chips, "unit": "px", "embedding": CHIP_MEAN}
+    metadata = {**mapper.metadata, table.LISTING: listing, table.ZONES: recorded}
     previous = None if overwrite else read_previous(out, mapper.sha256, None, listing)
-    plan = ZonePlan(zones, grids, previous, shard)
+    plan = ZonePlan(zones, grids, previous, shard, chips)
     if overwrite:
         clear_parts(out)
     remove_stale_temps(out)
     sink = PartSink(out, mapper.dim, metadata, rows_per_part)
     return Run(previous, plan, sink, plan, metadata, None, zone_columns(zones))
+
+
+class ChipMean:
+    """Combines the rows of a zone's chips, as they come in order, into the
+    zone's row: the mean of their embeddings weighted by the polygon's area in
+    each chip. Chips with no pixel of the zone (a sliver of its outline) or
+    only nodata take no part; any other failure fails the zone with its
+    reason (a mean of the chips that could be read would not be the zone's)."""
+
+    SKIPPED = (NO_CENTRE, ALL_NODATA)
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[Zone, Row, np.ndarray | None]] = []
+
+    def __call__(
+        self, zone: Any, row: Row, embedding: np.ndarray | None
+    ) -> tuple[Row, np.ndarray | None] | None:
+        if not isinstance(zone, Zone) or zone.part is None:
+            return row, embedding
+        self.parts.append((zone, row, embedding))
+        if not zone.last:
+            return None
+        parts, self.parts = self.parts, []
+        failed = [
+            r.error for _, r, e in parts if e is None and r.error not in self.SKIPPED
+        ]
+        good = [(z.weight, r, e) for z, r, e in parts if e is not None]
+        if failed or not good:
+            reason = failed[0] if failed else (parts[0][1].error or NO_CENTRE)
+            return dataclasses.replace(
+                parts[0][1], error=reason, height=None, width=None
+            ), None
+        weights = np.array([w for w, _, _ in good], np.float64)
+        weights /= weights.sum()
+        mean = np.einsum("n,nd->d", weights, np.stack([e for _, _, e in good]))
+        windows = [z.window for z, _, _ in parts]
+        x0, y0 = min(w[0] for w in windows), min(w[1] for w in windows)
+        x1 = max(w[0] + w[2] for w in windows)
+        y1 = max(w[1] + w[3] for w in windows)
+        nodata = float(
+            sum(
+                w * (r.nodata_fraction or 0.0)
+                for w, (_, r, _) in zip(weights, good, strict=True)
+            )
+        )
+        row = dataclasses.replace(
+            good[0][1], height=y1 - y0, width=x1 - x0, nodata_fraction=nodata
+        )
+        return row, mean.astype(np.float32)
 
 
 def zone_columns(zones: ZoneFile) -> Callable[[pa.Table], pa.Table]:

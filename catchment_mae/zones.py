@@ -26,6 +26,7 @@ column of the window is read, as embed-dir decimates such a file.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -63,6 +64,7 @@ CRS84 = "OGC:CRS84"
 # to another CRS, so a long straight edge follows its true curve.
 SEGMENTS = 256
 GEOPARQUET_SUFFIXES = (".parquet", ".geoparquet")
+NO_CENTRE = "covers no pixel centre of the rasters"
 
 
 def _shapely() -> Any:
@@ -317,6 +319,16 @@ class Zone:
     tiles: tuple[Tile, ...] = ()
     window: tuple[int, int, int, int] = (0, 0, 0, 0)  # col, row, width, height
     wkb: bytes | None = None  # in the grid's CRS
+    # One chip of the zone (embed-zones --chips): its place among the zone's
+    # chips, and the polygon's area inside it (its weight in the zone's mean).
+    part: int | None = None
+    parts: int = 1
+    weight: float = 1.0
+
+    @property
+    def last(self) -> bool:
+        """The zone's last chip (or the zone itself, read whole)."""
+        return self.part is None or self.part == self.parts - 1
 
     @property
     def fingerprint(self) -> str:
@@ -399,13 +411,8 @@ def plan_zone(key: str, wkb: bytes | None, src_crs: str, grids: Sequence[Grid]) 
     _, grid, g = best
     window = _window(g, grid)
     if window is None:
-        return Zone(key, wkb84, bbox84, error="covers no pixel centre of the rasters")
-    col, row, w, h = window
-    tiles = tuple(
-        t for t in grid.tiles
-        if t.col < col + w and col < t.col + t.width
-        and t.row < row + h and row < t.row + t.height
-    )  # fmt: skip
+        return Zone(key, wkb84, bbox84, error=NO_CENTRE)
+    tiles = tuple(t for t in grid.tiles if _overlaps(t, window))
     return Zone(
         key, wkb84, bbox84, None, grid.crs, grid.geo, tiles, window, shapely.to_wkb(g)
     )
@@ -456,7 +463,7 @@ def read_zone(
     ky, kx = (1, 1) if w * h <= limit else steps(h, w, limit)
     inside = _inside(zone, ky, kx)
     if not inside.any():
-        raise BadRasterError(zone.key, "covers no pixel centre of the rasters")
+        raise BadRasterError(zone.key, NO_CENTRE)
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     inside = inside[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     col, row = col + cols[0] * kx, row + rows[0] * ky
@@ -595,3 +602,51 @@ def iter_zones(zones: ZoneFile, grids: Sequence[Grid]) -> Iterator[Zone]:
     """Every zone of the file, planned, in the file's order."""
     for key, wkb in zip(zones.keys, zones.wkb, strict=True):
         yield plan_zone(key, wkb, zones.crs, grids)
+
+
+def zone_chips(zone: Zone, size: int) -> list[Zone]:
+    """A planned zone cut into chips of ``size`` x ``size`` grid pixels (edge
+    chips shifted inside, as embed-dir --tile cuts a raster), those that
+    overlap its polygon, each weighted by the polygon's area inside it; the
+    zone itself when it fails or fits in one chip."""
+    from catchment_mae.chips import grid
+
+    col, row, w, h = zone.window
+    if zone.error is not None or (w <= size and h <= size):
+        return [zone]
+    shapely = _shapely()
+    assert zone.geo is not None and zone.geo.transform is not None
+    c, a, _, f, _, e = zone.geo.transform
+    geom = shapely.from_wkb(zone.wkb)
+    windows, weights = [], []
+    for y in grid(h, size, size):
+        for x in grid(w, size, size):
+            cw, ch = min(size, w), min(size, h)
+            x0, y0 = col + x, row + y
+            box = shapely.box(
+                c + a * x0, f + e * (y0 + ch), c + a * (x0 + cw), f + e * y0
+            )
+            area = float(shapely.area(shapely.intersection(box, geom)))
+            if area > 0:
+                windows.append((x0, y0, cw, ch))
+                weights.append(area)
+    tiles = zone.tiles
+    return [
+        dataclasses.replace(
+            zone,
+            window=window,
+            part=i,
+            parts=len(windows),
+            weight=weight,
+            tiles=tuple(t for t in tiles if _overlaps(t, window)),
+        )  # fmt: skip
+        for i, (window, weight) in enumerate(zip(windows, weights, strict=True))
+    ]
+
+
+def _overlaps(tile: Tile, window: tuple[int, int, int, int]) -> bool:
+    col, row, w, h = window
+    return (
+        tile.col < col + w and col < tile.col + tile.width
+        and tile.row < row + h and row < tile.row + tile.height
+    )  # fmt: skip

@@ -290,3 +290,52 @@ def test_scanline_agrees_with_shapely_on_every_pixel_centre():
             tie = shapely.distance(shapely.boundary(geom), points) < 1e-7
             got, expected = got[~tie], expected[~tie]
         np.testing.assert_array_equal(got, expected, err_msg=f"trial {trial}")
+
+
+def test_chips_give_the_area_weighted_mean_of_the_chips_as_files(
+    tmp_path, dem, tiles, onnx_model
+):
+    """--chips: a zone cut into chips of 40 px; its embedding is the mean of
+    embed-dir's embeddings of those chips clipped to files, weighted by the
+    polygon's area in each."""
+    from catchment_mae.chips import grid
+    from catchment_mae.zones import mosaic, plan_zone, zone_chips
+
+    zones = write_zones(tmp_path / "z.gpkg", ZONES)
+    out = tmp_path / "z.parquet"
+    s = embed_zones(tiles, zones, onnx_model, out, id_column="gauge", chips=40,
+                    num_workers=0)  # fmt: skip
+    assert (s.embedded, s.failed) == (4, 2)
+    rows = table_by_path(out)
+    meta = json.loads(pq.read_schema(out).metadata[b"zones"])
+    assert meta["chips"]["size"] == 40 and "weighted" in meta["chips"]["embedding"]
+    geom = shapely.make_valid(ZONES["corner"])
+    grids = mosaic(tiles)[0]
+    zone = plan_zone("c", shapely.to_wkb(ZONES["corner"]), "EPSG:32633", grids)
+    col, row, w, h = zone.window
+    assert w > 40 and h > 40
+    files, weights = tmp_path / "chips", {}
+    files.mkdir()
+    for y in grid(h, 40, 40):
+        for x in grid(w, 40, 40):
+            x0, y0 = col + x, row + y
+            box = poly((x0, y0), (x0 + 40, y0), (x0 + 40, y0 + 40), (x0, y0 + 40))
+            part = geom.intersection(box)
+            if part.area > 0:
+                data, transform = clip(dem, part)
+                name = f"{x:03d}_{y:03d}.tif"
+                write_like(tiles / "tile_00.tif", files / name, data, transform)
+                weights[name] = part.area
+    assert len(weights) > 2
+    embed_dir(files, onnx_model, tmp_path / "d.parquet", num_workers=0)
+    chips = table_by_path(tmp_path / "d.parquet")
+    total = sum(weights.values())
+    mean = sum(
+        np.asarray(chips[n]["embedding"]) * a / total for n, a in weights.items()
+    )
+    assert cosine(rows["corner"]["embedding"], mean) >= 0.9999
+    assert (rows["corner"]["height"], rows["corner"]["width"]) == (h, w)
+    assert rows["outside"]["error"] == "lies outside the rasters"
+    # A zone within one chip is read whole, as without --chips.
+    inside = plan_zone("i", shapely.to_wkb(ZONES["inside"]), "EPSG:32633", grids)
+    assert zone_chips(inside, 80) == [inside] and len(zone_chips(inside, 40)) > 1

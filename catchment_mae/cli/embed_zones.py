@@ -29,6 +29,15 @@ from catchment_mae.cli.embed_dir import _shard, _total_of, progress_bar, report
     help="The zones' column naming each polygon (unique); it becomes the row's "
     "path. Default: the features' numbers from 1.",
 )
+@click.option(
+    "--chips",
+    type=click.IntRange(min=8),
+    metavar="PIXELS",
+    help="Embed each zone larger than PIXELS x PIXELS (the rasters' pixels) as "
+    "chips of that size, read one at a time, and keep the mean of their "
+    "embeddings weighted by the zone's area in each (recorded in the table's "
+    "metadata): for basins far larger than the model's input.",
+)
 @options.onnx_model_opt
 @click.option(
     "--out",
@@ -88,6 +97,7 @@ def embed_zones(
     rasters: Path,
     zones: Path,
     id_column: str | None,
+    chips: int | None,
     model: Path,
     out: Path,
     batch_size: int,
@@ -136,7 +146,8 @@ def embed_zones(
     bar = progress_bar(ctx, "zone")
     try:
         summary = run(
-            rasters, zones, model, out, id_column=id_column, batch_size=batch_size,
+            rasters, zones, model, out, id_column=id_column, chips=chips,
+            batch_size=batch_size,
             num_workers=num_workers, device=device, shard=shard,
             recursive=recursive is not False, overwrite=overwrite,
             rows_per_part=rows_per_part, timeout=timeout,
