@@ -91,7 +91,7 @@ def test_map_and_similar(served):
     assert r.json["similarity"] == pytest.approx(cosine, abs=1e-5)
     expected = sorted((k for k in cosine if k != "corner"), key=lambda k: -cosine[k])
     assert [h["path"] for h in r.json["nearest"]] == expected[:2]
-    assert r.json["columns"] == ["gauge", "area"]
+    assert r.json["columns"] == ["area"]  # the id column is the path
     csv_text = client.get(
         "/api/zones/similar?table=embeddings/basins.parquet&id=corner&k=2&format=csv"
     )

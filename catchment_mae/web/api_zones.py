@@ -153,7 +153,11 @@ def zone_similar() -> Response:
     nearest_rows = [h.to_dict() for h in hits]
     if request.args.get("format") == "csv":
         return _csv(nearest_rows, f"like-{key}.csv")
-    own = [c for c in tab.columns if c not in table.ROW_COLUMNS]  # the zones'
+    recorded = json.loads(tab.metadata.get(table.ZONES) or "{}")
+    own = [  # the zones' own columns, their id apart (it is the path)
+        c for c in tab.columns
+        if c not in table.ROW_COLUMNS and c != recorded.get("id")
+    ]  # fmt: skip
     return jsonify(id=key, similarity=similarity, nearest=nearest_rows, columns=own)
 
 
