@@ -12,6 +12,8 @@ in one run.
    nodata outside it; same dtype and compression), then ``embed_zones()`` and
    ``embed_dir()`` on those files, interleaved per repeat: zones/s over
    files/s. Target: >= 0.8. The embeddings of both are compared too (cosine).
+4. One basin over most of the mosaic (a disc of 0.8 x SIZE across: 2.5 x 10^8
+   pixels at 20,000 px) with ``--chips 512``: peak memory and time.
 
 The model is negligible (ViT depth 1, width 32, 224 px), so the figures are the
 data path's: planning, reading the windows, masking, writing.
@@ -103,6 +105,22 @@ def write_zones(path: Path, size: int, n: int, seed: int = 0) -> None:
     )  # fmt: skip
 
 
+def write_disc(path: Path, size: int) -> None:
+    """One polygon: a disc 0.8 x ``size`` across in the mosaic's middle."""
+    import pyarrow as pa
+    import pyogrio
+    import shapely
+
+    ox, oy = scene_spec(size).origin
+    centre = shapely.Point(ox + PIXEL * size / 2, oy - PIXEL * size / 2)
+    disc = centre.buffer(PIXEL * size * 0.4, quad_segs=64)
+    table = pa.table({"basin": ["big"], "geometry": shapely.to_wkb([disc])})
+    pyogrio.write_arrow(
+        table, path, geometry_name="geometry", geometry_type="Polygon",
+        crs=f"EPSG:{scene_spec(size).epsg}",
+    )  # fmt: skip
+
+
 def write_clips(tiles: Path, zones: Path, out: Path, size: int) -> None:
     """Each zone as its own GeoTIFF: its window of the mosaic, nodata outside."""
     from catchment_mae.zones import iter_zones, mosaic, read_zone, read_zones
@@ -188,6 +206,17 @@ def main() -> None:
             if a[k] is not None and b.get(k) is not None
         ]
         print(f"cosine zone / file: min {min(cos):.5f} over {len(cos)} zones")
+
+        big = tmp / f"big{args.size}.gpkg"
+        write_disc(big, args.size)
+        cmd = [*CMAE, "-q", "embed-zones", str(tiles), "--zones", str(big),
+               "--model", str(onnx), "--out", str(tmp / "big.parquet"),
+               "--chips", "512", "--overwrite"]  # fmt: skip
+        t0 = time.perf_counter()
+        peak = peak_rss_mb(cmd)
+        took = time.perf_counter() - t0
+        print(f"one basin of 0.8 x {args.size} px across, --chips 512: peak "
+              f"{peak:.0f} MB (process tree), {took:.1f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

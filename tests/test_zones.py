@@ -339,3 +339,26 @@ def test_chips_give_the_area_weighted_mean_of_the_chips_as_files(
     # A zone within one chip is read whole, as without --chips.
     inside = plan_zone("i", shapely.to_wkb(ZONES["inside"]), "EPSG:32633", grids)
     assert zone_chips(inside, 80) == [inside] and len(zone_chips(inside, 40)) > 1
+
+
+def test_readme_zones_block_runs(tmp_path, zoned):
+    """The README's geopandas block over a table of zones, as it stands there."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    shutil.copy(zoned[1], tmp_path / "basins.parquet")
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- test:read-zones -->\n```python\n(.*?)```", readme, re.S)
+    assert block is not None
+    r = subprocess.run([sys.executable, "-c", block.group(1)], cwd=tmp_path,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "4 embedded; ['outside', 'speck'] not"
+    areas = eval(lines[1])  # noqa: S307 - the block's own printout
+    expected = [ZONES[k].area / 1e6 for k in ("inside", "corner", "two_parts")]
+    assert areas[:3] == pytest.approx(expected, abs=2e-3)
