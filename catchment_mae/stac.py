@@ -84,6 +84,10 @@ def item(out: str | os.PathLike[str], model: str | os.PathLike[str]) -> dict[str
         source = _href(Path(listing["root"]), here)
         links.append({"rel": "emb:source-data", "href": source,
                       "title": "the rasters embedded (a folder of TIFFs)"})  # fmt: skip
+    if listing.get("zones"):  # embed-zones: the polygons
+        zones = _href(Path(listing["zones"]), here)
+        links.append({"rel": "emb:source-data", "href": zones,
+                      "title": "the zones embedded (one row a polygon)"})  # fmt: skip
     return {
         "type": "Feature",
         "stac_version": STAC_VERSION,
@@ -125,9 +129,11 @@ def _embedding_fields(meta: dict[str, str], encoder: dict[str, str], pf: Any) ->
             "pool": encoder.get(MetaKey.POOL),
             "embedding_layout": encoder.get(MetaKey.EMBEDDING_LAYOUT),
             "rows": int(pf.metadata.num_rows),
-            "source_sha256": _source_hash(pf),
+            "source_sha256": _source_hash(pf, table.ZONES in meta),
         },
     }
+    if table.ZONES in meta:  # the zones file, its CRS, id column and chips
+        fields["emb:runtime_parameters"]["zones"] = json.loads(meta[table.ZONES])
     if grid is not None:
         fields["emb:chip_layout"] = _chip_layout(grid)
     return fields
@@ -224,15 +230,18 @@ def _polygon(bbox: tuple[float, float, float, float] | None) -> dict | None:
     return {"type": "Polygon", "coordinates": [ring]}
 
 
-def _source_hash(pf: Any) -> str:
+def _source_hash(pf: Any, zones: bool = False) -> str:
     """sha256 of the rows' path, file size and mtime: which rasters, as they
-    were when embedded."""
+    were when embedded; for a table of zones, of each zone's id and polygon."""
     h = hashlib.sha256()
-    cols = ["path", "file_size", "mtime"]
+    cols = ["path", "geometry"] if zones else ["path", "file_size", "mtime"]
     for batch in pf.iter_batches(columns=cols):
-        for path, size, mtime in zip(*(batch.column(c).to_pylist() for c in cols),
-                                     strict=True):  # fmt: skip
-            h.update(f"{path}\0{size}\0{mtime}\n".encode(errors="surrogateescape"))
+        for path, *facts in zip(*(batch.column(c).to_pylist() for c in cols),
+                                strict=True):  # fmt: skip
+            if zones:  # the polygon's WKB
+                facts = [hashlib.sha256(facts[0] or b"").hexdigest()]
+            line = "\0".join(str(v) for v in [path, *facts])
+            h.update(f"{line}\n".encode(errors="surrogateescape"))
     return h.hexdigest()
 
 

@@ -362,3 +362,57 @@ def test_readme_zones_block_runs(tmp_path, zoned):
     areas = eval(lines[1])  # noqa: S307 - the block's own printout
     expected = [ZONES[k].area / 1e6 for k in ("inside", "corner", "two_parts")]
     assert areas[:3] == pytest.approx(expected, abs=2e-3)
+
+
+def test_shards_split_the_zones_and_stac_describes_the_table(
+    runner, tmp_path, tiles, onnx_model
+):
+    zones = write_zones(tmp_path / "zones.gpkg", ZONES)
+    base = ["embed-zones", str(tiles), "--zones", str(zones), "--id", "gauge",
+            "--model", str(onnx_model), "--num-workers", "0", "--json"]  # fmt: skip
+    keys = []
+    for k in (1, 2):
+        out = tmp_path / f"s{k}.parquet"
+        r = runner.invoke(cli, [*base, "--out", str(out), "--shard", f"{k}/2"])
+        assert r.exit_code in (0, 1), r.output  # a shard of failures only exits 1
+        keys += pq.read_table(out, columns=["path"]).column("path").to_pylist()
+    assert sorted(keys) == sorted(ZONES)
+    out = tmp_path / "all.parquet"
+    r = runner.invoke(cli, [*base, "--out", str(out), "--stac"])
+    assert r.exit_code == 0, r.output
+    item = json.loads((tmp_path / "all.stac.json").read_text())
+    params = item["properties"]["emb:runtime_parameters"]
+    assert params["zones"]["id"] == "gauge" and params["rows"] == len(ZONES)
+    sources = [link for link in item["links"] if link["rel"] == "emb:source-data"]
+    assert {Path(link["href"]).name for link in sources} == {tiles.name, "zones.gpkg"}
+
+
+def test_tiles_in_two_crss_each_zone_read_from_the_grid_covering_it(
+    tmp_path, mosaic_tiles, onnx_model
+):
+    """A tile in another UTM zone beside the mosaic: a polygon over it is read
+    from it (its crs recorded), the others from the mosaic."""
+    import shutil
+
+    from pyproj import Transformer
+
+    from catchment_mae.synth import write_dem
+    from tests.conftest import dem_spec
+
+    folder = tmp_path / "tiles"
+    shutil.copytree(mosaic_tiles, folder)
+    spec = dem_spec(height=60, width=60, epsg=32634, origin=(300_000.0, 5_000_000.0))
+    write_dem(folder / "east.tif", spec)
+    to33 = Transformer.from_crs("EPSG:32634", "EPSG:32633", always_xy=True)
+    east = shapely.transform(
+        shapely.box(300_300.0, 4_998_500.0, 301_500.0, 4_999_700.0),
+        to33.transform,
+        interleaved=False,
+    )  # the square in UTM 34, given in UTM 33 like the others
+    zones = write_zones(tmp_path / "z.gpkg", {"inside": ZONES["inside"], "east": east})
+    out = tmp_path / "z.parquet"
+    embed_zones(folder, zones, onnx_model, out, id_column="gauge", num_workers=0)
+    rows = table_by_path(out)
+    assert rows["inside"]["crs"] == "EPSG:32633" and rows["east"]["crs"] == "EPSG:32634"
+    assert rows["east"]["error"] is None
+    assert 38 <= rows["east"]["width"] <= 42  # 1,200 m of 30 m pixels
