@@ -44,7 +44,8 @@ from catchment_mae.preprocess import (
 )
 from catchment_mae.raster import check_file
 from catchment_mae.workers import ReaderPool, failure_reason, preload
-from catchment_mae.zones import Zone, read_zone
+from catchment_mae.zone_reader import read_zone
+from catchment_mae.zones import Zone
 
 preload(__name__)  # reader processes run this module's tasks
 

@@ -123,7 +123,8 @@ def write_disc(path: Path, size: int) -> None:
 
 def write_clips(tiles: Path, zones: Path, out: Path, size: int) -> None:
     """Each zone as its own GeoTIFF: its window of the mosaic, nodata outside."""
-    from catchment_mae.zones import iter_zones, mosaic, read_zone, read_zones
+    from catchment_mae.zone_reader import read_zone
+    from catchment_mae.zones import iter_zones, mosaic, read_zones
 
     out.mkdir(parents=True, exist_ok=True)
     spec = scene_spec(size)

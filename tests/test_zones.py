@@ -18,7 +18,8 @@ from catchment_mae.batch.runner import embed_dir  # noqa: E402
 from catchment_mae.batch.zone_runner import embed_zones  # noqa: E402
 from catchment_mae.cli.main import cli  # noqa: E402
 from catchment_mae.terrain import write_like  # noqa: E402
-from catchment_mae.zones import read_zone, read_zones  # noqa: E402
+from catchment_mae.zone_reader import read_zone  # noqa: E402
+from catchment_mae.zones import read_zones  # noqa: E402
 from tests.conftest import (  # noqa: E402
     MOSAIC_ORIGIN,
     MOSAIC_PIXEL,
@@ -257,7 +258,7 @@ def test_cli_embed_zones(runner, tmp_path, tiles, onnx_model):
 def test_scanline_agrees_with_shapely_on_every_pixel_centre():
     """The mask's scanline fill against shapely's point test: random polygons
     with holes and parts, vertices on pixel centres and corners included."""
-    from catchment_mae.zones import scanline
+    from catchment_mae.zone_reader import scanline
 
     rng = np.random.default_rng(0)
     for trial in range(60):

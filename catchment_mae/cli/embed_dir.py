@@ -157,25 +157,14 @@ def embed_dir(
         from catchment_mae.workers import prestart
 
         prestart("catchment_mae.batch.reader")  # beside the imports below
-    import pyarrow as pa
-
-    from catchment_mae.batch.runner import NothingEmbeddedError
-    from catchment_mae.batch.runner import embed_dir as run
-
-    # Arrow's default allocator (mimalloc) kept freed row buffers: the command's
-    # peak grew by 29 MB from 200 to 2,000 files with it, 10 MB with malloc
-    # (benchmarks/README.md). The command owns its process; the library does not
-    # change the allocator of a host application.
-    pa.set_memory_pool(pa.system_memory_pool())
-
     _check_chips(tile, stride, tile_m, stride_m, max_nodata)
     max_nodata = 1.0 if max_nodata is None else max_nodata
-    bar = progress_bar(ctx, "chip" if tile or tile_m else "raster")
-    try:
+
+    def run(bar: Any) -> Any:
         if ray_address is not None:
             from catchment_mae.batch.ray_runner import embed_dir_ray
 
-            summary = embed_dir_ray(
+            return embed_dir_ray(
                 input_dir, model, out, batch_size=batch_size, device=device,
                 address=None if ray_address == "local" else ray_address,
                 num_cpus=num_workers, shard=shard, recursive=recursive is not False,
@@ -184,31 +173,45 @@ def embed_dir(
                 max_nodata=max_nodata, tile_m=tile_m, stride_m=stride_m,
                 timeout=timeout,
             )  # fmt: skip
-        else:
-            summary = run(
-                input_dir, model, out, batch_size=batch_size,
-                num_workers=num_workers, device=device, shard=shard,
-                recursive=recursive is not False, overwrite=overwrite,
-                rows_per_part=rows_per_part, timeout=timeout,
-                on_item=lambda item: bar.update(1), on_total=_total_of(bar),
-                tile=tile, stride=stride,
-                max_nodata=max_nodata, tile_m=tile_m, stride_m=stride_m,
-            )  # fmt: skip
+        from catchment_mae.batch.runner import embed_dir
+
+        return embed_dir(
+            input_dir, model, out, batch_size=batch_size,
+            num_workers=num_workers, device=device, shard=shard,
+            recursive=recursive is not False, overwrite=overwrite,
+            rows_per_part=rows_per_part, timeout=timeout,
+            on_item=lambda item: bar.update(1), on_total=_total_of(bar),
+            tile=tile, stride=stride,
+            max_nodata=max_nodata, tile_m=tile_m, stride_m=stride_m,
+        )  # fmt: skip
+
+    summary = with_bar(ctx, "chip" if tile or tile_m else "raster", as_json, run)
+    report(summary, model, stac, as_json)
+
+
+def with_bar(ctx: click.Context, unit: str, as_json: bool, run: Any) -> Any:
+    """``run(bar)``'s summary, a progress bar beside it (none with -q); when
+    nothing was embedded, its summary printed with --json before the error."""
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    from catchment_mae.batch.runner import NothingEmbeddedError
+
+    # Arrow's default allocator (mimalloc) kept freed row buffers: the command's
+    # peak grew by 29 MB from 200 to 2,000 files with it, 10 MB with malloc
+    # (benchmarks/README.md). The command owns its process; the library does not
+    # change the allocator of a host application.
+    pa.set_memory_pool(pa.system_memory_pool())
+    verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
+    bar = tqdm(desc="embedding", unit=unit, disable=None if verbosity >= 0 else True)
+    try:
+        return run(bar)
     except NothingEmbeddedError as e:  # the table of failures is written
         if as_json:
             click.echo(json.dumps(e.summary.to_dict(), sort_keys=True))
         raise
     finally:
         bar.close()
-    report(summary, model, stac, as_json)
-
-
-def progress_bar(ctx: click.Context, unit: str) -> Any:
-    """The run's progress bar (none with -q)."""
-    from tqdm.auto import tqdm
-
-    verbosity = ctx.obj.get("verbosity", 0) if ctx.obj else 0
-    return tqdm(desc="embedding", unit=unit, disable=None if verbosity >= 0 else True)
 
 
 def report(summary: Any, model: Path, stac: bool, as_json: bool) -> None:

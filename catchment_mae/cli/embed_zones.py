@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from catchment_mae.cli import options
-from catchment_mae.cli.embed_dir import _shard, _total_of, progress_bar, report
+from catchment_mae.cli.embed_dir import _shard, _total_of, report, with_bar
 
 
 @click.command(
@@ -137,26 +137,17 @@ def embed_zones(
         from catchment_mae.workers import prestart
 
         prestart("catchment_mae.batch.reader")  # beside the imports below
-    import pyarrow as pa
 
-    from catchment_mae.batch.runner import NothingEmbeddedError
-    from catchment_mae.batch.zone_runner import embed_zones as run
+    def run(bar: Any) -> Any:
+        from catchment_mae.batch.zone_runner import embed_zones as zones_run
 
-    pa.set_memory_pool(pa.system_memory_pool())  # as embed-dir (its reason there)
-    bar = progress_bar(ctx, "zone")
-    try:
-        summary = run(
+        return zones_run(
             rasters, zones, model, out, id_column=id_column, chips=chips,
-            batch_size=batch_size,
-            num_workers=num_workers, device=device, shard=shard,
-            recursive=recursive is not False, overwrite=overwrite,
+            batch_size=batch_size, num_workers=num_workers, device=device,
+            shard=shard, recursive=recursive is not False, overwrite=overwrite,
             rows_per_part=rows_per_part, timeout=timeout,
             on_item=lambda item: bar.update(1), on_total=_total_of(bar),
         )  # fmt: skip
-    except NothingEmbeddedError as e:  # the table of failures is written
-        if as_json:
-            click.echo(json.dumps(e.summary.to_dict(), sort_keys=True))
-        raise
-    finally:
-        bar.close()
+
+    summary = with_bar(ctx, "chip" if chips else "zone", as_json, run)
     report(summary, model, stac, as_json)

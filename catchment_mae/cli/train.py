@@ -279,8 +279,12 @@ def train(
     result = run_training(
         cfg, overwrite=overwrite, resume=resume, strict=strict, progress=verbosity >= 0
     )
-    if not is_main_process():  # under torchrun, rank 0 reports for all
-        return
+    if is_main_process():  # under torchrun, rank 0 reports for all
+        _report(result, as_json, verbosity)
+
+
+def _report(result: Any, as_json: bool, verbosity: int) -> None:
+    """What the training did: its summary as JSON, or two lines on stderr."""
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
