@@ -136,7 +136,7 @@ def _read_ogr(path: Path) -> tuple[pa.Table, str, str]:
             warnings.simplefilter("ignore", RuntimeWarning)
             meta, table = pyogrio.read_arrow(path)
     except Exception as e:  # pyogrio's DataSourceError and GDAL's own
-        raise NoInputError(f"{path}: cannot read as polygons: {_first_line(e)}") from e
+        raise NoInputError(f"{path}: {_ogr_reason(e, path)}") from e
     geometry = next(
         (
             f.name
@@ -190,6 +190,19 @@ def _ids(path: Path, attributes: pa.Table, id_column: str) -> list[str]:
         twice = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise CmaeError(f"{path}: column {id_column!r} is not unique ({twice!r} twice)")
     return keys
+
+
+def _ogr_reason(e: BaseException, path: Path) -> str:
+    """Why GDAL could not read a zones file, in our words (its own text names
+    the file again and suggests driver prefixes)."""
+    text = _first_line(e)
+    if "not recognized as being in a supported file format" in text:
+        return (
+            "not a zones file (GeoPackage, GeoJSON, Shapefile, FlatGeobuf, another "
+            "vector format GDAL reads, or GeoParquet)"
+        )
+    text = text.replace(f"'{path}'", "").replace(str(path), "").split(";")[0]
+    return f"cannot read as polygons: {text.strip(' :.') or type(e).__name__}"
 
 
 def _first_line(e: BaseException) -> str:
@@ -364,6 +377,9 @@ def polygonal(geom: Any) -> tuple[Any, str | None]:
     parts = [q for p in parts for q in shapely.get_parts(p)]  # multipolygons apart
     parts = [p for p in parts if shapely.area(p) > 0]
     if not parts:
+        kind = shapely.get_type_id(geom)
+        if kind not in (3, 6, 7):  # a point or line: no polygon to repair
+            return None, f"is a {geom.geom_type}, not a polygon"
         return None, "is not a polygon (no area once repaired)"
     if len(parts) == 1:
         return parts[0], None

@@ -417,3 +417,90 @@ def test_tiles_in_two_crss_each_zone_read_from_the_grid_covering_it(
     assert rows["inside"]["crs"] == "EPSG:32633" and rows["east"]["crs"] == "EPSG:32634"
     assert rows["east"]["error"] is None
     assert 38 <= rows["east"]["width"] <= 42  # 1,200 m of 30 m pixels
+
+
+def test_odd_geometries_are_rows_with_reasons_and_one_raster_is_a_mosaic(
+    tmp_path, tiles, onnx_model
+):
+    """Lines, points, empty and 3-D geometries in a zones file; RASTERS given as
+    one tile of the mosaic."""
+    inside = ZONES["inside"]
+    odd = {
+        "z3": shapely.force_3d(inside, 100.0),
+        "line": shapely.LineString(inside.exterior.coords[:2]),
+        "point": inside.centroid,
+        "empty": shapely.Polygon(),
+    }
+    zones = write_zones(tmp_path / "odd.gpkg", odd)
+    out = tmp_path / "z.parquet"
+    s = embed_zones(tiles / "tile_00.tif", zones, onnx_model, out, id_column="gauge",
+                    num_workers=0)  # fmt: skip
+    rows = table_by_path(out)
+    assert (s.embedded, s.failed) == (1, 3)
+    assert rows["line"]["error"] == "is a LineString, not a polygon"
+    assert rows["point"]["error"] == "is a Point, not a polygon"
+    assert rows["empty"]["error"] == "has an empty geometry"
+    whole = table_by_path(embed_zones(
+        tiles, write_zones(tmp_path / "one.gpkg", {"inside": inside}), onnx_model,
+        tmp_path / "w.parquet", id_column="gauge", num_workers=0).out)  # fmt: skip
+    assert cosine(rows["z3"]["embedding"], whole["inside"]["embedding"]) > 0.99999
+
+
+def test_a_file_that_is_no_zones_file_is_one_line(runner, tmp_path, tiles, onnx_model):
+    bad = tmp_path / "basins.gpkg"
+    bad.write_bytes(b"not a geopackage " * 20)
+    out = tmp_path / "z.parquet"
+    args = ["embed-zones", str(tiles), "--zones", str(bad), "--model", str(onnx_model)]
+    r = runner.invoke(cli, [*args, "--out", str(out)])
+    assert r.exit_code != 0 and r.stderr.count("\n") == 1, r.output
+    assert "basins.gpkg: not a zones file (GeoPackage" in r.stderr
+    assert "driver" not in r.stderr and not out.exists()
+
+
+def test_interrupted_without_torch_resumes_with_one_row_per_zone(
+    tmp_path, dem, tiles, onnx_model
+):
+    """SIGTERM mid-run, in an environment without torch: the zones embedded so
+    far are kept, and the same command finishes with exactly one row a zone."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import NO_TORCH, start_cmae, wait_for
+
+    corners = [(r, c) for r in range(0, 150, 6) for c in range(0, 190, 6)]
+    nodata = [(dem[r : r + 12, c : c + 12] == -9999).all() for r, c in corners]
+    data = [(dem[r : r + 12, c : c + 12] != -9999).all() for r, c in corners]
+    first = corners[nodata.index(True)]  # a square of nodata: it fails
+    chosen = [first] + [rc for rc, ok in zip(corners, data, strict=True) if ok]
+    squares = {
+        f"s{i:03d}": poly((c, r), (c + 12, r), (c + 12, r + 12), (c, r + 12))
+        for i, (r, c) in enumerate(chosen)
+    }
+    assert len(squares) > 40
+    zones = write_zones(tmp_path / "squares.gpkg", squares)
+    out = tmp_path / "z.parquet"
+    args = ["embed-zones", tiles, "--zones", zones, "--id", "gauge", "--model",
+            onnx_model, "--out", out, "--json", "--num-workers", "0"]  # fmt: skip
+    proc = start_cmae(*args, "--batch-size", "1", "--rows-per-part", "1",
+                      entry=NO_TORCH)  # fmt: skip
+    parts = out.with_name(out.name + ".parts")
+    wait_for(proc, lambda: len(list(parts.glob("part-*.parquet"))) >= 5, 60,
+             "five parts")  # fmt: skip
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines()[-1].endswith("run the same command to continue")
+    saved = [pq.read_table(p) for p in parts.glob("*.parquet")]
+    assert len(saved) >= 5
+    # A failed zone (the square over the DEM's nodata) is tried again; the
+    # embedded ones are kept.
+    kept = sum(t.column("error").null_count for t in saved)
+    assert kept == len(saved) - 1 >= 4
+    again = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["already_done"] == kept
+    assert summary["failed"] == 1 and summary["embedded"] == len(squares) - 1 - kept
+    assert pq.read_table(out).column("path").to_pylist() == list(squares)
