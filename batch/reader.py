@@ -183,9 +183,9 @@ def read_zone_sample(
         check_in_range(r, spec)
         image = normalise(r, spec).image
     except BadRasterError as e:
-        return _zone_failed(zone, e.reason), None
+        return failed_zone_row(zone, e.reason), None
     except Exception as e:  # a reader must report, not die: keep the reason
-        return _zone_failed(zone, failure_reason(e)), None
+        return failed_zone_row(zone, failure_reason(e)), None
     geo = r.info.geo
     where = Footprint(
         zone.crs, *(geo.pixel_size or (None, None)), zone.wkb84, zone.bbox84
@@ -194,7 +194,9 @@ def read_zone_sample(
     return row, (image, r.valid, r.scale)
 
 
-def _zone_failed(zone: Zone, reason: str) -> Row:
+def failed_zone_row(zone: Zone, reason: str) -> Row:
+    """The row of a zone that could not be embedded: its polygon, the grid it
+    was to be read from, and why."""
     return Row(
         zone.key, geometry=zone.wkb84, bbox=zone.bbox84, crs=zone.crs, error=reason
     )
@@ -204,7 +206,7 @@ def failed_row(rel: str, chip: Chip | Zone | None, reason: str) -> Row:
     """The row of a file (or chip, or zone) whose read did not report: it
     timed out, its reader died."""
     if isinstance(chip, Zone):
-        return _zone_failed(chip, reason)
+        return failed_zone_row(chip, reason)
     return _chip_row(Row(rel, error=reason), chip, None)
 
 

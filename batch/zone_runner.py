@@ -26,7 +26,7 @@ import pyarrow as pa
 from catchment_mae.batch import schema as table
 from catchment_mae.batch.mapper import Mapper
 from catchment_mae.batch.plan import ZonePlan, check_input
-from catchment_mae.batch.reader import Item
+from catchment_mae.batch.reader import Item, failed_zone_row
 from catchment_mae.batch.runner import How, Run, RunSummary, run_embedding
 from catchment_mae.batch.schema import Row
 from catchment_mae.batch.writer import (
@@ -95,8 +95,9 @@ def embed_zones(
     root = source.parent if source.is_file() else source
     check_input(root)
     zone_file = read_zones(zones, id_column)  # its errors before anything starts
+    # A progress bar counts what is read: with chips, there is no total.
     how = How(batch_size, num_workers, device, overwrite, timeout, within,
-              on_item, on_total, unit="zone",
+              on_item, None if chips else on_total, unit="zone",
               combine=ChipMean() if chips else None)  # fmt: skip
 
     def start(mapper: Mapper, out: Path) -> Run:
@@ -184,9 +185,7 @@ class ChipMean:
         good = [(z.weight, r, e) for z, r, e in parts if e is not None]
         if failed or not good:
             reason = failed[0] if failed else (parts[0][1].error or NO_CENTRE)
-            return dataclasses.replace(
-                parts[0][1], error=reason, height=None, width=None
-            ), None
+            return failed_zone_row(parts[0][0], reason), None
         weights = np.array([w for w, _, _ in good], np.float64)
         weights /= weights.sum()
         mean = np.einsum("n,nd->d", weights, np.stack([e for _, _, e in good]))

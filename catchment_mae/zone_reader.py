@@ -80,8 +80,11 @@ def read_zone(
             raise BadRasterError(zone.key, f"tile {tile.rel} has another band count")
         rh = min(r.valid.shape[0], inside.shape[0] - i0)
         rw = min(r.valid.shape[1], inside.shape[1] - j0)
-        data[:, i0 : i0 + rh, j0 : j0 + rw] = r.data[:, :rh, :rw]
-        valid[i0 : i0 + rh, j0 : j0 + rw] = r.valid[:rh, :rw]
+        # Where tiles overlap (a pixel's border shared, nodata at a tile's
+        # edge), a pixel holds the data of any tile that has it.
+        has = r.valid[:rh, :rw]
+        np.copyto(data[:, i0 : i0 + rh, j0 : j0 + rw], r.data[:, :rh, :rw], where=has)
+        valid[i0 : i0 + rh, j0 : j0 + rw] |= has
     if data is None or first is None:
         raise BadRasterError(zone.key, "covers no pixel with data")
     valid &= inside
@@ -131,7 +134,7 @@ def scanline(rings: Sequence[np.ndarray], rows: int, cols: int) -> np.ndarray:
     plus the grid's, not points times vertices (testing each pixel centre
     against the polygon took two thirds of embed-zones' reading time).
     """
-    toggles = np.zeros((rows, cols + 1), np.int32)
+    toggles = np.zeros((rows, cols + 1), np.uint8)  # 1: an odd count of crossings
     on_edge: list[tuple[np.ndarray, np.ndarray]] = []
     for ring in rings:
         (s1, t1), (s2, t2) = ring[:-1].T, ring[1:].T
@@ -142,7 +145,8 @@ def scanline(rings: Sequence[np.ndarray], rows: int, cols: int) -> np.ndarray:
         edge = np.repeat(np.arange(len(n)), n)
         i = first[edge] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
         s = s1[edge] + (i - t1[edge]) * (s2[edge] - s1[edge]) / (t2[edge] - t1[edge])
-        np.add.at(toggles, (i, np.clip(np.ceil(s), 0, cols).astype(np.int64)), 1)
+        at = (i, np.clip(np.ceil(s), 0, cols).astype(np.int64))
+        np.bitwise_xor.at(toggles, at, 1)
         exact = np.abs(s - np.rint(s)) < 1e-9  # a point on a sloping edge
         on_edge.append((i[exact], np.rint(s[exact]).astype(np.int64)))
         vertex = (np.abs(s1 - np.rint(s1)) < 1e-9) & (np.abs(t1 - np.rint(t1)) < 1e-9)
@@ -156,7 +160,8 @@ def scanline(rings: Sequence[np.ndarray], rows: int, cols: int) -> np.ndarray:
             j1 = min(int(np.floor(max(s1[k], s2[k]) + 1e-9)), cols - 1)
             if 0 <= r < rows and j0 <= j1:
                 on_edge.append((np.full(j1 - j0 + 1, r), np.arange(j0, j1 + 1)))
-    inside = (np.cumsum(toggles, axis=1)[:, :cols] % 2).astype(bool)
+    # Parity along each row, as uint8 (a sum in int32 took ten times longer).
+    inside = np.bitwise_xor.accumulate(toggles, axis=1)[:, :cols].astype(bool)
     for i, j in on_edge:
         keep = (i >= 0) & (i < rows) & (j >= 0) & (j < cols)
         inside[i[keep], j[keep]] = True

@@ -504,3 +504,30 @@ def test_interrupted_without_torch_resumes_with_one_row_per_zone(
     assert summary["already_done"] == kept
     assert summary["failed"] == 1 and summary["embedded"] == len(squares) - 1 - kept
     assert pq.read_table(out).column("path").to_pylist() == list(squares)
+
+
+def test_overlapping_tiles_with_nodata_edges_fill_each_other(
+    tmp_path, dem, mosaic_tiles, zoned, onnx_model
+):
+    """Tiles that overlap by 10 pixels, each with nodata along the shared
+    strip: a zone across them reads the data of whichever has it."""
+    from catchment_mae.synth import write_dem
+    from tests.conftest import dem_spec, mosaic_xy
+
+    folder = tmp_path / "overlap"
+    folder.mkdir()
+    left = np.array(dem[:, :110])
+    left[:, 100:] = -9999.0  # its last 10 columns: nodata
+    right = np.array(dem[:, 90:])
+    right[:, :10] = -9999.0  # its first 10 columns: nodata
+    for name, block, col in (("l.tif", left, 0), ("r.tif", right, 90)):
+        spec = dem_spec(height=H, width=block.shape[1], origin=mosaic_xy(col, 0),
+                        nodata=-9999.0)  # fmt: skip
+        write_dem(folder / name, spec, block)
+    zones = write_zones(tmp_path / "z.gpkg", {"corner": ZONES["corner"]})
+    out = tmp_path / "z.parquet"
+    embed_zones(folder, zones, onnx_model, out, id_column="gauge", num_workers=0)
+    got = table_by_path(out)["corner"]
+    want = table_by_path(zoned[1])["corner"]
+    assert got["nodata_fraction"] == want["nodata_fraction"] == 0.0
+    assert cosine(got["embedding"], want["embedding"]) > 0.99999
