@@ -6,8 +6,9 @@ dicts load unchanged. No torch here: the batch runner reads configs too.
 Some fields may be ``"auto"`` (or None): :mod:`catchment_mae.defaults` chooses
 them from the archive and the device when a run starts, and ``NAME.json``
 records what was chosen, so ``--config NAME.json`` trains the same model again.
-A ``NAME.json`` of format 1 (written before the terrain inputs) reads with the
-values those models were trained with (:data:`FORMAT_1`).
+A ``NAME.json`` of format 1 (written before the terrain inputs) or 2 (before
+the slope statistics) reads with the values those models were trained with
+(:data:`FORMAT_1`, :data:`FORMAT_2`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from catchment_mae.errors import ConfigError, ModelLoadError
-from catchment_mae.preprocess import SCALE_MODES, PreprocessSpec
+from catchment_mae.preprocess import SCALE_MODES, PreprocessSpec, scale_length
 
 POOLS = ("cls", "mean")
 
 NORM_MODES = ("fixed", "per-raster")
 AUTO = "auto"
-FORMAT_VERSION = 2
-# What a format-1 NAME.json meant by the keys it did not have yet.
+FORMAT_VERSION = 3
+# What a format-2 NAME.json meant by the keys it did not have yet.
+FORMAT_2: dict[str, Any] = {"slope_stats": False}
+# And a format-1 one.
 FORMAT_1: dict[str, Any] = {
     "trim": False,
     "scale_stats": False,
@@ -38,6 +41,7 @@ FORMAT_1: dict[str, Any] = {
     "valid_channel": False,
     "drop_empty_patches": False,
     "pool": "cls",
+    **FORMAT_2,
 }
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
@@ -79,6 +83,10 @@ class TrainConfig:
     # The first band's ground slope as one more channel; None: for one georeferenced
     # band (an elevation model).
     slope_channel: bool | None = None
+    # The mean and spread of the first band's log10 ground slope at the
+    # resolution read join the scale vector (needs the slope channel); None:
+    # with the slope channel.
+    slope_stats: bool | None = None
     # The scale vector's centre and spread inside the model (scale_embed); None:
     # from the data (with scale_stats), else none (0 and 1).
     scale_mean: list[float] | None = None
@@ -191,10 +199,10 @@ class TrainConfig:
             _choice("norm", self.norm, NORM_MODES)
         _choice("scale", self.scale, (AUTO, *SCALE_MODES))
         _choice("pool", self.pool, POOLS)
-        if self.format_version not in (1, FORMAT_VERSION):
+        if self.format_version not in (1, 2, FORMAT_VERSION):
             raise ConfigError(
                 f"format_version {self.format_version} is not one this cmae reads "
-                f"(1, {FORMAT_VERSION})",
+                f"(1, 2, {FORMAT_VERSION})",
                 key="format_version",
             )
         _choice("device", self.device, DEVICES)
@@ -210,16 +218,26 @@ class TrainConfig:
                 f"not {self.scale}",
                 key="slope_channel",
             )
+        if self.slope_stats and self.slope_channel is False:
+            raise ConfigError(
+                "slope_stats needs the slope channel (slope_channel)", key="slope_stats"
+            )
         _pair(self.scale_mean, self.scale_std, "scale_mean", "scale_std")
         if self.scale_mean is None or self.scale_std is None:
             return
-        want = 2 if not self.scale_stats else 3 + 3 * (self.in_chans or 0)
+        lengths = []  # the scale vector's, as far as it is known yet
+        if self.in_chans or not self.scale_stats:
+            chosen = (False, True) if self.slope_stats is None else (self.slope_stats,)
+            lengths = [
+                scale_length(self.scale_stats, self.in_chans or 0, s) for s in chosen
+            ]
         if len(self.scale_mean) != len(self.scale_std) or (
-            (self.in_chans or not self.scale_stats) and len(self.scale_mean) != want
+            lengths and len(self.scale_mean) not in lengths
         ):
             raise ConfigError(
                 f"scale_mean/scale_std have {len(self.scale_mean)}/"
-                f"{len(self.scale_std)} values; the scale vector has {want}",
+                f"{len(self.scale_std)} values; the scale vector has "
+                f"{' or '.join(map(str, lengths))}",
                 key="scale_mean",
             )
         if not all(math.isfinite(v) and v > 0 for v in self.scale_std):
@@ -247,6 +265,7 @@ class TrainConfig:
             and self.scale != AUTO
             and None not in (self.image_size, self.max_epochs, self.norm)
             and self.slope_channel is not None
+            and self.slope_stats is not None
         )
 
     def preprocess_spec(self) -> PreprocessSpec:
@@ -273,6 +292,8 @@ class TrainConfig:
                 raise ConfigError(f"Unknown config key: {key}", key=key)
         if data.get("format_version") == 1:  # the keys it did not have yet
             data = {**FORMAT_1, **data}
+        elif data.get("format_version") == 2:
+            data = {**FORMAT_2, **data}
         return cls(**data)
 
     @classmethod
@@ -351,11 +372,11 @@ class TrainConfig:
     def scale_dim(self) -> int:
         """Length of the scale vector (``in_chans`` must be known with
         scale_stats)."""
-        if not self.scale_stats:
-            return 2
-        if self.in_chans is None:
+        if self.scale_stats and self.in_chans is None:
             raise ConfigError("in_chans is not set (and was not taken from the data)")
-        return 3 + 3 * self.in_chans
+        return scale_length(
+            self.scale_stats, self.in_chans or 0, bool(self.slope_stats)
+        )
 
 
 def model_files(

@@ -44,7 +44,9 @@ SAMPLES_GPU = 400_000
 MIN_EPOCHS, MAX_EPOCHS = 20, 400
 GEO_PROBES = 64  # rasters whose headers say whether the archive is georeferenced
 # The keys :func:`resolve` may choose (where the config leaves them None or auto).
-CHOSEN_KEYS = (*SMALL_VIT, "max_epochs", "norm", "scale", "slope_channel")
+CHOSEN_KEYS = (
+    *SMALL_VIT, "max_epochs", "norm", "scale", "slope_channel", "slope_stats",
+)  # fmt: skip
 
 
 def resolve(
@@ -81,6 +83,8 @@ def resolve(
         updates["slope_channel"] = scale == "ground" and bands == 1
         if updates["slope_channel"]:
             why.append("a slope channel (one georeferenced band: elevations)")
+    if cfg.slope_stats is None:
+        updates["slope_stats"] = bool(updates.get("slope_channel", cfg.slope_channel))
     out = cfg.merged(updates) if updates else cfg
     return out, describe(out, samples, device, why, threads)
 

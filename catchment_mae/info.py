@@ -236,7 +236,8 @@ def _render_weights(info: dict[str, Any]) -> str:
         + f", pool {c['pool']}",
         f"  input:      {c['in_chans']} band(s), bands {c['bands'] or 'all'}, norm "
         f"{c['norm']}, scale {c['scale']}"
-        + (", slope channel" if c.get("slope_channel") else ""),
+        + (", slope channel" if c.get("slope_channel") else "")
+        + (" and its statistics" if c.get("slope_stats") else ""),
         f"  trained on: {c['input_dir']}, {c['max_epochs']} epoch(s), batch "
         f"{c['batch_size']}",
     ]

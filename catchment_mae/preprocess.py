@@ -78,13 +78,20 @@ VALID_LEVELS = 255
 # the training cache's key.
 RESAMPLE_FIELDS = (
     "image_size", "bands", "nodata", "max_pixels", "max_memory_mb", "scale",
-    "scale_eps", "resize", "trim", "scale_stats", "slope_channel",
+    "scale_eps", "resize", "trim", "scale_stats", "slope_channel", "slope_stats",
 )  # fmt: skip
 # The slope channel: log10 of the ground slope (m/m, at least 1e-4), centred on a
 # slope of 0.1 and spread so that 0.001 to 10 m/m span about -3 to +3.
 SLOPE_FLOOR = 1e-4
 SLOPE_CENTRE = -1.0
 SLOPE_SPREAD = 0.7
+
+
+def scale_length(scale_stats: bool, bands: int, slope_stats: bool) -> int:
+    """The scale vector's length: the two extents; with ``scale_stats`` the
+    valid share and each band's mean, std and log std; with ``slope_stats``
+    the slope's mean and std (step 4)."""
+    return 2 + (1 + 3 * bands if scale_stats else 0) + (2 if slope_stats else 0)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,9 @@ class PreprocessSpec:
     # One more input channel: the first band's ground slope (needs ``scale``
     # "ground"; an elevation band).
     slope_channel: bool = False
+    # The mean and std of that slope's log10 at the resolution read join the
+    # scale vector (needs ``slope_channel``); False: models from before it.
+    slope_stats: bool = False
 
     def __post_init__(self) -> None:
         if self.resize != RESIZE_RULE:
@@ -144,6 +154,8 @@ class PreprocessSpec:
                 raise ValueError(f"norm_std values must be > 0, got {self.norm_std}")
         if self.slope_channel and self.scale != "ground":
             raise ValueError("slope_channel needs scale 'ground' (slopes in metres)")
+        if self.slope_stats and not self.slope_channel:
+            raise ValueError("slope_stats needs slope_channel")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PreprocessSpec:
@@ -172,9 +184,9 @@ class PreprocessSpec:
     @property
     def scale_dim(self) -> int | None:
         """Length of the scale vector (None while the band count is unknown)."""
-        if not self.scale_stats:
-            return 2
-        return None if self.in_chans is None else 3 + 3 * self.in_chans
+        if self.scale_stats and self.in_chans is None:
+            return None
+        return scale_length(self.scale_stats, self.in_chans or 0, self.slope_stats)
 
     def resample_key(self) -> dict[str, Any]:
         """The fields that decide a :class:`Resampled` raster (the cache key)."""
@@ -306,14 +318,18 @@ def resample(raster: Raster, spec: PreprocessSpec) -> Resampled:
     levels = np.rint(np.clip(den, 0.0, 1.0) * VALID_LEVELS).astype(np.uint8)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.where(levels > 0, num / den, 0.0)
+    slope_stats = None
     if spec.slope_channel:
-        z = np.concatenate([z, slope_channel(data[0], valid, info, spec, levels)])
+        channel, slope_stats = slope_channel(data[0], valid, info, spec, levels)
+        z = np.concatenate([z, channel])
     count = int(valid.sum())
     scale = scale_vector(info, spec, kept)
     if spec.scale_stats:
         scale = np.concatenate(
             [scale, raster_facts(mean, std, count / valid.size, spec.scale_eps)]
         )
+    if spec.slope_stats and slope_stats is not None:
+        scale = np.concatenate([scale, slope_stats])
     return Resampled(
         z=np.ascontiguousarray(z, dtype=np.float16),
         valid=levels[None],
@@ -341,10 +357,12 @@ def slope_channel(
     info: RasterInfo,
     spec: PreprocessSpec,
     levels: np.ndarray,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """(1, S, S): the ground slope of ``z`` (metres over metres, by central
     differences at the resolution read) as ``(log10(slope) - SLOPE_CENTRE) /
     SLOPE_SPREAD``, resized by the valid-weighted filter; 0 where ``levels`` is 0.
+    And the mean and std of ``log10(slope)`` over the pixels read (float64;
+    ``slope_stats``): what resizing keeps of the slopes only as an average.
 
     The slope is what resizing a DEM loses: a 64 px image of a 500 px catchment
     no longer shows its hillslopes, and its std and extent alone do not say how
@@ -358,13 +376,17 @@ def slope_channel(
     known = np.isfinite(v)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         np.log10(np.maximum(v, SLOPE_FLOOR, out=v), out=v)  # in place: no copies
+        stats = np.array([math.log10(SLOPE_FLOOR), 0.0])
+        if known.any():
+            stats = np.array([np.mean(v, where=known, dtype=np.float64),
+                              np.std(v, where=known, dtype=np.float64)])  # fmt: skip
         v -= SLOPE_CENTRE
         v /= SLOPE_SPREAD
     v[~known] = 0.0
     num, den = resize_valid_weighted(v[None], known.astype(np.float32), spec.image_size)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where((levels > 0) & (den > 0), num[0] / den, 0.0)
-    return out[None].astype(np.float32)
+    return out[None].astype(np.float32), stats
 
 
 def norm_refusal(mean: np.ndarray, std: np.ndarray, spec: PreprocessSpec) -> str | None:

@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 # an input of any encoder that sees it, and the scale vector after the pooled
 # tokens in the embedding (embedding_layout). Encoders of format 1 read as they
 # were trained: their preprocessing has none of these.
-ONNX_FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# 3: the slope's statistics in the scale vector (preprocess's slope_stats);
+# encoders of format 2 have none.
+ONNX_FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 CUDA = "CUDAExecutionProvider"
 
 

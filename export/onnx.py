@@ -261,10 +261,11 @@ def embedding_layout(cfg: TrainConfig, pool: str, dim: int) -> str:
     if not cfg.scale_stats:
         return f"{dim} values: {what} after the final norm"
     k = cfg.scale_dim
+    slope = ", the mean and std of its log10 slope" if cfg.slope_stats else ""
     return (
         f"{dim - k} values: {what} after the final norm; then {k} values: the scale "
         "input, standardised by scale_mean/scale_std (the raster's extent, valid "
-        "share, levels and spreads, as the encoder was given them)"
+        f"share, levels and spreads{slope}, as the encoder was given them)"
     )
 
 

@@ -63,7 +63,7 @@ def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_pat
     assert not [t for t in threading.enumerate() if t.name == "cmae-warm-up"]
     table = pq.read_table(out)
     assert table.num_rows == 17
-    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 38)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 40)
     assert table.schema.names == [
         "path", "embedding", "height", "width", "bands", "dtype", "nodata_fraction",
         "file_size", "mtime", "crs", "pixel_size_x", "pixel_size_y", "geometry",
@@ -93,7 +93,7 @@ def test_embed_dir__rows_columns_and_values(runner, archive, onnx_model, tmp_pat
         )
         assert 0.0 <= r["nodata_fraction"] < 1.0 and r["mtime"] is not None
     meta = table.schema.metadata
-    assert json.loads(meta[b"model_metadata"])["embedding_dim"] == "38"
+    assert json.loads(meta[b"model_metadata"])["embedding_dim"] == "40"
     assert meta[b"model_sha256"].decode() == __import__(
         "catchment_mae.io"
     ).io.sha256_file(onnx_model)
@@ -364,7 +364,7 @@ def test_embed__original_json_per_file(runner, archive, onnx_model):
     assert r.exit_code == 0, r.output
     first, second = (json.loads(line) for line in r.stdout.splitlines())
     assert set(first) == expected_keys and first["status"] == "success"
-    assert first["shape"] == [38] and len(first["embedding"]) == 38
+    assert first["shape"] == [40] and len(first["embedding"]) == 40
     assert second == {
         "status": "error",
         "message": f"{archive / 'empty.tif'}: empty file (0 bytes)",

@@ -16,7 +16,7 @@ def test_export__cli_json_and_human(runner, trained, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["inputs"] == ["image", "scale", "valid"]
-    assert report["embedding_dim"] == 38 and report["pool"] == "cls"
+    assert report["embedding_dim"] == 40 and report["pool"] == "cls"
     assert len(report["parity"]) >= 4 and out.exists()
     assert result.stderr == ""  # no exporter chatter or warnings without -v
     again = runner.invoke(cli, ["export", str(trained.weights_path), "--out", str(out)])

@@ -114,3 +114,15 @@ def test_config__scale_statistics_fit_the_scale_vector():
         TrainConfig(in_chans=1, scale_mean=[0.0] * 2, scale_std=[1.0] * 2)
     with pytest.raises(ConfigError, match="scale_std values must be > 0"):
         TrainConfig(in_chans=1, scale_mean=[0.0] * 6, scale_std=[0.0] * 6)
+
+
+def test_config__a_format_2_name_json_has_no_slope_statistics():
+    """Models saved before the slope statistics keep their scale vector; new
+    configs choose them with the slope channel."""
+    old = TrainConfig.from_dict({"format_version": 2, "slope_channel": True,
+                                 "scale": "ground", "in_chans": 1})  # fmt: skip
+    assert old.slope_stats is False and old.scale_dim == 6
+    new = TrainConfig(slope_channel=True, scale="ground", in_chans=1, slope_stats=True)
+    assert new.scale_dim == 8 and new.format_version == 3
+    with pytest.raises(ConfigError, match="slope_stats needs the slope channel"):
+        TrainConfig(slope_channel=False, slope_stats=True)

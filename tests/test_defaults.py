@@ -108,7 +108,8 @@ def test_cli_train__defaults_say_what_they_chose_and_how_long(
     assert (saved["scale"], saved["slope_channel"], saved["threads"]) == (
         "ground", True, 1,
     )  # fmt: skip
-    assert len(saved["scale_mean"]) == len(saved["scale_std"]) == 6
+    assert len(saved["scale_mean"]) == len(saved["scale_std"]) == 8
+    assert saved["slope_stats"] is True  # with the slope channel
     assert saved["extra"]["scale_stats_from"] == "data"
 
 

@@ -79,12 +79,12 @@ def test_table__pandas_and_duckdb_nearest_neighbour(table):
     df = pd.read_parquet(out)
     ok = df[df["error"].isna()].sort_values("path")
     vectors = np.stack(ok["embedding"].to_numpy()).astype(np.float64)
-    assert vectors.shape == (13, 38) and np.isfinite(vectors).all()
+    assert vectors.shape == (13, 40) and np.isfinite(vectors).all()
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     cos = unit @ unit[0]
     expected = [ok["path"].iloc[i] for i in np.argsort(-cos)[1:4]]
     got = duckdb.sql(
-        f"""WITH t AS (SELECT path, embedding::FLOAT[38] AS e FROM '{out}'
+        f"""WITH t AS (SELECT path, embedding::FLOAT[40] AS e FROM '{out}'
                        WHERE error IS NULL),
                  q AS (SELECT path, e FROM t ORDER BY path LIMIT 1)
             SELECT t.path, array_cosine_similarity(t.e, q.e) AS c
@@ -124,7 +124,7 @@ def test_table__readme_reading_block_runs(table):
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "13 embedded, 2 failed, width 38"
+    assert lines[0] == "13 embedded, 2 failed, width 40"
     assert lines[1] == "('OGC', 'CRS84') 13 footprints"
     assert lines[3].endswith("rasters north of the equator")
 
@@ -147,17 +147,17 @@ def test_info__onnx(runner, onnx_model):
     info = json.loads(r.stdout)
     assert [i["name"] for i in info["inputs"]] == ["image", "scale", "valid"]
     assert info["inputs"][0]["shape"] == ["batch", 2, 32, 32]  # band and slope
-    assert info["inputs"][1]["shape"] == ["batch", 6]
+    assert info["inputs"][1]["shape"] == ["batch", 8]
     assert info["outputs"] == [
-        {"name": "embedding", "shape": ["batch", 38], "type": "tensor(float)"}
+        {"name": "embedding", "shape": ["batch", 40], "type": "tensor(float)"}
     ]
     meta = info["metadata"]
-    assert meta["embedding_dim"] == 38 and meta["preprocess"]["image_size"] == 32
+    assert meta["embedding_dim"] == 40 and meta["preprocess"]["image_size"] == 32
     assert len(meta["weights_sha256"]) == 64
     human = runner.invoke(cli, ["info", str(onnx_model)])
     assert human.exit_code == 0
     assert "input:      image ['batch', 2, 32, 32]" in human.stdout
-    assert "embedding width 38" in human.stdout
+    assert "embedding width 40" in human.stdout
 
 
 def test_info__weights_say_how_they_were_trained(runner, trained, tmp_path):
@@ -181,7 +181,7 @@ def test_info__table_and_unfinished_run(runner, table, onnx_model, tmp_path):
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
     assert (info["rows"], info["embedded"], info["failed"]) == (15, 13, 2)
-    assert info["with_footprint"] == 13 and info["embedding_dim"] == 38
+    assert info["with_footprint"] == 13 and info["embedding_dim"] == 40
     assert info["model"] == onnx_model.name and "unfinished_run" not in info
     assert "geometry" in [c["name"] for c in info["schema"]]
     human = runner.invoke(cli, ["info", str(out)]).stdout

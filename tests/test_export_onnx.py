@@ -38,15 +38,20 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # The tiny model of the ``trained`` fixture, on synthetic DEMs: one band and its
-# slope channel, a scale vector of 2 extents + valid share + mean, std, log std.
-CHANNELS, SCALE_DIM, WIDTH = 2, 6, 32
+# slope channel, a scale vector of 2 extents + valid share + mean, std, log std
+# + the log slope's mean and std.
+CHANNELS, SCALE_DIM, WIDTH = 2, 8, 32
 
 
 def _feed(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random model inputs of the tiny model's shapes."""
     rng = np.random.default_rng(seed)
     scale = np.concatenate(
-        [np.log(rng.uniform(10, 4000, (batch, 2))), rng.normal(size=(batch, 4))], 1
+        [
+            np.log(rng.uniform(10, 4000, (batch, 2))),
+            rng.normal(size=(batch, SCALE_DIM - 2)),
+        ],
+        1,
     )
     return {
         "image": rng.standard_normal((batch, CHANNELS, 32, 32)).astype(np.float32),
@@ -94,7 +99,7 @@ def test_export__metadata_round_trip(exported, trained):
     sess = create_session(out, "cpu")
     meta = read_metadata(sess, out)
     cfg = trained.config
-    assert meta["cmae_format_version"] == "2"
+    assert meta["cmae_format_version"] == "3"
     assert meta["vit_model_name"] == cfg.vit_model_name
     assert int(meta["image_size"]) == 32 and int(meta["in_chans"]) == 1
     assert json.loads(meta["norm_mean"]) == cfg.norm_mean

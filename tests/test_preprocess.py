@@ -299,3 +299,26 @@ def test_preprocess__slope_channel_needs_ground_and_says_so():
     assert (s.channels, s.scale_dim) == (2, 6)
     assert (_terrain(in_chans=3, slope_channel=False).scale_dim) == 12
     assert PreprocessSpec(image_size=8, in_chans=2).scale_dim == 2  # format 1
+
+
+def test_preprocess__slope_statistics_join_the_scale_vector(make_dem):
+    """slope_stats: the mean and std of log10 of the ground slope at the
+    resolution read, after the raster's facts; computed here from the DEM."""
+    from catchment_mae.geomorph import slope, spacing_m
+    from catchment_mae.preprocess import resample, trimmed
+    from catchment_mae.raster import read_raster
+
+    path = make_dem("d.tif", height=48, width=40, pixel=25.0, seed=4)
+    spec = _terrain(slope_stats=True)
+    assert spec.scale_dim == _terrain().scale_dim + 2 == 8
+    r = read_raster(path)
+    got = resample(r, spec).scale
+    plain = resample(r, _terrain()).scale
+    np.testing.assert_array_equal(got[:-2], plain)
+    dy, dx = spacing_m(r)
+    data, valid, _ = trimmed(r)  # as the slope channel sees the raster
+    v = slope(data[0].astype(np.float64), valid, dy, dx, np.float64)
+    logs = np.log10(np.maximum(v[np.isfinite(v)], 1e-4))
+    np.testing.assert_allclose(got[-2:], [logs.mean(), logs.std()], rtol=1e-4)
+    with pytest.raises(ValueError, match="slope_stats needs slope_channel"):
+        _terrain(slope_stats=True, slope_channel=False)

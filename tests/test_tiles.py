@@ -177,7 +177,7 @@ def test_readme__chip_queries_run(runner, scenes, onnx_model, tmp_path):
     assert r.returncode == 0, r.stderr
     nearest, per_raster = r.stdout.splitlines()
     assert nearest.count("'big.tif'") == 3
-    assert per_raster == "[('big.tif', 38)]"
+    assert per_raster == "[('big.tif', 40)]"
 
 
 # ------------------------------------------------------------ training on chips

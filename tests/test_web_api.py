@@ -71,7 +71,7 @@ def test_original_embed__contract(client, roots, model):
     seed = json.loads((DATA / "seed_embed_response.json").read_text())
     assert list(r.json) == list(seed)  # the original keys, in the original order
     assert r.get_data(as_text=True).startswith('{"status":"success","embedding":[')
-    assert r.json["status"] == "success" and r.json["shape"] == [38]
+    assert r.json["status"] == "success" and r.json["shape"] == [40]
     ref = _reference(models / "m.onnx", data / "dems" / "catchment_0003.tif")
     np.testing.assert_allclose(r.json["embedding"], ref, atol=1e-4)
 
@@ -83,7 +83,7 @@ def test_original_embed__absolute_paths_inside_the_roots(client, roots):
         data={"model_path": str(models / "m.onnx"),
               "image_path": str(data / "dems" / "catchment_0001.tif")},
     )  # fmt: skip
-    assert r.status_code == 200 and r.json["shape"] == [38]
+    assert r.status_code == 200 and r.json["shape"] == [40]
 
 
 @pytest.mark.parametrize(

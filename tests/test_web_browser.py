@@ -127,7 +127,7 @@ def test_browser__train_export_embed(server, page):
     form.locator("button[type=submit]").click()
     page.locator("#embed-result").wait_for(state="visible", timeout=60_000)
     shown = json.loads(page.locator("#embed-json").input_value())
-    assert shown["status"] == "success" and shown["shape"] == [38]
+    assert shown["status"] == "success" and shown["shape"] == [40]
     sess = create_session(models / "browser_model.onnx")
     s = load_sample(tif, spec_from_metadata(read_metadata(sess)))
     feed = {"image": s.image[None], "scale": s.scale[None], "valid": s.valid[None]}

@@ -91,6 +91,13 @@ from catchment_mae.ranks import is_main_process, ranks_from_env
     "for one georeferenced band, an elevation model]",
 )
 @click.option(
+    "--slope-stats/--no-slope-stats",
+    default=None,
+    help="The mean and spread of the first band's log ground slope at its own "
+    "resolution join the scale vector (and the embedding)  [default: with the "
+    "slope channel]",
+)
+@click.option(
     "--valid-channel/--no-valid-channel",
     default=None,
     help="The encoder sees where the raster has data  [default: yes]",
