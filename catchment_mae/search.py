@@ -101,7 +101,7 @@ class Table:
         """Row ``row``'s embedding; CmaeError when it has none (a failed file)."""
         if not 0 <= row < self.rows:
             raise CmaeError(f"{self.path}: has rows 0 to {self.rows - 1}, not {row}")
-        got = self._rows([row], ["embedding", "error"])
+        got = self.values_at([row], ["embedding", "error"])
         vec = got["embedding"][0]
         if vec is None:
             raise CmaeError(
@@ -156,7 +156,7 @@ class Table:
             raise CmaeError(f"{self.path}: does not record its model; give --model")
         return self.path.parent / Path(name).name
 
-    def _rows(self, rows: list[int], columns: list[str]) -> dict[str, list[Any]]:
+    def values_at(self, rows: list[int], columns: list[str]) -> dict[str, list[Any]]:
         """Columns of the rows at ``rows`` (positions), in that order; only the
         row groups that hold them are read."""
         meta = self.pf.metadata
@@ -178,7 +178,7 @@ class Table:
         if not hits:
             return hits
         shown = [c for c in self.columns if c not in HIDDEN]
-        values = self._rows([h.row for h in hits], shown)
+        values = self.values_at([h.row for h in hits], shown)
         for i, h in enumerate(hits):
             h.values = {c: _plain(values[c][i]) for c in shown}
         return hits
@@ -328,7 +328,7 @@ def approximate(
     if bbox is not None:
         import pyarrow as pa
 
-        boxes = tab._rows(rows.tolist(), ["bbox"])["bbox"]
+        boxes = tab.values_at(rows.tolist(), ["bbox"])["bbox"]
         keep &= _meets(pa.array(boxes, table.BBOX), bbox)
     rows, sims = rows[keep], sims[keep]
     if len(rows) < min(k, tab.rows - (exclude is not None)):

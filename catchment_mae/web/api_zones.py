@@ -147,7 +147,7 @@ def zone_similar() -> Response:
     except CmaeError as e:
         raise Refused(400, f"id: {str(e).split(': ', 1)[-1]}", "id") from e
     hits = tab.describe(ranked[:k])
-    keys = tab._rows([h.row for h in ranked], ["path"])["path"]
+    keys = tab.values_at([h.row for h in ranked], ["path"])["path"]
     similarity = {p: round(h.similarity, 6) for p, h in zip(keys, ranked, strict=True)}
     similarity[key] = 1.0
     nearest_rows = [h.to_dict() for h in hits]

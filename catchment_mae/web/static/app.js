@@ -366,12 +366,18 @@ const cmae = (() => {
       }
       say("#zones-message", `started ${started.job}…`);
       for (;;) {
-        const j = await api(`/api/jobs/${started.job}`);
+        let j;
+        try {
+          j = await api(`/api/jobs/${started.job}`);
+        } catch (e) {
+          say("#zones-message", e.message, "error");
+          return;
+        }
         const p = j.progress || {};
         if (j.status === "done") {
           say("#zones-message", `${j.result.summary}: ${j.result.out}`, "ok");
           await loadTables(j.result.out);
-          await show(j.result.out);
+          await show(j.result.out).catch((e) => say("#map-message", e.message, "error"));
           return;
         }
         if (["failed", "cancelled"].includes(j.status)) {
