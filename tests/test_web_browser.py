@@ -50,6 +50,12 @@ def server(tmp_path_factory, dem_dir):
     data, models = base / "data", base / "models"
     shutil.copytree(dem_dir, data / "dems")
     models.mkdir()
+    yield from _serve(data, models)
+
+
+def _serve(data, models):
+    """The web UI over ``data`` and ``models`` on a free port, for a fixture:
+    (its URL, data, models) until the fixture ends."""
     app = create_app(data, models, allowed_hosts={"127.0.0.1", "localhost"})
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -161,12 +167,7 @@ def zones_server(tmp_path_factory, mosaic_tiles, onnx_model):
     write_zones(data / "basins.gpkg", zone_polygons())
     models.mkdir()
     shutil.copy(onnx_model, models / "m.onnx")
-    app = create_app(data, models, allowed_hosts={"127.0.0.1", "localhost"})
-    httpd = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}", data, models
-    httpd.shutdown()
+    yield from _serve(data, models)
 
 
 def test_browser__catchments_map(zones_server, page):

@@ -12,67 +12,12 @@ import click
 from catchment_mae.cli import options
 
 
-def _shard(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        k, n = (int(v) for v in value.split("/"))
-    except ValueError as e:
-        raise click.BadParameter(f"expected K/N like 2/8, got {value!r}") from e
-    if not 1 <= k <= n:
-        raise click.BadParameter(f"K must be between 1 and N, got {value!r}")
-    return k, n
-
-
 @click.command(
     "embed-dir", short_help="Embed a TIFF directory into a Parquet table (no torch)."
 )
 @click.argument("input_dir", type=click.Path(path_type=Path))
 @options.onnx_model_opt
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="The .parquet table to write.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Rasters per onnxruntime call.",
-)
-@click.option(
-    "--num-workers",
-    type=click.IntRange(min=0),
-    help="Reader processes (default: one per core; 0: read inline).",
-)
-@options.device_opt(
-    "auto", help="auto: onnxruntime's CUDA provider when it loads, else the CPU."
-)
-@click.option(
-    "--shard",
-    callback=_shard,
-    metavar="K/N",
-    help="Only this 1/N of the files (stable: sha1 of the relative path).",
-)
-@click.option(
-    "--rows-per-part",
-    type=click.IntRange(min=1),
-    default=1024,
-    show_default=True,
-    help="Rows flushed to disk at a time (at most these are lost if the machine dies).",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=600,
-    show_default=True,
-    help="Seconds one raster may take in a reader process; past it the reader is "
-    "replaced and the file gets a row saying so.",
-)
+@options.table_run_opts("raster", "the relative path")
 @options.tile_opts(
     tile_help="Embed chips of PIXELS x PIXELS (full resolution) instead of whole "
     "rasters: one row per chip with tile_row, tile_col, x0, y0, tile_width, "
@@ -105,15 +50,6 @@ def _shard(
     "(HOST:6379, ray://HOST:10001, auto). Needs the ray extra.",
 )
 @options.recursive_opt
-@click.option(
-    "--overwrite", is_flag=True, help="Start over instead of continuing an earlier run."
-)
-@click.option(
-    "--stac",
-    is_flag=True,
-    help="Also write a STAC Item beside OUT (OUT's name .stac.json): the table "
-    "with the Embedding extension's fields, the model with the MLM extension's.",
-)
 @options.json_opt
 @click.pass_context
 def embed_dir(

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from catchment_mae.cli import options
-from catchment_mae.cli.embed_dir import _shard, _total_of, report, with_bar
+from catchment_mae.cli.embed_dir import _total_of, report, with_bar
 
 
 @click.command(
@@ -39,57 +39,8 @@ from catchment_mae.cli.embed_dir import _shard, _total_of, report, with_bar
     "metadata): for basins far larger than the model's input.",
 )
 @options.onnx_model_opt
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="The .parquet table to write.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Zones per onnxruntime call.",
-)
-@click.option(
-    "--num-workers",
-    type=click.IntRange(min=0),
-    help="Reader processes (default: one per core; 0: read inline).",
-)
-@options.device_opt(
-    "auto", help="auto: onnxruntime's CUDA provider when it loads, else the CPU."
-)
-@click.option(
-    "--shard",
-    callback=_shard,
-    metavar="K/N",
-    help="Only this 1/N of the zones (stable: sha1 of the zone's id).",
-)
-@click.option(
-    "--rows-per-part",
-    type=click.IntRange(min=1),
-    default=1024,
-    show_default=True,
-    help="Rows flushed to disk at a time (at most these are lost if the machine dies).",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=600,
-    show_default=True,
-    help="Seconds one zone may take in a reader process; past it the reader is "
-    "replaced and the zone gets a row saying so.",
-)
+@options.table_run_opts("zone", "the zone's id")
 @options.recursive_opt
-@click.option(
-    "--overwrite", is_flag=True, help="Start over instead of continuing an earlier run."
-)
-@click.option(
-    "--stac",
-    is_flag=True,
-    help="Also write a STAC Item beside OUT (OUT's name .stac.json).",
-)
 @options.json_opt
 @click.pass_context
 def embed_zones(

@@ -174,3 +174,58 @@ onnx_model_opt = click.option(
     required=True,
     help="An encoder written by cmae export.",
 )
+
+
+def _shard(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError as e:
+        raise click.BadParameter(f"expected K/N like 2/8, got {value!r}") from e
+    if not 1 <= k <= n:
+        raise click.BadParameter(f"K must be between 1 and N, got {value!r}")
+    return k, n
+
+
+def table_run_opts(unit: str, shard_key: str) -> Any:
+    """The options of a run that embeds into a table (embed-dir, embed-zones),
+    spelled alike in both: ``--out``, ``--batch-size`` (``unit``s per call),
+    ``--num-workers``, ``--device``, ``--shard`` (by ``shard_key``),
+    ``--rows-per-part``, ``--timeout``, ``--overwrite``, ``--stac``."""
+    options = [
+        click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+                     required=True, help="The .parquet table to write."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32,
+                     show_default=True, help=f"{unit.capitalize()}s per onnxruntime "
+                     "call."),
+        click.option("--num-workers", type=click.IntRange(min=0),
+                     help="Reader processes (default: one per core; 0: read inline)."),
+        device_opt("auto", help="auto: onnxruntime's CUDA provider when it loads, "
+                   "else the CPU."),
+        click.option("--shard", callback=_shard, metavar="K/N",
+                     help=f"Only this 1/N of the {unit}s (stable: sha1 of "
+                     f"{shard_key})."),
+        click.option("--rows-per-part", type=click.IntRange(min=1), default=1024,
+                     show_default=True, help="Rows flushed to disk at a time (at "
+                     "most these are lost if the machine dies)."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=600, show_default=True,
+                     help=f"Seconds one {unit} may take in a reader process; past "
+                     f"it the reader is replaced and the {unit} gets a row saying so."),
+        click.option("--overwrite", is_flag=True,
+                     help="Start over instead of continuing an earlier run."),
+        click.option("--stac", is_flag=True,
+                     help="Also write a STAC Item beside OUT (OUT's name "
+                     ".stac.json): the table with the Embedding extension's "
+                     "fields, the model with the MLM extension's."),
+    ]  # fmt: skip
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
