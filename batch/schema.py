@@ -126,6 +126,7 @@ TYPES: dict[str, pa.DataType] = {
 }
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Row))
 ROW_COLUMNS = ("embedding", *ROW_FIELDS)  # a table of zones adds the zones' own
+VALID_FRACTION = "valid_fraction"  # a table of zones': 1 - nodata_fraction
 assert ROW_FIELDS == tuple(TYPES), "Row and the schema must list the same columns"
 TILE_FIELDS = ("tile_row", "tile_col", "x0", "y0", "tile_width", "tile_height")
 

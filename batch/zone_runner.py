@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catchment_mae.batch import schema as table
 from catchment_mae.batch.mapper import Mapper
@@ -206,9 +207,9 @@ class ChipMean:
 
 
 def zone_columns(zones: ZoneFile) -> Callable[[pa.Table], pa.Table]:
-    """What adds the zones file's own columns to the merged rows (by key), and
-    says in its GeoParquet metadata that geometries are polygons or
-    multipolygons."""
+    """What adds ``valid_fraction`` and the zones file's own columns to the
+    merged rows (by key), and says in its GeoParquet metadata that geometries
+    are polygons or multipolygons."""
     position = {k: i for i, k in enumerate(zones.keys)}
 
     def add(result: pa.Table) -> pa.Table:
@@ -216,6 +217,12 @@ def zone_columns(zones: ZoneFile) -> Callable[[pa.Table], pa.Table]:
             [position[k] for k in result.column("path").to_pylist()], pa.int64()
         )
         attributes = zones.attributes.take(take)
+        # The share of the polygon's pixels with data (nodata_fraction's
+        # complement), as users of zonal statistics look for it.
+        nodata = result.column("nodata_fraction")
+        result = result.append_column(
+            table.VALID_FRACTION, pc.subtract(pa.scalar(1.0, pa.float32()), nodata)
+        )
         for name in attributes.column_names:
             column = attributes.column(name)
             if isinstance(column.type, pa.ExtensionType):

@@ -126,6 +126,8 @@ def test_zone_rows_carry_the_zones_columns_polygon_and_reasons(zoned):
     assert rows["corner"]["pixel_size_x"] == PIXEL
     # Every pixel inside the polygon has data: nothing missing.
     assert rows["corner"]["nodata_fraction"] == 0.0
+    assert rows["corner"]["valid_fraction"] == 1.0
+    assert rows["outside"]["valid_fraction"] is None
     meta = t.schema.metadata
     geo = json.loads(meta[b"geo"])
     assert "MultiPolygon" in geo["columns"]["geometry"]["geometry_types"]

@@ -156,7 +156,8 @@ def zone_similar() -> Response:
     recorded = json.loads(tab.metadata.get(table.ZONES) or "{}")
     own = [  # the zones' own columns, their id apart (it is the path)
         c for c in tab.columns
-        if c not in table.ROW_COLUMNS and c != recorded.get("id")
+        if c not in (*table.ROW_COLUMNS, table.VALID_FRACTION)
+        and c != recorded.get("id")
     ]  # fmt: skip
     return jsonify(id=key, similarity=similarity, nearest=nearest_rows, columns=own)
 
