@@ -154,3 +154,15 @@ def test_catchments_page_renders(served):
     for needed in ('id="zones-form"', 'id="map"', "leaflet/leaflet.js"):
         assert needed in html
     assert client.get("/static/leaflet/leaflet.js").status_code == 200
+
+
+def test_a_zones_file_over_the_limit_is_refused(served, monkeypatch):
+    from catchment_mae.web import api_zones
+
+    client = served[0]
+    monkeypatch.setattr(api_zones, "MAX_ZONES_MB", 0)
+    job = {"zones": "basins.gpkg", "rasters": "tiles", "model_path": "m.onnx",
+           "name": "big"}  # fmt: skip
+    r = client.post("/api/embed-zones", json=job, headers=SAME_ORIGIN)
+    assert r.status_code == 400 and r.json["field"] == "zones"
+    assert "larger than 0 MB" in r.json["message"]

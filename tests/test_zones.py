@@ -533,3 +533,21 @@ def test_overlapping_tiles_with_nodata_edges_fill_each_other(
     want = table_by_path(zoned[1])["corner"]
     assert got["nodata_fraction"] == want["nodata_fraction"] == 0.0
     assert cosine(got["embedding"], want["embedding"]) > 0.99999
+
+
+def test_a_tile_that_cannot_be_read_is_left_out_with_a_warning(
+    tmp_path, tiles, onnx_model, caplog
+):
+    """A damaged file among the tiles: said once, and the zones over the
+    others embed."""
+    import shutil
+
+    folder = tmp_path / "tiles"
+    shutil.copytree(tiles, folder)
+    (folder / "broken.tif").write_bytes(b"II*\x00" + b"\xff" * 60)
+    zones = write_zones(tmp_path / "z.gpkg", {"inside": ZONES["inside"]})
+    s = embed_zones(folder, zones, onnx_model, tmp_path / "z.parquet",
+                    id_column="gauge", num_workers=0)  # fmt: skip
+    assert (s.embedded, s.failed) == (1, 0)
+    said = [r.getMessage() for r in caplog.records if "broken.tif" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("not read as a tile: broken.tif: ")

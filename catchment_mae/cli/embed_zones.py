@@ -74,9 +74,10 @@ def embed_zones(
 
     Rows: embed-dir's columns (path: the zone's id; geometry: its polygon in
     OGC:CRS84; nodata_fraction: the share of its pixels without data), then
-    valid_fraction and the zones' own columns. Zones that cannot be read (outside the rasters,
-    too small) get a row with the reason in `error`. Running the same command
-    again continues: zones with an unchanged polygon are kept.
+    valid_fraction and the zones' own columns. Zones that cannot be read
+    (outside the rasters, too small) get a row with the reason in `error`.
+    Running the same command again continues: zones with an unchanged polygon
+    are kept.
 
     \b
     Examples:

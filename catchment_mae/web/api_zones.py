@@ -26,6 +26,9 @@ ZONES_FIELDS = ("rasters", "zones", "model_path", "id", "name", "overwrite")
 # cannot be read through one descriptor; convert it, or use the command).
 ZONE_SUFFIXES = (".gpkg", ".geojson", ".json", ".fgb", ".parquet")
 MAP_ZONES = 20_000  # polygons a map shows at most
+# A zones file a job may read (all its polygons are held at once): HydroBASINS'
+# finest level for a continent is about 200 MB as a GeoPackage.
+MAX_ZONES_MB = 512
 MAX_K = 1000
 
 
@@ -42,6 +45,11 @@ def start_embed_zones() -> tuple[Response, int]:
             f"{values.get('zones')!r}",
             "zones",
         )
+    if zones.stat().st_size > MAX_ZONES_MB << 20:
+        raise Refused(
+            400, f"zones: larger than {MAX_ZONES_MB} MB (split it, or use the "
+            "command)", "zones",
+        )  # fmt: skip
     model = common.model_path(values, {".onnx"})
     id_column = str(values.get("id") or "").strip() or None
     out = table_output(common.name(values, "name"))
