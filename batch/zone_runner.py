@@ -123,14 +123,8 @@ def start_zone_run(
     chips: int | None = None,
 ) -> Run:
     """What an embed-zones run starts from (runner.start_run's counterpart)."""
-    root = source.parent if source.is_file() else source
     fence = Path(within) if within is not None else None
-    grids, skipped = mosaic(root, recursive and source.is_dir(), fence)
-    if source.is_file():  # one raster: its grid alone
-        name = source.name
-        grids = [g for g in grids if any(t.rel == name for t in g.tiles)]
-        for g in grids:
-            g.tiles = [t for t in g.tiles if t.rel == name]
+    grids, skipped = mosaic(source, recursive, fence)
     for line in skipped:
         log.warning("not read as a tile: %s", line)
     real = zones.path.resolve()  # a descriptor's /proc path: the file's own

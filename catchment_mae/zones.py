@@ -273,18 +273,22 @@ class Grid:
 
 
 def mosaic(
-    root: Path, recursive: bool = True, within: Path | None = None
+    source: Path, recursive: bool = True, within: Path | None = None
 ) -> tuple[list[Grid], list[str]]:
-    """The grids of the TIFFs under ``root`` (their headers only), most tiles
-    first, and one line for each file that cannot take part (no
-    georeferencing, a rotated grid, an unreadable header).
+    """The grids of the TIFFs under the folder ``source`` (or of the one TIFF
+    ``source``) from their headers, most tiles first, tiles named relative to
+    the folder (the TIFF's); and one line for each file that cannot take part
+    (no georeferencing, a rotated grid, an unreadable header).
 
     Raises:
         NoInputError: no georeferenced TIFF there.
     """
     grids: list[Grid] = []
     skipped: list[str] = []
-    for path in find_tiffs(root, recursive, within=within):
+    one = source.is_file()
+    root = source.parent if one else source
+    paths = [source] if one else find_tiffs(root, recursive, within=within)
+    for path in paths:
         rel = path.relative_to(root).as_posix()
         try:
             height, width, _, geo = header(path, within)
@@ -305,6 +309,9 @@ def mosaic(
                 break
         else:
             grids.append(Grid(geo.crs, geo, [Tile(rel, 0, 0, width, height)]))
+    if not grids and one:
+        why = skipped[0].split(": ", 1)[-1] if skipped else "not a georeferenced TIFF"
+        raise NoInputError(f"{source}: {why}")
     if not grids:
         raise NoInputError(f"{root}: no georeferenced .tif/.tiff files found")
     return sorted(grids, key=lambda g: -len(g.tiles)), skipped
