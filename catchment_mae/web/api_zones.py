@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from catchment_mae.batch import schema
 from catchment_mae.errors import CmaeError
 from catchment_mae.web import common
 from catchment_mae.web.api_embed import table_output, table_work
@@ -89,7 +90,7 @@ def zone_tables() -> Response:
                 meta = _open(root, path).metadata
             except Refused:
                 continue
-            if "zones" in meta:
+            if schema.ZONES in meta:
                 found.append(path.relative_to(root).as_posix())
     return jsonify(tables=found)
 
@@ -106,14 +107,14 @@ def zone_map() -> Response:
         raise Refused(
             400, f"table: {tab.rows} zones, a map shows at most {MAP_ZONES}", "table"
         )
-    t = tab.pf.read()
     plain = [
         f.name
-        for f in t.schema
+        for f in tab.pf.schema_arrow
         if f.name not in ("embedding", "geometry", "bbox")
         and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
              or pa.types.is_string(f.type) or pa.types.is_boolean(f.type))
     ]  # fmt: skip
+    t = tab.pf.read(columns=[*plain, "geometry"])  # not the embeddings
     columns = {name: t.column(name).to_pylist() for name in plain}
     geometries = t.column("geometry").to_pylist()
     features = []
@@ -137,7 +138,6 @@ def zone_similar() -> Response:
     """Every embedded zone's cosine similarity to zone ``id`` (for the map's
     colours) and the ``k`` most similar others with their columns; with
     ``format=csv``, those k as a CSV download."""
-    from catchment_mae.batch import schema as table
     from catchment_mae.search import nearest
 
     tab = _table()
@@ -161,10 +161,10 @@ def zone_similar() -> Response:
     nearest_rows = [h.to_dict() for h in hits]
     if request.args.get("format") == "csv":
         return _csv(nearest_rows, f"like-{key}.csv")
-    recorded = json.loads(tab.metadata.get(table.ZONES) or "{}")
+    recorded = json.loads(tab.metadata.get(schema.ZONES) or "{}")
     own = [  # the zones' own columns, their id apart (it is the path)
         c for c in tab.columns
-        if c not in (*table.ROW_COLUMNS, table.VALID_FRACTION)
+        if c not in (*schema.ROW_COLUMNS, schema.VALID_FRACTION)
         and c != recorded.get("id")
     ]  # fmt: skip
     return jsonify(id=key, similarity=similarity, nearest=nearest_rows, columns=own)
@@ -184,7 +184,6 @@ def _open(root: Path, path: Path) -> Any:
     it is a table of zones."""
     import pyarrow.parquet as pq
 
-    from catchment_mae.batch import schema as table
     from catchment_mae.search import Table
 
     fd = open_inside(root, path, "table")
@@ -195,7 +194,7 @@ def _open(root: Path, path: Path) -> Any:
     names = pf.schema_arrow.names
     if "embedding" not in names or "geometry" not in names:
         raise Refused(400, "table: not an embeddings table", "table")
-    return Table(path, pf, table.key_values(pf.schema_arrow))
+    return Table(path, pf, schema.key_values(pf.schema_arrow))
 
 
 def _json_value(value: Any) -> Any:
