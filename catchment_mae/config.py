@@ -23,8 +23,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catchment_mae.budget import DEFAULT_MAX_MEMORY_MB
 from catchment_mae.errors import ConfigError, ModelLoadError
-from catchment_mae.preprocess import SCALE_MODES, PreprocessSpec, scale_length
+from catchment_mae.preprocess import (
+    RESIZE_RULE,
+    SCALE_EPS,
+    SCALE_MODES,
+    PreprocessSpec,
+    scale_length,
+)
+from catchment_mae.raster import DEFAULT_MAX_PIXELS
 
 POOLS = ("cls", "mean")
 
@@ -47,7 +55,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 # The one resize rule (see preprocess.resize_weights); recorded so that a later
 # version can add another and still read old files.
-RESIZE_RULES = ("valid-weighted-antialias-triangle",)
+RESIZE_RULES = (RESIZE_RULE,)
 
 
 @dataclass
@@ -77,7 +85,7 @@ class TrainConfig:
     # pixels: log(H, W + eps); ground: in metres; none: zeros; auto: ground where
     # every raster is georeferenced, pixels otherwise.
     scale: str = AUTO
-    scale_eps: float = 1e-6
+    scale_eps: float = SCALE_EPS
     trim: bool = True  # crop border rows/columns without a valid pixel
     scale_stats: bool = True  # valid share, band means and spreads in the scale vector
     # The first band's ground slope as one more channel; None: for one georeferenced
@@ -92,8 +100,8 @@ class TrainConfig:
     scale_mean: list[float] | None = None
     scale_std: list[float] | None = None
     resize: str = RESIZE_RULES[0]
-    max_pixels: int = 100_000_000
-    max_memory_mb: int = 1024  # what one raster may take while read (raster.py)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB  # one raster's, while read (budget.py)
     recursive: bool = True
     # Decode-once cache of resampled rasters (catchment_mae.cache): None puts it
     # in the user's cache directory ($CMAE_CACHE_DIR, else $XDG_CACHE_HOME/cmae).

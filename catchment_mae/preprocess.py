@@ -54,6 +54,7 @@ from catchment_mae.raster import (
 )
 
 RESIZE_RULE = "valid-weighted-antialias-triangle"
+SCALE_EPS = 1e-6  # in log(extent + eps): no log(0) for an empty side
 # A raster whose values lie this many of the training data's stds from its mean
 # (or spread this many times wider) is not data of the kind a model knows: a
 # float32 DEM whose header byte flipped holds 1e38, a mis-scaled one 1e16, an
@@ -110,7 +111,7 @@ class PreprocessSpec:
     norm_mean: tuple[float, ...] | None = None
     norm_std: tuple[float, ...] | None = None
     scale: str = "pixels"  # one of SCALE_MODES
-    scale_eps: float = 1e-6
+    scale_eps: float = SCALE_EPS
     bands: tuple[int, ...] | None = None
     nodata: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
