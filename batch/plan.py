@@ -76,7 +76,7 @@ class Plan:
 
     def where(self) -> str:
         """`` in shard K/N`` or nothing, for messages."""
-        return f" in shard {self.shard[0]}/{self.shard[1]}" if self.shard else ""
+        return shard_text(self.shard)
 
     def nothing_listed(self) -> str:
         """Why a run that listed nothing stops."""
@@ -89,6 +89,11 @@ def check_input(root: Path) -> None:
         raise NoInputError(f"{root}: input directory does not exist")
     if not root.is_dir():
         raise NoInputError(f"{root}: not a directory")
+
+
+def shard_text(shard: tuple[int, int] | None) -> str:
+    """`` in shard K/N`` or nothing, for messages."""
+    return f" in shard {shard[0]}/{shard[1]}" if shard else ""
 
 
 def in_shard(rel_path: str, shard: tuple[int, int] | None) -> bool:
@@ -186,7 +191,7 @@ class ZonePlan:
         return sum(k not in self.done for k in keys)
 
     def where(self) -> str:
-        return f" in shard {self.shard[0]}/{self.shard[1]}" if self.shard else ""
+        return shard_text(self.shard)
 
     def nothing_listed(self) -> str:
         return f"{self.zones.path}: no zones{self.where()}"
