@@ -22,7 +22,7 @@ from catchment_mae import __version__
 from catchment_mae.batch import schema as table
 from catchment_mae.batch.ring import SlotRing
 from catchment_mae.io import sha256_file
-from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec
+from catchment_mae.preprocess import VALID_LEVELS
 from catchment_mae.runtime import (
     CUDA,
     ONNX_FORMAT_VERSION,
@@ -33,6 +33,7 @@ from catchment_mae.runtime import (
     session_providers,
     spec_from_metadata,
 )
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.workers import failure_reason
 
 log = logging.getLogger(__name__)

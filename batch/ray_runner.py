@@ -51,7 +51,7 @@ from catchment_mae.chips import Chip
 from catchment_mae.errors import CmaeError
 from catchment_mae.interrupt import sigterm_as_interrupt
 from catchment_mae.io import check_writable, text_path
-from catchment_mae.preprocess import PreprocessSpec
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.workers import READ_TIMEOUT, ReaderPool, failure_reason
 
 log = logging.getLogger(__name__)

@@ -35,14 +35,9 @@ from catchment_mae.batch.schema import Row
 from catchment_mae.chips import Chip
 from catchment_mae.errors import BadRasterError
 from catchment_mae.geo import Footprint, footprint
-from catchment_mae.preprocess import (
-    PreprocessSpec,
-    check_in_range,
-    load_resampled,
-    normalise,
-    resample,
-)
+from catchment_mae.preprocess import check_in_range, load_resampled, normalise, resample
 from catchment_mae.raster import check_file
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.workers import ReaderPool, failure_reason, preload
 from catchment_mae.zone_reader import read_zone
 from catchment_mae.zones import Zone

@@ -42,7 +42,7 @@ from pathlib import Path
 from fake_reads import fake_build  # benchmarks/, the script's own folder
 from feed import fresh_run
 
-from catchment_mae.preprocess import PreprocessSpec
+from catchment_mae.spec import PreprocessSpec
 
 SPEC = PreprocessSpec(image_size=224, in_chans=1, norm="per-raster")
 

@@ -71,12 +71,8 @@ import numpy as np
 # (d)'s pool processes import this file as their __main__ (Python's way; cmae's
 # own readers do not): no torch at its top level, so they start as fast.
 from catchment_mae.geo import footprint
-from catchment_mae.preprocess import (
-    PreprocessSpec,
-    load_resampled,
-    load_sample,
-    normalise,
-)
+from catchment_mae.preprocess import load_resampled, load_sample, normalise
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.synth import generate_dems
 from catchment_mae.workers import limit_worker_threads, start_context
 

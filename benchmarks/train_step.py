@@ -35,7 +35,8 @@ from torch import nn
 
 from catchment_mae.config import TrainConfig
 from catchment_mae.model import build_model, build_vit
-from catchment_mae.preprocess import PreprocessSpec, load_sample
+from catchment_mae.preprocess import load_sample
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.synth import generate_dems
 from catchment_mae.workers import limit_worker_threads
 

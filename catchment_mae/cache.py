@@ -58,8 +58,9 @@ from catchment_mae.io import (
     opened_inside,
     text_path,
 )
-from catchment_mae.preprocess import PreprocessSpec, Resampled
+from catchment_mae.preprocess import Resampled
 from catchment_mae.shard_rows import ShardTarget, forget
+from catchment_mae.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 

@@ -25,19 +25,20 @@ from typing import Any
 
 from catchment_mae.budget import DEFAULT_MAX_MEMORY_MB
 from catchment_mae.errors import ConfigError, ModelLoadError
-from catchment_mae.preprocess import (
+from catchment_mae.raster import DEFAULT_MAX_PIXELS
+from catchment_mae.spec import (
+    AUTO,
     RESIZE_RULE,
     SCALE_EPS,
-    SCALE_MODES,
     PreprocessSpec,
+    SpecError,
+    check_settings,
+    fields_of_spec,
     scale_length,
 )
-from catchment_mae.raster import DEFAULT_MAX_PIXELS
 
 POOLS = ("cls", "mean")
 
-NORM_MODES = ("fixed", "per-raster")
-AUTO = "auto"
 FORMAT_VERSION = 3
 # What a format-2 NAME.json meant by the keys it did not have yet.
 FORMAT_2: dict[str, Any] = {"slope_stats": False}
@@ -53,9 +54,6 @@ FORMAT_1: dict[str, Any] = {
 }
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
-# The one resize rule (see preprocess.resize_weights); recorded so that a later
-# version can add another and still read old files.
-RESIZE_RULES = (RESIZE_RULE,)
 
 
 @dataclass
@@ -99,7 +97,9 @@ class TrainConfig:
     # from the data (with scale_stats), else none (0 and 1).
     scale_mean: list[float] | None = None
     scale_std: list[float] | None = None
-    resize: str = RESIZE_RULES[0]
+    # The one resize rule (preprocess.resize_weights); recorded so that a later
+    # version can add another and still read old files.
+    resize: str = RESIZE_RULE
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_memory_mb: int = DEFAULT_MAX_MEMORY_MB  # one raster's, while read (budget.py)
     recursive: bool = True
@@ -170,6 +170,12 @@ class TrainConfig:
         """Raises ConfigError naming the first offending key."""
         _check_types(self)
         self._check_choices()
+        try:  # the preprocessing settings keep the spec's rules (spec.py)
+            check_settings(
+                {name: getattr(self, name) for name in fields_of_spec()}, later=True
+            )
+        except SpecError as e:
+            raise ConfigError(str(e), key=e.key) from None
         self._check_scale()
         _check_bounds(self)
         if self.cache_dir is not None and not str(self.cache_dir).strip():
@@ -181,12 +187,6 @@ class TrainConfig:
         if self.tile_stride is not None and self.tile is None:
             raise ConfigError(
                 "tile_stride (--stride) needs tile (--tile)", key="tile_stride"
-            )
-        self._check_bands()
-        _check_norm(self.norm_mean, self.norm_std, self.in_chans)
-        if self.nodata is not None and math.isinf(self.nodata):
-            raise ConfigError(
-                "nodata must be a number (NaN and inf are always nodata)", key="nodata"
             )
         if self.lr is not None and not 0 < self.lr < math.inf:
             raise ConfigError(f"lr must be > 0 and finite, got {self.lr}", key="lr")
@@ -202,10 +202,8 @@ class TrainConfig:
             )
 
     def _check_choices(self) -> None:
-        """Keys that take one of a few values, and the format version."""
-        if self.norm is not None:
-            _choice("norm", self.norm, NORM_MODES)
-        _choice("scale", self.scale, (AUTO, *SCALE_MODES))
+        """Keys that take one of a few values (the preprocessing ones aside),
+        and the format version."""
         _choice("pool", self.pool, POOLS)
         if self.format_version not in (1, 2, FORMAT_VERSION):
             raise ConfigError(
@@ -215,21 +213,9 @@ class TrainConfig:
             )
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
-        _choice("resize", self.resize, RESIZE_RULES)
 
     def _check_scale(self) -> None:
-        """The scale input: what the slope channel needs, the scale vector's
-        centre and spread against its length."""
-        if self.slope_channel and self.scale in ("pixels", "none"):
-            raise ConfigError(
-                f"slope_channel needs slopes on the ground: scale ground (or auto), "
-                f"not {self.scale}",
-                key="slope_channel",
-            )
-        if self.slope_stats and self.slope_channel is False:
-            raise ConfigError(
-                "slope_stats needs the slope channel (slope_channel)", key="slope_stats"
-            )
+        """The scale vector's centre and spread against its length."""
         _pair(self.scale_mean, self.scale_std, "scale_mean", "scale_std")
         if self.scale_mean is None or self.scale_std is None:
             return
@@ -250,20 +236,6 @@ class TrainConfig:
             )
         if not all(math.isfinite(v) and v > 0 for v in self.scale_std):
             raise ConfigError("scale_std values must be > 0", key="scale_std")
-
-    def _check_bands(self) -> None:
-        if self.bands is None:
-            return
-        if not self.bands or any(b < 1 for b in self.bands):
-            raise ConfigError(
-                f"bands are 1-based band numbers, got {self.bands}", key="bands"
-            )
-        if self.in_chans is not None and len(self.bands) != self.in_chans:
-            raise ConfigError(
-                f"bands selects {len(self.bands)} bands but in_chans is "
-                f"{self.in_chans}",
-                key="bands",
-            )
 
     @property
     def resolved(self) -> bool:
@@ -445,41 +417,10 @@ def _check_bounds(cfg: Any) -> None:
         below = value <= high if high_in else value < high
         if not (above and below):
             raise ConfigError(f"{key} must be in {said}, got {value}", key=key)
-    if not cfg.scale_eps > 0:
-        raise ConfigError(
-            f"scale_eps must be > 0, got {cfg.scale_eps}", key="scale_eps"
-        )
     for key in ("blr", "weight_decay", "warmup_epochs", "min_lr"):
         if not 0 <= getattr(cfg, key) < math.inf:
             raise ConfigError(
                 f"{key} must be >= 0 and finite, got {getattr(cfg, key)}", key=key
-            )
-
-
-def _check_norm(
-    mean: list[float] | None, std: list[float] | None, in_chans: int | None
-) -> None:
-    """Fixed normalisation's mean and std: given together, one value a channel,
-    std > 0, all finite."""
-    _pair(mean, std, "norm_mean", "norm_std")
-    if mean is None or std is None:
-        return
-    if len(mean) != len(std):
-        raise ConfigError(
-            f"norm_mean has {len(mean)} values, norm_std {len(std)}", key="norm_mean"
-        )
-    if in_chans is not None and len(mean) != in_chans:
-        raise ConfigError(
-            f"norm_mean/norm_std have {len(mean)} values but in_chans is {in_chans}",
-            key="norm_mean",
-        )
-    for i, s in enumerate(std):
-        if not (math.isfinite(s) and s > 0):
-            raise ConfigError(f"norm_std[{i}] must be > 0, got {s}", key="norm_std")
-    for i, m in enumerate(mean):
-        if not math.isfinite(m):
-            raise ConfigError(
-                f"norm_mean[{i}] must be finite, got {m}", key="norm_mean"
             )
 
 

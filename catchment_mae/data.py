@@ -21,7 +21,8 @@ from torch.utils.data import Dataset, Sampler
 
 from catchment_mae.cache import Entry
 from catchment_mae.errors import BadRasterError
-from catchment_mae.preprocess import PreprocessSpec, load_resampled, norm_coefficients
+from catchment_mae.preprocess import load_resampled, norm_coefficients
+from catchment_mae.spec import PreprocessSpec
 
 
 class Batch(TypedDict, total=False):

@@ -31,11 +31,8 @@ from catchment_mae.data import (
 from catchment_mae.errors import ConfigError
 from catchment_mae.pass_thread import PassInThread
 from catchment_mae.prepare import Prepared
-from catchment_mae.preprocess import (
-    VALID_LEVELS,
-    PreprocessSpec,
-    norm_refusal,
-)
+from catchment_mae.preprocess import VALID_LEVELS, norm_refusal
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.workers import limit_worker_threads, start_context
 
 log = logging.getLogger(__name__)

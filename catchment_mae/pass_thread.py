@@ -16,7 +16,7 @@ from typing import Any
 from catchment_mae.cache import Entry, SampleCache
 from catchment_mae.errors import NoInputError
 from catchment_mae.prepare import Item, PassStopped, Prepared, prepare
-from catchment_mae.preprocess import PreprocessSpec
+from catchment_mae.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 

@@ -54,13 +54,13 @@ from catchment_mae.errors import (
 from catchment_mae.preprocess import (
     ALL_NODATA,
     OUTLIER_FACTOR,
-    PreprocessSpec,
     load_resampled,
     norm_peaks,
     norm_refusal_reason,
 )
 from catchment_mae.raster import image_size
 from catchment_mae.shard_rows import ShardTarget, write_row
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.stats import ScanResult, usable_std
 from catchment_mae.warmup import warming_up
 from catchment_mae.workers import ReaderPool, failure_reason, preload

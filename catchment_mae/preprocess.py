@@ -1,7 +1,7 @@
 """The one path from a raster to model input; training and embedding both call it.
 
-Steps (every choice is a field of :class:`PreprocessSpec`, recorded in ``NAME.json``
-and, later, in the ONNX metadata):
+Steps (every choice is a field of :class:`~catchment_mae.spec.PreprocessSpec`,
+recorded in ``NAME.json`` and, later, in the ONNX metadata):
 
 1. read the TIFF (:func:`catchment_mae.raster.read_raster`): bands, validity mask;
    with ``trim``, the border rows and columns without a valid pixel are cropped;
@@ -35,35 +35,27 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from catchment_mae.errors import BadRasterError, band_mismatch
 from catchment_mae.raster import (
     ALL_NODATA,
-    DEFAULT_MAX_MEMORY_MB,
-    DEFAULT_MAX_PIXELS,
     MIN_PIXELS,
     Raster,
     RasterInfo,
     ground_extent_m,
     read_raster,
 )
+from catchment_mae.spec import PreprocessSpec
 
-RESIZE_RULE = "valid-weighted-antialias-triangle"
-SCALE_EPS = 1e-6  # in log(extent + eps): no log(0) for an empty side
 # A raster whose values lie this many of the training data's stds from its mean
 # (or spread this many times wider) is not data of the kind a model knows: a
 # float32 DEM whose header byte flipped holds 1e38, a mis-scaled one 1e16, an
 # overview whose nodata the tag does not match -1.3e30. Training leaves such a
 # raster out (one turned the loss into NaN); embedding refuses it with a reason.
 OUTLIER_FACTOR = 1000.0
-# The scale input: the raster's size in pixels, its extent in metres, or nothing
-# (zeros: the ablation that trains the same model without it).
-SCALE_MODES = ("pixels", "ground", "none")
 NODATA_POLICY = (
     "nodata: GDAL_NODATA tag, user nodata, NaN/inf, alpha=0, internal mask=0; "
     "a pixel is invalid when any selected band is; invalid pixels are excluded "
@@ -75,124 +67,11 @@ NODATA_POLICY = (
 # travels (embed-dir's shared memory) and is cached (training) as uint8 without
 # changing: every path sees the same weights.
 VALID_LEVELS = 255
-# Fields of PreprocessSpec that shape a resampled raster (not its normalisation):
-# the training cache's key.
-RESAMPLE_FIELDS = (
-    "image_size", "bands", "nodata", "max_pixels", "max_memory_mb", "scale",
-    "scale_eps", "resize", "trim", "scale_stats", "slope_channel", "slope_stats",
-)  # fmt: skip
 # The slope channel: log10 of the ground slope (m/m, at least 1e-4), centred on a
 # slope of 0.1 and spread so that 0.001 to 10 m/m span about -3 to +3.
 SLOPE_FLOOR = 1e-4
 SLOPE_CENTRE = -1.0
 SLOPE_SPREAD = 0.7
-
-
-def scale_length(scale_stats: bool, bands: int, slope_stats: bool) -> int:
-    """The scale vector's length: the two extents; with ``scale_stats`` the
-    valid share and each band's mean, std and log std; with ``slope_stats``
-    the slope's mean and std (step 4)."""
-    return 2 + (1 + 3 * bands if scale_stats else 0) + (2 if slope_stats else 0)
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How a raster becomes model input. Built by ``TrainConfig.preprocess_spec``
-    or from ONNX metadata.
-
-    ``in_chans`` None accepts any band count, and ``norm_mean``/``norm_std`` may be
-    None until they are computed from the data (training's first pass); a fixed
-    normalisation without them fails when it is applied.
-    """
-
-    image_size: int
-    in_chans: int | None
-    norm: str = "fixed"  # "fixed" | "per-raster"
-    norm_mean: tuple[float, ...] | None = None
-    norm_std: tuple[float, ...] | None = None
-    scale: str = "pixels"  # one of SCALE_MODES
-    scale_eps: float = SCALE_EPS
-    bands: tuple[int, ...] | None = None
-    nodata: float | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB
-    resize: str = RESIZE_RULE
-    # Crop the rows and columns that hold no valid pixel before resizing: a
-    # catchment's input (and its extent in the scale vector) then does not
-    # depend on the nodata around its outline. False: models from before it.
-    trim: bool = False
-    # The raster's valid share and each band's level and spread join the scale
-    # vector (step 4); False: the two extents alone, as models from before it.
-    scale_stats: bool = False
-    # One more input channel: the first band's ground slope (needs ``scale``
-    # "ground"; an elevation band).
-    slope_channel: bool = False
-    # The mean and std of that slope's log10 at the resolution read join the
-    # scale vector (needs ``slope_channel``); False: models from before it.
-    slope_stats: bool = False
-
-    def __post_init__(self) -> None:
-        if self.resize != RESIZE_RULE:
-            raise ValueError(f"resize must be {RESIZE_RULE!r}, got {self.resize!r}")
-        if self.norm not in ("fixed", "per-raster"):
-            raise ValueError(f"norm must be fixed or per-raster, got {self.norm!r}")
-        if self.scale not in SCALE_MODES:
-            raise ValueError(
-                f"scale must be {', '.join(SCALE_MODES)}, got {self.scale!r}"
-            )
-        if (self.norm_mean is None) != (self.norm_std is None):
-            raise ValueError("norm_mean and norm_std must be given together")
-        if self.norm_mean is not None and self.norm_std is not None:
-            n = len(self.norm_mean)
-            if len(self.norm_std) != n or (
-                self.in_chans is not None and n != self.in_chans
-            ):
-                raise ValueError(
-                    f"norm_mean/norm_std need {self.in_chans} values, got "
-                    f"{len(self.norm_mean)}/{len(self.norm_std)}"
-                )
-            if any(not s > 0 for s in self.norm_std):
-                raise ValueError(f"norm_std values must be > 0, got {self.norm_std}")
-        if self.slope_channel and self.scale != "ground":
-            raise ValueError("slope_channel needs scale 'ground' (slopes in metres)")
-        if self.slope_stats and not self.slope_channel:
-            raise ValueError("slope_stats needs slope_channel")
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> PreprocessSpec:
-        """Takes the matching keys of a mapping (ONNX metadata, a config dict)."""
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in data.items() if k in names}
-        for key in ("norm_mean", "norm_std", "bands"):
-            if kw.get(key) is not None:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for key in ("norm_mean", "norm_std", "bands"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        return d
-
-    @property
-    def channels(self) -> int | None:
-        """Channels of the model input: the bands, and the slope channel."""
-        if self.in_chans is None:
-            return None
-        return self.in_chans + int(self.slope_channel)
-
-    @property
-    def scale_dim(self) -> int | None:
-        """Length of the scale vector (None while the band count is unknown)."""
-        if self.scale_stats and self.in_chans is None:
-            return None
-        return scale_length(self.scale_stats, self.in_chans or 0, self.slope_stats)
-
-    def resample_key(self) -> dict[str, Any]:
-        """The fields that decide a :class:`Resampled` raster (the cache key)."""
-        d = self.to_dict()
-        return {k: d[k] for k in RESAMPLE_FIELDS}
 
 
 @dataclass

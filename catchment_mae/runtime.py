@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from catchment_mae.errors import CmaeError
-from catchment_mae.preprocess import PreprocessSpec
+from catchment_mae.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,10 @@ from catchment_mae.config import TrainConfig
 from catchment_mae.errors import BadRasterError, ExportError
 from catchment_mae.io import atomic_output, check_writable, sha256_file
 from catchment_mae.model import Embedder, ScaleAwareMAE, embedder, load_model
-from catchment_mae.preprocess import NODATA_POLICY, PreprocessSpec, load_sample
+from catchment_mae.preprocess import NODATA_POLICY, load_sample
 from catchment_mae.raster import find_tiffs
 from catchment_mae.runtime import ONNX_FORMAT_VERSION, MetaKey, create_session
+from catchment_mae.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ from catchment_mae.batch.plan import relative
 from catchment_mae.batch.reader import Reader
 from catchment_mae.batch.ring import SEGMENT_PREFIX, SlotRing
 from catchment_mae.batch.runner import batch_rows
-from catchment_mae.preprocess import VALID_LEVELS, PreprocessSpec, load_sample
+from catchment_mae.preprocess import VALID_LEVELS, load_sample
 from catchment_mae.raster import find_tiffs
 from catchment_mae.runtime import CUDA
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.workers import ReaderPool
 from tests.conftest import copies_of, start_cmae
 

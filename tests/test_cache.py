@@ -17,8 +17,9 @@ from catchment_mae.data import CachedDataset, EpochSampler, RasterDataset, colla
 from catchment_mae.errors import CmaeError
 from catchment_mae.loaders import make_loader, to_model_input
 from catchment_mae.prepare import prepare
-from catchment_mae.preprocess import ALL_NODATA, PreprocessSpec, load_sample
+from catchment_mae.preprocess import ALL_NODATA, load_sample
 from catchment_mae.raster import find_tiffs
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.stats import scan
 from tests.conftest import python_out
 
@@ -105,7 +106,7 @@ def test_prepare__pyarrow_imports_pandas_beside_the_readers(dem_dir, tmp_path):
         "            seen.append(threading.current_thread().name)\n"
         "sys.meta_path.insert(0, Hook())\n"
         "from catchment_mae.prepare import prepare\n"
-        "from catchment_mae.preprocess import PreprocessSpec\n"
+        "from catchment_mae.spec import PreprocessSpec\n"
         "from catchment_mae.raster import find_tiffs\n"
         "spec = PreprocessSpec(image_size=32, in_chans=1, norm='per-raster')\n"
         f"r = prepare(find_tiffs({str(dem_dir)!r}), spec,\n"

@@ -106,7 +106,8 @@ def test_stats__one_raster_cannot_decide_the_statistics(runner, tmp_path, dem_di
 def test_stats__reads_the_pixels_training_reads(runner, tmp_path):
     """A raster with overviews: cmae stats gives the figures training computes
     (the overview of at least the model's size, not the full image)."""
-    from catchment_mae.preprocess import PreprocessSpec, load_resampled
+    from catchment_mae.preprocess import load_resampled
+    from catchment_mae.spec import PreprocessSpec
 
     path = tmp_path / "cog.tif"
     with tifffile.TiffWriter(path) as tw:

@@ -8,6 +8,7 @@ import pytest
 
 from catchment_mae.config import TrainConfig
 from catchment_mae.errors import ConfigError
+from catchment_mae.spec import PreprocessSpec
 from tests.conftest import DATA
 
 SEED_CONFIG = DATA / "seed_config.json"
@@ -62,6 +63,31 @@ def test_config__json_round_trip(tmp_path):
 def test_config__rejects_bad_values_naming_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"bands": [0]},
+        {"norm_mean": [float("nan")], "norm_std": [1.0]},
+        {"nodata": float("inf")},
+        {"scale_eps": 0.0},
+        {"slope_channel": True, "scale": "pixels"},
+        {"slope_stats": True, "slope_channel": False},
+        {"resize": "bilinear"},
+    ],
+)
+def test_config__refuses_what_a_spec_refuses_in_the_same_words(bad):
+    """The preprocessing rules are written once: a config refuses the settings a
+    spec refuses, naming the same key."""
+    with pytest.raises(ConfigError) as config_error:
+        TrainConfig.from_dict(bad)
+    spec = {"image_size": 32, "in_chans": 1, "scale": "ground", "slope_channel": True}
+    spec.update({k: tuple(v) if isinstance(v, list) else v for k, v in bad.items()})
+    with pytest.raises(ValueError) as spec_error:
+        PreprocessSpec(**spec)
+    assert str(config_error.value) == str(spec_error.value)
+    assert config_error.value.key == spec_error.value.key == next(iter(bad))
 
 
 def test_config__bad_files(tmp_path):
@@ -126,3 +152,27 @@ def test_config__a_format_2_name_json_has_no_slope_statistics():
     assert new.scale_dim == 8 and new.format_version == 3
     with pytest.raises(ConfigError, match="slope_stats needs the slope channel"):
         TrainConfig(slope_channel=False, slope_stats=True)
+
+
+def test_config__carries_every_preprocessing_setting_into_its_spec():
+    """Each field of the spec is a config setting, passed on as it is, and the
+    settings a config leaves to no choice default to the spec's own values."""
+    import dataclasses
+
+    from catchment_mae.spec import fields_of_spec
+
+    cfg = TrainConfig(
+        vit_model_name="vit_tiny_patch16_224", image_size=32, in_chans=2,
+        norm="fixed", norm_mean=[1.0, 2.0], norm_std=[3.0, 4.0], max_epochs=1,
+        scale="pixels", slope_channel=False, slope_stats=False, bands=[2, 1],
+        nodata=-5.0, trim=False, scale_stats=False, max_pixels=1000,
+    )  # fmt: skip
+    spec = cfg.preprocess_spec()
+    for name in fields_of_spec():
+        value = getattr(spec, name)
+        assert getattr(cfg, name) == (
+            list(value) if isinstance(value, tuple) else value
+        )
+    spec_defaults = {f.name: f.default for f in dataclasses.fields(PreprocessSpec)}
+    for name in ("scale_eps", "resize", "max_pixels", "max_memory_mb"):
+        assert getattr(TrainConfig(), name) == spec_defaults[name]

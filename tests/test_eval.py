@@ -179,8 +179,9 @@ def test_cli_eval__table_json_and_report(runner, tmp_path):
 
 # ------------------------------------------------------------------ the data
 def test_synth_labelled__families_resolutions_and_groups(runner, tmp_path):
-    from catchment_mae.preprocess import PreprocessSpec, load_sample
+    from catchment_mae.preprocess import load_sample
     from catchment_mae.raster import ground_extent_m, read_raster
+    from catchment_mae.spec import PreprocessSpec
 
     r = runner.invoke(cli, ["synth", str(tmp_path / "b"), "--labelled", "--count",
                             "8", "--max-size", "256", "--json"])  # fmt: skip

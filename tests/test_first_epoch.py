@@ -15,8 +15,8 @@ import catchment_mae.pass_thread as pass_thread
 import catchment_mae.prepare as prepare_module
 from catchment_mae.errors import NoInputError
 from catchment_mae.loaders import StreamedEpoch
-from catchment_mae.preprocess import PreprocessSpec
 from catchment_mae.raster import find_tiffs
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.trainer import TrainingInterrupted, train
 from tests.conftest import python_out, write_tiff
 
@@ -270,9 +270,9 @@ def test_norm_refusal__a_value_that_is_not_a_number_is_refused(dem_dir, tmp_path
         entry = stream.first()
     finally:
         stream.close()
-    nan = PreprocessSpec(image_size=32, in_chans=1, norm_mean=(float("nan"),),
-                         norm_std=(1.0,))  # fmt: skip
-    assert "would normalise to about nan" in norm_refusal(entry.mean, entry.std, nan)
+    fixed = PreprocessSpec(image_size=32, in_chans=1, norm_mean=(0.0,), norm_std=(1.0,))
+    nan = np.full_like(entry.mean, np.nan)
+    assert "would normalise to about nan" in norm_refusal(nan, entry.std, fixed)
 
 
 def test_open_shard_file__under_its_temporary_or_final_name(tmp_path):

@@ -341,7 +341,8 @@ def test_read_raster__chips_have_their_own_georeferencing(make_dem):
     np.testing.assert_array_equal(right.data, whole.data[:, :64, 80:])
     np.testing.assert_array_equal(right.valid, whole.valid[:64, 80:])
     # The scale input follows the chip: its own size, in pixels or on the ground.
-    from catchment_mae.preprocess import PreprocessSpec, load_sample
+    from catchment_mae.preprocess import load_sample
+    from catchment_mae.spec import PreprocessSpec
 
     for scale, size in (("pixels", (56, 80)), ("ground", (56 * 30.0, 80 * 30.0))):
         spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster", scale=scale)

@@ -23,8 +23,9 @@ import pytest
 import tifffile
 
 from catchment_mae.errors import BadRasterError
-from catchment_mae.preprocess import PreprocessSpec, load_sample
+from catchment_mae.preprocess import load_sample
 from catchment_mae.raster import read_raster
+from catchment_mae.spec import PreprocessSpec
 
 SHORT, LONG, DOUBLE, ASCII = 3, 4, 12, 2
 _FORMATS = {SHORT: "H", LONG: "I", DOUBLE: "d", ASCII: "s"}
@@ -281,7 +282,8 @@ def test_bombs__peak_memory_stays_under_the_budget(bombs, tmp_path, inputs):
     code = textwrap.dedent(f"""
         import json, sys
         from catchment_mae.errors import BadRasterError
-        from catchment_mae.preprocess import PreprocessSpec, load_sample
+        from catchment_mae.preprocess import load_sample
+        from catchment_mae.spec import PreprocessSpec
         from catchment_mae.raster import read_raster
         def status(key):
             for line in open("/proc/self/status"):

@@ -200,7 +200,7 @@ def modules_a_read_imports(root: str, rels: list[str]) -> list[str]:
     import sys
 
     from catchment_mae.batch.reader import read_one
-    from catchment_mae.preprocess import PreprocessSpec
+    from catchment_mae.spec import PreprocessSpec
 
     before = set(sys.modules)
     spec = PreprocessSpec(image_size=32, in_chans=1, norm="per-raster")

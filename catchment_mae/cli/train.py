@@ -11,8 +11,8 @@ import click
 
 from catchment_mae.cli import options
 from catchment_mae.config import AUTO, POOLS, TrainConfig
-from catchment_mae.preprocess import SCALE_MODES
 from catchment_mae.ranks import is_main_process, ranks_from_env
+from catchment_mae.spec import SCALE_MODES
 
 
 @click.command(short_help="Train a scale-aware MAE on a directory of TIFFs.")
