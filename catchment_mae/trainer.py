@@ -39,8 +39,8 @@ from catchment_mae.errors import ConfigError, NoInputError, TrainingError
 from catchment_mae.interrupt import ignore_interrupts, sigterm_as_interrupt
 from catchment_mae.io import check_writable, fresh_output
 from catchment_mae.model import ScaleAwareMAE, build_model
-from catchment_mae.preprocess import PreprocessSpec
 from catchment_mae.ranks import Ranks, ranks_from_env
+from catchment_mae.spec import PreprocessSpec
 from catchment_mae.train_data import TrainData, listing
 
 log = logging.getLogger(__name__)
@@ -229,13 +229,20 @@ def _train(
             cfg, model, history, data.preview_items(), cfg.preprocess_spec(), device
         )
     distributed.barrier(ranks)  # the outputs are written when any rank returns
+    return _result(cfg, cfg.max_epochs - start_epoch, history, data)
+
+
+def _result(
+    cfg: TrainConfig, epochs_run: int, history: list[dict[str, Any]], data: TrainData
+) -> TrainResult:
+    """What a finished run wrote, and what it read."""
     return TrainResult(
         weights_path=cfg.weights_path,
         config_path=cfg.config_path,
         checkpoint_path=cfg.checkpoint_path,
         metrics_path=cfg.metrics_path,
         config=cfg,
-        epochs_run=cfg.max_epochs - start_epoch,
+        epochs_run=epochs_run,
         history=history,
         **data.facts(),
     )
