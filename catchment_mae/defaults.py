@@ -23,9 +23,9 @@ from catchment_mae.raster import header, pixel_metres
 from catchment_mae.workers import available_cores
 
 # The model when none is named: a ViT of timm's vit_tiny width, 6 blocks deep,
-# on 64 px inputs cut in 8 px patches (64 tokens). On 2 CPU cores it trains at
-# about 120-180 samples/s; in exploratory runs on the real-terrain benchmark,
-# 12 blocks took twice as long and scored no better.
+# on 64 px inputs cut in 8 px patches (64 tokens); in exploratory runs on the
+# real-terrain benchmark, 12 blocks took twice as long and scored no better (its
+# training rate: benchmarks/README.md).
 SMALL_VIT: dict[str, Any] = {
     "vit_model_name": "vit_tiny_patch16_224",
     "image_size": 64,

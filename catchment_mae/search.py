@@ -30,15 +30,15 @@ from catchment_mae.errors import CmaeError
 # (decompression, Arrow's arrays and numpy's, in turn), against about 250 MB.
 BATCH_ROWS = 8192
 # Rows from which a search uses an approximate index (when usearch is
-# installed): an exact search reads the whole table, about 2.7 s a million
-# 384-wide rows on 2 cores, where a query of the index takes well under 1 ms.
+# installed): an exact search reads the whole table, and from here on that takes
+# hundreds of times longer than a query of the index.
 INDEX_ROWS = 100_000
 # The index: usearch's HNSW with 16 links a node, built exploring 128
-# candidates and searched exploring 128 (at least 4 k), vectors in float16. On
-# 100,000 clustered 384-wide vectors (2 cores): built in 13 s, 0.21 ms a
-# query at recall@10 0.970 (float32 vectors: 23 s, 0.35 ms, 0.973; int8 0.856;
-# faiss's HNSW 12 s, 0.15 ms, 0.990, but its index is read whole for a query
-# where usearch's is memory-mapped). benchmarks/search.py measures it.
+# candidates and searched exploring 128 (at least 4 k), vectors in float16: on
+# clustered vectors as fast to query as float32 and about as exact (recall@10
+# 0.970 against 0.973; int8 0.856), built in half the time. faiss's HNSW was as
+# fast, but its index is read whole for a query where usearch's is
+# memory-mapped. benchmarks/search.py measures it (figures: benchmarks/README.md).
 INDEX_SETTINGS = {"connectivity": 16, "expansion_add": 128, "dtype": "f16"}
 SEARCH_EXPANSION = 128
 # Columns a hit does not show: the vector itself, and the footprint's bytes
