@@ -477,11 +477,10 @@ def test_embed_dir__warnings_never_share_the_progress_bar_s_line(
 
     main, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "catchment_mae.cli.main", "embed-dir", str(archive),
-         "--model", str(onnx_model), "--out", str(tmp_path / "t.parquet"),
-         "--num-workers", "2", "--batch-size", "2"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child,
+    proc = start_cmae(
+        "embed-dir", archive, "--model", onnx_model, "--out", tmp_path / "t.parquet",
+        "--num-workers", "2", "--batch-size", "2",
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child, text=False,
     )  # fmt: skip
     os.close(child)
     raw = b""

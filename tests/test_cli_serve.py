@@ -7,12 +7,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
+
+from tests.conftest import start_cmae
 
 
 def _free_port() -> int:
@@ -38,11 +39,9 @@ def serve(tmp_path):
 
     def start(*args: str) -> tuple[str, subprocess.Popen]:
         port = _free_port()
-        cmd = [sys.executable, "-m", "catchment_mae.cli.main", "serve",
-               "--port", str(port), "--data-root", str(tmp_path),
-               "--model-root", str(tmp_path), *args]  # fmt: skip
         env = {**os.environ, "TMPDIR": str(temp)}
-        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+        roots = ("--data-root", tmp_path, "--model-root", tmp_path)
+        p = start_cmae("serve", "--port", port, *roots, *args, stdout=None, env=env)
         procs.append(p)
         first = p.stderr.readline()  # the URL line, once bound
         for _ in range(100):
