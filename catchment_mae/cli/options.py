@@ -10,6 +10,7 @@ import click
 
 from catchment_mae.budget import DEFAULT_MAX_MEMORY_MB
 from catchment_mae.config import DEVICES
+from catchment_mae.workers import READ_TIMEOUT
 
 
 def _int_list(
@@ -212,7 +213,7 @@ def table_run_opts(unit: str, shard_key: str) -> Any:
                      show_default=True, help="Rows flushed to disk at a time (at "
                      "most these are lost if the machine dies)."),
         click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
-                     default=600, show_default=True,
+                     default=READ_TIMEOUT, show_default=True,
                      help=f"Seconds one {unit} may take in a reader process; past "
                      f"it the reader is replaced and the {unit} gets a row saying so."),
         click.option("--overwrite", is_flag=True,
