@@ -36,6 +36,44 @@ def key_values(arrow_schema: pa.Schema) -> dict[str, str]:
     }
 
 
+def vectors(emb: pa.Array, where: object) -> pa.FixedSizeListArray:
+    """An embedding column as embed-dir writes it (a fixed-size list of
+    float32), also from a table another tool wrote again: pandas and DuckDB
+    write lists without a fixed size. CmaeError, naming ``where``, when the
+    column holds no lists of numbers or its rows differ in length (not one
+    model's)."""
+    import pyarrow.compute as pc
+
+    from catchment_mae.errors import CmaeError
+
+    kind = emb.type
+    if pa.types.is_fixed_size_list(kind) and kind.value_type == pa.float32():
+        return emb
+    check_vectors(kind, where)
+    if pa.types.is_fixed_size_list(kind):
+        return emb.cast(pa.list_(pa.float32(), kind.list_size))
+    lengths = pc.unique(pc.list_value_length(emb).drop_null()).to_pylist()
+    if len(lengths) > 1:
+        shown = ", ".join(map(str, sorted(lengths)[:4]))
+        raise CmaeError(
+            f"{where}: its embeddings differ in length ({shown}): not one model's"
+        )
+    return emb.cast(pa.list_(pa.float32(), lengths[0] if lengths else 0))
+
+
+def check_vectors(kind: pa.DataType, where: object) -> None:
+    """CmaeError, naming ``where``, unless an embedding column of type ``kind``
+    holds lists of numbers."""
+    from catchment_mae.errors import CmaeError
+
+    t = pa.types
+    lists = t.is_list(kind) or t.is_large_list(kind) or t.is_fixed_size_list(kind)
+    if not lists or not (
+        t.is_floating(kind.value_type) or t.is_integer(kind.value_type)
+    ):
+        raise CmaeError(f"{where}: its embedding column holds {kind}, not vectors")
+
+
 BBOX = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
 
 

@@ -95,6 +95,8 @@ def read_embeddings(path: str | os.PathLike[str]) -> Embeddings:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from catchment_mae.batch.schema import vectors
+
     p = Path(path)
     if not p.is_file():
         raise CmaeError(f"{p}: no such file (an embeddings table from cmae embed-dir)")
@@ -115,7 +117,7 @@ def read_embeddings(path: str | os.PathLike[str]) -> Embeddings:
     paths = good["path"].to_pylist()
     if not paths:
         raise CmaeError(f"{p}: no row has an embedding ({failed} failed)")
-    emb = good["embedding"].combine_chunks()
+    emb = vectors(good["embedding"].combine_chunks(), p)
     dim = emb.type.list_size
     vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(paths), dim)
     return Embeddings(paths, vectors.astype(np.float32), failed, _root(pf))

@@ -82,6 +82,7 @@ class Table:
             raise CmaeError(f"{p}: not a Parquet table") from e
         if "embedding" not in pf.schema_arrow.names:
             raise CmaeError(f"{p}: has no embedding column (not from cmae embed-dir)")
+        table.check_vectors(pf.schema_arrow.field("embedding").type, p)
         return cls(p, pf, table.key_values(pf.schema_arrow))
 
     @property
@@ -90,8 +91,17 @@ class Table:
 
     @property
     def dim(self) -> int:
-        """The embeddings' width."""
-        return int(self.pf.schema_arrow.field("embedding").type.list_size)
+        """The embeddings' width (a table written again by another tool, its
+        lists without a fixed size: its first row group's)."""
+        import pyarrow as pa
+
+        kind = self.pf.schema_arrow.field("embedding").type
+        if pa.types.is_fixed_size_list(kind):
+            return int(kind.list_size)
+        for _, _, emb, keep in _embedded(self, ["embedding"]):
+            if keep.any():
+                return int(emb.type.list_size)
+        return 0
 
     @property
     def columns(self) -> list[str]:
@@ -211,7 +221,7 @@ def nearest(
     best_rows = np.empty(0, np.int64)
     best_sims = np.empty(0, np.float32)
     columns = ["embedding"] + (["bbox"] if bbox is not None else [])
-    for rows, batch, emb, keep in _embedded(tab.pf, columns):
+    for rows, batch, emb, keep in _embedded(tab, columns):
         if bbox is not None:
             keep &= _meets(batch.column("bbox").combine_chunks(), bbox)
         if allowed is not None:
@@ -288,7 +298,7 @@ def _build_index(
     # other: on 200 rows, 10 of 40 builds with 2 threads lost one of a row's
     # 8 nearest (none with one thread). Threads only where they pay.
     threads = min(available_cores(), max(1, tab.rows // 50_000))
-    for rows, _, emb, keep in _embedded(tab.pf, ["embedding"]):
+    for rows, _, emb, keep in _embedded(tab, ["embedding"]):
         if keep.any():
             vectors = _matrix(emb, stamp["dim"])
             index.add(rows[keep], vectors[keep], threads=threads)
@@ -353,12 +363,13 @@ def _chunks(pf: Any, columns: list[str]) -> Any:
         yield pf.read_row_groups(group, columns=columns, use_threads=False)
 
 
-def _embedded(pf: Any, columns: list[str]) -> Any:
-    """(row positions, the batch of ``columns``, its embedding column, which
-    rows have an embedding) for each batch of :func:`_chunks`."""
+def _embedded(tab: Table, columns: list[str]) -> Any:
+    """(row positions, the batch of ``columns``, its embedding column as
+    fixed-size vectors, which rows have an embedding) for each batch of
+    :func:`_chunks`."""
     start = 0
-    for batch in _chunks(pf, columns):
-        emb = batch.column("embedding").combine_chunks()
+    for batch in _chunks(tab.pf, columns):
+        emb = table.vectors(batch.column("embedding").combine_chunks(), tab.path)
         rows = np.arange(start, start + len(emb))
         start += len(emb)
         keep = ~np.asarray(emb.is_null().to_numpy(zero_copy_only=False), bool)

@@ -296,6 +296,22 @@ def write_table(path, paths, vectors, errors=None):
     return path
 
 
+def rewrite_embeddings(table, out, lengths=None):
+    """``table`` as pandas or DuckDB write it again: embeddings as lists without
+    a fixed size (``lengths``: cut each row to that many values)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(table)
+    emb = t.column("embedding").to_pylist()
+    if lengths is not None:
+        emb = [None if e is None else e[:n] for e, n in zip(emb, lengths, strict=True)]
+    i = t.schema.get_field_index("embedding")
+    lists = pa.array(emb, pa.list_(pa.float64()))
+    pq.write_table(t.set_column(i, pa.field("embedding", lists.type), lists), out)
+    return out
+
+
 def decoder_config(tmp_path: Path) -> Path:
     """A --config with a small decoder (the CLI has no decoder flags)."""
     p = tmp_path / "small_decoder.json"

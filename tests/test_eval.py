@@ -12,7 +12,7 @@ import pytest
 from catchment_mae import evaluate as ev
 from catchment_mae.cli.main import cli
 from catchment_mae.errors import CmaeError
-from tests.conftest import write_table
+from tests.conftest import rewrite_embeddings, write_table
 
 pytest.importorskip("sklearn", reason="cmae eval needs the eval extra (scikit-learn)")
 
@@ -175,6 +175,30 @@ def test_cli_eval__table_json_and_report(runner, tmp_path):
                               "--categorical", "nope"])  # fmt: skip
     assert bad.exit_code == 1
     assert bad.stderr.strip() == "cmae: error: --categorical: no label column nope"
+
+
+def test_cli_eval__a_table_written_again_by_another_tool(runner, tmp_path):
+    """Embeddings as lists without a fixed size (pandas, DuckDB) score as the
+    table embed-dir wrote; lists of two lengths are refused in one line."""
+    x, y, _ = _separable(n_per_class=8, classes=3)
+    paths = [f"{i}.tif" for i in range(len(y))]
+    table = write_table(tmp_path / "t.parquet", paths, x)
+    rows = [{"path": p, "family": f"f{v}"} for p, v in zip(paths, y, strict=True)]
+    labels = write_labels(tmp_path / "labels.csv", rows)
+    again = rewrite_embeddings(table, tmp_path / "again.parquet")
+    args = ["--labels", str(labels), "--no-report", "--json"]
+    want = runner.invoke(cli, ["eval", str(table), *args])
+    got = runner.invoke(cli, ["eval", str(again), *args])
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.stdout)["labels"] == json.loads(want.stdout)["labels"]
+    cut = [x.shape[1]] * (len(y) - 1) + [2]
+    mixed = rewrite_embeddings(table, tmp_path / "mixed.parquet", lengths=cut)
+    r = runner.invoke(cli, ["eval", str(mixed), *args])
+    assert r.exit_code == 1
+    assert r.stderr.strip() == (
+        f"cmae: error: {mixed}: its embeddings differ in length "
+        f"(2, {x.shape[1]}): not one model's"
+    )
 
 
 # ------------------------------------------------------------------ the data

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catchment_mae.cli.main import cli
-from tests.conftest import write_table
+from tests.conftest import rewrite_embeddings, write_table
 
 
 def _vectors(n: int = 50, dim: int = 8, seed: int = 0) -> np.ndarray:
@@ -171,3 +171,33 @@ def _duckdb() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_search__a_table_written_again_by_another_tool(runner, tmp_path):
+    """Lists without a fixed size (pandas, DuckDB) rank as the table embed-dir
+    wrote; lists of two lengths are refused in one line."""
+    vectors = _vectors(30)
+    paths = [f"r{i:02d}.tif" for i in range(30)]
+    errors = [None] * 30
+    errors[0] = "cannot decode TIFF"  # the first row holds no embedding
+    table = write_table(tmp_path / "t.parquet", paths, vectors, errors)
+    again = rewrite_embeddings(table, tmp_path / "again.parquet")
+    want = _search(runner, table, "--like-row", 4, "-k", 5, "--json")
+    got = _search(runner, again, "--like-row", 4, "-k", 5, "--json")
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.stdout) == json.loads(want.stdout)
+    cut = [8] * 29 + [6]  # the last row's embedding two values short
+    mixed = rewrite_embeddings(table, tmp_path / "mixed.parquet", lengths=cut)
+    r = _search(runner, mixed, "--like-row", 4)
+    assert r.exit_code == 1
+    assert r.stderr.strip() == (
+        f"cmae: error: {mixed}: its embeddings differ in length (6, 8): not one model's"
+    )
+    text = tmp_path / "text.parquet"
+    t = pq.read_table(table)
+    words = pa.array(["a"] * 30)
+    pq.write_table(t.set_column(t.schema.get_field_index("embedding"),
+                                "embedding", words), text)  # fmt: skip
+    r = _search(runner, text, "--like-row", 4)
+    assert r.exit_code == 1
+    assert "its embedding column holds string, not vectors" in r.stderr
