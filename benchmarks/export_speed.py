@@ -30,12 +30,24 @@ from catchment_mae.runtime import create_session
 
 
 def bench(name: str, args: argparse.Namespace) -> None:
-    cfg = TrainConfig(
-        vit_model_name=name,
-        image_size=args.image_size,
-        in_chans=args.in_chans,
-        norm_mean=[0.0] * args.in_chans,
-        norm_std=[1.0] * args.in_chans,
+    cfg = TrainConfig.from_dict(
+        dict(
+            vit_model_name=name,
+            image_size=args.image_size,
+            in_chans=args.in_chans,
+            norm_mean=[0.0] * args.in_chans,
+            norm_std=[1.0] * args.in_chans,
+            # The encoder alone, as the original tool's: two extents in, no
+            # validity input (the speed is the ViT's).
+            norm="fixed",
+            scale="pixels",
+            max_epochs=1,
+            scale_stats=False,
+            slope_channel=False,
+            slope_stats=False,
+            valid_channel=False,
+            drop_empty_patches=False,
+        )  # fmt: skip
     )
     torch.manual_seed(0)
     model = build_model(cfg).eval()

@@ -118,11 +118,11 @@ def make_encoder(name: str, out: Path, **override: int) -> Path:
     from catchment_mae.model import build_model
 
     stem = out / (name + "".join(f"-{k}{v}" for k, v in override.items()))
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_dict(dict(
         vit_model_name=name, image_size=224, in_chans=1, norm="per-raster",
         scale="ground", slope_channel=True, max_epochs=1,
         model_output_path=str(stem) + ".pth", **override,
-    )  # fmt: skip
+    ))  # fmt: skip
     torch.manual_seed(0)
     atomic_torch_save(
         {"model": build_model(cfg).state_dict(), "config": cfg.to_dict()},
@@ -385,7 +385,7 @@ def step_rate(cfg, steps: int = 1, repeats: int = 5, busy=None) -> float:  # noq
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     opt = make_optimizer(model, cfg)
-    b, s = cfg.batch_size, cfg.image_size
+    b, s = cfg.batch_size, cfg.preprocess.image_size
     images = torch.randn(b, 1, s, s, device=device)
     valid = torch.ones(b, 1, s, s, device=device)
     scale = torch.log(torch.full((b, 2), 300.0, device=device))
@@ -442,7 +442,7 @@ def bench_train(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
           f"workers, {args.device}, {args.epochs} epochs a run:")  # fmt: skip
     for rep in range(args.repeats):  # the step rate is measured beside each pair
         d = read_rate(files[: args.train_files], _pixels_only)
-        s = step_rate(TrainConfig(**base, in_chans=1), steps, busy=busy)
+        s = step_rate(TrainConfig.from_dict(dict(**base, in_chans=1)), steps, busy=busy)
         runs = {}
         for label, extra in (
             ("no cache", {"cache": False}),
@@ -451,8 +451,8 @@ def bench_train(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
         ):
             if label not in args.train_runs.split(","):
                 continue
-            cfg = TrainConfig(
-                **base, **extra, model_output_path=str(tmp / f"{label}.pth")
+            cfg = TrainConfig.from_dict(
+                dict(**base, **extra, model_output_path=str(tmp / f"{label}.pth"))
             )
             ends: list[float] = []  # each epoch's end (after its checkpoint)
             start = time.monotonic()
@@ -472,7 +472,7 @@ def bench_train(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
                 for t, h in zip(ends, result.history[1:], strict=False)
             ]
             runs[label] = (first["images"] / seconds, result.history, windows)
-        s = (s + step_rate(TrainConfig(**base, in_chans=1), steps)) / 2
+        s = (s + step_rate(TrainConfig.from_dict(dict(**base, in_chans=1)), steps)) / 2
         limit = 1 / (1 / s + 1 / d)
         print(f"  run {rep + 1}: (s) in-memory step {s:.1f} img/s, (d) readers "
               f"{d:.1f}/s")  # fmt: skip

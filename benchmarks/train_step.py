@@ -82,13 +82,15 @@ class PlainMAE(nn.Module):
 
 
 def time_steps(args: argparse.Namespace, precision: str) -> tuple[float, float]:
-    cfg = TrainConfig(
-        vit_model_name=args.model,
-        image_size=args.image_size,
-        in_chans=args.in_chans,
-        decoder_dim=args.decoder_dim,
-        decoder_depth=args.decoder_depth,
-        decoder_num_heads=args.decoder_heads,
+    cfg = TrainConfig.from_dict(
+        dict(
+            vit_model_name=args.model,
+            image_size=args.image_size,
+            in_chans=args.in_chans,
+            decoder_dim=args.decoder_dim,
+            decoder_depth=args.decoder_depth,
+            decoder_num_heads=args.decoder_heads,
+        )
     )
     torch.manual_seed(0)
     ours = build_model(cfg)
@@ -96,7 +98,7 @@ def time_steps(args: argparse.Namespace, precision: str) -> tuple[float, float]:
     b, c, s = args.batch_size, args.in_chans, args.image_size
     images = torch.randn(b, c, s, s)
     valid = (torch.rand(b, 1, s, s) > 0.2).float()  # 20 % nodata
-    scale = torch.log(torch.rand(b, 2) * 3000 + 50)
+    scale = torch.log(torch.rand(b, cfg.scale_dim) * 3000 + 50)  # the facts too
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4)
     ctx = (

@@ -109,11 +109,11 @@ def check_resume_config(
     cfg: TrainConfig, ckpt: dict[str, Any], path: str | Path | None
 ) -> TrainConfig:
     """``cfg`` if it trains what the checkpoint was training, else TrainingError."""
-    saved = TrainConfig.from_dict(ckpt["config"])
+    saved = TrainConfig.from_dict(ckpt["config"]).to_dict()
     diff = [
         k
         for k, v in cfg.to_dict().items()
-        if k not in RESUME_FREE_KEYS and v != getattr(saved, k)
+        if k not in RESUME_FREE_KEYS and v != saved[k]
     ]
     if diff:
         raise TrainingError(

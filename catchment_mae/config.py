@@ -1,9 +1,12 @@
 """The training config: one dataclass, saved as ``NAME.json`` next to the weights.
 
-The first eleven fields carry the original tool's keys and meaning, so its config
-dicts load unchanged. No torch here: the batch runner reads configs too.
+Its preprocessing is one :class:`~catchment_mae.spec.PreprocessSpec`
+(``preprocess``), whose fields ``NAME.json`` holds flat among the others, so the
+original tool's config dicts (``image_size``, ``in_chans``, ``norm_mean`` and
+``norm_std`` among their eleven keys) load unchanged. No torch here: the batch
+runner reads configs too.
 
-Some fields may be ``"auto"`` (or None): :mod:`catchment_mae.defaults` chooses
+Some settings may be ``"auto"`` (or None): :mod:`catchment_mae.defaults` chooses
 them from the archive and the device when a run starts, and ``NAME.json``
 records what was chosen, so ``--config NAME.json`` trains the same model again.
 A ``NAME.json`` of format 1 (written before the terrain inputs) or 2 (before
@@ -23,16 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catchment_mae.budget import DEFAULT_MAX_MEMORY_MB
 from catchment_mae.errors import ConfigError, ModelLoadError
-from catchment_mae.raster import DEFAULT_MAX_PIXELS
 from catchment_mae.spec import (
     AUTO,
-    RESIZE_RULE,
-    SCALE_EPS,
     PreprocessSpec,
     SpecError,
-    check_settings,
     fields_of_spec,
     scale_length,
 )
@@ -56,52 +54,44 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 
 
+# The original tool's keys, first in NAME.json in its order.
+ORIGINAL_KEYS = (
+    "input_dir", "model_output_path", "vit_model_name", "image_size", "in_chans",
+    "norm_mean", "norm_std", "max_epochs", "batch_size", "mask_ratio", "num_workers",
+)  # fmt: skip
+
+
+def new_run_preprocess() -> PreprocessSpec:
+    """A new run's preprocessing: the terrain inputs on (trimming, the raster's
+    facts in the scale vector), the rest chosen from the data."""
+    return PreprocessSpec(
+        image_size=None, in_chans=None, norm=None, scale=AUTO, trim=True,
+        scale_stats=True, slope_channel=None, slope_stats=None,
+    )  # fmt: skip
+
+
 @dataclass
 class TrainConfig:
-    """Everything ``cmae train`` needs; ``NAME.json`` is ``asdict`` of it."""
+    """Everything ``cmae train`` needs; ``NAME.json`` is :meth:`to_dict` of it,
+    the preprocessing's fields flat among the others (the original tool's
+    ``image_size``, ``in_chans``, ``norm_mean`` and ``norm_std`` among them)."""
 
-    # --- the original tool's keys -------------------------------------------------
+    # --- the original tool's keys (and its image_size, in_chans, norm_mean,
+    # norm_std: the preprocessing's) ----------------------------------------------
     input_dir: str = ""
     model_output_path: str = "catchment_foundation_model.pth"
     vit_model_name: str = AUTO  # auto: a small ViT for the device (defaults.py)
-    image_size: int | None = None  # None: chosen with the model
-    in_chans: int | None = None  # None: the band count of the data
-    norm_mean: list[float] | None = None  # None: computed from the data
-    norm_std: list[float] | None = None
     max_epochs: int | None = None  # None: from the archive's size and the device
     batch_size: int = 32
     mask_ratio: float = 0.75
     num_workers: int = 4
 
     # --- reading and preprocessing (shared with embedding) -----------------------
-    bands: list[int] | None = None  # 1-based band selection and order
-    nodata: float | None = None  # extra nodata value on top of the file's own
-    # fixed: norm_mean/norm_std; per-raster: each raster's own (its level and
-    # spread then travel in the scale vector); None: fixed where norm_mean is
-    # given, per-raster otherwise.
-    norm: str | None = None
-    # pixels: log(H, W + eps); ground: in metres; none: zeros; auto: ground where
-    # every raster is georeferenced, pixels otherwise.
-    scale: str = AUTO
-    scale_eps: float = SCALE_EPS
-    trim: bool = True  # crop border rows/columns without a valid pixel
-    scale_stats: bool = True  # valid share, band means and spreads in the scale vector
-    # The first band's ground slope as one more channel; None: for one georeferenced
-    # band (an elevation model).
-    slope_channel: bool | None = None
-    # The mean and spread of the first band's log10 ground slope at the
-    # resolution read join the scale vector (needs the slope channel); None:
-    # with the slope channel.
-    slope_stats: bool | None = None
+    preprocess: PreprocessSpec = field(default_factory=new_run_preprocess)
     # The scale vector's centre and spread inside the model (scale_embed); None:
     # from the data (with scale_stats), else none (0 and 1).
     scale_mean: list[float] | None = None
     scale_std: list[float] | None = None
-    # The one resize rule (preprocess.resize_weights); recorded so that a later
-    # version can add another and still read old files.
-    resize: str = RESIZE_RULE
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB  # one raster's, while read (budget.py)
     recursive: bool = True
     # Decode-once cache of resampled rasters (catchment_mae.cache): None puts it
     # in the user's cache directory ($CMAE_CACHE_DIR, else $XDG_CACHE_HOME/cmae).
@@ -170,12 +160,6 @@ class TrainConfig:
         """Raises ConfigError naming the first offending key."""
         _check_types(self)
         self._check_choices()
-        try:  # the preprocessing settings keep the spec's rules (spec.py)
-            check_settings(
-                {name: getattr(self, name) for name in fields_of_spec()}, later=True
-            )
-        except SpecError as e:
-            raise ConfigError(str(e), key=e.key) from None
         self._check_scale()
         _check_bounds(self)
         if self.cache_dir is not None and not str(self.cache_dir).strip():
@@ -190,14 +174,10 @@ class TrainConfig:
             )
         if self.lr is not None and not 0 < self.lr < math.inf:
             raise ConfigError(f"lr must be > 0 and finite, got {self.lr}", key="lr")
-        if (
-            self.patch_size is not None
-            and self.image_size is not None
-            and self.image_size % self.patch_size
-        ):
+        size = self.preprocess.image_size
+        if self.patch_size is not None and size is not None and size % self.patch_size:
             raise ConfigError(
-                f"image_size {self.image_size} is not a multiple of patch_size "
-                f"{self.patch_size}",
+                f"image_size {size} is not a multiple of patch_size {self.patch_size}",
                 key="patch_size",
             )
 
@@ -219,11 +199,12 @@ class TrainConfig:
         _pair(self.scale_mean, self.scale_std, "scale_mean", "scale_std")
         if self.scale_mean is None or self.scale_std is None:
             return
+        spec = self.preprocess
         lengths = []  # the scale vector's, as far as it is known yet
-        if self.in_chans or not self.scale_stats:
-            chosen = (False, True) if self.slope_stats is None else (self.slope_stats,)
+        if spec.in_chans or not spec.scale_stats:
+            chosen = (False, True) if spec.slope_stats is None else (spec.slope_stats,)
             lengths = [
-                scale_length(self.scale_stats, self.in_chans or 0, s) for s in chosen
+                scale_length(spec.scale_stats, spec.in_chans or 0, s) for s in chosen
             ]
         if len(self.scale_mean) != len(self.scale_std) or (
             lengths and len(self.scale_mean) not in lengths
@@ -242,21 +223,19 @@ class TrainConfig:
         """Whether no field is left for :mod:`catchment_mae.defaults` to choose."""
         return (
             self.vit_model_name != AUTO
-            and self.scale != AUTO
-            and None not in (self.image_size, self.max_epochs, self.norm)
-            and self.slope_channel is not None
-            and self.slope_stats is not None
+            and self.max_epochs is not None
+            and self.preprocess.resolved
         )
 
     def preprocess_spec(self) -> PreprocessSpec:
-        """How this config turns a raster into model input (the one place that
-        builds it: training, its cache key, export and the web UI use it)."""
+        """How this config turns a raster into model input, once nothing is
+        left to choose (training, its cache key, export and the web UI use it)."""
         if not self.resolved:
             raise ConfigError(
                 "the config still has settings to choose from the data (auto); "
                 "catchment_mae.defaults.resolve chooses them"
             )
-        return PreprocessSpec.from_mapping(self.to_dict())
+        return self.preprocess
 
     # --------------------------------------------------------------- round trip
     @classmethod
@@ -266,15 +245,22 @@ class TrainConfig:
             raise ConfigError(
                 f"a config must be a JSON object, got {type(data).__name__}"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
+        own = {f.name for f in dataclasses.fields(cls)} - {"preprocess"}
+        spec_keys = set(fields_of_spec())
         for key in data:
-            if key not in known:
+            if key not in own | spec_keys:
                 raise ConfigError(f"Unknown config key: {key}", key=key)
         if data.get("format_version") == 1:  # the keys it did not have yet
             data = {**FORMAT_1, **data}
         elif data.get("format_version") == 2:
             data = {**FORMAT_2, **data}
-        return cls(**data)
+        spec = new_run_preprocess().to_dict()
+        spec.update((k, v) for k, v in data.items() if k in spec_keys)
+        try:
+            preprocess = PreprocessSpec(**_typed(spec, PreprocessSpec))
+        except SpecError as e:
+            raise ConfigError(str(e), key=e.key) from None
+        return cls(preprocess=preprocess, **{k: v for k, v in data.items() if k in own})
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> TrainConfig:
@@ -300,7 +286,7 @@ class TrainConfig:
         (``extra``'s ``norm_stats_from``, ``scale_stats_from``), unless
         ``extra`` comes with them."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        data = asdict(self)
+        data = self.to_dict()
         data.update(given)
         for keys, marker in (
             ({"norm_mean", "norm_std"}, "norm_stats_from"),
@@ -310,11 +296,23 @@ class TrainConfig:
                 data["extra"] = {k: v for k, v in data["extra"].items() if k != marker}
         return TrainConfig.from_dict(data)
 
+    def setting(self, key: str) -> Any:
+        """The value of ``key`` as ``NAME.json`` names it (the preprocessing's
+        keys among the others)."""
+        return getattr(self.preprocess if key in fields_of_spec() else self, key)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config as ``NAME.json`` holds it: the original tool's keys
+        first, the preprocessing's fields flat where its field stands."""
+        out: dict[str, Any] = {}
+        for name, value in asdict(self).items():
+            out.update(
+                self.preprocess.to_dict() if name == "preprocess" else {name: value}
+            )
+        return {**{k: out[k] for k in ORIGINAL_KEYS}, **out}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     # ------------------------------------------------------------------ paths
     @property
@@ -352,11 +350,10 @@ class TrainConfig:
     def scale_dim(self) -> int:
         """Length of the scale vector (``in_chans`` must be known with
         scale_stats)."""
-        if self.scale_stats and self.in_chans is None:
+        dim = self.preprocess.scale_dim
+        if dim is None:
             raise ConfigError("in_chans is not set (and was not taken from the data)")
-        return scale_length(
-            self.scale_stats, self.in_chans or 0, bool(self.slope_stats)
-        )
+        return dim
 
 
 def model_files(
@@ -387,15 +384,13 @@ def default_lr(batch_size: int) -> float:
 # Keys with a lowest value, checked where they are set (the unit said after it).
 _AT_LEAST: dict[str, tuple[int, str]] = {
     "threads": (1, ""),
-    "max_memory_mb": (16, ""),
     **dict.fromkeys(
-        ("image_size", "max_epochs", "batch_size", "max_pixels", "log_every",
-         "patch_size", "embed_dim", "depth", "num_heads"),
+        ("max_epochs", "batch_size", "log_every", "patch_size", "embed_dim",
+         "depth", "num_heads"),
         (1, ""),
     ),
     **dict.fromkeys(("tile", "tile_stride"), (8, " pixels")),
     "num_workers": (0, ""),
-    "in_chans": (1, ""),
 }  # fmt: skip
 # Keys within an interval: (low, high, low included, high included, as said).
 _WITHIN: dict[str, tuple[float, float, bool, bool, str]] = {
@@ -438,25 +433,36 @@ def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 def _check_types(cfg: TrainConfig) -> None:
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if not _is_instance(value, hints[f.name]):
+    typed = _typed({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, cfg)
+    for name, value in typed.items():
+        setattr(cfg, name, value)
+
+
+def _typed(values: dict[str, Any], cls: Any) -> dict[str, Any]:
+    """``values`` checked against the type hints of ``cls``'s fields (ConfigError
+    naming the key), with JSON's ints as floats where floats are meant (so
+    NAME.json is stable) and its lists as tuples where tuples are."""
+    hints = typing.get_type_hints(cls if isinstance(cls, type) else type(cls))
+    out = {}
+    for name, value in values.items():
+        if not _is_instance(value, hints[name]):
             raise ConfigError(
-                f"config key {f.name} must be {_type_name(hints[f.name])}, got "
+                f"config key {name} must be {_type_name(hints[name])}, got "
                 f"{type(value).__name__} {value!r}",
-                key=f.name,
+                key=name,
             )
-        # JSON gives ints where floats are meant; store floats so NAME.json is stable.
-        setattr(cfg, f.name, _coerce(value, hints[f.name]))
+        out[name] = _coerce(value, hints[name])
+    return out
 
 
 def _coerce(value: Any, hint: Any) -> Any:
-    """Turns ints into floats where the hint allows a float but no int."""
+    """Turns ints into floats where the hint allows a float but no int, and
+    lists into tuples where it holds a tuple."""
     args = typing.get_args(hint) if typing.get_origin(hint) else (hint,)
-    if isinstance(value, list):
-        lists = [a for a in args if typing.get_origin(a) is list]
-        return [_coerce(v, typing.get_args(lists[0])[0]) for v in value]
+    if isinstance(value, (list, tuple)):
+        seqs = [a for a in args if typing.get_origin(a) in (list, tuple)]
+        kind, item = typing.get_origin(seqs[0]), typing.get_args(seqs[0])[0]
+        return kind(_coerce(v, item) for v in value)
     if isinstance(value, int) and not isinstance(value, bool):
         if float in args and int not in args:
             return float(value)
@@ -477,9 +483,11 @@ def _is_instance(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if origin in (list, tuple):  # a tuple is tuple[X, ...]; JSON gives lists
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (list, tuple)) and all(
+            _is_instance(v, item) for v in value
+        )
     if origin is dict:
         return isinstance(value, dict)
     return isinstance(value, hint)

@@ -71,20 +71,21 @@ def resolve(
     cores = available_cores()
     if cfg.max_epochs is None:
         updates["max_epochs"] = epochs_for(samples, device, cores)
-    if cfg.norm is None:
-        updates["norm"] = "fixed" if cfg.norm_mean is not None else "per-raster"
-    scale = cfg.scale
+    spec = cfg.preprocess
+    if spec.norm is None:
+        updates["norm"] = "fixed" if spec.norm_mean is not None else "per-raster"
+    scale = spec.scale
     if scale == AUTO:
         scale, reason = _scale_from(paths)
         updates["scale"] = scale
         why.append(f"scale {scale} ({reason})")
-    if cfg.slope_channel is None:
+    if spec.slope_channel is None:
         bands = _band_count(cfg, paths)
         updates["slope_channel"] = scale == "ground" and bands == 1
         if updates["slope_channel"]:
             why.append("a slope channel (one georeferenced band: elevations)")
-    if cfg.slope_stats is None:
-        updates["slope_stats"] = bool(updates.get("slope_channel", cfg.slope_channel))
+    if spec.slope_stats is None:
+        updates["slope_stats"] = bool(updates.get("slope_channel", spec.slope_channel))
     out = cfg.merged(updates) if updates else cfg
     return out, describe(out, samples, device, why, threads)
 
@@ -93,8 +94,8 @@ def shape_updates(cfg: TrainConfig) -> dict[str, Any]:
     """The model's shape where ``cfg`` leaves it to be chosen: the small ViT's
     keys for the auto model, a named model's own input size."""
     if cfg.vit_model_name == AUTO:
-        return {k: v for k, v in SMALL_VIT.items() if getattr(cfg, k) in (None, AUTO)}
-    if cfg.image_size is None:
+        return {k: v for k, v in SMALL_VIT.items() if cfg.setting(k) in (None, AUTO)}
+    if cfg.preprocess.image_size is None:
         return {"image_size": native_image_size(cfg.vit_model_name)}
     return {}
 
@@ -135,9 +136,9 @@ def describe(
         model += f" ({', '.join(custom)})"
     threads_said = f", {threads} thread(s)" if device == "cpu" and threads else ""
     line = (
-        f"training {model} at {cfg.image_size} px on {samples} sample(s), "
+        f"training {model} at {cfg.preprocess.image_size} px on {samples} sample(s), "
         f"{device}{threads_said}: {cfg.max_epochs} epoch(s) of batch {cfg.batch_size}, "
-        f"lr {cfg.base_lr:.2g}, norm {cfg.norm}"
+        f"lr {cfg.base_lr:.2g}, norm {cfg.preprocess.norm}"
     )
     if why:
         line += "; " + ", ".join(why)
@@ -174,10 +175,11 @@ def _scale_from(paths: Sequence[Path]) -> tuple[str, str]:
 def _band_count(cfg: TrainConfig, paths: Sequence[Path]) -> int | None:
     """The bands the model takes: as configured, else the first readable
     raster's."""
-    if cfg.bands is not None:
-        return len(cfg.bands)
-    if cfg.in_chans is not None:
-        return cfg.in_chans
+    spec = cfg.preprocess
+    if spec.bands is not None:
+        return len(spec.bands)
+    if spec.in_chans is not None:
+        return spec.in_chans
     for path in _probes(paths):
         try:
             return header(path)[2]

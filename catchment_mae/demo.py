@@ -13,26 +13,28 @@ from catchment_mae.synth import generate_dems
 def demo_config(out_dir: str | os.PathLike[str], epochs: int = 30) -> TrainConfig:
     """A ViT small enough to train in about a minute on 2 CPU cores."""
     out = Path(out_dir)
-    return TrainConfig(
-        input_dir=str(out / "dems"),
-        model_output_path=str(out / "demo_model.pth"),
-        vit_model_name="vit_tiny_patch16_224",
-        image_size=64,
-        patch_size=8,
-        embed_dim=64,
-        depth=2,
-        num_heads=4,
-        decoder_dim=64,
-        decoder_depth=1,
-        decoder_num_heads=4,
-        norm="per-raster",  # DEMs: embed the relief, not the altitude
-        max_epochs=epochs,
-        batch_size=16,
-        num_workers=2,  # reads the DEMs once, into OUT/cache, on both cores
-        cache_dir=str(out / "cache"),
-        lr=1e-3,
-        warmup_epochs=1.0,
-        device="cpu",
+    return TrainConfig.from_dict(
+        dict(
+            input_dir=str(out / "dems"),
+            model_output_path=str(out / "demo_model.pth"),
+            vit_model_name="vit_tiny_patch16_224",
+            image_size=64,
+            patch_size=8,
+            embed_dim=64,
+            depth=2,
+            num_heads=4,
+            decoder_dim=64,
+            decoder_depth=1,
+            decoder_num_heads=4,
+            norm="per-raster",  # DEMs: embed the relief, not the altitude
+            max_epochs=epochs,
+            batch_size=16,
+            num_workers=2,  # reads the DEMs once, into OUT/cache, on both cores
+            cache_dir=str(out / "cache"),
+            lr=1e-3,
+            warmup_epochs=1.0,
+            device="cpu",
+        )
     )
 
 

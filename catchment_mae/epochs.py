@@ -218,8 +218,8 @@ def _stand_in(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A one-image batch of zeros, every pixel valid: a step's input on a rank
     whose batch failed (its loss is multiplied by 0)."""
-    size = int(cfg.image_size or 1)
-    chans = int(cfg.in_chans or 1) + int(bool(cfg.slope_channel))
+    size = int(cfg.preprocess.image_size or 1)
+    chans = int(cfg.preprocess.in_chans or 1) + int(bool(cfg.preprocess.slope_channel))
     images = torch.zeros(1, chans, size, size, device=device)
     return (
         images,

@@ -57,7 +57,10 @@ def build_vit(cfg: TrainConfig, in_chans: int) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     kwargs: dict[str, Any] = dict(
-        pretrained=False, img_size=cfg.image_size, in_chans=in_chans, num_classes=0
+        pretrained=False,
+        img_size=cfg.preprocess.image_size,
+        in_chans=in_chans,
+        num_classes=0,
     )
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         if getattr(cfg, key) is not None:
@@ -85,9 +88,10 @@ def build_vit(cfg: TrainConfig, in_chans: int) -> nn.Module:
     if getattr(vit, "dynamic_img_size", False):
         raise ConfigError(f"vit_model_name: {cfg.vit_model_name} uses dynamic_img_size")
     patch = int(vit.patch_embed.patch_size[0])
-    if cfg.image_size % patch:
+    size = cfg.preprocess.image_size
+    if size % patch:
         raise ConfigError(
-            f"image_size {cfg.image_size} is not a multiple of the patch size "
+            f"image_size {size} is not a multiple of the patch size "
             f"{patch} of {cfg.vit_model_name}",
             key="image_size",
         )
@@ -438,12 +442,12 @@ class ScaleAwareMAE(nn.Module):
 
 def build_model(cfg: TrainConfig, in_chans: int | None = None) -> ScaleAwareMAE:
     """The one place a model is built from a config."""
-    chans = in_chans if in_chans is not None else cfg.in_chans
+    chans = in_chans if in_chans is not None else cfg.preprocess.in_chans
     if chans is None:
         raise ConfigError("in_chans is not set (and was not taken from the data)")
-    if cfg.image_size is None:
+    if cfg.preprocess.image_size is None:
         raise ConfigError("image_size is not set (it is chosen when a run starts)")
-    channels = chans + int(bool(cfg.slope_channel))  # None: not chosen, none
+    channels = chans + int(bool(cfg.preprocess.slope_channel))  # None: not chosen, none
     vit = build_vit(cfg, channels + int(cfg.valid_channel))
     return ScaleAwareMAE(
         vit,
@@ -557,7 +561,9 @@ def embedder(
 ) -> Embedder:
     """The embedding a trained model gives: ``pool`` (default: the config's),
     followed by the scale vector where the model was given its facts."""
-    return Embedder(model.encoder, pool or cfg.pool, with_scale=cfg.scale_stats).eval()
+    return Embedder(
+        model.encoder, pool or cfg.pool, with_scale=cfg.preprocess.scale_stats
+    ).eval()
 
 
 def load_model(
@@ -579,7 +585,7 @@ def load_model(
     weights = state.get("model") if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise ModelLoadError(f"{path}: not a cmae weights file (no 'model' state dict)")
-    if cfg.in_chans is None:
+    if cfg.preprocess.in_chans is None:
         raise ModelLoadError(f"{cfg_path}: in_chans is not set")
     model = build_model(cfg)
     missing, unexpected = [], []

@@ -177,6 +177,8 @@ def preprocess(raster: Raster, spec: PreprocessSpec) -> Sample:
 def resample(raster: Raster, spec: PreprocessSpec) -> Resampled:
     """Checks a read raster and resizes it to the model size, standardised by its
     own statistics (which travel beside it)."""
+    if not spec.resolved:  # a training config's, before the run chose its settings
+        raise ValueError(f"the spec still has settings to choose: {spec}")
     info = raster.info
     check_usable(raster, spec.in_chans)
     data, valid, kept = (

@@ -231,4 +231,9 @@ def check_format(meta: Mapping[str, str], where: Any = "model") -> None:
 def spec_from_metadata(meta: Mapping[str, str]) -> PreprocessSpec:
     """The preprocessing an exported encoder expects, from its metadata alone."""
     check_format(meta)
-    return PreprocessSpec.from_mapping(json.loads(meta[MetaKey.PREPROCESS]))
+    spec = PreprocessSpec.from_mapping(json.loads(meta[MetaKey.PREPROCESS]))
+    if not spec.resolved:
+        raise ModelFileError(
+            "model: its preprocessing leaves settings to choose (not from cmae export)"
+        )
+    return spec

@@ -32,6 +32,8 @@ RESAMPLE_FIELDS = (
     "scale_eps", "resize", "trim", "scale_stats", "slope_channel", "slope_stats",
 )  # fmt: skip
 NORM_MODES = ("fixed", "per-raster")
+# The smallest value each numeric setting takes.
+AT_LEAST = {"image_size": 1, "in_chans": 1, "max_pixels": 1, "max_memory_mb": 16}
 
 
 class SpecError(ValueError):
@@ -42,17 +44,19 @@ class SpecError(ValueError):
         self.key = key
 
 
-def check_settings(values: Mapping[str, Any], *, later: bool = False) -> None:
+def check_settings(values: Mapping[str, Any]) -> None:
     """The preprocessing rules: the choices, the normalisation's statistics, the
-    bands, and what the slope inputs need. ``values`` holds the spec's fields;
-    with ``later`` (a training config) None and the scale "auto" stand for
-    settings chosen when a run starts. Raises SpecError naming the first key
-    that breaks a rule."""
+    bands, and what the slope inputs need. ``values`` holds the spec's fields,
+    where None (and the scale "auto") stand for settings chosen when a training
+    run starts. Raises SpecError naming the first key that breaks a rule."""
     norm, scale, channel = values["norm"], values["scale"], values["slope_channel"]
-    if not (later and norm is None):
+    if norm is not None:
         _choice("norm", norm, NORM_MODES)
-    _choice("scale", scale, (AUTO, *SCALE_MODES) if later else SCALE_MODES)
+    _choice("scale", scale, (AUTO, *SCALE_MODES))
     _choice("resize", values["resize"], (RESIZE_RULE,))
+    for key, low in AT_LEAST.items():
+        if values[key] is not None and values[key] < low:
+            raise SpecError(key, f"{key} must be >= {low}, got {values[key]}")
     if not values["scale_eps"] > 0:
         raise SpecError(
             "scale_eps", f"scale_eps must be > 0, got {values['scale_eps']}"
@@ -69,7 +73,7 @@ def check_settings(values: Mapping[str, Any], *, later: bool = False) -> None:
             "slope_channel",
             f"slope_channel needs scale 'ground' (slopes in metres), not {scale!r}",
         )
-    if values["slope_stats"] and not (channel or (later and channel is None)):
+    if values["slope_stats"] and channel is False:
         raise SpecError(
             "slope_stats", "slope_stats needs the slope channel (slope_channel)"
         )
@@ -127,25 +131,38 @@ def scale_length(scale_stats: bool, bands: int, slope_stats: bool) -> int:
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How a raster becomes model input (the steps of
-    :mod:`catchment_mae.preprocess`). Built by ``TrainConfig.preprocess_spec`` or
-    from ONNX metadata; its fields break none of :func:`check_settings`' rules.
+    :mod:`catchment_mae.preprocess`); its fields break none of
+    :func:`check_settings`' rules.
+
+    A training config holds one (``TrainConfig.preprocess``, its fields flat in
+    ``NAME.json``). There a setting may be None, or the scale "auto": it is
+    chosen from the data when the run starts (:mod:`catchment_mae.defaults`),
+    and only a :attr:`resolved` spec preprocesses. The defaults here are what a
+    model from before each setting meant (ONNX metadata without its key); a
+    new run starts from ``config.new_run_preprocess()``.
 
     ``in_chans`` None accepts any band count, and ``norm_mean``/``norm_std`` may be
     None until they are computed from the data (training's first pass); a fixed
     normalisation without them fails when it is applied.
     """
 
-    image_size: int
-    in_chans: int | None
-    norm: str = "fixed"  # "fixed" | "per-raster"
-    norm_mean: tuple[float, ...] | None = None
+    image_size: int | None  # None: chosen with the model
+    in_chans: int | None  # None: the band count of the data
+    # fixed: norm_mean/norm_std; per-raster: each raster's own (its level and
+    # spread then travel in the scale vector); None: fixed where norm_mean is
+    # given, per-raster otherwise.
+    norm: str | None = "fixed"
+    norm_mean: tuple[float, ...] | None = None  # None: computed from the data
     norm_std: tuple[float, ...] | None = None
-    scale: str = "pixels"  # one of SCALE_MODES
+    # pixels: log(H, W + eps); ground: in metres; none: zeros (the ablation
+    # without the scale input); auto: ground where every raster is
+    # georeferenced, pixels otherwise.
+    scale: str = "pixels"
     scale_eps: float = SCALE_EPS
-    bands: tuple[int, ...] | None = None
-    nodata: float | None = None
+    bands: tuple[int, ...] | None = None  # 1-based band selection and order
+    nodata: float | None = None  # extra nodata value on top of the file's own
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB
+    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB  # one raster's, while read (budget.py)
     resize: str = RESIZE_RULE
     # Crop the rows and columns that hold no valid pixel before resizing: a
     # catchment's input (and its extent in the scale vector) then does not
@@ -156,11 +173,12 @@ class PreprocessSpec:
     # from before it.
     scale_stats: bool = False
     # One more input channel: the first band's ground slope (needs ``scale``
-    # "ground"; an elevation band).
-    slope_channel: bool = False
+    # "ground"; an elevation band). None: for one georeferenced band.
+    slope_channel: bool | None = False
     # The mean and std of that slope's log10 at the resolution read join the
-    # scale vector (needs ``slope_channel``); False: models from before it.
-    slope_stats: bool = False
+    # scale vector (needs ``slope_channel``); False: models from before it;
+    # None: with the slope channel.
+    slope_stats: bool | None = False
 
     def __post_init__(self) -> None:
         check_settings(asdict(self))
@@ -183,18 +201,26 @@ class PreprocessSpec:
         return d
 
     @property
+    def resolved(self) -> bool:
+        """Whether nothing is left to choose from the data."""
+        chosen = (self.image_size, self.norm, self.slope_channel, self.slope_stats)
+        return None not in chosen and self.scale != AUTO
+
+    @property
     def channels(self) -> int | None:
         """Channels of the model input: the bands, and the slope channel."""
         if self.in_chans is None:
             return None
-        return self.in_chans + int(self.slope_channel)
+        return self.in_chans + int(bool(self.slope_channel))
 
     @property
     def scale_dim(self) -> int | None:
         """Length of the scale vector (None while the band count is unknown)."""
         if self.scale_stats and self.in_chans is None:
             return None
-        return scale_length(self.scale_stats, self.in_chans or 0, self.slope_stats)
+        return scale_length(
+            self.scale_stats, self.in_chans or 0, bool(self.slope_stats)
+        )
 
     def resample_key(self) -> dict[str, Any]:
         """The fields that decide a :class:`Resampled` raster (the cache key)."""

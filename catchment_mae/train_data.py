@@ -99,7 +99,7 @@ class TrainData:
             except BaseException:
                 stream.close()
                 raise
-            if cfg.in_chans is None:
+            if cfg.preprocess.in_chans is None:
                 cfg = cfg.merged({"in_chans": len(first.mean)})
             data = cls(cfg, device, ranks, stream=stream)
             # Over every listed sample, read well or not: the first epoch tells
@@ -242,12 +242,14 @@ def streams(
     # A NAME.json whose statistics came from the data reproduces its run, which
     # read every raster first (streamed, the first epoch's order would differ).
     from_data = cfg.extra.get("norm_stats_from") == "data"
-    known = cfg.norm == "per-raster" or (cfg.norm_mean is not None and not from_data)
+    known = cfg.preprocess.norm == "per-raster" or (
+        cfg.preprocess.norm_mean is not None and not from_data
+    )
     # The scale vector's centre and spread come from every raster too (and a
     # NAME.json whose ones did reproduces a run that read every raster first).
     scale_from_data = cfg.extra.get("scale_stats_from") == "data"
     known = known and not (
-        cfg.scale_stats and (cfg.scale_mean is None or scale_from_data)
+        cfg.preprocess.scale_stats and (cfg.scale_mean is None or scale_from_data)
     )
     return (
         known and cfg.cache and not strict and not ranks.active
@@ -259,13 +261,13 @@ def complete_config(cfg: TrainConfig, prepared: Prepared) -> TrainConfig:
     """Fills in_chans, the data's mean/std (fixed norm) and the scale vector's
     centre and spread (with scale_stats)."""
     updates: dict[str, Any] = {}
-    if cfg.in_chans is None:
+    if cfg.preprocess.in_chans is None:
         updates["in_chans"] = prepared.bands
-    if cfg.norm_mean is None:
+    if cfg.preprocess.norm_mean is None:
         updates["norm_mean"] = prepared.mean
         updates["norm_std"] = usable_std(prepared.std)
         updates["extra"] = {**cfg.extra, "norm_stats_from": "data"}
-    if cfg.scale_stats and cfg.scale_mean is None:
+    if cfg.preprocess.scale_stats and cfg.scale_mean is None:
         vectors = np.stack([e.scale for e in prepared.entries]).astype(np.float64)
         spread = vectors.std(axis=0)
         updates["scale_mean"] = [round(float(v), 6) for v in vectors.mean(axis=0)]

@@ -307,7 +307,7 @@ def _left_to_choose(cfg: TrainConfig, key: str) -> bool:
     from catchment_mae.config import AUTO
     from catchment_mae.defaults import CHOSEN_KEYS
 
-    return key in CHOSEN_KEYS and getattr(cfg, key) in (None, AUTO)
+    return key in CHOSEN_KEYS and cfg.setting(key) in (None, AUTO)
 
 
 def _choose(

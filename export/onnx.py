@@ -259,10 +259,11 @@ def embedding_layout(cfg: TrainConfig, pool: str, dim: int) -> str:
         if pool == "cls"
         else "the valid-weighted mean of the patch tokens"
     )
-    if not cfg.scale_stats:
+    spec = cfg.preprocess
+    if not spec.scale_stats:
         return f"{dim} values: {what} after the final norm"
     k = cfg.scale_dim
-    slope = ", the mean and std of its log10 slope" if cfg.slope_stats else ""
+    slope = ", the mean and std of its log10 slope" if spec.slope_stats else ""
     return (
         f"{dim - k} values: {what} after the final norm; then {k} values: the scale "
         "input, standardised by scale_mean/scale_std (the raster's extent, valid "

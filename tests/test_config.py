@@ -18,24 +18,27 @@ def test_config__seed_config_loads_as_it_is():
     cfg = TrainConfig.from_json(SEED_CONFIG)
     seed = json.loads(SEED_CONFIG.read_text())
     for key, value in seed.items():
-        assert getattr(cfg, key) == value
+        assert cfg.to_dict()[key] == value
     assert str(cfg.weights_path) == "catchment_foundation_model.pth"
     assert str(cfg.config_path) == "catchment_foundation_model.json"
 
 
 def test_config__json_round_trip(tmp_path):
-    cfg = TrainConfig(
-        input_dir="x",
-        bands=[3, 2, 1],
-        in_chans=3,
-        norm_mean=[1, 2, 3],
-        norm_std=[1, 1, 1],
+    cfg = TrainConfig.from_dict(
+        dict(
+            input_dir="x",
+            bands=[3, 2, 1],
+            in_chans=3,
+            norm_mean=[1, 2, 3],
+            norm_std=[1, 1, 1],
+        )
     )
     path = tmp_path / "c.json"
     path.write_text(cfg.to_json())
     back = TrainConfig.from_json(path)
     assert back == cfg
-    assert back.norm_mean == [1.0, 2.0, 3.0] and isinstance(back.norm_mean[0], float)
+    assert back.preprocess.norm_mean == (1.0, 2.0, 3.0)
+    assert isinstance(back.preprocess.norm_mean[0], float)
 
 
 @pytest.mark.parametrize(
@@ -108,13 +111,18 @@ def test_config__precedence_defaults_then_file_then_flags():
     merged = cfg.merged({"max_epochs": 3, "batch_size": None, "image_size": 64})
     assert merged.max_epochs == 3  # flag wins
     assert merged.batch_size == 32  # None flag keeps the file's value
-    assert merged.image_size == 64 and merged.vit_model_name == "vit_small_patch16_224"
+    assert (
+        merged.preprocess.image_size == 64
+        and merged.vit_model_name == "vit_small_patch16_224"
+    )
 
 
 def test_config__lr_rule():
-    assert TrainConfig(batch_size=32).base_lr == pytest.approx(5e-4)
-    assert TrainConfig(batch_size=128).base_lr == pytest.approx(1e-3)  # sqrt
-    assert TrainConfig(batch_size=64, lr=0.01).base_lr == 0.01
+    assert TrainConfig.from_dict(dict(batch_size=32)).base_lr == pytest.approx(5e-4)
+    assert TrainConfig.from_dict(dict(batch_size=128)).base_lr == pytest.approx(
+        1e-3
+    )  # sqrt
+    assert TrainConfig.from_dict(dict(batch_size=64, lr=0.01)).base_lr == 0.01
     # A format-1 NAME.json keeps MAE's linear rule it was trained with.
     old = TrainConfig.from_dict({"batch_size": 256, "format_version": 1})
     assert old.base_lr == pytest.approx(1.5e-4)
@@ -128,18 +136,24 @@ def test_config__norm_statistics_given_anew_are_not_the_data_s():
     )
     assert saved.merged({"epochs": None}).extra == {"norm_stats_from": "data"}
     given = saved.merged({"norm_mean": [5.0], "norm_std": [6.0]})
-    assert given.extra == {} and given.norm_mean == [5.0]
+    assert given.extra == {} and given.preprocess.norm_mean == (5.0,)
 
 
 def test_config__scale_statistics_fit_the_scale_vector():
-    TrainConfig(in_chans=1, scale_mean=[0.0] * 6, scale_std=[1.0] * 6)
-    TrainConfig(scale_stats=False, scale_mean=[0.0] * 2, scale_std=[1.0] * 2)
+    TrainConfig.from_dict(dict(in_chans=1, scale_mean=[0.0] * 6, scale_std=[1.0] * 6))
+    TrainConfig.from_dict(
+        dict(scale_stats=False, scale_mean=[0.0] * 2, scale_std=[1.0] * 2)
+    )
     with pytest.raises(ConfigError, match="scale_mean and scale_std must be given"):
-        TrainConfig(scale_mean=[0.0] * 6)
+        TrainConfig.from_dict(dict(scale_mean=[0.0] * 6))
     with pytest.raises(ConfigError, match="have 2/2 values; the scale vector has 6"):
-        TrainConfig(in_chans=1, scale_mean=[0.0] * 2, scale_std=[1.0] * 2)
+        TrainConfig.from_dict(
+            dict(in_chans=1, scale_mean=[0.0] * 2, scale_std=[1.0] * 2)
+        )
     with pytest.raises(ConfigError, match="scale_std values must be > 0"):
-        TrainConfig(in_chans=1, scale_mean=[0.0] * 6, scale_std=[0.0] * 6)
+        TrainConfig.from_dict(
+            dict(in_chans=1, scale_mean=[0.0] * 6, scale_std=[0.0] * 6)
+        )
 
 
 def test_config__a_format_2_name_json_has_no_slope_statistics():
@@ -147,32 +161,36 @@ def test_config__a_format_2_name_json_has_no_slope_statistics():
     configs choose them with the slope channel."""
     old = TrainConfig.from_dict({"format_version": 2, "slope_channel": True,
                                  "scale": "ground", "in_chans": 1})  # fmt: skip
-    assert old.slope_stats is False and old.scale_dim == 6
-    new = TrainConfig(slope_channel=True, scale="ground", in_chans=1, slope_stats=True)
+    assert old.preprocess.slope_stats is False and old.scale_dim == 6
+    new = TrainConfig.from_dict(
+        dict(slope_channel=True, scale="ground", in_chans=1, slope_stats=True)
+    )
     assert new.scale_dim == 8 and new.format_version == 3
     with pytest.raises(ConfigError, match="slope_stats needs the slope channel"):
-        TrainConfig(slope_channel=False, slope_stats=True)
+        TrainConfig.from_dict(dict(slope_channel=False, slope_stats=True))
 
 
-def test_config__carries_every_preprocessing_setting_into_its_spec():
-    """Each field of the spec is a config setting, passed on as it is, and the
-    settings a config leaves to no choice default to the spec's own values."""
+def test_config__the_preprocessing_is_one_spec_flat_in_name_json():
+    """The config holds its preprocessing as one PreprocessSpec (none of its own
+    fields repeats one of the spec's); NAME.json holds the spec's fields flat,
+    the original tool's keys among them, and reads back to the same spec."""
     import dataclasses
 
     from catchment_mae.spec import fields_of_spec
 
-    cfg = TrainConfig(
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not own & set(fields_of_spec()) and "preprocess" in own
+    cfg = TrainConfig.from_dict(dict(
         vit_model_name="vit_tiny_patch16_224", image_size=32, in_chans=2,
-        norm="fixed", norm_mean=[1.0, 2.0], norm_std=[3.0, 4.0], max_epochs=1,
+        norm="fixed", norm_mean=[1, 2.0], norm_std=[3.0, 4.0], max_epochs=1,
         scale="pixels", slope_channel=False, slope_stats=False, bands=[2, 1],
         nodata=-5.0, trim=False, scale_stats=False, max_pixels=1000,
-    )  # fmt: skip
-    spec = cfg.preprocess_spec()
-    for name in fields_of_spec():
-        value = getattr(spec, name)
-        assert getattr(cfg, name) == (
-            list(value) if isinstance(value, tuple) else value
-        )
-    spec_defaults = {f.name: f.default for f in dataclasses.fields(PreprocessSpec)}
-    for name in ("scale_eps", "resize", "max_pixels", "max_memory_mb"):
-        assert getattr(TrainConfig(), name) == spec_defaults[name]
+    ))  # fmt: skip
+    flat = json.loads(cfg.to_json())
+    assert "preprocess" not in flat and flat["norm_mean"] == [1.0, 2.0]
+    assert {"image_size", "in_chans", "norm_mean", "norm_std"} <= set(flat)
+    assert set(fields_of_spec()) <= set(flat)
+    assert cfg.preprocess_spec() is cfg.preprocess and cfg.preprocess.bands == (2, 1)
+    assert TrainConfig.from_dict(flat) == cfg
+    with pytest.raises(ConfigError, match="Unknown config key: preprocess"):
+        TrainConfig.from_dict({"preprocess": {}})

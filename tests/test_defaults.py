@@ -26,8 +26,12 @@ def test_resolve__georeferenced_dems_get_ground_and_a_slope_channel(dem_dir):
     paths = list(find_tiffs(dem_dir))
     cfg, line = resolve(TrainConfig(), paths, len(paths), "cpu", threads=2)
     assert cfg.resolved
-    assert (cfg.scale, cfg.slope_channel, cfg.norm) == ("ground", True, "per-raster")
-    assert {k: getattr(cfg, k) for k in SMALL_VIT} == SMALL_VIT
+    assert (
+        cfg.preprocess.scale,
+        cfg.preprocess.slope_channel,
+        cfg.preprocess.norm,
+    ) == ("ground", True, "per-raster")
+    assert {k: cfg.setting(k) for k in SMALL_VIT} == SMALL_VIT
     assert cfg.max_epochs == epochs_for(len(paths), "cpu", cores=cfg_cores())
     assert cfg.threads is None  # a machine's setting: never written to NAME.json
     for said in ("vit_tiny_patch16_224", "64 px", "2 thread(s)", "scale ground",
@@ -49,7 +53,7 @@ def test_resolve__rasters_without_georeferencing_get_pixels(tmp_path, dem_dir):
     tifffile.imwrite(d / "plain.tif", np.ones((20, 20), np.float32))  # no GeoKeys
     paths = list(find_tiffs(d))
     cfg, line = resolve(TrainConfig(), paths, len(paths), "cpu")
-    assert (cfg.scale, cfg.slope_channel) == ("pixels", False)
+    assert (cfg.preprocess.scale, cfg.preprocess.slope_channel) == ("pixels", False)
     assert "scale pixels (1 of 4 probed rasters have no size in metres)" in line
 
 
@@ -58,17 +62,21 @@ def test_resolve__several_bands_get_no_slope_and_given_settings_stay(tmp_path):
 
     paths = generate_multiband(tmp_path, 2, bands=3, seed=1)
     cfg, _ = resolve(TrainConfig(), paths, 2, "cpu")
-    assert (cfg.scale, cfg.slope_channel) == ("ground", False)
-    given = TrainConfig(
+    assert (cfg.preprocess.scale, cfg.preprocess.slope_channel) == ("ground", False)
+    given = TrainConfig.from_dict(dict(
         vit_model_name="vit_small_patch16_224", max_epochs=7, norm_mean=[1.0],
         norm_std=[2.0], scale="pixels",
-    )  # fmt: skip
+    ))  # fmt: skip
     cfg, line = resolve(given, paths, 2, "cuda")
-    assert (cfg.vit_model_name, cfg.image_size, cfg.patch_size) == (
+    assert (cfg.vit_model_name, cfg.preprocess.image_size, cfg.patch_size) == (
         "vit_small_patch16_224", 224, None,
     )  # fmt: skip
     assert native_image_size("vit_base_patch16_384") == 384
-    assert (cfg.max_epochs, cfg.norm, cfg.scale) == (7, "fixed", "pixels")
+    assert (cfg.max_epochs, cfg.preprocess.norm, cfg.preprocess.scale) == (
+        7,
+        "fixed",
+        "pixels",
+    )
     assert "thread" not in line and "scale" not in line.split(";")[1]
 
 
@@ -144,4 +152,4 @@ def test_train__resuming_keeps_what_the_first_part_chose(tiny_config, tmp_path):
     open_cfg = {k: v for k, v in tiny_config.items() if k != "max_epochs"}
     again = train(open_cfg, resume=first.checkpoint_path, progress=False)
     assert again.config.max_epochs == 2 and again.epochs_run == 0
-    assert again.config.scale == first.config.scale == "ground"
+    assert again.config.preprocess.scale == first.config.preprocess.scale == "ground"

@@ -102,8 +102,8 @@ def test_export__metadata_round_trip(exported, trained):
     assert meta["cmae_format_version"] == "3"
     assert meta["vit_model_name"] == cfg.vit_model_name
     assert int(meta["image_size"]) == 32 and int(meta["in_chans"]) == 1
-    assert json.loads(meta["norm_mean"]) == cfg.norm_mean
-    assert json.loads(meta["norm_std"]) == cfg.norm_std
+    assert json.loads(meta["norm_mean"]) == list(cfg.preprocess.norm_mean)
+    assert json.loads(meta["norm_std"]) == list(cfg.preprocess.norm_std)
     assert meta["pool"] == "cls" and int(meta["embedding_dim"]) == WIDTH + SCALE_DIM
     assert meta["scale"] == "ground" and float(meta["scale_eps"]) == 1e-6
     assert (
@@ -115,12 +115,15 @@ def test_export__metadata_round_trip(exported, trained):
     channels = json.loads(meta["channels"])
     assert len(channels) == CHANNELS and "slope" in channels[1]
     assert meta["embedding_layout"].startswith(f"{WIDTH} values")
-    assert meta["resize"] == cfg.resize and "GDAL_NODATA" in meta["nodata_policy"]
+    assert (
+        meta["resize"] == cfg.preprocess.resize
+        and "GDAL_NODATA" in meta["nodata_policy"]
+    )
     from catchment_mae.io import sha256_file
 
     assert meta["weights_sha256"] == sha256_file(trained.weights_path)
     spec = spec_from_metadata(meta)
-    assert spec.image_size == 32 and list(spec.norm_mean) == cfg.norm_mean
+    assert spec.image_size == 32 and spec.norm_mean == cfg.preprocess.norm_mean
     assert spec.slope_channel and spec.scale_stats and spec.trim
     assert json.loads(meta["config"])["input_dir"] == cfg.input_dir
 
@@ -354,7 +357,9 @@ def test_export__a_format_1_model_keeps_its_contract(tmp_path, dem_dir):
         max_epochs=1, scale="pixels", norm="fixed", format_version=1,
     )  # fmt: skip
     result = train(cfg, progress=False)
-    assert not (result.config.scale_stats or result.config.slope_channel)
+    assert not (
+        result.config.preprocess.scale_stats or result.config.preprocess.slope_channel
+    )
     out = tmp_path / "m.onnx"
     report = export_encoder(result.weights_path, out)
     assert report.inputs == ["image", "scale"] and report.pool == "cls"

@@ -155,7 +155,8 @@ def test_embedder__pools_and_the_scale_vector_it_was_given():
 
 def test_model__format_1_config_builds_the_model_it_trained():
     cfg = TrainConfig.from_dict({**TINY, "format_version": 1})
-    assert (cfg.scale_stats, cfg.valid_channel, cfg.trim, cfg.pool) == (
+    spec = cfg.preprocess
+    assert (spec.scale_stats, cfg.valid_channel, spec.trim, cfg.pool) == (
         False, False, False, "cls",
     )  # fmt: skip
     model = build_model(cfg, in_chans=1).eval()

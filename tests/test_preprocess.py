@@ -158,7 +158,9 @@ def test_preprocess__scale_none_is_zeros_whatever_the_raster():
     for h, w in ((30, 500), (64, 64)):
         s = preprocess(_raster(np.ones((1, h, w)), geo=GeoInfo()), spec)
         assert s.scale.tolist() == [0.0, 0.0] and s.scale.dtype == np.float32
-    with pytest.raises(ValueError, match="scale must be one of pixels, ground, none"):
+    with pytest.raises(
+        ValueError, match="scale must be one of auto, pixels, ground, none"
+    ):
         _spec(scale="metres")
 
 

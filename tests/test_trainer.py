@@ -21,7 +21,9 @@ from tests.conftest import DATA, TINY
 
 
 def test_lr_at__warmup_then_cosine():
-    cfg = TrainConfig(lr=1.0, warmup_epochs=2.0, max_epochs=10, min_lr=0.1)
+    cfg = TrainConfig.from_dict(
+        dict(lr=1.0, warmup_epochs=2.0, max_epochs=10, min_lr=0.1)
+    )
     assert lr_at(0.0, cfg) == 0.0
     assert lr_at(1.0, cfg) == pytest.approx(0.5)
     assert lr_at(2.0, cfg) == pytest.approx(1.0)
@@ -47,7 +49,9 @@ def test_train__loss_falls_and_files_are_plain_data(trained):
     assert set(state) >= {"model", "config", "epoch", "cmae_version"}
     assert any(k.startswith("encoder.scale_embed.") for k in state["model"])
     saved = TrainConfig.from_json(trained.config_path)
-    assert saved.in_chans == 1 and len(saved.norm_mean) == 1  # filled from the data
+    assert (
+        saved.preprocess.in_chans == 1 and len(saved.preprocess.norm_mean) == 1
+    )  # filled from the data
     assert saved == TrainConfig.from_dict(state["config"])
     ckpt = torch.load(trained.checkpoint_path, weights_only=True)
     assert ckpt["epoch"] == 1 and "optimizer" in ckpt

@@ -336,9 +336,10 @@ def _check_image_size(cfg: TrainConfig) -> None:
     from catchment_mae.model import patch_size_of
 
     patch = patch_size_of(cfg)
-    if cfg.image_size is not None and cfg.image_size % patch:
+    size = cfg.preprocess.image_size
+    if size is not None and size % patch:
         raise click.BadParameter(
-            f"{cfg.image_size} is not a multiple of the patch size {patch} (the "
+            f"{size} is not a multiple of the patch size {patch} (the "
             "model's, or --patch-size)",
             param_hint="'--image-size'",
         )

@@ -173,7 +173,7 @@ def _check_memory(cfg: Any) -> None:
 
     try:
         shaped = cfg.merged(shape_updates(cfg))
-        need, params, tokens = training_memory(shaped, cfg.in_chans or 1)
+        need, params, tokens = training_memory(shaped, cfg.preprocess.in_chans or 1)
         device = pick_device(cfg.device)
     except (ConfigError, ValueError) as e:
         raise Refused(400, str(e), getattr(e, "key", None)) from e
