@@ -120,7 +120,7 @@ def make_encoder(name: str, out: Path, **override: int) -> Path:
     stem = out / (name + "".join(f"-{k}{v}" for k, v in override.items()))
     cfg = TrainConfig.from_dict(dict(
         vit_model_name=name, image_size=224, in_chans=1, norm="per-raster",
-        scale="ground", slope_channel=True, max_epochs=1,
+        scale="ground", slope_channel=True, slope_stats=True, max_epochs=1,
         model_output_path=str(stem) + ".pth", **override,
     ))  # fmt: skip
     torch.manual_seed(0)
@@ -140,13 +140,16 @@ def bare_rate(onnx: Path, batch: int, device: str, repeats: int = 5) -> float:
 
     sess = create_session(onnx, device, threads=cores())
     rng = np.random.default_rng(0)
-    image = rng.standard_normal((batch, 1, 224, 224)).astype(np.float32)
-    scale = np.log(rng.uniform(64, 1024, (batch, 2))).astype(np.float32)
-    run_encoder(sess, image, scale)
+    shapes = {i.name: i.shape for i in sess.get_inputs()}  # channels, scale length
+    chans, k = shapes["image"][1], shapes["scale"][1]
+    image = rng.standard_normal((batch, chans, 224, 224)).astype(np.float32)
+    scale = np.log(rng.uniform(64, 1024, (batch, k))).astype(np.float32)
+    valid = np.ones((batch, 1, 224, 224), np.float32)
+    run_encoder(sess, image, scale, valid)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run_encoder(sess, image, scale)
+        run_encoder(sess, image, scale, valid)
         times.append(time.perf_counter() - t0)
     return batch / statistics.median(times)
 
@@ -286,6 +289,7 @@ def original_rate(pth: Path, files: list[Path]) -> float:
             model.embed(
                 torch.from_numpy(sample.image[None]),
                 torch.from_numpy(sample.scale[None]),
+                torch.from_numpy(sample.valid[None]),
             )
     return len(files) / (time.perf_counter() - t0)
 
@@ -386,9 +390,10 @@ def step_rate(cfg, steps: int = 1, repeats: int = 5, busy=None) -> float:  # noq
     model = build_model(cfg).to(device)
     opt = make_optimizer(model, cfg)
     b, s = cfg.batch_size, cfg.preprocess.image_size
-    images = torch.randn(b, 1, s, s, device=device)
+    chans = 1 + int(bool(cfg.preprocess.slope_channel))
+    images = torch.randn(b, chans, s, s, device=device)
     valid = torch.ones(b, 1, s, s, device=device)
-    scale = torch.log(torch.full((b, 2), 300.0, device=device))
+    scale = torch.log(torch.full((b, cfg.scale_dim), 300.0, device=device))
     model.train()
     autocast = autocast_context(device, cfg.precision)
 
@@ -501,17 +506,17 @@ def bench_train(root: Path, files: list[Path], tmp: Path, args) -> None:  # noqa
 
 @contextlib.contextmanager
 def _pass_first(on: bool) -> Iterator[None]:
-    """Training as before 2026-11-27 while ``on``: every raster read into the
-    cache before the first step, whatever the normalisation."""
-    import catchment_mae.trainer as trainer
+    """Training with its first pass before the first step while ``on``: every
+    raster read into the cache first, whatever the normalisation."""
+    import catchment_mae.train_data as train_data
 
-    streams = trainer._streams
+    streams = train_data.streams
     if on:
-        trainer._streams = lambda *_: False
+        train_data.streams = lambda *_: False
     try:
         yield
     finally:
-        trainer._streams = streams
+        train_data.streams = streams
 
 
 # ----------------------------------------------------------------------- main
