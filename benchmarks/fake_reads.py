@@ -15,7 +15,7 @@ from catchment_mae.shard_rows import write_row
 _template = None
 
 
-def fake_read(root, rel, spec, layout, slot, chip=None):  # noqa: ANN001, ANN201
+def fake_read(root, rel, spec, layout, slot, chip=None, within=None):  # noqa: ANN001, ANN201
     """embed-dir's read without the reading: ``CMAE_FEED_READ_MS`` of sleep and
     a row like a DEM's (the ring slot keeps what it holds)."""
     t0 = time.perf_counter()
@@ -28,10 +28,10 @@ def fake_read(root, rel, spec, layout, slot, chip=None):  # noqa: ANN001, ANN201
     return row, time.perf_counter() - t0
 
 
-def fake_build(path, key, spec, target):  # noqa: ANN001, ANN201
+def fake_build(path, key, spec, target, within=None):  # noqa: ANN001, ANN201
     """Training's read without the decoding: ``CMAE_FEED_READ_MS`` of sleep,
     then a real DEM's preprocessed arrays (``CMAE_FEED_DEM``) written into the
-    shard row."""
+    shard row (``within``, the readers' fence, has nothing to check here)."""
     global _template
     time.sleep(float(os.environ["CMAE_FEED_READ_MS"]) / 1000)
     if _template is None:
