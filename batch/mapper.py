@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from catchment_mae import __version__
 from catchment_mae.batch import schema as table
 from catchment_mae.batch.ring import SlotRing
 from catchment_mae.io import sha256_file
@@ -34,6 +33,7 @@ from catchment_mae.runtime import (
     spec_from_metadata,
 )
 from catchment_mae.spec import PreprocessSpec
+from catchment_mae.version import __version__
 from catchment_mae.workers import failure_reason
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from catchment_mae.version import __version__ as __version__
 
 if TYPE_CHECKING:
     from catchment_mae.config import TrainConfig

@@ -48,7 +48,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from catchment_mae import __version__
 from catchment_mae.errors import CmaeError
 from catchment_mae.io import (
     atomic_output,
@@ -61,6 +60,7 @@ from catchment_mae.io import (
 from catchment_mae.preprocess import Resampled
 from catchment_mae.shard_rows import ShardTarget, forget
 from catchment_mae.spec import PreprocessSpec
+from catchment_mae.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from catchment_mae import __version__
 from catchment_mae.config import TrainConfig
 from catchment_mae.errors import TrainingError
 from catchment_mae.interrupt import deferred_interrupts
 from catchment_mae.io import atomic_torch_save, atomic_write_text
+from catchment_mae.version import __version__
 
 CHECKPOINT_FORMAT = 1
 # Keys that may differ between the original run and its resumption.

@@ -11,14 +11,11 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from catchment_mae.errors import BadRasterError
-
-if TYPE_CHECKING:
-    from catchment_mae.raster import RasterInfo
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +123,16 @@ def _numbers(tag: Any) -> list[float]:
         return []
 
 
-def ground_extent_m(info: RasterInfo) -> tuple[float, float]:
+class Placed(Protocol):
+    """What :func:`ground_extent_m` reads of a raster's info (raster.RasterInfo)."""
+
+    path: str
+    height: int
+    width: int
+    geo: GeoInfo
+
+
+def ground_extent_m(info: Placed) -> tuple[float, float]:
     """The raster's (height, width) on the ground in metres.
 
     Projected CRS: pixel size times the CRS unit; Web Mercator is corrected by

@@ -10,15 +10,18 @@ from typing import Any
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def sigterm_raises(*_: object) -> None:
+    """SIGTERM, as Ctrl-C, raises KeyboardInterrupt: the commands' one error
+    boundary turns it into ``cmae: error: interrupted`` and exit code 130
+    (a service manager's stop, ``timeout``), wherever the run is."""
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises KeyboardInterrupt (main thread only)."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, sigterm_raises)
     except ValueError:  # not the main thread (web UI jobs): nothing to install
         yield
         return

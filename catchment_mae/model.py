@@ -56,11 +56,9 @@ def build_vit(cfg: TrainConfig, in_chans: int) -> nn.Module:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
+    size = cfg.preprocess.image_size
     kwargs: dict[str, Any] = dict(
-        pretrained=False,
-        img_size=cfg.preprocess.image_size,
-        in_chans=in_chans,
-        num_classes=0,
+        pretrained=False, img_size=size, in_chans=in_chans, num_classes=0
     )
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         if getattr(cfg, key) is not None:
@@ -88,7 +86,6 @@ def build_vit(cfg: TrainConfig, in_chans: int) -> nn.Module:
     if getattr(vit, "dynamic_img_size", False):
         raise ConfigError(f"vit_model_name: {cfg.vit_model_name} uses dynamic_img_size")
     patch = int(vit.patch_embed.patch_size[0])
-    size = cfg.preprocess.image_size
     if size % patch:
         raise ConfigError(
             f"image_size {size} is not a multiple of the patch size "
@@ -442,12 +439,13 @@ class ScaleAwareMAE(nn.Module):
 
 def build_model(cfg: TrainConfig, in_chans: int | None = None) -> ScaleAwareMAE:
     """The one place a model is built from a config."""
-    chans = in_chans if in_chans is not None else cfg.preprocess.in_chans
+    spec = cfg.preprocess
+    chans = in_chans if in_chans is not None else spec.in_chans
     if chans is None:
         raise ConfigError("in_chans is not set (and was not taken from the data)")
-    if cfg.preprocess.image_size is None:
+    if spec.image_size is None:
         raise ConfigError("image_size is not set (it is chosen when a run starts)")
-    channels = chans + int(bool(cfg.preprocess.slope_channel))  # None: not chosen, none
+    channels = chans + int(bool(spec.slope_channel))  # None: not chosen, none
     vit = build_vit(cfg, channels + int(cfg.valid_channel))
     return ScaleAwareMAE(
         vit,
@@ -489,14 +487,10 @@ def training_memory(cfg: TrainConfig, in_chans: int = 1) -> tuple[int, int, int]
         per_block = s * cfg.batch_size * h * (34 + 5 * a * s / h) / 2
         return layers * per_block * bytes_per_value
 
-    total = 16 * params
-    total += activations(
-        visible, vit.embed_dim, vit.blocks[0].attn.num_heads, len(vit.blocks)
-    )
-    total += activations(
-        tokens, cfg.decoder_dim, cfg.decoder_num_heads, cfg.decoder_depth
-    )
-    return int(total), params, tokens - 1
+    heads, dec = vit.blocks[0].attn.num_heads, cfg.decoder_num_heads
+    encoder = activations(visible, vit.embed_dim, heads, len(vit.blocks))
+    decoder = activations(tokens, cfg.decoder_dim, dec, cfg.decoder_depth)
+    return int(16 * params + encoder + decoder), params, tokens - 1
 
 
 class Embedder(nn.Module):
@@ -561,9 +555,8 @@ def embedder(
 ) -> Embedder:
     """The embedding a trained model gives: ``pool`` (default: the config's),
     followed by the scale vector where the model was given its facts."""
-    return Embedder(
-        model.encoder, pool or cfg.pool, with_scale=cfg.preprocess.scale_stats
-    ).eval()
+    with_scale = cfg.preprocess.scale_stats
+    return Embedder(model.encoder, pool or cfg.pool, with_scale=with_scale).eval()
 
 
 def load_model(

@@ -20,11 +20,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from catchment_mae import __version__
 from catchment_mae.batch import schema as table
 from catchment_mae.errors import CmaeError
 from catchment_mae.io import atomic_write_text
 from catchment_mae.runtime import MetaKey
+from catchment_mae.version import __version__
 
 STAC_VERSION = "1.1.0"
 MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from catchment_mae import __version__
 from catchment_mae.config import TrainConfig
 from catchment_mae.errors import BadRasterError, ExportError
 from catchment_mae.io import atomic_output, check_writable, sha256_file
@@ -42,6 +41,7 @@ from catchment_mae.preprocess import NODATA_POLICY, load_sample
 from catchment_mae.raster import find_tiffs
 from catchment_mae.runtime import ONNX_FORMAT_VERSION, MetaKey, create_session
 from catchment_mae.spec import PreprocessSpec
+from catchment_mae.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 
-
-def sigterm_raises(*_: object) -> None:
-    """SIGTERM, as Ctrl-C, raises KeyboardInterrupt: the commands' one error
-    boundary turns it into ``cmae: error: interrupted`` and exit code 130
-    (a service manager's stop, ``timeout``), wherever the run is."""
-    raise KeyboardInterrupt
+from catchment_mae.interrupt import sigterm_raises
 
 
 def main() -> None:

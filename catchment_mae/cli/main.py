@@ -9,7 +9,6 @@ from typing import Any
 
 import click
 
-from catchment_mae import __version__
 from catchment_mae.cli.demo import demo
 from catchment_mae.cli.embed import embed
 from catchment_mae.cli.embed_dir import embed_dir
@@ -24,6 +23,7 @@ from catchment_mae.cli.synth import synth
 from catchment_mae.cli.train import train
 from catchment_mae.errors import CmaeError
 from catchment_mae.logs import configure as configure_logging
+from catchment_mae.version import __version__
 
 log = logging.getLogger("catchment_mae")
 
@@ -97,7 +97,7 @@ for _command in COMMANDS:
 def main() -> None:
     import signal
 
-    from catchment_mae.cli.entry import sigterm_raises
+    from catchment_mae.interrupt import sigterm_raises
 
     signal.signal(signal.SIGTERM, sigterm_raises)  # python -m catchment_mae.cli.main
     cli(prog_name="cmae")

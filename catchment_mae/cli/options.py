@@ -16,32 +16,29 @@ from catchment_mae.workers import READ_TIMEOUT
 def _int_list(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        out = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError as e:
-        raise click.BadParameter(
-            f"expected comma-separated band numbers like 3,2,1, got {value!r}"
-        ) from e
-    if not out or any(v < 1 for v in out):
-        raise click.BadParameter(f"band numbers start at 1, got {value!r}")
-    return out
+    return _list(value, int, "band numbers like 3,2,1", lambda v: v >= 1,
+                 "band numbers start at 1")  # fmt: skip
 
 
 def _float_list(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> list[float] | None:
+    return _list(value, float, "numbers like 2000,1000", math.isfinite,
+                 "expected finite numbers")  # fmt: skip
+
+
+def _list(value: str | None, kind: Any, example: str, ok: Any, rule: str) -> Any:
+    """A comma-separated list of ``kind`` (None for None), each ``ok``."""
     if value is None:
         return None
     try:
-        out = [float(v) for v in value.split(",") if v.strip()]
+        out = [kind(v) for v in value.split(",") if v.strip()]
     except ValueError as e:
         raise click.BadParameter(
-            f"expected comma-separated numbers like 2000,1000, got {value!r}"
+            f"expected comma-separated {example}, got {value!r}"
         ) from e
-    if not out or not all(math.isfinite(v) for v in out):
-        raise click.BadParameter(f"expected finite numbers, got {value!r}")
+    if not out or not all(ok(v) for v in out):
+        raise click.BadParameter(f"{rule}, got {value!r}")
     return out
 
 

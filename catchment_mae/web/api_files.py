@@ -9,8 +9,8 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, send_file
 
-from catchment_mae import __version__
 from catchment_mae.raster import is_tiff_name
+from catchment_mae.version import __version__
 from catchment_mae.web.common import settings
 from catchment_mae.web.security import Refused, confine, open_inside
 

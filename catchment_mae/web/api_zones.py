@@ -38,14 +38,7 @@ def start_embed_zones() -> tuple[Response, int]:
     values = common.params(ZONES_FIELDS)
     s = settings()
     rasters = confine(s.data_root, values.get("rasters"), "rasters", "--data-root")
-    zones = confine(s.data_root, values.get("zones"), "zones", "--data-root")
-    if zones.suffix.lower() not in ZONE_SUFFIXES or not zones.is_file():
-        raise Refused(
-            400,
-            f"zones: expected a {', '.join(ZONE_SUFFIXES)} file, got "
-            f"{values.get('zones')!r}",
-            "zones",
-        )
+    zones = common.file_of(values, "zones", set(ZONE_SUFFIXES))
     if zones.stat().st_size > MAX_ZONES_MB << 20:
         raise Refused(
             400, f"zones: larger than {MAX_ZONES_MB} MB (split it, or use the "

@@ -43,7 +43,7 @@ class State:
     """The app's settings, jobs and loaded models (one per app)."""
 
     def __init__(self, settings: Settings) -> None:
-        from catchment_mae.web.api_embed import ModelCache
+        from catchment_mae.web.models import ModelCache
 
         self.settings = settings
         self.jobs = JobManager()
@@ -169,14 +169,25 @@ def dataset(values: dict[str, Any]) -> Path:
 
 
 def model_path(values: dict[str, Any], suffixes: set[str]) -> Path:
+    return file_of(values, "model_path", suffixes, models=True)
+
+
+def file_of(
+    values: dict[str, Any], field: str, suffixes: set[str], models: bool = False
+) -> Path:
+    """The file ``values[field]`` names inside --data-root (``models``: inside
+    --model-root), one of ``suffixes``; 400 otherwise."""
     s = settings()
-    path = confine(s.model_root, values.get("model_path"), "model_path", "--model-root")
+    root, flag = (
+        (s.model_root, "--model-root") if models else (s.data_root, "--data-root")
+    )
+    path = confine(root, values.get(field), field, flag)
     if path.suffix.lower() not in suffixes or not path.is_file():
         raise Refused(
             400,
-            f"model_path: expected a {' or '.join(sorted(suffixes))} file, got "
-            f"{values.get('model_path')!r}",
-            "model_path",
+            f"{field}: expected a {' or '.join(sorted(suffixes))} file, got "
+            f"{values.get(field)!r}",
+            field,
         )
     return path
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, render_template
 
-from catchment_mae import __version__
+from catchment_mae.version import __version__
 from catchment_mae.web.common import settings, state
 from catchment_mae.web.security import Refused
 
@@ -14,20 +14,19 @@ bp = Blueprint("pages", __name__)
 
 @bp.get("/")
 def index() -> str:
-    s = settings()
-    return render_template(
-        "index.html",
-        version=__version__,
-        data_root=str(s.data_root),
-        model_root=str(s.model_root),
-    )
+    return _page("index.html")
 
 
 @bp.get("/catchments")
 def catchments() -> str:
+    return _page("catchments.html")
+
+
+def _page(template: str) -> str:
+    """A page that names the server's roots."""
     s = settings()
     return render_template(
-        "catchments.html",
+        template,
         version=__version__,
         data_root=str(s.data_root),
         model_root=str(s.model_root),
