@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from catchment_mae.errors import CmaeError
 from catchment_mae.geo import Footprint
 from catchment_mae.io import text_path
 from catchment_mae.raster import RasterInfo
@@ -44,8 +45,6 @@ def vectors(emb: pa.Array, where: object) -> pa.FixedSizeListArray:
     model's)."""
     import pyarrow.compute as pc
 
-    from catchment_mae.errors import CmaeError
-
     kind = emb.type
     if pa.types.is_fixed_size_list(kind) and kind.value_type == pa.float32():
         return emb
@@ -64,8 +63,6 @@ def vectors(emb: pa.Array, where: object) -> pa.FixedSizeListArray:
 def check_vectors(kind: pa.DataType, where: object) -> None:
     """CmaeError, naming ``where``, unless an embedding column of type ``kind``
     holds lists of numbers."""
-    from catchment_mae.errors import CmaeError
-
     t = pa.types
     lists = t.is_list(kind) or t.is_large_list(kind) or t.is_fixed_size_list(kind)
     if not lists or not (

@@ -433,16 +433,17 @@ def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 def _check_types(cfg: TrainConfig) -> None:
-    typed = _typed({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, cfg)
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    typed = _typed(values, type(cfg))
     for name, value in typed.items():
         setattr(cfg, name, value)
 
 
-def _typed(values: dict[str, Any], cls: Any) -> dict[str, Any]:
+def _typed(values: dict[str, Any], cls: type) -> dict[str, Any]:
     """``values`` checked against the type hints of ``cls``'s fields (ConfigError
     naming the key), with JSON's ints as floats where floats are meant (so
     NAME.json is stable) and its lists as tuples where tuples are."""
-    hints = typing.get_type_hints(cls if isinstance(cls, type) else type(cls))
+    hints = typing.get_type_hints(cls)
     out = {}
     for name, value in values.items():
         if not _is_instance(value, hints[name]):

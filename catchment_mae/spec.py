@@ -229,6 +229,6 @@ class PreprocessSpec:
 
 
 def fields_of_spec() -> tuple[str, ...]:
-    """The names of :class:`PreprocessSpec`'s fields (a training config has
-    each of them)."""
+    """The names of :class:`PreprocessSpec`'s fields (keys of ``NAME.json``
+    too, among the training config's own)."""
     return tuple(f.name for f in fields(PreprocessSpec))
