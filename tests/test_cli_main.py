@@ -122,6 +122,26 @@ def test_unexpected_errors_are_one_line(runner, monkeypatch):
     assert "Traceback" not in result.output
 
 
+def test_an_error_while_an_interrupt_unwinds_is_the_interrupt(runner):
+    """A Ctrl-C that lands while a lock is taken makes its release fail on the
+    way out: the run was interrupted (130, one line), not an internal error."""
+
+    @click.command("stopped")
+    def stopped() -> None:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("cannot release un-acquired lock")
+
+    cli.add_command(stopped)
+    try:
+        result = runner.invoke(cli, ["stopped"])
+    finally:
+        cli.commands.pop("stopped")
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "cmae: error: interrupted"
+
+
 def test_package_layout__folders_live_in_the_package_namespace():
     import importlib.util
 

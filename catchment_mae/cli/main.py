@@ -50,6 +50,8 @@ class CmaeGroup(click.Group):
                 1,
             ) from e
         except Exception as e:  # the last line of defence: one line, details with -v
+            if _while_interrupted(e):
+                raise _Failure("interrupted", 130) from None
             if log.isEnabledFor(logging.DEBUG):
                 traceback.print_exc()
             first_line = (str(e).strip().splitlines() or [""])[0]
@@ -58,6 +60,19 @@ class CmaeGroup(click.Group):
                 "details; please report it)",
                 2,
             ) from e
+
+
+def _while_interrupted(e: BaseException | None) -> bool:
+    """Whether ``e`` was raised while a Ctrl-C (or SIGTERM) unwound the run: a
+    lock released on the way out that the signal kept from being taken
+    ("cannot release un-acquired lock") fails the unwinding, not the run."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__context__
+    return False
 
 
 class _Failure(click.ClickException):
