@@ -107,16 +107,21 @@ def test_torch_free_modules_do_not_import_torch():
     python_out(code)
 
 
+def _invoke_added(runner, command: click.Command):
+    """Runs ``cmae NAME`` for a command added to the CLI for one test."""
+    cli.add_command(command)
+    try:
+        return runner.invoke(cli, [command.name])
+    finally:
+        cli.commands.pop(command.name)
+
+
 def test_unexpected_errors_are_one_line(runner, monkeypatch):
     @click.command("boom")
     def boom() -> None:
         raise RuntimeError("something odd\nwith a second line")
 
-    cli.add_command(boom)
-    try:
-        result = runner.invoke(cli, ["boom"])
-    finally:
-        cli.commands.pop("boom")
+    result = _invoke_added(runner, boom)
     assert result.exit_code == 2
     assert result.stderr.startswith("cmae: error: internal error: RuntimeError")
     assert "Traceback" not in result.output
@@ -133,11 +138,7 @@ def test_an_error_while_an_interrupt_unwinds_is_the_interrupt(runner):
         finally:
             raise RuntimeError("cannot release un-acquired lock")
 
-    cli.add_command(stopped)
-    try:
-        result = runner.invoke(cli, ["stopped"])
-    finally:
-        cli.commands.pop("stopped")
+    result = _invoke_added(runner, stopped)
     assert result.exit_code == 130
     assert result.stderr.strip() == "cmae: error: interrupted"
 
